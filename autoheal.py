@@ -1,0 +1,2270 @@
+"""autoheal: a self-healing companion for Prometheus and Alertmanager.
+
+Alertmanager posts its webhook to autoheal.  For each alert that opted in (annotation
+``autoheal: "true"``) and whose alertname is in the action map (the allowlist), autoheal
+respects a per-alertname cooldown and a global hourly budget, then runs the remediation, in
+dry-run unless told otherwise.  One click on an "Acknowledge 30m | 2h | 24h" link in a Slack
+alert becomes an exact silence in Alertmanager.  Everything is counted as Prometheus metrics
+and recorded in an audit history.
+
+Usage:
+    python3 autoheal.py            serve on AUTOHEAL_HOST:AUTOHEAL_PORT
+    python3 autoheal.py --check    exit 0 if the local instance answers "status": "ok" (health check)
+    python3 autoheal.py --smoke [--url URL] [--alertmanager URL] [--prometheus URL]
+                                   check a live deployment, one PASS/FAIL line per check
+    python3 autoheal.py --help     this text
+    python3 autoheal.py --version
+
+Environment (booleans take true/false/1/0/yes/no/on/off in any case; a bad value stops the start
+with exit status 2 and one line naming the variable):
+    AUTOHEAL_ENABLED=false               master switch
+    AUTOHEAL_DRY_RUN=true                log and count, never execute
+    ALERTMANAGER_URL=http://alertmanager:9093   where silences are created
+    AUTOHEAL_PUBLIC_URL=http://localhost:9009   base of the ack links it reports
+    AUTOHEAL_HOST=0.0.0.0                listen address
+    AUTOHEAL_PORT=9009                   listen port (0: any free port, logged at start)
+    AUTOHEAL_DEFAULT_COOLDOWN_SEC=600    cooldown of an action with none of its own
+    COOLDOWN_TCP_DOWN_SEC=default        cooldown of TcpEndpointDownFast
+    COOLDOWN_UPTIME_FAIL_SEC=default     cooldown of UptimeProbeFailing
+    COOLDOWN_SCRAPE_STALE_SEC=default    cooldown of CrmMetricsScrapeStale
+    AUTOHEAL_ACTIONS_FILE=unset          JSON (or, on Python 3.11+, .toml) file replacing the action map
+    AUTOHEAL_ACTION_TIMEOUT_SEC=60       timeout of an action with none of its own
+    AUTOHEAL_MAX_ACTIONS_PER_HOUR=20     global budget of runs (dry-run included) per rolling hour; 0 = off
+    AUTOHEAL_MAX_CONCURRENT_ACTIONS=8    commands running at once, across all requests
+    AUTOHEAL_STATE_FILE=autoheal-state.db   SQLite file for cooldowns and history; empty = memory only
+    AUTOHEAL_HISTORY_MAX_EVENTS=100000   events kept in the history
+    AUTOHEAL_WEBHOOK_TOKEN=unset         when set, POST /alert needs "Authorization: Bearer <token>"
+    AUTOHEAL_ACK_TOKEN=unset             when set, /ack needs token=<token> in its query
+    AUTOHEAL_ACK_MAX_DURATION=7d         longest silence an ack may create
+    AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC=5  bound on each call to Alertmanager
+    AUTOHEAL_MAX_BODY_BYTES=1048576      larger request bodies get 413
+    AUTOHEAL_REQUEST_TIMEOUT_SEC=10      a request must arrive whole within this; idle connections close
+    AUTOHEAL_MAX_CONNECTIONS=512         open connections; past it the longest-idle one is dropped
+    AUTOHEAL_WORKERS=16                  requests handled at once
+    AUTOHEAL_MAX_EVENT_LISTENERS=16      GET /events streams at once
+    AUTOHEAL_EVENTS_HEARTBEAT_SEC=15     comment line sent to idle /events listeners
+    AUTOHEAL_SHUTDOWN_GRACE_SEC=10       on SIGTERM, how long in-flight actions may finish
+
+Endpoints:
+    GET  /                 status: enabled, dry_run, actions, cooldowns, public_base_url, version
+    GET  /metrics          Prometheus text exposition 0.0.4
+    POST /alert            Alertmanager webhook (version 4); one result per alert, in payload order
+    GET  /ack              ?labels=<JSON object>&duration=30m&comment=<text>[&runbook=<url>][&token=]
+                           creates (or reuses) an exact-match silence; HEAD and link previews create nothing
+    POST /ack/undo         silence_id=<id>[&token=]: expires a silence that autoheal created
+    GET  /history          ?limit=N&alertname=X&since=<unix or RFC 3339>: recorded events, newest first
+    GET  /events           Server-Sent Events: one "data: <JSON>" per new event
+
+Actions run as an argument vector, never through a shell; the alert reaches the command only
+through environment variables: AUTOHEAL_ALERTNAME, AUTOHEAL_FINGERPRINT, AUTOHEAL_LABEL_<NAME>,
+AUTOHEAL_ANNOTATION_<NAME> (names upper-cased, every character outside A-Z0-9_ turned into _).
+A command past its timeout is killed with its whole process group.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import collections
+import hmac
+import html
+import http.client
+import http.server
+import io
+import json
+import math
+import os
+import queue
+import re
+import selectors
+import shlex
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_PORT = 9009
+DEFAULT_STATE_FILE = "autoheal-state.db"
+
+# The results a decision can have once the alert reached its action (section 3 of the contract),
+# plus rate_limited (the global budget).  Every allow-listed alertname has a counter for each.
+ACTION_RESULTS = ("executed", "failed", "dry_run", "cooldown_skip", "error", "rate_limited")
+SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted")
+ACK_OUTCOMES = ("created", "existing", "extended", "previewed", "error")
+
+BUILTIN_ACTIONS = (
+    # alertname, command, environment variable holding its cooldown
+    ("CrmMetricsScrapeStale", "docker restart crm-api", "COOLDOWN_SCRAPE_STALE_SEC"),
+    ("TcpEndpointDownFast", "docker restart crm-api", "COOLDOWN_TCP_DOWN_SEC"),
+    ("UptimeProbeFailing", "docker compose restart grafana prometheus", "COOLDOWN_UPTIME_FAIL_SEC"),
+)
+
+OUTPUT_TAIL_BYTES = 4096
+MAX_REQUEST_LINE = 8192
+MAX_HEAD_BYTES = 16384
+MAX_JSON_DEPTH = 64
+HISTORY_LIMIT_MAX = 1000
+
+# Link-preview robots fetch every URL posted in a chat to render a card.  They must never
+# create a silence.  Slack identifies itself as "Slackbot-LinkExpanding" (and "Slackbot" for
+# others), Teams as "SkypeUriPreview" or "MicrosoftPreview", and so on.
+PREVIEW_AGENTS = re.compile(
+    r"slackbot|slack-imgproxy|skypeuripreview|microsoftpreview|teams|discordbot|telegrambot|"
+    r"facebookexternalhit|facebot|twitterbot|whatsapp|linkedinbot|mattermost|googlebot|"
+    r"embedly|iframely|redditbot|applebot|bingpreview|preview",
+    re.IGNORECASE,
+)
+
+_DURATION = re.compile(
+    r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$"
+)
+_DURATION_UNITS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|z|[+-]\d{2}:\d{2})$"
+)
+_ENV_NAME_UNSAFE = re.compile(r"[^A-Z0-9_]")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """The environment or the actions file is invalid; the message names every problem."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """One entry of the action map: what to run for an alertname."""
+
+    alertname: str
+    argv: Tuple[str, ...]
+    display: str
+    cooldown_sec: float
+    timeout_sec: float
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of autoheal, parsed and validated once from the environment."""
+
+    enabled: bool = False
+    dry_run: bool = True
+    alertmanager_url: str = "http://alertmanager:9093"
+    public_url: str = "http://localhost:9009"
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    default_cooldown_sec: float = 600.0
+    action_timeout_sec: float = 60.0
+    actions_file: Optional[str] = None
+    actions: Mapping[str, Action] = field(default_factory=dict)
+    max_actions_per_hour: int = 20
+    max_concurrent_actions: int = 8
+    state_file: str = DEFAULT_STATE_FILE
+    state_file_explicit: bool = False
+    history_max_events: int = 100000
+    webhook_token: Optional[str] = None
+    ack_token: Optional[str] = None
+    ack_max_duration_sec: float = 7 * 86400.0
+    alertmanager_timeout_sec: float = 5.0
+    max_body_bytes: int = 1048576
+    request_timeout_sec: float = 10.0
+    max_connections: int = 512
+    workers: int = 16
+    max_event_listeners: int = 16
+    events_heartbeat_sec: float = 15.0
+    shutdown_grace_sec: float = 10.0
+
+    @property
+    def executes(self) -> bool:
+        """Real actions run only when enabled and not in dry-run."""
+        return self.enabled and not self.dry_run
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Config":
+        """Parse every variable, collect every problem, raise one ConfigError naming each."""
+        problems: List[str] = []
+        values: Dict[str, Any] = {}
+
+        def take(key: str, name: str, parse: Callable[[str], Any]) -> None:
+            raw = env.get(name)
+            if raw is None:
+                return
+            try:
+                values[key] = parse(raw)
+            except ValueError as exc:
+                problems.append(f"{name}: {exc}, got {raw!r}")
+
+        take("enabled", "AUTOHEAL_ENABLED", parse_bool)
+        take("dry_run", "AUTOHEAL_DRY_RUN", parse_bool)
+        take("alertmanager_url", "ALERTMANAGER_URL", parse_url)
+        take("public_url", "AUTOHEAL_PUBLIC_URL", parse_url)
+        take("host", "AUTOHEAL_HOST", parse_host)
+        take("port", "AUTOHEAL_PORT", lambda raw: parse_int(raw, 0, 65535))
+        take("default_cooldown_sec", "AUTOHEAL_DEFAULT_COOLDOWN_SEC", parse_seconds)
+        take("action_timeout_sec", "AUTOHEAL_ACTION_TIMEOUT_SEC", parse_positive_seconds)
+        take("max_actions_per_hour", "AUTOHEAL_MAX_ACTIONS_PER_HOUR", lambda raw: parse_int(raw, 0, 10**9))
+        take("max_concurrent_actions", "AUTOHEAL_MAX_CONCURRENT_ACTIONS", lambda raw: parse_int(raw, 1, 1024))
+        take("history_max_events", "AUTOHEAL_HISTORY_MAX_EVENTS", lambda raw: parse_int(raw, 1, 10**9))
+        take("webhook_token", "AUTOHEAL_WEBHOOK_TOKEN", parse_token)
+        take("ack_token", "AUTOHEAL_ACK_TOKEN", parse_token)
+        take("ack_max_duration_sec", "AUTOHEAL_ACK_MAX_DURATION", parse_duration)
+        take("alertmanager_timeout_sec", "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC", parse_positive_seconds)
+        take("max_body_bytes", "AUTOHEAL_MAX_BODY_BYTES", lambda raw: parse_int(raw, 1, 1 << 30))
+        take("request_timeout_sec", "AUTOHEAL_REQUEST_TIMEOUT_SEC", parse_positive_seconds)
+        take("max_connections", "AUTOHEAL_MAX_CONNECTIONS", lambda raw: parse_int(raw, 1, 100000))
+        take("workers", "AUTOHEAL_WORKERS", lambda raw: parse_int(raw, 1, 1024))
+        take("max_event_listeners", "AUTOHEAL_MAX_EVENT_LISTENERS", lambda raw: parse_int(raw, 0, 10000))
+        take("events_heartbeat_sec", "AUTOHEAL_EVENTS_HEARTBEAT_SEC", parse_positive_seconds)
+        take("shutdown_grace_sec", "AUTOHEAL_SHUTDOWN_GRACE_SEC", parse_seconds)
+        if "AUTOHEAL_STATE_FILE" in env:
+            values["state_file"] = env["AUTOHEAL_STATE_FILE"]
+            values["state_file_explicit"] = True
+
+        default_cooldown = values.get("default_cooldown_sec", cls.default_cooldown_sec)
+        default_timeout = values.get("action_timeout_sec", cls.action_timeout_sec)
+        named_cooldowns: Dict[str, float] = {}
+        for alertname, _command, variable in BUILTIN_ACTIONS:
+            raw = env.get(variable)
+            if raw is None:
+                continue
+            try:
+                named_cooldowns[alertname] = parse_seconds(raw)
+            except ValueError as exc:
+                problems.append(f"{variable}: {exc}, got {raw!r}")
+
+        actions_file = env.get("AUTOHEAL_ACTIONS_FILE") or None
+        if actions_file:
+            values["actions_file"] = actions_file
+            try:
+                table = load_actions_file(actions_file)
+                values["actions"] = build_actions(table, default_cooldown, default_timeout, named_cooldowns)
+            except ValueError as exc:
+                problems.append(f"AUTOHEAL_ACTIONS_FILE: {exc} ({actions_file})")
+        else:
+            table = {name: {"command": command} for name, command, _variable in BUILTIN_ACTIONS}
+            values["actions"] = build_actions(table, default_cooldown, default_timeout, named_cooldowns)
+
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(**values)
+
+
+def parse_bool(raw: str) -> bool:
+    """true/false/1/0/yes/no/on/off in any case."""
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("expected true/false/1/0/yes/no/on/off")
+
+
+def parse_int(raw: str, low: int, high: int) -> int:
+    """A whole number within [low, high]."""
+    text = raw.strip()
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise ValueError(f"expected a whole number {low}-{high}")
+    value = int(text)
+    if not low <= value <= high:
+        raise ValueError(f"expected {low}-{high}")
+    return value
+
+
+def parse_seconds(raw: str) -> float:
+    """A non-negative, finite number of seconds."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("expected a non-negative number of seconds")
+    return value
+
+
+def parse_positive_seconds(raw: str) -> float:
+    """A positive, finite number of seconds."""
+    value = parse_seconds(raw)
+    if value <= 0:
+        raise ValueError("expected a positive number of seconds")
+    return value
+
+
+def parse_url(raw: str) -> str:
+    """An http(s) URL with a host; the trailing slash is dropped."""
+    text = raw.strip()
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("expected a valid port in the URL") from None
+    return text.rstrip("/")
+
+
+def parse_host(raw: str) -> str:
+    """A listen address: a name or an IP literal, without spaces."""
+    text = raw.strip()
+    if not text or any(ch.isspace() or ch in "/?#@" for ch in text):
+        raise ValueError("expected a host name or IP address")
+    return text
+
+
+def parse_token(raw: str) -> Optional[str]:
+    """A shared secret; empty means unset."""
+    return raw or None
+
+
+def parse_duration(raw: str) -> float:
+    """A Prometheus duration (90s, 30m, 1h30m, 1d, 1w) as seconds; zero is refused."""
+    text = raw.strip()
+    match = _DURATION.match(text)
+    if not text or not match:
+        raise ValueError("expected a duration such as 30m, 2h, 1d or 1h30m")
+    seconds = sum(int(group) * unit for group, unit in zip(match.groups(), _DURATION_UNITS) if group)
+    if seconds <= 0:
+        raise ValueError("expected a duration longer than zero")
+    return float(seconds)
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest Prometheus duration for a whole number of seconds: 5400 -> 1h30m."""
+    remaining = int(round(seconds))
+    if remaining <= 0:
+        return "0s"
+    out = []
+    for unit, suffix in ((7 * 86400, "w"), (86400, "d"), (3600, "h"), (60, "m"), (1, "s")):
+        if remaining >= unit:
+            out.append(f"{remaining // unit}{suffix}")
+            remaining %= unit
+    return "".join(out)
+
+
+def load_actions_file(path: str) -> Mapping[str, Any]:
+    """Read the actions table from a JSON file, or a TOML file where tomllib exists (3.11+)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror or exc}") from None
+    if path.lower().endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:
+            raise ValueError("TOML action files need Python 3.11 or newer; use JSON") from None
+        try:
+            document = tomllib.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"invalid TOML: {exc}") from None
+    else:
+        try:
+            document = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"invalid JSON: {exc}") from None
+    if not isinstance(document, dict) or set(document) != {"actions"} or not isinstance(document["actions"], dict):
+        raise ValueError('expected one table "actions" mapping alertnames to actions')
+    return document["actions"]
+
+
+def build_actions(
+    table: Mapping[str, Any],
+    default_cooldown: float,
+    default_timeout: float,
+    named_cooldowns: Mapping[str, float],
+) -> Dict[str, Action]:
+    """Validate an actions table and turn it into Action objects."""
+    actions: Dict[str, Action] = {}
+    for alertname in sorted(table):
+        entry = table[alertname]
+        where = f"action {alertname!r}"
+        if not alertname or not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a table with a command")
+        unknown = set(entry) - {"command", "cooldown_sec", "timeout_sec"}
+        if unknown:
+            raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        command = entry.get("command")
+        if isinstance(command, str):
+            try:
+                argv = tuple(shlex.split(command))
+            except ValueError as exc:
+                raise ValueError(f"{where}: command cannot be split: {exc}") from None
+            display = command.strip()
+        elif isinstance(command, list) and all(isinstance(word, str) for word in command):
+            argv = tuple(command)
+            display = shlex.join(argv)
+        else:
+            raise ValueError(f"{where}: command must be a list of strings or a string")
+        if not argv or not argv[0]:
+            raise ValueError(f"{where}: command is empty")
+        cooldown = _number_field(entry, "cooldown_sec", where, allow_zero=True)
+        timeout = _number_field(entry, "timeout_sec", where, allow_zero=False)
+        actions[alertname] = Action(
+            alertname=alertname,
+            argv=argv,
+            display=display,
+            cooldown_sec=cooldown if cooldown is not None else named_cooldowns.get(alertname, default_cooldown),
+            timeout_sec=timeout if timeout is not None else default_timeout,
+        )
+    return actions
+
+
+def _number_field(entry: Mapping[str, Any], key: str, where: str, allow_zero: bool) -> Optional[float]:
+    if key not in entry:
+        return None
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: {key} must be a number")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{where}: {key} must be {'non-negative' if allow_zero else 'positive'}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class HttpError(Exception):
+    """An expected failure that becomes a JSON answer {"ok": false, "error": message}."""
+
+    def __init__(self, status: int, message: str, headers: Optional[Mapping[str, str]] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class PeerError(Exception):
+    """Alertmanager (or another peer) refused (status set) or did not answer (status None)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers: time, JSON input, environment names, the exposition format
+# ---------------------------------------------------------------------------------------------
+
+
+def format_rfc3339(timestamp: float) -> str:
+    """Unix time as RFC 3339 in UTC with milliseconds, as Alertmanager writes it."""
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_rfc3339(text: str) -> float:
+    """RFC 3339 to Unix time; accepts Z and up to 9 fractional digits (Go's format)."""
+    match = _RFC3339.match(text.strip())
+    if not match:
+        raise ValueError("expected an RFC 3339 time")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    offset = 0
+    if zone not in ("Z", "z"):
+        sign = 1 if zone[0] == "+" else -1
+        offset = sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=timezone.utc)
+    return moment.timestamp() - offset + (float("0." + fraction) if fraction else 0.0)
+
+
+def json_depth_ok(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when the JSON text nests no deeper than limit (checked before json.loads recurses)."""
+    depth = 0
+    in_string = False
+    escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """Decode a request body as JSON, raising HttpError 400 with the reason."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HttpError(400, f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    if b"[" * 8 in raw or b"{" * 8 in raw or len(raw) > 65536:
+        if not json_depth_ok(raw):
+            raise HttpError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise HttpError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        raise HttpError(400, f"body is not JSON: {exc}") from None
+
+
+def js_tolerant_json(text: str) -> Any:
+    """json.loads that also accepts the escape \\' inside strings.
+
+    Alertmanager 0.25's templates have no toJson; the Slack template builds the labels object
+    with Go's ``js`` function, which escapes ' as \\' (valid JavaScript, not JSON).
+    """
+    if "\\'" in text:
+        out = []
+        index = 0
+        while index < len(text):
+            char = text[index]
+            if char == "\\" and index + 1 < len(text):
+                following = text[index + 1]
+                out.append("'" if following == "'" else char + following)
+                index += 2
+                continue
+            out.append(char)
+            index += 1
+        text = "".join(out)
+    return json.loads(text)
+
+
+def env_name(prefix: str, name: str) -> str:
+    """AUTOHEAL_LABEL_ + name upper-cased, every character outside A-Z0-9_ turned into _."""
+    return prefix + _ENV_NAME_UNSAFE.sub("_", name.upper())
+
+
+def command_environment(base: Mapping[str, str], alert: Mapping[str, Any]) -> Dict[str, str]:
+    """The environment of an action: autoheal's own without its AUTOHEAL_* settings, plus the alert."""
+    env = {key: value for key, value in base.items() if not key.startswith("AUTOHEAL_")}
+    labels = alert.get("labels") or {}
+    annotations = alert.get("annotations") or {}
+    for name in sorted(labels):
+        env[env_name("AUTOHEAL_LABEL_", name)] = _env_safe(labels[name])
+    for name in sorted(annotations):
+        env[env_name("AUTOHEAL_ANNOTATION_", name)] = _env_safe(annotations[name])
+    env["AUTOHEAL_ALERTNAME"] = _env_safe(labels.get("alertname", ""))
+    env["AUTOHEAL_FINGERPRINT"] = _env_safe(alert.get("fingerprint") or "")
+    return env
+
+
+def _env_safe(value: Any) -> str:
+    # An environment string cannot hold NUL; everything else passes through untouched.
+    return str(value).replace("\0", "")
+
+
+def escape_help(text: str) -> str:
+    """HELP text escaping of the exposition format: backslash and newline."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def escape_label_value(value: str) -> str:
+    """Label value escaping of the exposition format: backslash first, then newline and quote."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def format_labels(labels: Mapping[str, str]) -> str:
+    """{a="1",b="2"} with names sorted; empty string for no labels."""
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{name}="{escape_label_value(labels[name])}"' for name in sorted(labels)) + "}"
+
+
+def format_value(value: float) -> str:
+    """A sample value as Go formats floats: +Inf, -Inf, NaN, integers without a fraction."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if value != value:
+        return "NaN"
+    if value == math.inf:
+        return "+Inf"
+    if value == -math.inf:
+        return "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def format_family(name: str, kind: str, help_text: str, samples: List[Tuple[str, float]]) -> str:
+    """One metric family: HELP, TYPE, then samples given as (suffix-and-labels, value)."""
+    lines = [f"# HELP {name} {escape_help(help_text)}", f"# TYPE {name} {kind}"]
+    lines.extend(f"{name}{series} {format_value(value)}" for series, value in samples)
+    return "\n".join(lines) + "\n"
+
+
+def log_event(event: Mapping[str, Any], stream: Any = None, lock: Optional[threading.Lock] = None) -> None:
+    """One JSON object per line, ASCII only: every control character (and U+2028) is escaped."""
+    line = json.dumps(event, separators=(",", ":"), default=str) + "\n"
+    target = stream or sys.stdout
+    if lock is None:
+        target.write(line)
+        target.flush()
+        return
+    with lock:
+        target.write(line)
+        target.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# The action runner
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOutcome:
+    """What became of one command: executed, failed or error, with its evidence."""
+
+    result: str
+    exit_status: Optional[int]
+    duration_seconds: float
+    output_tail: str
+    error: Optional[str] = None
+
+
+class ProcessRegistry:
+    """The commands running now, so that shutdown can kill what outlives its grace period."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: Dict[int, subprocess.Popen] = {}
+        self.killed_for_shutdown = False
+
+    def add(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._running[process.pid] = process
+
+    def remove(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._running.pop(process.pid, None)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def kill_all(self) -> int:
+        """Kill every running command with its process group; returns how many."""
+        with self._lock:
+            processes = list(self._running.values())
+            self.killed_for_shutdown = True
+        for process in processes:
+            _kill_group(process)
+        return len(processes)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_command(
+    argv: Tuple[str, ...],
+    env: Mapping[str, str],
+    timeout: float,
+    registry: Optional[ProcessRegistry] = None,
+) -> RunOutcome:
+    """Run argv without a shell in a process group of its own; kill the group past timeout."""
+    started = time.monotonic()
+    try:
+        process = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so a timeout can kill grandchildren too
+            close_fds=True,
+        )
+    except (OSError, ValueError) as exc:
+        return RunOutcome("error", None, time.monotonic() - started, "", f"could not start: {exc}")
+    if registry is not None:
+        registry.add(process)
+    tail = bytearray()
+
+    def read_tail() -> None:
+        # Keep only the last OUTPUT_TAIL_BYTES: a chatty command cannot grow memory.
+        while True:
+            chunk = process.stdout.read1(65536) if hasattr(process.stdout, "read1") else process.stdout.read(65536)
+            if not chunk:
+                break
+            tail.extend(chunk)
+            if len(tail) > OUTPUT_TAIL_BYTES:
+                del tail[: len(tail) - OUTPUT_TAIL_BYTES]
+
+    reader = threading.Thread(target=read_tail, name=f"output-{process.pid}", daemon=True)
+    reader.start()
+    error = None
+    try:
+        status = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        status = process.wait()
+        error = f"timed out after {format_value(timeout)}s; process group killed"
+    finally:
+        if registry is not None:
+            registry.remove(process)
+    # A grandchild that left the group may still hold the pipe; do not wait on it for long.
+    reader.join(timeout=1.0)
+    if not reader.is_alive():
+        process.stdout.close()
+    duration = time.monotonic() - started
+    output = bytes(tail).decode("utf-8", "replace")
+    if error is None and registry is not None and registry.killed_for_shutdown and status < 0:
+        error = "killed: autoheal is shutting down"
+    if error is not None:
+        return RunOutcome("error", status, duration, output, error)
+    if status == 0:
+        return RunOutcome("executed", 0, duration, output)
+    if status < 0:
+        return RunOutcome("error", status, duration, output, f"killed by signal {-status}")
+    return RunOutcome("failed", status, duration, output)
+
+
+# ---------------------------------------------------------------------------------------------
+# The state store: cooldowns and the audit history
+# ---------------------------------------------------------------------------------------------
+
+
+class _Pending:
+    """Records waiting for the writer thread; done is set once they are committed."""
+
+    __slots__ = ("events", "cooldowns", "done", "error")
+
+    def __init__(self, events: List[Dict[str, Any]], cooldowns: Mapping[str, float]):
+        self.events = events
+        self.cooldowns = cooldowns
+        self.done = threading.Event()
+        self.error: Optional[str] = None
+
+
+class Store:
+    """Cooldowns and the audit history, in SQLite (WAL, group commit) or in memory only.
+
+    One writer thread owns the SQLite connection.  Requests hand it their records and wait
+    until they are committed, so an answer never describes something a crash could lose; the
+    writer commits whatever has queued up meanwhile in one transaction (group commit), which
+    keeps durability cheap under concurrent load.
+    """
+
+    _SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL,"
+        " alertname TEXT, result TEXT, body TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS events_by_alertname ON events (alertname, id)",
+        "CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts)",
+        "CREATE TABLE IF NOT EXISTS cooldowns (alertname TEXT PRIMARY KEY, started_at REAL NOT NULL)",
+    )
+
+    def __init__(self, path: Optional[str], max_events: int, on_commit: Callable[[List[Dict[str, Any]]], None]):
+        self.path = path
+        self.max_events = max_events
+        self._on_commit = on_commit
+        self._lock = threading.Lock()
+        self._memory: collections.deque = collections.deque(maxlen=max_events)
+        self._next_id = 1
+        self._since_prune = 0
+        self._connection: Optional[sqlite3.Connection] = None
+        self._queue: "queue.SimpleQueue[Optional[_Pending]]" = queue.SimpleQueue()
+        self._writer: Optional[threading.Thread] = None
+        self.write_errors = 0
+        if path:
+            self._open(path)
+
+    @property
+    def persistent(self) -> bool:
+        return self._connection is not None
+
+    def _open(self, path: str) -> None:
+        connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            connection.execute("PRAGMA busy_timeout = 5000")
+            connection.execute("PRAGMA journal_mode = WAL")
+            # In WAL mode NORMAL survives a crash of the process (SIGKILL); only power loss
+            # can take back the last commits.
+            connection.execute("PRAGMA synchronous = NORMAL")
+            for statement in self._SCHEMA:
+                connection.execute(statement)
+            row = connection.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+        except sqlite3.Error:
+            connection.close()
+            raise
+        self._next_id = row[0] + 1
+        self._connection = connection
+        self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
+        self._writer.start()
+
+    def load_cooldowns(self) -> Dict[str, float]:
+        """Start time of each alertname's last cooldown, as recorded."""
+        if self._connection is None:
+            return {}
+        with self._lock:
+            rows = self._connection.execute("SELECT alertname, started_at FROM cooldowns").fetchall()
+        return {name: started for name, started in rows}
+
+    def load_budget_times(self, since: float) -> List[float]:
+        """When the runs (real or dry) of the last hour happened, for the global budget."""
+        if self._connection is None:
+            return []
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT ts FROM events WHERE ts >= ? AND (kind = 'run' OR (kind = 'decision' AND result = 'dry_run'))"
+                " ORDER BY ts",
+                (since,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None) -> None:
+        """Record events (and cooldown starts); returns once they are durable."""
+        if not events and not cooldowns:
+            return
+        if self._connection is None or self._writer is None or not self._writer.is_alive():
+            with self._lock:
+                for event in events:
+                    event["id"] = self._next_id
+                    self._next_id += 1
+                    self._memory.append(event)
+            self._on_commit(events)
+            return
+        pending = _Pending(events, cooldowns or {})
+        self._queue.put(pending)
+        pending.done.wait()
+        if pending.error:
+            raise sqlite3.OperationalError(pending.error)
+
+    def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < 1024:
+                try:
+                    following = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if following is None:
+                    stopping = True
+                    break
+                batch.append(following)
+            self._commit(batch)
+
+    def _commit(self, batch: List[_Pending]) -> None:
+        rows = []
+        cooldowns: Dict[str, float] = {}
+        committed: List[Dict[str, Any]] = []
+        with self._lock:
+            next_id = self._next_id
+            for pending in batch:
+                for event in pending.events:
+                    event["id"] = next_id
+                    next_id += 1
+                    rows.append((event["id"], event["ts"], event["kind"], event.get("alertname"),
+                                 event.get("result"), json.dumps(event, separators=(",", ":"))))
+                    committed.append(event)
+                cooldowns.update(pending.cooldowns)
+            try:
+                connection = self._connection
+                connection.execute("BEGIN IMMEDIATE")
+                connection.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", rows)
+                connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", cooldowns.items())
+                self._since_prune += len(rows)
+                if self._since_prune >= 1000 or len(rows) > self.max_events:
+                    self._since_prune = 0
+                    connection.execute("DELETE FROM events WHERE id < ?", (next_id - self.max_events,))
+                connection.execute("COMMIT")
+                self._next_id = next_id
+                error = None
+            except sqlite3.Error as exc:
+                error = f"state file write failed: {exc}"
+                self.write_errors += 1
+                try:
+                    self._connection.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+        if error is None:
+            self._on_commit(committed)
+        for pending in batch:
+            pending.error = error
+            pending.done.set()
+
+    def query(self, limit: int, alertname: Optional[str], since: Optional[float]) -> List[Dict[str, Any]]:
+        """Recorded events, newest first."""
+        if self._connection is None:
+            with self._lock:
+                snapshot = list(self._memory)
+            found = []
+            for event in reversed(snapshot):
+                if since is not None and event["ts"] < since:
+                    continue
+                if alertname is not None and event.get("alertname") != alertname:
+                    continue
+                found.append(event)
+                if len(found) >= limit:
+                    break
+            return found
+        sql = "SELECT body FROM events WHERE 1 = 1"
+        parameters: List[Any] = []
+        if alertname is not None:
+            sql += " AND alertname = ?"
+            parameters.append(alertname)
+        if since is not None:
+            sql += " AND ts >= ?"
+            parameters.append(since)
+        sql += " ORDER BY id DESC LIMIT ?"
+        parameters.append(limit)
+        # A connection of its own: WAL lets readers run beside the writer.
+        reader = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            reader.execute("PRAGMA busy_timeout = 5000")
+            rows = reader.execute(sql, parameters).fetchall()
+        finally:
+            reader.close()
+        return [json.loads(row[0]) for row in rows]
+
+    def close(self) -> None:
+        """Commit what is queued and close the database."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=10)
+        if self._connection is not None:
+            with self._lock:
+                self._connection.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Alertmanager's silences API
+# ---------------------------------------------------------------------------------------------
+
+
+class AlertmanagerClient:
+    """Just enough of Alertmanager's v2 API for silences, with a bounded wait on every call."""
+
+    def __init__(self, base_url: str, timeout: float):
+        self.base_url = base_url
+        self.timeout = timeout
+        parts = urllib.parse.urlsplit(base_url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One request; raises PeerError with Alertmanager's own reason on refusal or silence."""
+        if self._https:
+            import ssl  # only deployments that use https pay for importing ssl
+
+            connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self.timeout, context=ssl.create_default_context()
+            )
+        else:
+            connection = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        payload = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Accept": "application/json", "User-Agent": f"autoheal/{__version__}"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            connection.request(method, self._prefix + path, body=payload, headers=headers)
+            response = connection.getresponse()
+            raw = response.read(4 << 20)
+            status = response.status
+        except (OSError, http.client.HTTPException) as exc:
+            raise PeerError(f"Alertmanager at {self.base_url} did not answer within "
+                            f"{format_value(self.timeout)}s: {exc or type(exc).__name__}") from None
+        finally:
+            connection.close()
+        try:
+            data = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        except (UnicodeDecodeError, ValueError):
+            data = raw.decode("utf-8", "replace").strip()
+        if status >= 300:
+            # Alertmanager's error bodies are sometimes a bare JSON string, sometimes {code, message}.
+            reason = data.get("message", data) if isinstance(data, dict) else data
+            raise PeerError(f"Alertmanager refused ({status}): {reason}", status)
+        return data
+
+    def silences(self) -> List[Dict[str, Any]]:
+        data = self.call("GET", "/api/v2/silences")
+        return data if isinstance(data, list) else []
+
+    def get_silence(self, silence_id: str) -> Dict[str, Any]:
+        return self.call("GET", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
+
+    def post_silence(self, silence: Mapping[str, Any]) -> str:
+        data = self.call("POST", "/api/v2/silences", silence)
+        if not isinstance(data, dict) or not isinstance(data.get("silenceID"), str):
+            raise PeerError(f"Alertmanager answered without a silenceID: {data!r}"[:300])
+        return data["silenceID"]
+
+    def expire(self, silence_id: str) -> None:
+        self.call("DELETE", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
+
+
+def matchers_for(labels: Mapping[str, str]) -> List[Dict[str, Any]]:
+    """Exact-match matchers for a label set, sorted by name."""
+    return [{"name": name, "value": labels[name], "isRegex": False, "isEqual": True} for name in sorted(labels)]
+
+
+def matcher_key(matchers: List[Mapping[str, Any]]) -> Tuple[Tuple[str, str, bool, bool], ...]:
+    """A comparable form of a matcher list (Alertmanager may return them in another order)."""
+    return tuple(sorted((m.get("name", ""), m.get("value", ""), bool(m.get("isRegex")), m.get("isEqual", True) is not False)
+                        for m in matchers))
+
+
+def parse_ack_labels(raw: Optional[str]) -> Dict[str, str]:
+    """The labels query parameter: a JSON object of strings with an alertname."""
+    if raw is None or raw == "":
+        raise HttpError(400, "labels: missing; expected a JSON object such as {\"alertname\": \"X\"}")
+    if len(raw) > 65536:
+        raise HttpError(400, "labels: longer than 65536 characters")
+    try:
+        labels = js_tolerant_json(raw)
+    except (ValueError, RecursionError) as exc:
+        raise HttpError(400, f"labels: not JSON: {exc}") from None
+    if not isinstance(labels, dict) or not labels:
+        raise HttpError(400, "labels: expected a non-empty JSON object of label names to strings")
+    for name, value in labels.items():
+        if not _LABEL_NAME.match(name):
+            raise HttpError(400, f"labels: {name!r} is not a valid label name")
+        if not isinstance(value, str):
+            raise HttpError(400, f"labels: the value of {name!r} must be a string")
+    if not labels.get("alertname"):
+        raise HttpError(400, "labels: must contain a non-empty alertname")
+    return labels
+
+
+def validate_webhook(payload: Any) -> List[Dict[str, Any]]:
+    """Check that a body is an Alertmanager webhook payload; return its alerts."""
+    if not isinstance(payload, dict):
+        raise HttpError(400, "body must be a JSON object (an Alertmanager webhook payload)")
+    if "version" in payload and payload["version"] != "4":
+        raise HttpError(400, f"unsupported webhook version {payload['version']!r}; expected \"4\"")
+    if "alerts" not in payload:
+        raise HttpError(400, "missing field 'alerts'")
+    alerts = payload["alerts"]
+    if not isinstance(alerts, list):
+        raise HttpError(400, "'alerts' must be a list")
+    for index, alert in enumerate(alerts):
+        where = f"alerts[{index}]"
+        if not isinstance(alert, dict):
+            raise HttpError(400, f"{where} must be an object")
+        if alert.get("status") not in ("firing", "resolved"):
+            raise HttpError(400, f"{where}.status must be \"firing\" or \"resolved\"")
+        for key, required in (("labels", True), ("annotations", False)):
+            if key not in alert and not required:
+                continue
+            mapping = alert.get(key)
+            if not isinstance(mapping, dict):
+                raise HttpError(400, f"{where}.{key} must be an object of strings")
+            for name, value in mapping.items():
+                if not isinstance(value, str):
+                    raise HttpError(400, f"{where}.{key}.{name} must be a string")
+        if not alert["labels"].get("alertname"):
+            raise HttpError(400, f"{where}.labels.alertname is missing or empty")
+        for key in ("fingerprint", "startsAt", "endsAt", "generatorURL"):
+            if key in alert and not isinstance(alert[key], str):
+                raise HttpError(400, f"{where}.{key} must be a string")
+    return alerts
+
+
+# ---------------------------------------------------------------------------------------------
+# The application state
+# ---------------------------------------------------------------------------------------------
+
+CREATED_BY = "autoheal"
+
+
+@dataclass
+class Decision:
+    """What the gates of section 3 decided for one alert; result "run" until the command ends."""
+
+    alertname: str
+    result: str
+    reason: Optional[str] = None
+    action: Optional[Action] = None
+    cooldown_remaining: float = 0.0
+    outcome: Optional[RunOutcome] = None
+
+
+class Listener:
+    """One GET /events client: a bounded queue of events to send."""
+
+    def __init__(self) -> None:
+        self.events: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue(maxsize=1024)
+        self.overflowed = False
+
+
+class App:
+    """Everything autoheal knows and decides: cooldowns, counters, history, acks."""
+
+    def __init__(self, config: Config, env: Optional[Mapping[str, str]] = None, log_stream: Any = None):
+        self.config = config
+        self.actions = config.actions
+        self.action_names = sorted(self.actions)
+        self.env = dict(os.environ if env is None else env)
+        self.processes = ProcessRegistry()
+        self.started_at = time.time()
+        self.alertmanager = AlertmanagerClient(config.alertmanager_url, config.alertmanager_timeout_sec)
+        self._log_stream = log_stream
+        self._log_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._action_slots = threading.BoundedSemaphore(config.max_concurrent_actions)
+        self._listeners: List[Listener] = []
+        self._ack_inflight: Dict[Any, threading.Event] = {}
+        self._action_counts = {(name, result): 0 for name in self.action_names for result in ACTION_RESULTS}
+        self._skip_counts = {reason: 0 for reason in SKIP_REASONS}
+        self._ack_counts = {outcome: 0 for outcome in ACK_OUTCOMES}
+        self._alerts_received = 0
+        self._silences_expired = 0
+        self._duration_sum = {name: 0.0 for name in self.action_names}
+        self._duration_count = {name: 0 for name in self.action_names}
+        self._last_action = {name: 0.0 for name in self.action_names}
+        self._series_labels = {name: format_labels({"alertname": name}) for name in self.action_names}
+        self.store = self._open_store()
+        now = time.time()
+        self._cooldown_started = {
+            name: min(started, now) for name, started in self.store.load_cooldowns().items() if name in self.actions
+        }
+        for name, started in self._cooldown_started.items():
+            self._last_action[name] = started
+        self._budget: collections.deque = collections.deque(self.store.load_budget_times(now - 3600))
+
+    def _open_store(self) -> Store:
+        config = self.config
+        path = config.state_file or None
+        try:
+            return Store(path, config.history_max_events, self._publish)
+        except (sqlite3.Error, OSError) as exc:
+            if config.state_file_explicit:
+                raise ConfigError(f"AUTOHEAL_STATE_FILE: cannot open {path!r}: {exc}") from None
+            self.log({"event": "warning", "message": f"state file {path!r} unusable ({exc}); "
+                      "cooldowns and history are kept in memory only"})
+            return Store(None, config.history_max_events, self._publish)
+
+    # -- logging and recording ------------------------------------------------------------
+
+    def log(self, event: Mapping[str, Any]) -> None:
+        """Write one JSON log line."""
+        log_event(event, self._log_stream, self._log_lock)
+
+    def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None) -> None:
+        """Record events durably (waiting for the commit), then log them."""
+        try:
+            self.store.record(events, cooldowns)
+        except sqlite3.Error as exc:
+            self.log({"event": "error", "message": str(exc)})
+        for event in events:
+            self.log(event)
+
+    def _publish(self, events: List[Dict[str, Any]]) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            for event in events:
+                try:
+                    listener.events.put_nowait(event)
+                except queue.Full:
+                    listener.overflowed = True
+                    break
+
+    def add_listener(self) -> Optional[Listener]:
+        """A new /events listener, or None when every slot is taken."""
+        with self._lock:
+            if len(self._listeners) >= self.config.max_event_listeners:
+                return None
+            listener = Listener()
+            self._listeners.append(listener)
+            return listener
+
+    def remove_listener(self, listener: Listener) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def close_listeners(self) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener.events.put_nowait(None)
+            except queue.Full:
+                listener.overflowed = True
+
+    def close(self) -> None:
+        """Close the listeners and the state store."""
+        self.close_listeners()
+        self.store.close()
+
+    # -- the webhook ----------------------------------------------------------------------
+
+    def handle_webhook(self, alerts: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Judge each alert by the gates of section 3; run what passes; one answer per alert."""
+        now = time.time()
+        decisions = []
+        cooldowns: Dict[str, float] = {}
+        with self._lock:
+            # Deciding and starting the cooldown is one step under one lock, so that however
+            # many deliveries of an alert arrive at once, one of them wins the window.
+            self._alerts_received += len(alerts)
+            for alert in alerts:
+                decision = self._decide_locked(alert, now)
+                decisions.append(decision)
+                if decision.result in ("dry_run", "run"):
+                    cooldowns[decision.alertname] = now
+        first_records = [
+            self._event("run" if decision.result == "run" else "decision", alert, decision, now)
+            for alert, decision in zip(alerts, decisions)
+        ]
+        self.record(first_records, cooldowns)
+        runs = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "run"]
+        if runs:
+            self._run_all(runs)
+            self.record([self._event("decision", alert, decision, time.time()) for alert, decision in runs])
+        return [self._answer(decision) for decision in decisions]
+
+    def _decide_locked(self, alert: Mapping[str, Any], now: float) -> Decision:
+        alertname = alert["labels"]["alertname"]
+        if alert["status"] == "resolved":
+            self._skip_counts["resolved"] += 1
+            return Decision(alertname, "skipped", "resolved")
+        if (alert.get("annotations") or {}).get("autoheal") != "true":
+            self._skip_counts["not_opted_in"] += 1
+            return Decision(alertname, "skipped", "not_opted_in")
+        action = self.actions.get(alertname)
+        if action is None:
+            self._skip_counts["not_allowlisted"] += 1
+            return Decision(alertname, "skipped", "not_allowlisted")
+        remaining = self._cooldown_remaining_locked(action, now)
+        if remaining > 0:
+            self._action_counts[(alertname, "cooldown_skip")] += 1
+            return Decision(alertname, "cooldown_skip", action=action, cooldown_remaining=remaining)
+        budget = self.config.max_actions_per_hour
+        if budget:
+            while self._budget and self._budget[0] <= now - 3600:
+                self._budget.popleft()
+            if len(self._budget) >= budget:
+                self._action_counts[(alertname, "rate_limited")] += 1
+                return Decision(alertname, "rate_limited", f"global budget of {budget} actions per hour is spent",
+                                action=action)
+            self._budget.append(now)
+        self._cooldown_started[alertname] = now
+        self._last_action[alertname] = now
+        if not self.config.executes:
+            self._action_counts[(alertname, "dry_run")] += 1
+            return Decision(alertname, "dry_run", action=action, cooldown_remaining=action.cooldown_sec)
+        return Decision(alertname, "run", action=action, cooldown_remaining=action.cooldown_sec)
+
+    def _cooldown_remaining_locked(self, action: Action, now: float) -> float:
+        started = self._cooldown_started.get(action.alertname)
+        if started is None:
+            return 0.0
+        return max(0.0, min(action.cooldown_sec, started + action.cooldown_sec - now))
+
+    def _run_all(self, runs: List[Tuple[Dict[str, Any], Decision]]) -> None:
+        # Actions of different alertnames run side by side; at most max_concurrent_actions
+        # commands run at once across all requests.
+        if len(runs) == 1:
+            self._run_one(*runs[0])
+            return
+        todo = list(runs)
+        todo_lock = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with todo_lock:
+                    if not todo:
+                        return
+                    alert, decision = todo.pop(0)
+                self._run_one(alert, decision)
+
+        threads = [threading.Thread(target=drain, name="action", daemon=True)
+                   for _ in range(min(len(runs), self.config.max_concurrent_actions))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _run_one(self, alert: Dict[str, Any], decision: Decision) -> None:
+        action = decision.action
+        assert action is not None
+        with self._action_slots:
+            outcome = run_command(action.argv, command_environment(self.env, alert), action.timeout_sec, self.processes)
+        decision.outcome = outcome
+        decision.result = outcome.result
+        with self._lock:
+            self._action_counts[(action.alertname, outcome.result)] += 1
+            self._duration_sum[action.alertname] += outcome.duration_seconds
+            self._duration_count[action.alertname] += 1
+
+    def _event(self, kind: str, alert: Mapping[str, Any], decision: Decision, now: float) -> Dict[str, Any]:
+        event: Dict[str, Any] = {"ts": round(now, 6), "kind": kind, "alertname": decision.alertname,
+                                 "result": "started" if kind == "run" else decision.result}
+        if decision.reason:
+            event["reason"] = decision.reason
+        if decision.action is not None:
+            event["action"] = decision.action.display
+            event["cooldown_remaining_seconds"] = math.ceil(decision.cooldown_remaining)
+        event["labels"] = alert["labels"]
+        event["fingerprint"] = alert.get("fingerprint", "")
+        event["starts_at"] = alert.get("startsAt", "")
+        outcome = decision.outcome
+        if outcome is not None and kind == "decision":
+            event["exit_status"] = outcome.exit_status
+            event["duration_seconds"] = round(outcome.duration_seconds, 6)
+            event["output_tail"] = outcome.output_tail
+            if outcome.error:
+                event["error"] = outcome.error
+        return event
+
+    @staticmethod
+    def _answer(decision: Decision) -> Dict[str, Any]:
+        if decision.result == "skipped":
+            return {"alertname": decision.alertname, "result": "skipped", "reason": decision.reason}
+        answer: Dict[str, Any] = {"alertname": decision.alertname, "result": decision.result,
+                                  "action": decision.action.display if decision.action else None,
+                                  "cooldown_remaining_seconds": math.ceil(decision.cooldown_remaining)}
+        if decision.reason:
+            answer["reason"] = decision.reason
+        outcome = decision.outcome
+        if outcome is not None:
+            answer["exit_status"] = outcome.exit_status
+            answer["duration_seconds"] = round(outcome.duration_seconds, 3)
+            if outcome.error:
+                answer["error"] = outcome.error
+        return answer
+
+    # -- status and metrics ---------------------------------------------------------------
+
+    def status(self) -> Dict[str, Any]:
+        """The answer of GET /."""
+        now = time.time()
+        with self._lock:
+            cooldowns = {
+                name: {"cooldown_seconds": self.actions[name].cooldown_sec,
+                       "remaining_seconds": round(self._cooldown_remaining_locked(self.actions[name], now), 3)}
+                for name in self.action_names
+            }
+            budget_used = sum(1 for started in self._budget if started > now - 3600)
+        limit = self.config.max_actions_per_hour
+        return {
+            "status": "ok",
+            "enabled": self.config.enabled,
+            "dry_run": self.config.dry_run,
+            "actions": self.action_names,
+            "public_base_url": self.config.public_url,
+            "version": __version__,
+            "cooldowns": cooldowns,
+            "max_actions_per_hour": limit,
+            "action_budget_remaining": max(0, limit - budget_used) if limit else None,
+            "state_persistent": self.store.persistent,
+        }
+
+    def render_metrics(self) -> str:
+        """The Prometheus text exposition (0.0.4) of every series of section 5, and more."""
+        now = time.time()
+        with self._lock:
+            counts = dict(self._action_counts)
+            skips = dict(self._skip_counts)
+            acks = dict(self._ack_counts)
+            received = self._alerts_received
+            expired = self._silences_expired
+            last = dict(self._last_action)
+            remaining = {name: self._cooldown_remaining_locked(self.actions[name], now) for name in self.action_names}
+            duration_sum = dict(self._duration_sum)
+            duration_count = dict(self._duration_count)
+            budget_used = sum(1 for started in self._budget if started > now - 3600)
+            listeners = len(self._listeners)
+        config = self.config
+        labels = self._series_labels
+        names = self.action_names
+        limit = config.max_actions_per_hour
+        parts = [
+            format_family("autoheal_enabled", "gauge", "1 when autoheal is enabled (AUTOHEAL_ENABLED), else 0.",
+                          [("", int(config.enabled))]),
+            format_family("autoheal_dry_run", "gauge", "1 when autoheal only logs and counts (AUTOHEAL_DRY_RUN), else 0.",
+                          [("", int(config.dry_run))]),
+            format_family("autoheal_build_info", "gauge", "Version of autoheal and of the Python running it.",
+                          [(format_labels({"version": __version__, "python_version": sys.version.split()[0]}), 1)]),
+            format_family("autoheal_alerts_received_total", "counter", "Alerts received in webhooks.", [("", received)]),
+            format_family("autoheal_alerts_skipped_total", "counter",
+                          "Alerts skipped before reaching an action, by reason (no alertname label).",
+                          [(format_labels({"reason": reason}), skips[reason]) for reason in SKIP_REASONS]),
+            format_family("autoheal_actions_total", "counter",
+                          "Decisions on allow-listed alerts, by alertname and result.",
+                          [(labels[name][:-1] + f',result="{result}"}}', counts[(name, result)])
+                           for name in names for result in ACTION_RESULTS]),
+            format_family("autoheal_action_last_timestamp", "gauge",
+                          "Unix time of the last action of an alertname (dry-run included), 0 before the first.",
+                          [(labels[name], last[name]) for name in names]),
+            format_family("autoheal_cooldown_remaining_seconds", "gauge",
+                          "Seconds until the next action of an alertname is allowed.",
+                          [(labels[name], remaining[name]) for name in names]),
+            format_family("autoheal_cooldown_seconds", "gauge", "Configured cooldown of an alertname's action.",
+                          [(labels[name], self.actions[name].cooldown_sec) for name in names]),
+            format_family("autoheal_action_duration_seconds", "summary",
+                          "Wall time of commands that ran, by alertname.",
+                          [("_sum" + labels[name], duration_sum[name]) for name in names]
+                          + [("_count" + labels[name], duration_count[name]) for name in names]),
+            format_family("autoheal_action_budget_limit", "gauge",
+                          "Runs allowed per rolling hour across all alertnames (0: no budget).", [("", limit)]),
+            format_family("autoheal_action_budget_remaining", "gauge",
+                          "Runs left in the rolling hour's budget (NaN without a budget).",
+                          [("", max(0, limit - budget_used) if limit else math.nan)]),
+            format_family("autoheal_action_budget_exhausted", "gauge",
+                          "1 while the hourly action budget is spent and actions are rate_limited.",
+                          [("", int(bool(limit) and budget_used >= limit))]),
+            format_family("autoheal_acks_total", "counter", "Acknowledgements through /ack, by outcome.",
+                          [(format_labels({"outcome": outcome}), acks[outcome]) for outcome in ACK_OUTCOMES]),
+            format_family("autoheal_silences_expired_total", "counter",
+                          "Silences expired through the undo of an acknowledgement.", [("", expired)]),
+            format_family("autoheal_state_persistent", "gauge",
+                          "1 when cooldowns and history are kept in the state file, 0 when in memory only.",
+                          [("", int(self.store.persistent))]),
+            format_family("autoheal_state_write_errors_total", "counter",
+                          "Failed commits to the state file.", [("", self.store.write_errors)]),
+            format_family("autoheal_event_listeners", "gauge", "Clients connected to /events.", [("", listeners)]),
+            format_family("autoheal_actions_running", "gauge", "Commands running now.", [("", self.processes.count())]),
+            format_family("autoheal_start_time_seconds", "gauge", "Unix time autoheal started.", [("", self.started_at)]),
+        ]
+        return "".join(parts)
+
+    # -- acknowledgements -----------------------------------------------------------------
+
+    def acknowledge(self, params: Mapping[str, str], client: str, user_agent: str, preview: bool) -> Dict[str, Any]:
+        """Create (or reuse, or extend) the exact silence an /ack link asks for."""
+        labels = parse_ack_labels(params.get("labels"))
+        raw_duration = params.get("duration")
+        if not raw_duration:
+            raise HttpError(400, "duration: missing; expected a duration such as 30m, 2h or 1d")
+        try:
+            seconds = parse_duration(raw_duration)
+        except ValueError as exc:
+            raise HttpError(400, f"duration: {exc}, got {raw_duration!r}") from None
+        if seconds > self.config.ack_max_duration_sec:
+            raise HttpError(400, f"duration: {raw_duration} is longer than AUTOHEAL_ACK_MAX_DURATION "
+                                 f"({format_duration(self.config.ack_max_duration_sec)})")
+        comment = params.get("comment", "")
+        runbook = params.get("runbook", "")
+        if len(comment) > 1000 or len(runbook) > 2000:
+            raise HttpError(400, "comment: longer than 1000 characters (or runbook longer than 2000)")
+        text = "ACK!" + (f" {comment}" if comment else "") + (f" runbook: {runbook}" if runbook else "")
+        matchers = matchers_for(labels)
+        if preview:
+            self._count_ack("previewed")
+            return {"ok": True, "preview": True, "silence_id": None, "matchers": matchers,
+                    "duration": format_duration(seconds),
+                    "message": "a preview creates nothing; open the link to acknowledge"}
+        key = matcher_key(matchers)
+        mine = threading.Event()
+        while True:
+            # One click at a time per label set (a double tap must not stack two silences);
+            # the wait is on an Event, so no lock is held while Alertmanager answers.
+            with self._lock:
+                other = self._ack_inflight.get(key)
+                if other is None:
+                    self._ack_inflight[key] = mine
+                    break
+            other.wait(self.config.alertmanager_timeout_sec * 4)
+        try:
+            outcome, silence_id, ends_at = self._silence(matchers, key, seconds, text)
+        except PeerError as exc:
+            self._count_ack("error")
+            self.record([{"ts": round(time.time(), 6), "kind": "ack", "result": "error", "reason": str(exc),
+                          "alertname": labels["alertname"], "labels": labels, "client": client,
+                          "user_agent": user_agent}])
+            raise HttpError(502, str(exc)) from None
+        finally:
+            with self._lock:
+                self._ack_inflight.pop(key, None)
+            mine.set()
+        self._count_ack(outcome)
+        self.record([{"ts": round(time.time(), 6), "kind": "ack", "result": outcome, "alertname": labels["alertname"],
+                      "labels": labels, "silence_id": silence_id, "ends_at": format_rfc3339(ends_at),
+                      "duration": format_duration(seconds), "comment": text, "client": client,
+                      "user_agent": user_agent}])
+        return {"ok": True, "silence_id": silence_id, "ends_at": format_rfc3339(ends_at), "matchers": matchers,
+                "outcome": outcome, "labels": labels}
+
+    def _count_ack(self, outcome: str) -> None:
+        with self._lock:
+            self._ack_counts[outcome] += 1
+
+    def _silence(self, matchers: List[Dict[str, Any]], key: Any, seconds: float, text: str) -> Tuple[str, str, float]:
+        now = time.time()
+        ends_at = now + seconds
+        existing = []
+        for silence in self.alertmanager.silences():
+            if (silence.get("createdBy") == CREATED_BY and (silence.get("status") or {}).get("state") == "active"
+                    and matcher_key(silence.get("matchers") or []) == key):
+                try:
+                    existing.append((parse_rfc3339(silence.get("endsAt", "")), silence))
+                except ValueError:
+                    continue
+        if existing:
+            current_end, current = max(existing, key=lambda pair: pair[0])
+            if ends_at <= current_end + 1:
+                return "existing", current["id"], current_end
+            # Keeping startsAt lets Alertmanager update the active silence in place; when it
+            # cannot, it expires the old one and answers with a new id, which is the one we report.
+            silence_id = self.alertmanager.post_silence({
+                "id": current["id"], "matchers": matchers, "startsAt": current["startsAt"],
+                "endsAt": format_rfc3339(ends_at), "createdBy": CREATED_BY, "comment": text,
+            })
+            return "extended", silence_id, ends_at
+        silence_id = self.alertmanager.post_silence({
+            "matchers": matchers, "startsAt": format_rfc3339(now), "endsAt": format_rfc3339(ends_at),
+            "createdBy": CREATED_BY, "comment": text,
+        })
+        return "created", silence_id, ends_at
+
+    def undo(self, silence_id: str, client: str, user_agent: str) -> Dict[str, Any]:
+        """Expire a silence, but only one that autoheal created."""
+        if not re.fullmatch(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", silence_id or ""):
+            raise HttpError(400, "silence_id: expected the id (a UUID) of a silence that autoheal created")
+        try:
+            silence = self.alertmanager.get_silence(silence_id)
+        except PeerError as exc:
+            if exc.status in (404, 500):  # Alertmanager answers an unknown id with 404 or 500
+                raise HttpError(404, f"silence_id: Alertmanager has no silence {silence_id}") from None
+            raise HttpError(502, str(exc)) from None
+        if not isinstance(silence, dict) or silence.get("createdBy") != CREATED_BY:
+            raise HttpError(403, f"silence {silence_id} was not created by autoheal; autoheal expires only its own")
+        state = (silence.get("status") or {}).get("state")
+        if state != "expired":
+            try:
+                self.alertmanager.expire(silence_id)
+            except PeerError as exc:
+                raise HttpError(502, str(exc)) from None
+            with self._lock:
+                self._silences_expired += 1
+        labels = {m.get("name", ""): m.get("value", "") for m in silence.get("matchers") or []}
+        self.record([{"ts": round(time.time(), 6), "kind": "unack", "result": "expired" if state != "expired"
+                      else "already_expired", "alertname": labels.get("alertname"), "labels": labels,
+                      "silence_id": silence_id, "client": client, "user_agent": user_agent}])
+        return {"ok": True, "silence_id": silence_id, "expired": True, "labels": labels,
+                "was_already_expired": state == "expired"}
+
+    # -- history --------------------------------------------------------------------------
+
+    def history(self, params: Mapping[str, str]) -> Dict[str, Any]:
+        """GET /history: recorded events, newest first, filtered and bounded."""
+        limit = 100
+        if "limit" in params:
+            try:
+                limit = parse_int(params["limit"], 1, HISTORY_LIMIT_MAX)
+            except ValueError as exc:
+                raise HttpError(400, f"limit: {exc}, got {params['limit']!r}") from None
+        alertname = params.get("alertname") or None
+        since = None
+        if "since" in params:
+            raw = params["since"]
+            try:
+                since = float(raw) if re.fullmatch(r"\d+(\.\d+)?", raw.strip()) else parse_rfc3339(raw)
+            except ValueError:
+                raise HttpError(400, f"since: expected Unix time or an RFC 3339 time, got {raw!r}") from None
+        return {"events": self.store.query(limit, alertname, since)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages for people
+# ---------------------------------------------------------------------------------------------
+
+_PAGE_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:40em;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse}td{border:1px solid #ccc;padding:.3em .6em;word-break:break-all}"
+    "button{font-size:1.1em;padding:.5em 1em}.muted{color:#666}"
+)
+
+
+def render_page(title: str, paragraphs: List[str], labels: Optional[Mapping[str, str]] = None,
+                undo: Optional[Mapping[str, str]] = None) -> str:
+    """A small self-contained HTML page; every text and label value is escaped here."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    body.extend(f"<p>{html.escape(text)}</p>" for text in paragraphs)
+    if labels:
+        rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape(value)}</td></tr>"
+                       for name, value in sorted(labels.items()))
+        body.append(f"<table>{rows}</table>")
+    if undo:
+        fields = "".join(f'<input type="hidden" name="{html.escape(name)}" value="{html.escape(value)}">'
+                         for name, value in undo.items())
+        # Relative, so that it still works behind a reverse proxy that adds a path prefix.
+        body.append(f'<form method="post" action="ack/undo">{fields}<p><button type="submit">Undo: expire this '
+                    f"silence</button></p></form>")
+    return ("<!doctype html><html><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+            f"<title>{html.escape(title)}</title><style>{_PAGE_STYLE}</style></head><body>"
+            + "".join(body) + "</body></html>\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP handler
+# ---------------------------------------------------------------------------------------------
+
+ROUTES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "/": ("status", ("GET",)),
+    "/metrics": ("metrics", ("GET",)),
+    "/alert": ("alert", ("POST",)),
+    "/ack": ("ack", ("GET",)),
+    "/ack/undo": ("undo", ("POST",)),
+    "/history": ("history", ("GET",)),
+    "/events": ("events", ("GET",)),
+}
+
+
+def parse_query(query: str) -> Dict[str, str]:
+    """Query or form parameters; the first of a repeated name wins."""
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=64)
+    except ValueError as exc:
+        raise HttpError(400, f"query: {exc}") from None
+    params: Dict[str, str] = {}
+    for name, value in pairs:
+        params.setdefault(name, value)
+    return params
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One request, already read whole by the server; answers JSON (or HTML for people)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"autoheal/{__version__}"
+    sys_version = ""
+    stream: Optional[Listener] = None
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+        """autoheal writes its own JSON log lines; http.server's are silenced."""
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own refusals (bad request line, headers, method, version) as JSON 4xx."""
+        if code == 501:
+            code = 405
+        elif code >= 500:
+            code = 400
+        self.close_connection = True
+        self._send_json(code, {"ok": False, "error": message or explain or http.HTTPStatus(code).phrase})
+
+    def __getattr__(self, name: str) -> Any:
+        # Every method reaches the router, which answers 405 for the ones a path does not take
+        # (http.server alone would answer 501 to an unknown method).
+        if name.startswith("do_"):
+            return lambda: self._dispatch(name[3:])
+        raise AttributeError(name)
+
+    @property
+    def app(self) -> App:
+        return self.server.app
+
+    def _dispatch(self, method: str) -> None:
+        path = urllib.parse.urlsplit(self.path).path if "://" in self.path else self.path.partition("?")[0]
+        query = self.path.partition("?")[2]
+        try:
+            route = ROUTES.get(path)
+            if route is None:
+                raise HttpError(404, f"no such path {path[:200]!r}; GET / shows the status")
+            name, methods = route
+            if method not in methods and not (method == "HEAD" and "GET" in methods):
+                allow = ", ".join(methods + (("HEAD",) if "GET" in methods else ()))
+                raise HttpError(405, f"{method} is not allowed on {path}; use {allow}", {"Allow": allow})
+            getattr(self, "route_" + name)(method, parse_query(query))
+        except HttpError as exc:
+            if path.startswith("/ack") and self._wants_html():
+                page = render_page("autoheal: nothing was done", [exc.message])
+                self._send(exc.status, page.encode("utf-8"), "text/html; charset=utf-8", exc.headers)
+            else:
+                self._send_json(exc.status, {"ok": False, "error": exc.message}, exc.headers)
+        except Exception as exc:  # the boundary: log the traceback, never show it
+            import traceback
+
+            self.app.log({"event": "error", "message": f"unexpected {type(exc).__name__} on {method} {path[:200]}",
+                          "traceback": traceback.format_exc()})
+            self._send_json(500, {"ok": False, "error": "internal error; autoheal's log has the details"})
+
+    # -- responses ------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: Optional[Mapping[str, str]] = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection or getattr(self.server, "stopping", False):
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, document: Any, headers: Optional[Mapping[str, str]] = None) -> None:
+        self._send(status, json.dumps(document).encode("utf-8"), "application/json", headers)
+
+    def _wants_html(self) -> bool:
+        return "text/html" in (self.headers.get("Accept", "") if self.headers else "")
+
+    def _read_body(self) -> bytes:
+        raw_length = self.headers.get("Content-Length")
+        if raw_length is None:
+            raise HttpError(411, "Content-Length is required")
+        if not raw_length.strip().isdigit():
+            raise HttpError(400, f"Content-Length must be a whole number, got {raw_length[:40]!r}")
+        length = int(raw_length)
+        if length > self.app.config.max_body_bytes:
+            raise HttpError(413, f"body of {length} bytes is over AUTOHEAL_MAX_BODY_BYTES "
+                                 f"({self.app.config.max_body_bytes})")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise HttpError(400, "body is shorter than its Content-Length")
+        return body
+
+    def _check_token(self, expected: Optional[str], given: Optional[str], status: int, what: str) -> None:
+        if expected is None:
+            return
+        # Constant-time comparison; the token is never logged nor echoed.
+        if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+            headers = {"WWW-Authenticate": 'Bearer realm="autoheal"'} if status == 401 else None
+            raise HttpError(status, f"{what} is missing or wrong", headers)
+
+    # -- routes ---------------------------------------------------------------------------
+
+    def route_status(self, method: str, params: Mapping[str, str]) -> None:
+        self._send_json(200, self.app.status())
+
+    def route_metrics(self, method: str, params: Mapping[str, str]) -> None:
+        body = self.app.render_metrics().encode("utf-8")
+        self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
+
+    def route_alert(self, method: str, params: Mapping[str, str]) -> None:
+        authorization = self.headers.get("Authorization", "")
+        scheme, _, token = authorization.partition(" ")
+        self._check_token(self.app.config.webhook_token, token.strip() if scheme.lower() == "bearer" else None,
+                          401, "Authorization: Bearer token")
+        alerts = validate_webhook(parse_json_body(self._read_body()))
+        self._send_json(200, {"ok": True, "results": self.app.handle_webhook(alerts)})
+
+    def route_ack(self, method: str, params: Mapping[str, str]) -> None:
+        config = self.app.config
+        self._check_token(config.ack_token, params.get("token"), 403, "token")
+        user_agent = self.headers.get("User-Agent", "")
+        preview = method == "HEAD" or bool(PREVIEW_AGENTS.search(user_agent))
+        result = self.app.acknowledge(params, self.client_address[0], user_agent[:300], preview)
+        if not self._wants_html():
+            self._send_json(200, result)
+            return
+        labels = {m["name"]: m["value"] for m in result["matchers"]}
+        if result.get("preview"):
+            page = render_page("autoheal: preview", [
+                f"Opening this link silences these labels for {result['duration']}. A preview creates nothing."],
+                labels)
+        else:
+            undo = {"silence_id": result["silence_id"]}
+            if config.ack_token:
+                undo["token"] = params.get("token", "")
+            verb = {"created": "Silenced", "existing": "Already silenced", "extended": "Silence extended"}
+            page = render_page(f"{verb[result['outcome']]} until {result['ends_at']}", [
+                f"Alertmanager silence {result['silence_id']} matches exactly these labels.",
+                "Alerts with these labels notify again when it ends, or now if you undo it."], labels, undo)
+        self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
+
+    def route_undo(self, method: str, params: Mapping[str, str]) -> None:
+        form = dict(params)
+        body = self._read_body()
+        if body:
+            try:
+                form.update(parse_query(body.decode("utf-8")))
+            except UnicodeDecodeError:
+                raise HttpError(400, "body is not UTF-8 form data") from None
+        self._check_token(self.app.config.ack_token, form.get("token"), 403, "token")
+        result = self.app.undo(form.get("silence_id", ""), self.client_address[0],
+                               self.headers.get("User-Agent", "")[:300])
+        if self._wants_html():
+            page = render_page("Silence expired", [
+                f"Alertmanager silence {result['silence_id']} has ended; these labels notify again."],
+                result["labels"])
+            self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
+        else:
+            self._send_json(200, result)
+
+    def route_history(self, method: str, params: Mapping[str, str]) -> None:
+        self._send_json(200, self.app.history(params))
+
+    def route_events(self, method: str, params: Mapping[str, str]) -> None:
+        if method == "HEAD":
+            self._send(200, b"", "text/event-stream")
+            return
+        listener = self.app.add_listener()
+        if listener is None:
+            raise HttpError(429, f"every /events slot is taken (AUTOHEAL_MAX_EVENT_LISTENERS="
+                                 f"{self.app.config.max_event_listeners})", {"Retry-After": "10"})
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(b": connected\n\n")
+        self.close_connection = True
+        self.stream = listener
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------------------------
+
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def frame_request(buffer: bytes, max_body: int) -> int:
+    """Length of the first whole request in buffer, 0 while incomplete; HttpError for bad framing.
+
+    Only framing is checked here (request line, head size, Content-Length); http.server parses
+    the request itself once it is whole.
+    """
+    match = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)
+    first_line_end = buffer.find(b"\n", 0, MAX_REQUEST_LINE + 2)
+    if first_line_end < 0 and len(buffer) > MAX_REQUEST_LINE:
+        raise HttpError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
+    if match is None:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise HttpError(431, f"request head longer than {MAX_HEAD_BYTES} bytes")
+        return 0
+    head_end = match.end()
+    lines = buffer[:match.start()].split(b"\n")
+    method = lines[0].split(b" ", 1)[0]
+    lengths = set()
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        name = name.strip().lower()
+        if name == b"content-length":
+            lengths.add(value.strip())
+        elif name == b"transfer-encoding":
+            raise HttpError(411, "Transfer-Encoding is not accepted; send the body with a Content-Length")
+    if len(lengths) > 1:
+        raise HttpError(400, "conflicting Content-Length headers")
+    if not lengths:
+        if method == b"POST":
+            raise HttpError(411, "Content-Length is required on POST")
+        return head_end
+    raw = lengths.pop()
+    if not raw.isdigit() or len(raw) > 18:
+        raise HttpError(400, f"Content-Length must be a whole number, got {raw[:40].decode('latin-1')!r}")
+    length = int(raw)
+    if length > max_body:
+        raise HttpError(413, f"body of {length} bytes is over AUTOHEAL_MAX_BODY_BYTES ({max_body})")
+    if len(buffer) < head_end + length:
+        return 0
+    return head_end + length
+
+
+def simple_response(status: int, message: str) -> bytes:
+    """A whole JSON error response, for refusals made before a request reaches a handler."""
+    body = json.dumps({"ok": False, "error": message}).encode("utf-8")
+    phrase = http.HTTPStatus(status).phrase
+    return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode("latin-1") + body
+
+
+class _Connection:
+    __slots__ = ("sock", "address", "buffer", "deadline")
+
+    def __init__(self, sock: socket.socket, address: Any, deadline: float):
+        self.sock = sock
+        self.address = address
+        self.buffer = b""
+        self.deadline = deadline
+
+
+class Server:
+    """The HTTP server: one selector thread gathers whole requests, a fixed pool handles them.
+
+    A thread per connection (socketserver's ThreadingMixIn) lets slow or half-open clients
+    hold threads without bound; a fixed pool reading sockets itself lets them hold every
+    worker.  Here the selector thread reads all connections without blocking and hands a
+    request to the pool only once it is whole (framed by frame_request), so the pool's
+    threads count requests being handled, never connections still sending one.  Workers
+    parse the request with http.server's handler from memory and write the answer back.
+    Every connection has a deadline: a request must arrive whole within
+    AUTOHEAL_REQUEST_TIMEOUT_SEC of the connection going idle, else it is dropped; idle
+    keep-alive connections close the same way.  Past AUTOHEAL_MAX_CONNECTIONS, the connection
+    idle the longest is dropped to make room, so a flood cannot lock out Alertmanager.
+    /events streams leave the pool for a thread of their own, bounded by
+    AUTOHEAL_MAX_EVENT_LISTENERS.
+    """
+
+    def __init__(self, app: App, host: str, port: int):
+        self.app = app
+        self.config = app.config
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(1024)
+        except OSError:
+            listener.close()
+            raise
+        listener.setblocking(False)
+        self.socket = listener
+        self.server_address = listener.getsockname()[:2]
+        self.port = self.server_address[1]
+        self.stopping = False
+        self._stop_requested = threading.Event()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(listener, selectors.EVENT_READ, "accept")
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, "wake")
+        self._connections: Dict[int, _Connection] = {}
+        self._returned: collections.deque = collections.deque()
+        self._tasks: "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]" = queue.SimpleQueue()
+        self._busy = 0
+        self._busy_changed = threading.Condition()
+        self._streams: List[threading.Thread] = []
+        self._stopped = threading.Event()
+        self._workers = [threading.Thread(target=self._work, name=f"worker-{index}", daemon=True)
+                         for index in range(self.config.workers)]
+        for worker in self._workers:
+            worker.start()
+
+    # -- the selector thread --------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Accept and read until stop() is called."""
+        next_sweep = time.monotonic() + 0.5
+        try:
+            while not self._stop_requested.is_set():
+                for key, _mask in self._selector.select(timeout=0.5):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    else:
+                        self._read(key.data)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + 0.5
+                    for connection in [c for c in self._connections.values() if c.deadline <= now]:
+                        self._close(connection)
+        finally:
+            self.stopping = True
+            self._selector.unregister(self.socket)
+            self.socket.close()
+            for connection in list(self._connections.values()):
+                self._close(connection)
+            self._stopped.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # out of file descriptors, for one: try again on the next round
+                return
+            if len(self._connections) + self._busy >= self.config.max_connections:
+                if self._connections:
+                    self._close(min(self._connections.values(), key=lambda c: c.deadline))
+                else:
+                    sock.close()
+                    continue
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            connection = _Connection(sock, address, time.monotonic() + self.config.request_timeout_sec)
+            self._connections[sock.fileno()] = connection
+            self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _read(self, connection: _Connection) -> None:
+        try:
+            data = connection.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(connection)
+            return
+        connection.buffer += data
+        self._try_dispatch(connection)
+
+    def _try_dispatch(self, connection: _Connection) -> None:
+        buffer = connection.buffer
+        if buffer[:1] in (b"\r", b"\n"):
+            buffer = connection.buffer = buffer.lstrip(b"\r\n")  # RFC 9112: ignore blank lines first
+        try:
+            length = frame_request(buffer, self.config.max_body_bytes)
+        except HttpError as exc:
+            try:
+                connection.sock.send(simple_response(exc.status, exc.message))
+            except OSError:
+                pass
+            self._close(connection)
+            return
+        if not length:
+            return
+        request, connection.buffer = buffer[:length], buffer[length:]
+        self._selector.unregister(connection.sock)
+        del self._connections[connection.sock.fileno()]
+        with self._busy_changed:
+            self._busy += 1
+        self._tasks.put((connection, request))
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_read.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        now = time.monotonic()
+        while self._returned:
+            connection = self._returned.popleft()
+            connection.sock.setblocking(False)
+            connection.deadline = now + self.config.request_timeout_sec
+            self._connections[connection.sock.fileno()] = connection
+            self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+            if connection.buffer:
+                self._try_dispatch(connection)  # a pipelined request already waiting
+
+    def _close(self, connection: _Connection) -> None:
+        fileno = connection.sock.fileno()
+        if self._connections.get(fileno) is connection:
+            del self._connections[fileno]
+            try:
+                self._selector.unregister(connection.sock)
+            except (KeyError, ValueError):
+                pass
+        connection.sock.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_write.send(b"\0")
+        except OSError:
+            pass
+
+    # -- the workers ----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            connection, request = task
+            try:
+                verdict = self._serve(connection, request)
+            except Exception as exc:  # a worker must survive whatever one request does
+                self.app.log({"event": "error", "message": f"worker: {type(exc).__name__}: {exc}"})
+                verdict = "close"
+            if verdict == "keep" and not self.stopping:
+                self._returned.append(connection)
+                self._wake()
+            elif verdict != "detached":
+                connection.sock.close()
+            with self._busy_changed:
+                self._busy -= 1
+                self._busy_changed.notify_all()
+
+    def _serve(self, connection: _Connection, request: bytes) -> str:
+        handler = Handler.__new__(Handler)
+        handler.request = handler.connection = connection.sock
+        handler.client_address = connection.address
+        handler.server = self
+        handler.rfile = io.BytesIO(request)
+        handler.wfile = io.BytesIO()
+        handler.close_connection = True
+        handler.handle_one_request()
+        answer = handler.wfile.getvalue()
+        if not answer:
+            return "close"
+        connection.sock.settimeout(self.config.request_timeout_sec)
+        try:
+            connection.sock.sendall(answer)
+        except OSError:
+            if handler.stream is not None:
+                self.app.remove_listener(handler.stream)
+            return "close"
+        if handler.stream is not None:
+            thread = threading.Thread(target=self._stream, args=(connection.sock, handler.stream),
+                                      name="events", daemon=True)
+            self._streams = [t for t in self._streams if t.is_alive()] + [thread]
+            thread.start()
+            return "detached"
+        return "close" if handler.close_connection else "keep"
+
+    def _stream(self, sock: socket.socket, listener: Listener) -> None:
+        """Send each new event as one Server-Sent Event until the client goes away."""
+        heartbeat = self.config.events_heartbeat_sec
+        last_sent = time.monotonic()
+        try:
+            while not listener.overflowed:
+                try:
+                    event = listener.events.get(timeout=min(1.0, heartbeat))
+                except queue.Empty:
+                    event = ""
+                if event is None:
+                    break
+                if event:
+                    sock.sendall(b"data: " + json.dumps(event, separators=(",", ":")).encode("utf-8") + b"\n\n")
+                    last_sent = time.monotonic()
+                elif time.monotonic() - last_sent >= heartbeat:
+                    sock.sendall(b": heartbeat\n\n")
+                    last_sent = time.monotonic()
+                else:
+                    # A client that went away frees its slot within a second, not at the next write.
+                    sock.setblocking(False)
+                    try:
+                        if sock.recv(1024) == b"":
+                            break
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    finally:
+                        sock.settimeout(self.config.request_timeout_sec)
+        except OSError:
+            pass
+        finally:
+            self.app.remove_listener(listener)
+            sock.close()
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask serve_forever to return; safe from a signal handler."""
+        self._stop_requested.set()
+        self._wake()
+
+    def drain(self, grace: float) -> None:
+        """After serve_forever returned: let in-flight requests finish, kill what outlives grace."""
+        self._stopped.wait(5)
+        deadline = time.monotonic() + grace
+        with self._busy_changed:
+            while self._busy and time.monotonic() < deadline:
+                self._busy_changed.wait(deadline - time.monotonic())
+            still_busy = self._busy
+        if still_busy:
+            killed = self.app.processes.kill_all()
+            self.app.log({"event": "shutdown", "message": f"grace period over; killed {killed} running command(s)"})
+            with self._busy_changed:
+                end = time.monotonic() + 5
+                while self._busy and time.monotonic() < end:
+                    self._busy_changed.wait(end - time.monotonic())
+        for _worker in self._workers:
+            self._tasks.put(None)
+        self.app.close_listeners()
+        for thread in self._workers + self._streams:
+            thread.join(timeout=2)
+        self._selector.close()
+        self._wake_read.close()
+        self._wake_write.close()
+
+
+def make_server(app: App, host: Optional[str] = None, port: Optional[int] = None) -> Server:
+    """A listening server for app (port 0: any free port, see server.port)."""
+    return Server(app, app.config.host if host is None else host, app.config.port if port is None else port)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def check(env: Mapping[str, str], timeout: float = 2.0) -> int:
+    """--check: 0 when the local instance answers GET / with "status": "ok", else 1."""
+    try:
+        port = parse_int(env.get("AUTOHEAL_PORT", str(DEFAULT_PORT)), 1, 65535)
+    except ValueError:
+        print("error: AUTOHEAL_PORT is not a port", file=sys.stderr)
+        return 1
+    host = env.get("AUTOHEAL_HOST", "").strip()
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1" if host != "::" else "::1"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\nUser-Agent: autoheal-check\r\n\r\n".encode("ascii"))
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except OSError as exc:
+        print(f"unhealthy: {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    try:
+        healthy = head.split(b" ", 2)[1] == b"200" and json.loads(body.decode("utf-8")).get("status") == "ok"
+    except (IndexError, ValueError, AttributeError):
+        healthy = False
+    if not healthy:
+        print(f"unhealthy: {host}:{port} did not answer \"status\": \"ok\"", file=sys.stderr)
+    return 0 if healthy else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run autoheal; returns the process exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["--help"], ["-h"]):
+        print(__doc__)
+        return 0
+    if args[:1] == ["--version"]:
+        print(f"autoheal {__version__}")
+        return 0
+    if args[:1] == ["--check"]:
+        return check(os.environ)
+    if args:
+        print(f"error: unknown argument {args[0]!r}; see --help", file=sys.stderr)
+        return 2
+    try:
+        config = Config.from_env(os.environ)
+        app = App(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        server = make_server(app)
+    except OSError as exc:
+        print(f"error: AUTOHEAL_HOST/AUTOHEAL_PORT: cannot listen on {config.host}:{config.port}: {exc}",
+              file=sys.stderr)
+        app.close()
+        return 2
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        server.stop()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    app.log({"event": "started", "version": __version__, "host": server.server_address[0], "port": server.port,
+             "enabled": config.enabled, "dry_run": config.dry_run, "actions": app.action_names,
+             "state_file": config.state_file if app.store.persistent else None})
+    server.serve_forever()
+    server.drain(config.shutdown_grace_sec)
+    app.close()
+    app.log({"event": "stopped"})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
