@@ -1,0 +1,763 @@
+"""Tests of autoheal: pure helpers, configuration, main(), HTTP, real commands, real peers.
+
+Peers (promtool, amtool, Alertmanager, Prometheus, dockerd) are the real programs.  On a
+developer's machine that lacks one, its tests skip; with AUTOHEAL_REQUIRE_PEERS=1 (set by
+.ci/run) a missing peer is a failure instead.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import http.client
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+import autoheal
+from autoheal import App, Config, ConfigError, HttpError, make_server
+
+HERE = Path(__file__).resolve().parent
+REFERENCE = HERE.parent / "shared" / "reference"
+WEBHOOK = {
+    "receiver": "webhook",
+    "status": "firing",
+    "alerts": [
+        {
+            "status": "firing",
+            "labels": {"alertname": "TcpEndpointDownFast", "severity": "critical"},
+            "annotations": {"autoheal": "true"},
+            "startsAt": "2026-11-28T16:47:26.913968975Z",
+            "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "",
+            "fingerprint": "666d2cad1d47bd80",
+        }
+    ],
+    "groupLabels": {"alertname": "TcpEndpointDownFast"},
+    "commonLabels": {"alertname": "TcpEndpointDownFast", "severity": "critical"},
+    "commonAnnotations": {"autoheal": "true"},
+    "externalURL": "http://127.0.0.1:48819",
+    "version": "4",
+    "groupKey": '{}/{}:{alertname="TcpEndpointDownFast"}',
+    "truncatedAlerts": 0,
+}
+
+
+def require(binary: str) -> str:
+    """The path of a peer program; skip without it, or fail where CI promised it."""
+    path = shutil.which(binary)
+    if path is None:
+        message = f"{binary} is not installed (.ci/run installs it)"
+        if os.environ.get("AUTOHEAL_REQUIRE_PEERS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def alert(alertname="TcpEndpointDownFast", status="firing", opted_in=True, **labels):
+    """One alert as Alertmanager 0.25 sends it."""
+    return {
+        "status": status,
+        "labels": {"alertname": alertname, **labels},
+        "annotations": {"autoheal": "true"} if opted_in else {"summary": "x"},
+        "startsAt": "2026-11-28T16:47:26.913968975Z",
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "",
+        "fingerprint": "666d2cad1d47bd80",
+    }
+
+
+def webhook(*alerts):
+    return {**WEBHOOK, "alerts": list(alerts)}
+
+
+# ---------------------------------------------------------------------------------------------
+# A real server on port 0
+# ---------------------------------------------------------------------------------------------
+
+
+class Running:
+    """An autoheal App served on 127.0.0.1 on a free port, with its log captured."""
+
+    def __init__(self, app, server, log):
+        self.app = app
+        self.server = server
+        self.log = log
+        self.port = server.port
+
+    def request(self, method, path, body=None, headers=None, timeout=30):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def json(self, method, path, body=None, headers=None):
+        status, response_headers, raw = self.request(method, path, body, headers)
+        return status, json.loads(raw)
+
+    def post_alert(self, payload, headers=None):
+        return self.json("POST", "/alert", payload, headers)
+
+    def metric(self, series):
+        """The value of one series line of /metrics, or None."""
+        _, _, raw = self.request("GET", "/metrics")
+        for line in raw.decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def log_lines(self):
+        return self.log.getvalue().splitlines()
+
+
+class LockedStringIO(io.StringIO):
+    """A log stream the tests can read while the server writes."""
+
+
+@contextlib.contextmanager
+def serving(env=None, command_env=None):
+    settings = {"AUTOHEAL_STATE_FILE": "", **(env or {})}
+    config = Config.from_env(settings)
+    log = LockedStringIO()
+    app = App(config, env=command_env or {"PATH": os.environ["PATH"]}, log_stream=log)
+    server = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Running(app, server, log)
+    finally:
+        server.stop()
+        thread.join(10)
+        server.drain(config.shutdown_grace_sec)
+        app.close()
+
+
+def actions_file(tmp_path, actions, name="actions.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"actions": actions}))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers: golden tests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_help_and_label_escaping_are_exact():
+    assert autoheal.escape_help('a\\b\nc"d') == 'a\\\\b\\nc"d'
+    assert autoheal.escape_label_value('a\\b\nc"d') == 'a\\\\b\\nc\\"d'
+    # Backslash first: an escaped quote must not be escaped twice.
+    assert autoheal.escape_label_value('\\"') == '\\\\\\"'
+
+
+def test_labels_are_sorted_and_escaped():
+    assert autoheal.format_labels({"b": "2", "a": 'x"y'}) == '{a="x\\"y",b="2"}'
+    assert autoheal.format_labels({}) == ""
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [(0, "0"), (3, "3"), (1.0, "1"), (0.25, "0.25"), (1.5e-7, "1.5e-07"), (float("inf"), "+Inf"),
+     (float("-inf"), "-Inf"), (float("nan"), "NaN"), (1e20, "1e+20"), (True, "1")],
+)
+def test_values_format_as_prometheus_reads_them(value, text):
+    assert autoheal.format_value(value) == text
+
+
+def test_family_is_help_type_samples_and_ends_with_newline():
+    text = autoheal.format_family("x_total", "counter", "Line\none", [('{a="1"}', 2), ("", 0.5)])
+    assert text == '# HELP x_total Line\\none\n# TYPE x_total counter\nx_total{a="1"} 2\nx_total 0.5\n'
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86400), ("1w", 604800), ("1h30m", 5400), ("1500ms", 1.5)],
+)
+def test_durations_take_prometheus_form(text, seconds):
+    assert autoheal.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "0s", "30", "-5m", "m", "1m1h", "2 h", "1.5h", "30M"])
+def test_bad_durations_are_refused(text):
+    with pytest.raises(ValueError):
+        autoheal.parse_duration(text)
+
+
+def test_format_duration_is_the_inverse_for_whole_seconds():
+    assert [autoheal.format_duration(s) for s in (1800, 5400, 86400, 90061)] == ["30m", "1h30m", "1d", "1d1h1m1s"]
+
+
+@pytest.mark.parametrize("raw, value", [("true", True), ("YES", True), ("On", True), ("1", True),
+                                        ("false", False), ("no", False), ("OFF", False), ("0", False)])
+def test_booleans(raw, value):
+    assert autoheal.parse_bool(raw) is value
+
+
+def test_rfc3339_with_nine_digits_and_z_as_alertmanager_writes_it():
+    assert autoheal.parse_rfc3339("2026-11-28T16:47:26.913968975Z") == pytest.approx(1795884446.913969)
+    assert autoheal.parse_rfc3339("2026-11-28T17:47:26+01:00") == 1795884446
+    assert autoheal.format_rfc3339(1795884446.9139) == "2026-11-28T16:47:26.913Z"
+
+
+def test_environment_names_of_labels():
+    assert autoheal.env_name("AUTOHEAL_LABEL_", "instance-name.x") == "AUTOHEAL_LABEL_INSTANCE_NAME_X"
+    env = autoheal.command_environment(
+        {"PATH": "/bin", "AUTOHEAL_WEBHOOK_TOKEN": "secret"},
+        alert(job="crm api", **{"weird;$(x)": "a\nb"}),
+    )
+    assert env["AUTOHEAL_ALERTNAME"] == "TcpEndpointDownFast"
+    assert env["AUTOHEAL_LABEL_JOB"] == "crm api"
+    assert env["AUTOHEAL_LABEL_WEIRD___X_"] == "a\nb"
+    assert env["AUTOHEAL_ANNOTATION_AUTOHEAL"] == "true"
+    assert env["AUTOHEAL_FINGERPRINT"] == "666d2cad1d47bd80"
+    assert "AUTOHEAL_WEBHOOK_TOKEN" not in env  # autoheal's own secrets never reach a command
+    assert env["PATH"] == "/bin"
+
+
+def test_js_escaped_quote_from_go_templates_is_accepted():
+    # Go's js function writes ' as \' and \ as \\ : "it\'s" and a literal backslash-quote.
+    assert autoheal.js_tolerant_json('{"a":"it\\\'s","b":"x\\\\\'y"}') == {"a": "it's", "b": "x\\'y"}
+
+
+def test_framing_of_whole_requests():
+    frame = autoheal.frame_request
+    assert frame(b"GET / HTTP/1.1\r\nHost: x\r\n", 100) == 0
+    assert frame(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 100) == 27
+    assert frame(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab", 100) == 0
+    assert frame(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET", 100) == 41
+    for raw, status in [
+        (b"POST / HTTP/1.1\r\n\r\n", 411),
+        (b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n", 413),
+        (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+        (b"GET /" + b"a" * 9000, 414),
+        (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 4000, 431),
+    ]:
+        with pytest.raises(HttpError) as caught:
+            frame(raw, 100)
+        assert caught.value.status == status, raw[:60]
+
+
+def test_module_is_python_39_syntax_and_standard_library_only():
+    source = (HERE / "autoheal.py").read_text()
+    tree = ast.parse(source, feature_version=(3, 9))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 and node.module and node.level == 0}
+    assert imported - set(sys.stdlib_module_names) - {"__future__"} == set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_defaults_follow_the_contract():
+    config = Config.from_env({})
+    assert (config.enabled, config.dry_run, config.port, config.host) == (False, True, 9009, "0.0.0.0")
+    assert config.alertmanager_url == "http://alertmanager:9093"
+    assert config.public_url == "http://localhost:9009"
+    assert config.max_body_bytes == 1048576
+    assert {name: (a.display, a.cooldown_sec, a.timeout_sec) for name, a in config.actions.items()} == {
+        "CrmMetricsScrapeStale": ("docker restart crm-api", 600, 60),
+        "TcpEndpointDownFast": ("docker restart crm-api", 600, 60),
+        "UptimeProbeFailing": ("docker compose restart grafana prometheus", 600, 60),
+    }
+    assert config.actions["UptimeProbeFailing"].argv == ("docker", "compose", "restart", "grafana", "prometheus")
+
+
+def test_named_cooldowns_and_default_cooldown():
+    config = Config.from_env({"AUTOHEAL_DEFAULT_COOLDOWN_SEC": "30", "COOLDOWN_TCP_DOWN_SEC": "5",
+                              "COOLDOWN_UPTIME_FAIL_SEC": "7", "AUTOHEAL_ACTION_TIMEOUT_SEC": "9"})
+    assert config.actions["TcpEndpointDownFast"].cooldown_sec == 5
+    assert config.actions["UptimeProbeFailing"].cooldown_sec == 7
+    assert config.actions["CrmMetricsScrapeStale"].cooldown_sec == 30
+    assert config.actions["CrmMetricsScrapeStale"].timeout_sec == 9
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("AUTOHEAL_ENABLED", "maybe", "AUTOHEAL_ENABLED: expected true/false/1/0/yes/no/on/off, got 'maybe'"),
+        ("AUTOHEAL_PORT", "99999", "AUTOHEAL_PORT: expected 0-65535, got '99999'"),
+        ("AUTOHEAL_PORT", "http", "AUTOHEAL_PORT: expected a whole number 0-65535, got 'http'"),
+        ("AUTOHEAL_DEFAULT_COOLDOWN_SEC", "-1", "AUTOHEAL_DEFAULT_COOLDOWN_SEC: expected a non-negative number"),
+        ("COOLDOWN_SCRAPE_STALE_SEC", "soon", "COOLDOWN_SCRAPE_STALE_SEC: expected a number of seconds, got 'soon'"),
+        ("ALERTMANAGER_URL", "alertmanager:9093", "ALERTMANAGER_URL: expected an http:// or https:// URL"),
+        ("AUTOHEAL_PUBLIC_URL", "ftp://x", "AUTOHEAL_PUBLIC_URL: expected an http:// or https:// URL"),
+        ("AUTOHEAL_ACTION_TIMEOUT_SEC", "0", "AUTOHEAL_ACTION_TIMEOUT_SEC: expected a positive number"),
+        ("AUTOHEAL_ACK_MAX_DURATION", "forever", "AUTOHEAL_ACK_MAX_DURATION: expected a duration"),
+        ("AUTOHEAL_ACTIONS_FILE", "/nonexistent/actions.json", "AUTOHEAL_ACTIONS_FILE: cannot read"),
+    ],
+)
+def test_bad_values_name_the_variable(name, value, expected):
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({name: value})
+    assert expected in str(caught.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({"AUTOHEAL_ENABLED": "x", "AUTOHEAL_PORT": "-3"})
+    assert "AUTOHEAL_ENABLED" in str(caught.value) and "AUTOHEAL_PORT" in str(caught.value)
+
+
+def test_actions_file_json_with_list_and_string_commands(tmp_path):
+    path = actions_file(tmp_path, {
+        "A": {"command": ["docker", "restart", "crm api"], "cooldown_sec": 0, "timeout_sec": 5},
+        "B": {"command": "systemctl restart 'my unit'"},
+    })
+    config = Config.from_env({"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_DEFAULT_COOLDOWN_SEC": "42"})
+    assert set(config.actions) == {"A", "B"}  # the file replaces the built-in map
+    assert config.actions["A"].argv == ("docker", "restart", "crm api")
+    assert config.actions["A"].display == "docker restart 'crm api'"
+    assert (config.actions["A"].cooldown_sec, config.actions["A"].timeout_sec) == (0, 5)
+    assert config.actions["B"].argv == ("systemctl", "restart", "my unit")
+    assert config.actions["B"].display == "systemctl restart 'my unit'"
+    assert config.actions["B"].cooldown_sec == 42
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="TOML action files need tomllib (3.11+)")
+def test_actions_file_toml(tmp_path):
+    path = tmp_path / "actions.toml"
+    path.write_text('[actions.TcpEndpointDownFast]\ncommand = ["docker", "restart", "crm-api"]\ncooldown_sec = 60\n')
+    config = Config.from_env({"AUTOHEAL_ACTIONS_FILE": str(path)})
+    assert config.actions["TcpEndpointDownFast"].argv == ("docker", "restart", "crm-api")
+    assert config.actions["TcpEndpointDownFast"].cooldown_sec == 60
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("{not json", "invalid JSON"),
+        ('{"actions": []}', 'expected one table "actions"'),
+        ('{"actions": {}, "extra": 1}', 'expected one table "actions"'),
+        ('{"actions": {"A": {"command": []}}}', "action 'A': command is empty"),
+        ('{"actions": {"A": {"command": 5}}}', "action 'A': command must be a list of strings or a string"),
+        ('{"actions": {"A": {"command": "x", "cooldown_sec": -1}}}', "cooldown_sec must be non-negative"),
+        ('{"actions": {"A": {"command": "x", "timeout_sec": "60"}}}', "timeout_sec must be a number"),
+        ('{"actions": {"A": {"command": "x", "cooldwn_sec": 1}}}', "unknown key 'cooldwn_sec'"),
+        ('{"actions": {"A": {"command": "x \'unclosed"}}}', "command cannot be split"),
+    ],
+)
+def test_invalid_actions_file_is_refused(tmp_path, content, expected):
+    path = tmp_path / "actions.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({"AUTOHEAL_ACTIONS_FILE": str(path)})
+    assert str(caught.value).startswith("AUTOHEAL_ACTIONS_FILE: ")
+    assert expected in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# main()
+# ---------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_variable_with_its_default(capsys):
+    assert autoheal.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for variable, default in [
+        ("AUTOHEAL_ENABLED", "false"), ("AUTOHEAL_DRY_RUN", "true"), ("ALERTMANAGER_URL", "http://alertmanager:9093"),
+        ("AUTOHEAL_PUBLIC_URL", "http://localhost:9009"), ("AUTOHEAL_HOST", "0.0.0.0"), ("AUTOHEAL_PORT", "9009"),
+        ("AUTOHEAL_DEFAULT_COOLDOWN_SEC", "600"), ("COOLDOWN_TCP_DOWN_SEC", "default"),
+        ("COOLDOWN_UPTIME_FAIL_SEC", "default"), ("COOLDOWN_SCRAPE_STALE_SEC", "default"),
+        ("AUTOHEAL_ACTIONS_FILE", "unset"), ("AUTOHEAL_ACTION_TIMEOUT_SEC", "60"),
+        ("AUTOHEAL_STATE_FILE", "autoheal-state.db"), ("AUTOHEAL_WEBHOOK_TOKEN", "unset"),
+        ("AUTOHEAL_ACK_TOKEN", "unset"), ("AUTOHEAL_MAX_BODY_BYTES", "1048576"),
+        ("AUTOHEAL_MAX_ACTIONS_PER_HOUR", "20"), ("AUTOHEAL_ACK_MAX_DURATION", "7d"),
+        ("AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC", "5"), ("AUTOHEAL_HISTORY_MAX_EVENTS", "100000"),
+        ("AUTOHEAL_REQUEST_TIMEOUT_SEC", "10"), ("AUTOHEAL_SHUTDOWN_GRACE_SEC", "10"),
+    ]:
+        assert f"{variable}={default}" in out, variable
+
+
+def test_every_variable_read_is_documented_in_help_and_readme():
+    source = (HERE / "autoheal.py").read_text()
+    import re
+
+    read = set(re.findall(r'"((?:AUTOHEAL|COOLDOWN)_[A-Z_]+)"', source))
+    read -= {"AUTOHEAL_LABEL_", "AUTOHEAL_ANNOTATION_", "AUTOHEAL_ALERTNAME", "AUTOHEAL_FINGERPRINT"}  # given to commands
+    readme = (HERE / "README.md").read_text()
+    for variable in sorted(read):
+        assert f"{variable}=" in autoheal.__doc__, variable
+        assert variable in readme, variable
+
+
+def run_module(args, env=None, timeout=20, python=None):
+    return subprocess.run([python or sys.executable, str(HERE / "autoheal.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env={"PATH": os.environ["PATH"], **(env or {})})
+
+
+@pytest.mark.parametrize("name, value", [("AUTOHEAL_DRY_RUN", "perhaps"), ("AUTOHEAL_PORT", "99999"),
+                                         ("ALERTMANAGER_URL", "not a url")])
+def test_bad_configuration_stops_the_start_with_status_2_and_one_line(name, value):
+    done = run_module([], {name: value})
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {name}: ") and repr(value) in lines[0]
+
+
+def test_unknown_argument_is_status_2(capsys):
+    assert autoheal.main(["--frobnicate"]) == 2
+    assert "--frobnicate" in capsys.readouterr().err
+
+
+def test_module_runs_on_python_39():
+    candidates = [shutil.which("python3.9")] + sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob("3.9*/bin/python3.9"))
+    working = [str(c) for c in candidates if c and subprocess.run([str(c), "-c", "pass"], capture_output=True).returncode == 0]
+    if not working:
+        pytest.skip("no Python 3.9 here")
+    python = working[0]
+    done = run_module(["--help"], python=python)
+    assert done.returncode == 0 and "AUTOHEAL_ENABLED=false" in done.stdout
+    done = subprocess.run([python, "-c", "import autoheal; print(autoheal.Config.from_env({}).port)"],
+                          capture_output=True, text=True, cwd=HERE)
+    assert done.stdout.strip() == "9009", done.stderr
+
+
+def test_check_answers_0_for_a_live_instance_and_1_otherwise():
+    with serving() as running:
+        done = run_module(["--check"], {"AUTOHEAL_PORT": str(running.port)}, timeout=10)
+        assert done.returncode == 0, done.stderr
+    done = run_module(["--check"], {"AUTOHEAL_PORT": str(running.port)}, timeout=10)
+    assert done.returncode == 1
+    assert "unhealthy" in done.stderr
+
+
+def test_check_refuses_a_server_that_is_not_autoheal():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def answer():
+            connection, _ = listener.accept()
+            connection.recv(1024)
+            connection.sendall(b'HTTP/1.0 200 OK\r\n\r\n{"status": "degraded"}')
+            connection.close()
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        done = run_module(["--check"], {"AUTOHEAL_PORT": str(port)})
+        thread.join()
+    assert done.returncode == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: the webhook and its gates
+# ---------------------------------------------------------------------------------------------
+
+
+def test_status_endpoint():
+    with serving({"AUTOHEAL_PUBLIC_URL": "https://autoheal.example.com/"}) as running:
+        status, body = running.json("GET", "/")
+    assert status == 200
+    assert body["status"] == "ok" and body["enabled"] is False and body["dry_run"] is True
+    assert body["actions"] == ["CrmMetricsScrapeStale", "TcpEndpointDownFast", "UptimeProbeFailing"]
+    assert body["public_base_url"] == "https://autoheal.example.com"
+
+
+def test_captured_alertmanager_webhook_is_a_dry_run_with_the_contract_shape():
+    captured = json.loads((REFERENCE / "captured-webhook.json").read_text())["raw_body"] if (
+        REFERENCE / "captured-webhook.json").exists() else json.dumps(WEBHOOK)
+    with serving() as running:
+        status, body = running.post_alert(captured.encode(), {"Content-Type": "application/json"})
+    assert status == 200
+    assert body == {"ok": True, "results": [{"alertname": "TcpEndpointDownFast", "result": "dry_run",
+                                             "action": "docker restart crm-api",
+                                             "cooldown_remaining_seconds": 600}]}
+
+
+def test_the_six_rules_in_order_one_result_per_alert_in_payload_order():
+    payload = webhook(
+        alert(status="resolved"),                          # 1 resolved (even though opted in)
+        alert(opted_in=False),                             # 2 not opted in
+        alert("SomethingElse"),                            # 3 not allow-listed
+        alert("CrmMetricsScrapeStale"),                    # 5 dry run, starts its cooldown
+        alert("CrmMetricsScrapeStale"),                    # 4 now in cooldown
+    )
+    payload["alerts"][1]["annotations"] = {"autoheal": "True"}  # only the exact string "true" opts in
+    with serving() as running:
+        status, body = running.post_alert(payload)
+        assert status == 200
+        assert [(r["alertname"], r["result"], r.get("reason")) for r in body["results"]] == [
+            ("TcpEndpointDownFast", "skipped", "resolved"),
+            ("TcpEndpointDownFast", "skipped", "not_opted_in"),
+            ("SomethingElse", "skipped", "not_allowlisted"),
+            ("CrmMetricsScrapeStale", "dry_run", None),
+            ("CrmMetricsScrapeStale", "cooldown_skip", None),
+        ]
+        assert body["results"][4]["cooldown_remaining_seconds"] == 600
+        assert running.metric('autoheal_actions_total{alertname="CrmMetricsScrapeStale",result="dry_run"}') == 1
+        assert running.metric('autoheal_actions_total{alertname="CrmMetricsScrapeStale",result="cooldown_skip"}') == 1
+        assert running.metric('autoheal_alerts_skipped_total{reason="not_allowlisted"}') == 1
+        assert running.metric('autoheal_alerts_received_total') == 5
+        _, _, metrics = running.request("GET", "/metrics")
+        assert b"SomethingElse" not in metrics  # only allow-listed alertnames become label values
+
+
+def test_dry_run_starts_the_cooldown_and_cooldown_ends(tmp_path):
+    path = actions_file(tmp_path, {"Flappy": {"command": ["true"], "cooldown_sec": 1}})
+    with serving({"AUTOHEAL_ACTIONS_FILE": path}) as running:
+        results = [running.post_alert(webhook(alert("Flappy")))[1]["results"][0]["result"] for _ in range(2)]
+        assert results == ["dry_run", "cooldown_skip"]
+        assert 0 < running.metric('autoheal_cooldown_remaining_seconds{alertname="Flappy"}') <= 1
+        time.sleep(1.1)
+        assert running.post_alert(webhook(alert("Flappy")))[1]["results"][0]["result"] == "dry_run"
+        assert running.metric('autoheal_action_last_timestamp{alertname="Flappy"}') == pytest.approx(time.time(), abs=5)
+
+
+def test_enabled_but_dry_run_and_dry_run_off_but_disabled_never_execute(tmp_path):
+    marker = tmp_path / "ran"
+    path = actions_file(tmp_path, {"A": {"command": ["touch", str(marker)], "cooldown_sec": 0}})
+    for env in ({"AUTOHEAL_ENABLED": "true"}, {"AUTOHEAL_DRY_RUN": "false"}):
+        with serving({"AUTOHEAL_ACTIONS_FILE": path, **env}) as running:
+            assert running.post_alert(webhook(alert("A")))[1]["results"][0]["result"] == "dry_run"
+    assert not marker.exists()
+
+
+REAL = {"AUTOHEAL_ENABLED": "true", "AUTOHEAL_DRY_RUN": "false"}
+
+
+def test_real_run_gets_an_argument_vector_and_the_alert_only_as_environment(tmp_path):
+    script = tmp_path / "record.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "json.dump({'argv': sys.argv[1:], 'env': {k: v for k, v in os.environ.items() if k.startswith('AUTOHEAL_')}},"
+        " open(sys.argv[1], 'w'))\n"
+        "print('restarted crm-api')\n"
+    )
+    out = tmp_path / "out.json"
+    path = actions_file(tmp_path, {"TcpEndpointDownFast": {"command": [sys.executable, str(script), str(out), "$HOME"]}})
+    hostile = "x'; touch /tmp/autoheal-pwned; echo \"$(id)\n"
+    with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_WEBHOOK_TOKEN": "s3cret"}) as running:
+        status, body = running.post_alert(webhook(alert(instance=hostile, **{"job-name": "crm"})),
+                                          {"Authorization": "Bearer s3cret"})
+        assert status == 200
+        result = body["results"][0]
+        assert result["result"] == "executed" and result["exit_status"] == 0
+        assert result["action"] == f"{sys.executable} {script} {out} '$HOME'"
+        recorded = json.loads(out.read_text())
+        assert recorded["argv"] == [str(out), "$HOME"]  # no shell: $HOME is not expanded
+        assert recorded["env"] == {
+            "AUTOHEAL_ALERTNAME": "TcpEndpointDownFast",
+            "AUTOHEAL_FINGERPRINT": "666d2cad1d47bd80",
+            "AUTOHEAL_LABEL_ALERTNAME": "TcpEndpointDownFast",
+            "AUTOHEAL_LABEL_INSTANCE": hostile,
+            "AUTOHEAL_LABEL_JOB_NAME": "crm",
+            "AUTOHEAL_ANNOTATION_AUTOHEAL": "true",
+        }
+        assert not Path("/tmp/autoheal-pwned").exists()
+        assert running.metric('autoheal_actions_total{alertname="TcpEndpointDownFast",result="executed"}') == 1
+        logged = [json.loads(line) for line in running.log_lines()]
+        final = [e for e in logged if e.get("kind") == "decision" and e.get("result") == "executed"]
+        assert final[0]["output_tail"] == "restarted crm-api\n" and final[0]["exit_status"] == 0
+        assert "duration_seconds" in final[0]
+        assert "s3cret" not in running.log.getvalue()
+
+
+def test_failed_and_error_outcomes(tmp_path):
+    path = actions_file(tmp_path, {
+        "Fails": {"command": ["sh", "-c", "echo broken >&2; exit 3"], "cooldown_sec": 0},
+        "Missing": {"command": ["/nonexistent/heal"], "cooldown_sec": 0},
+    })
+    with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path}) as running:
+        _, body = running.post_alert(webhook(alert("Fails"), alert("Missing")))
+        fails, missing = body["results"]
+        assert (fails["result"], fails["exit_status"]) == ("failed", 3)
+        assert missing["result"] == "error" and "could not start" in missing["error"]
+        assert running.metric('autoheal_actions_total{alertname="Fails",result="failed"}') == 1
+        assert running.metric('autoheal_actions_total{alertname="Missing",result="error"}') == 1
+        tails = [json.loads(line).get("output_tail") for line in running.log_lines()]
+        assert "broken\n" in tails
+
+
+def process_gone(pid):
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in state
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    pidfile = tmp_path / "grandchild.pid"
+    path = actions_file(tmp_path, {"Hangs": {
+        "command": ["sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait"], "timeout_sec": 1}})
+    with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path}) as running:
+        _, body = running.post_alert(webhook(alert("Hangs")))
+        result = body["results"][0]
+        assert result["result"] == "error" and "timed out" in result["error"]
+        grandchild = int(pidfile.read_text())
+        deadline = time.time() + 5
+        while not process_gone(grandchild) and time.time() < deadline:
+            time.sleep(0.05)
+        assert process_gone(grandchild)
+
+
+def test_actions_of_different_alertnames_run_side_by_side(tmp_path):
+    # Each command waits for the other's file: run one after the other, the first times out.
+    def waiter(mine, other):
+        return ["sh", "-c", f"touch {tmp_path / mine}; for i in $(seq 100); do [ -f {tmp_path / other} ] && exit 0;"
+                            " sleep 0.05; done; exit 1"]
+
+    path = actions_file(tmp_path, {"A": {"command": waiter("a", "b"), "timeout_sec": 4},
+                                   "B": {"command": waiter("b", "a"), "timeout_sec": 4}})
+    with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path}) as running:
+        _, body = running.post_alert(webhook(alert("A"), alert("B")))
+    assert [r["result"] for r in body["results"]] == ["executed", "executed"]
+
+
+def test_24_simultaneous_deliveries_run_the_action_exactly_once(tmp_path):
+    runs = tmp_path / "runs"
+    path = actions_file(tmp_path, {"TcpEndpointDownFast": {"command": ["sh", "-c", f"echo run >> {runs}"]}})
+    with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_WORKERS": "24"}) as running:
+        barrier = threading.Barrier(24)
+        results = []
+
+        def deliver():
+            barrier.wait()
+            results.append(running.post_alert(WEBHOOK)[1]["results"][0]["result"])
+
+        threads = [threading.Thread(target=deliver) for _ in range(24)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(results) == ["cooldown_skip"] * 23 + ["executed"]
+        assert runs.read_text() == "run\n"
+        assert running.metric('autoheal_actions_total{alertname="TcpEndpointDownFast",result="cooldown_skip"}') == 23
+
+
+def test_control_characters_in_labels_cannot_forge_log_lines(tmp_path):
+    forged = 'x"}\n{"kind":"decision","result":"executed","alertname":"Forged"}\r\n\u2028'
+    with serving() as running:
+        running.post_alert(webhook(alert("TcpEndpointDownFast", instance=forged), alert(forged)))
+        lines = running.log_lines()
+    parsed = [json.loads(line) for line in lines]  # every line is one whole JSON object
+    assert all(line.isascii() for line in lines)
+    assert not any(event.get("alertname") == "Forged" for event in parsed)
+    assert parsed[0]["labels"]["instance"] == forged
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (b"not json", "body is not JSON"),
+        (b"\xff\xfe{}", "body is not UTF-8"),
+        (b"[]", "body must be a JSON object"),
+        (b"{}", "missing field 'alerts'"),
+        (b'{"alerts": {}}', "'alerts' must be a list"),
+        (b'{"alerts": [1]}', "alerts[0] must be an object"),
+        (b'{"alerts": [{"status": "firing"}]}', "alerts[0].labels must be an object"),
+        (b'{"alerts": [{"status": "on", "labels": {"alertname": "A"}}]}', "alerts[0].status must be"),
+        (b'{"alerts": [{"status": "firing", "labels": {"alertname": 5}}]}', "alerts[0].labels.alertname must be"),
+        (b'{"alerts": [{"status": "firing", "labels": {"severity": "x"}}]}', "alerts[0].labels.alertname is missing"),
+        (b'{"alerts": [{"status": "firing", "labels": {"alertname": "A"}, "annotations": []}]}',
+         "alerts[0].annotations must be an object"),
+        (b'{"version": "3", "alerts": []}', "unsupported webhook version"),
+        (b"[" * 100000 + b"]" * 100000, "nests deeper"),
+        (b'{"alerts": [' * 3000, "nests deeper"),
+    ],
+)
+def test_malformed_webhooks_get_400_saying_what_is_wrong(body, expected):
+    with serving() as running:
+        status, headers, raw = running.request("POST", "/alert", body)
+        assert status == 400
+        answer = json.loads(raw)
+        assert answer["ok"] is False and expected in answer["error"]
+        assert "Traceback" not in raw.decode()
+        assert running.json("GET", "/")[1]["status"] == "ok"  # still serving
+        assert running.metric('autoheal_alerts_received_total') == 0  # nothing was judged
+
+
+def test_a_bad_alert_anywhere_means_nothing_is_executed(tmp_path):
+    marker = tmp_path / "ran"
+    path = actions_file(tmp_path, {"A": {"command": ["touch", str(marker)]}})
+    with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path}) as running:
+        status, _ = running.post_alert({"alerts": [alert("A"), {"status": "firing", "labels": []}]})
+    assert status == 400 and not marker.exists()
+
+
+def test_unknown_path_is_404_and_wrong_method_405():
+    with serving() as running:
+        status, body = running.json("GET", "/nope")
+        assert status == 404 and body["ok"] is False
+        status, headers, raw = running.request("GET", "/alert")
+        assert status == 405 and headers["Allow"] == "POST" and json.loads(raw)["ok"] is False
+        for method in ("DELETE", "PUT", "PATCH", "BREW"):
+            assert running.request(method, "/")[0] == 405
+
+
+def test_webhook_token_is_required_when_set():
+    with serving({"AUTOHEAL_WEBHOOK_TOKEN": "s3cret"}) as running:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            status, answer_headers, raw = running.request("POST", "/alert", WEBHOOK, headers)
+            assert status == 401 and b"s3cret" not in raw
+            assert answer_headers["WWW-Authenticate"].startswith("Bearer")
+        assert running.post_alert(WEBHOOK, {"Authorization": "Bearer s3cret"})[0] == 200
+        assert running.metric('autoheal_alerts_received_total') == 1
+
+
+def test_body_over_the_limit_is_413():
+    with serving({"AUTOHEAL_MAX_BODY_BYTES": "1000"}) as running:
+        status, body = running.json("POST", "/alert", b"x" * 1001)
+        assert status == 413 and "AUTOHEAL_MAX_BODY_BYTES" in body["error"]
+        assert running.json("GET", "/")[0] == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_series_exists_from_the_start():
+    with serving() as running:
+        status, headers, raw = running.request("GET", "/metrics")
+    assert status == 200 and headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = raw.decode()
+    assert text.endswith("\n")
+    assert "autoheal_enabled 0\n" in text
+    for name in ("CrmMetricsScrapeStale", "TcpEndpointDownFast", "UptimeProbeFailing"):
+        for result in ("executed", "failed", "dry_run", "cooldown_skip", "error", "rate_limited"):
+            assert f'autoheal_actions_total{{alertname="{name}",result="{result}"}} 0\n' in text
+        assert f'autoheal_action_last_timestamp{{alertname="{name}"}} 0\n' in text
+        assert f'autoheal_cooldown_remaining_seconds{{alertname="{name}"}} 0\n' in text
+
+
+def test_exposition_passes_promtool_check_metrics(tmp_path):
+    promtool = require("promtool")
+    odd = 'we\\ird "name"\nwith newline'
+    path = actions_file(tmp_path, {odd: {"command": ["true"]}, "Plain": {"command": ["true"]}})
+    with serving({"AUTOHEAL_ACTIONS_FILE": path}) as running:
+        running.post_alert(webhook(alert(odd), alert("Plain"), alert("Other"), alert("Plain", status="resolved")))
+        _, _, raw = running.request("GET", "/metrics")
+    assert 'alertname="we\\\\ird \\"name\\"\\nwith newline"' in raw.decode()
+    done = subprocess.run([promtool, "check", "metrics"], input=raw, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr.decode().strip() == ""
