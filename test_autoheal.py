@@ -761,3 +761,433 @@ def test_exposition_passes_promtool_check_metrics(tmp_path):
     done = subprocess.run([promtool, "check", "metrics"], input=raw, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stderr.decode().strip() == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Real peers: Alertmanager 0.25
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_json(method, url, body=None, timeout=10):
+    """A small JSON client for the peers' APIs: (status, parsed body)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        payload = None if body is None else json.dumps(body).encode()
+        connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=payload,
+                           headers={"Content-Type": "application/json"} if payload else {})
+        response = connection.getresponse()
+        raw = response.read()
+        return response.status, (json.loads(raw) if raw.strip() else None)
+    finally:
+        connection.close()
+
+
+def http_status(url, timeout=1):
+    """The status of GET url, or None when nothing answers."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        connection.request("GET", parts.path)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    except OSError:
+        return None
+    finally:
+        connection.close()
+
+
+class Peer:
+    """A real peer program started for the tests, on a free port, with its output in a file."""
+
+    def __init__(self, name, argv_for_port, ready_path, directory):
+        self.name = name
+        self.directory = directory
+        self.output = directory / f"{name}.log"
+        for _attempt in range(5):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            with open(self.output, "wb") as sink:
+                self.process = subprocess.Popen(argv_for_port(self.port), stdout=sink, stderr=subprocess.STDOUT,
+                                                cwd=directory, start_new_session=True)
+            deadline = time.time() + 20
+            while time.time() < deadline and self.process.poll() is None:
+                if http_status(self.url + ready_path) == 200:
+                    return
+                time.sleep(0.1)
+            self.stop()  # exited (port taken between probe and bind) or never ready: try another port
+        pytest.fail(f"{name} did not start: {self.output.read_text()[-2000:]}")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_alertmanager(directory, config_text):
+    binary = require("prometheus-alertmanager")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "alertmanager.yml").write_text(config_text)
+    return Peer("alertmanager", lambda port: [
+        binary, f"--config.file={directory / 'alertmanager.yml'}", f"--storage.path={directory / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn",
+    ], "/-/ready", directory)
+
+
+MINIMAL_ALERTMANAGER = """
+route:
+  receiver: nobody
+receivers:
+  - name: nobody
+"""
+
+
+@pytest.fixture(scope="module")
+def alertmanager(tmp_path_factory):
+    peer = start_alertmanager(tmp_path_factory.mktemp("alertmanager"), MINIMAL_ALERTMANAGER)
+    yield peer
+    peer.stop()
+
+
+def silences_for(alertmanager, alertname):
+    """Alertmanager's silences whose alertname matcher is alertname."""
+    _, silences = http_json("GET", alertmanager.url + "/api/v2/silences")
+    return [s for s in silences if any(m["name"] == "alertname" and m["value"] == alertname for m in s["matchers"])]
+
+
+def ack_path(labels, duration="2h", **params):
+    return "/ack?" + urllib.parse.urlencode({"labels": json.dumps(labels), "duration": duration, **params})
+
+
+def test_ack_creates_the_exact_silence_in_alertmanager(alertmanager):
+    labels = {"alertname": "AckExact", "instance": 'db "1" & #+%\\ é', "severity": "critical"}
+    with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
+        before = time.time()
+        status, body = running.json("GET", ack_path(labels, "2h", comment="on it", runbook="https://wiki/r"),
+                                    headers={"User-Agent": "Mozilla/5.0 (iPhone)"})
+        assert status == 200, body
+        assert body["ok"] is True and body["outcome"] == "created"
+        _, silence = http_json("GET", f"{alertmanager.url}/api/v2/silence/{body['silence_id']}")
+        assert sorted((m["name"], m["value"], m["isRegex"], m["isEqual"]) for m in silence["matchers"]) == sorted(
+            (name, value, False, True) for name, value in labels.items())
+        assert body["matchers"] == [{"name": n, "value": labels[n], "isRegex": False, "isEqual": True}
+                                    for n in sorted(labels)]
+        assert silence["createdBy"] == "autoheal"
+        assert silence["comment"] == "ACK! on it runbook: https://wiki/r"
+        assert silence["status"]["state"] == "active"
+        starts = autoheal.parse_rfc3339(silence["startsAt"])
+        ends = autoheal.parse_rfc3339(silence["endsAt"])
+        assert before - 2 <= starts <= time.time() + 1
+        assert ends - starts == pytest.approx(7200, abs=2)
+        assert body["ends_at"] == silence["endsAt"][:23] + "Z" or abs(
+            autoheal.parse_rfc3339(body["ends_at"]) - ends) < 1
+        assert running.metric('autoheal_acks_total{outcome="created"}') == 1
+        _, history = running.json("GET", "/history?limit=5")
+        ack = history["events"][0]
+        assert (ack["kind"], ack["result"], ack["silence_id"]) == ("ack", "created", body["silence_id"])
+        assert ack["user_agent"] == "Mozilla/5.0 (iPhone)" and ack["client"] == "127.0.0.1"
+
+
+def test_ack_is_safe_to_repeat_and_a_longer_duration_extends(alertmanager):
+    labels = {"alertname": "AckRepeat", "job": "crm"}
+    with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
+        first = running.json("GET", ack_path(labels, "30m"))[1]
+        again = running.json("GET", ack_path(labels, "30m"))[1]
+        shorter = running.json("GET", ack_path(labels, "10m"))[1]
+        assert again["outcome"] == shorter["outcome"] == "existing"
+        assert again["silence_id"] == shorter["silence_id"] == first["silence_id"]
+        active = [s for s in silences_for(alertmanager, "AckRepeat") if s["status"]["state"] == "active"]
+        assert len(active) == 1
+        longer = running.json("GET", ack_path(labels, "24h"))[1]
+        assert longer["outcome"] == "extended"
+        active = [s for s in silences_for(alertmanager, "AckRepeat") if s["status"]["state"] == "active"]
+        assert [s["id"] for s in active] == [longer["silence_id"]]
+        assert autoheal.parse_rfc3339(active[0]["endsAt"]) == pytest.approx(time.time() + 86400, abs=5)
+        assert running.metric('autoheal_acks_total{outcome="existing"}') == 2
+        assert running.metric('autoheal_acks_total{outcome="extended"}') == 1
+
+
+def test_simultaneous_clicks_create_one_silence(alertmanager):
+    labels = {"alertname": "AckDoubleTap"}
+    with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
+        barrier = threading.Barrier(6)
+        outcomes = []
+
+        def tap():
+            barrier.wait()
+            outcomes.append(running.json("GET", ack_path(labels, "30m"))[1]["outcome"])
+
+        threads = [threading.Thread(target=tap) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(outcomes) == ["created"] + ["existing"] * 5
+    assert len(silences_for(alertmanager, "AckDoubleTap")) == 1
+
+
+@pytest.mark.parametrize("agent", [
+    "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", "Slackbot 1.0 (+https://api.slack.com/robots)",
+    "Mozilla/5.0 (Windows NT 6.1; WOW64) SkypeUriPreview Preview/0.5", "Mozilla/5.0 (compatible; Discordbot/2.0)",
+    "TelegramBot (like TwitterBot)", "facebookexternalhit/1.1", "Twitterbot/1.0",
+])
+def test_link_previews_create_nothing(alertmanager, agent):
+    labels = {"alertname": "AckPreview"}
+    with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
+        status, body = running.json("GET", ack_path(labels), headers={"User-Agent": agent})
+        assert status == 200 and body["preview"] is True and body["silence_id"] is None
+        status, headers, raw = running.request("HEAD", ack_path(labels))
+        assert status == 200 and raw == b""
+        assert running.metric('autoheal_acks_total{outcome="previewed"}') == 2
+        assert running.metric('autoheal_acks_total{outcome="created"}') == 0
+    assert silences_for(alertmanager, "AckPreview") == []
+
+
+def test_the_page_for_people_escapes_labels_and_undo_expires_the_silence(alertmanager):
+    labels = {"alertname": "AckPage", "instance": "<script>alert('x')</script>&amp;"}
+    with serving({"ALERTMANAGER_URL": alertmanager.url, "AUTOHEAL_ACK_TOKEN": "tok-1"}) as running:
+        status, headers, raw = running.request("GET", ack_path(labels, "2h", token="tok-1"),
+                                               headers={"Accept": "text/html,application/xhtml+xml"})
+        page = raw.decode()
+        assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+        assert "<script>" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&amp;amp;" in page
+        assert "Silenced until" in page and 'method="post"' in page and "http" not in page.split("<body>")[1]
+        silence_id = silences_for(alertmanager, "AckPage")[0]["id"]
+        assert f'name="silence_id" value="{silence_id}"' in page
+        # The undo button posts the form; the token rides along in it.
+        form = urllib.parse.urlencode({"silence_id": silence_id, "token": "tok-1"})
+        status, headers, raw = running.request("POST", "/ack/undo", form.encode(),
+                                               {"Content-Type": "application/x-www-form-urlencoded",
+                                                "Accept": "text/html"})
+        assert status == 200 and "Silence expired" in raw.decode()
+        assert silences_for(alertmanager, "AckPage")[0]["status"]["state"] == "expired"
+        events = running.json("GET", "/history?limit=1")[1]["events"]
+        assert (events[0]["kind"], events[0]["silence_id"]) == ("unack", silence_id)
+
+
+def test_undo_expires_only_silences_that_autoheal_created(alertmanager):
+    now = time.time()
+    status, created = http_json("POST", alertmanager.url + "/api/v2/silences", {
+        "matchers": [{"name": "alertname", "value": "NotOurs", "isRegex": False, "isEqual": True}],
+        "startsAt": autoheal.format_rfc3339(now), "endsAt": autoheal.format_rfc3339(now + 600),
+        "createdBy": "someone", "comment": "manual"})
+    assert status == 200
+    with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
+        status, body = running.json("POST", "/ack/undo", f"silence_id={created['silenceID']}".encode(),
+                                    {"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 403 and "not created by autoheal" in body["error"]
+        status, body = running.json("POST", "/ack/undo", b"silence_id=00000000-0000-0000-0000-000000000000")
+        assert status == 404
+        status, body = running.json("POST", "/ack/undo", b"silence_id=not-a-uuid")
+        assert status == 400 and "silence_id" in body["error"]
+    assert silences_for(alertmanager, "NotOurs")[0]["status"]["state"] == "active"
+
+
+@pytest.mark.parametrize("query, names", [
+    ({"duration": "2h"}, "labels: missing"),
+    ({"labels": "{not json", "duration": "2h"}, "labels: not JSON"),
+    ({"labels": '["alertname"]', "duration": "2h"}, "labels: expected a non-empty JSON object"),
+    ({"labels": '{"severity": "critical"}', "duration": "2h"}, "labels: must contain a non-empty alertname"),
+    ({"labels": '{"alertname": "AckBad", "n": 5}', "duration": "2h"}, "labels: the value of 'n' must be a string"),
+    ({"labels": '{"alertname": "AckBad", "bad-name": "x"}', "duration": "2h"}, "is not a valid label name"),
+    ({"labels": '{"alertname": "AckBad"}'}, "duration: missing"),
+    ({"labels": '{"alertname": "AckBad"}', "duration": "0s"}, "duration: expected a duration longer than zero"),
+    ({"labels": '{"alertname": "AckBad"}', "duration": "-5m"}, "duration: expected a duration such as"),
+    ({"labels": '{"alertname": "AckBad"}', "duration": "2 hours"}, "duration: expected a duration such as"),
+    ({"labels": '{"alertname": "AckBad"}', "duration": "8d"}, "longer than AUTOHEAL_ACK_MAX_DURATION (1w)"),
+])
+def test_bad_ack_links_are_400_naming_which_and_create_nothing(alertmanager, query, names):
+    with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
+        status, body = running.json("GET", "/ack?" + urllib.parse.urlencode(query))
+        assert status == 400 and body["ok"] is False and names in body["error"], body
+    assert silences_for(alertmanager, "AckBad") == []
+
+
+def test_ack_token_is_required_when_set(alertmanager):
+    labels = {"alertname": "AckToken"}
+    with serving({"ALERTMANAGER_URL": alertmanager.url, "AUTOHEAL_ACK_TOKEN": "s3cret"}) as running:
+        for params in ({}, {"token": "wrong"}, {"token": ""}):
+            status, headers, raw = running.request("GET", ack_path(labels, **params))
+            assert status == 403 and b"s3cret" not in raw
+        assert silences_for(alertmanager, "AckToken") == []
+        status, body = running.json("GET", ack_path(labels, token="s3cret"))
+        assert status == 200 and body["outcome"] == "created"
+        assert "s3cret" not in running.log.getvalue()
+
+
+def test_alertmanager_refusing_is_502_with_its_reason(alertmanager):
+    # A wrong path prefix: the real Alertmanager refuses with its own 404.
+    with serving({"ALERTMANAGER_URL": alertmanager.url + "/wrong-prefix"}) as running:
+        status, body = running.json("GET", ack_path({"alertname": "AckRefused"}))
+        assert status == 502 and "Alertmanager refused (404)" in body["error"]
+        assert running.metric('autoheal_acks_total{outcome="error"}') == 1
+    assert silences_for(alertmanager, "AckRefused") == []
+
+
+def test_alertmanager_unreachable_or_silent_is_502_within_the_timeout():
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        for url in (f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{silent.getsockname()[1]}"):
+            with serving({"ALERTMANAGER_URL": url, "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC": "1"}) as running:
+                started = time.monotonic()
+                status, body = running.json("GET", ack_path({"alertname": "AckDown"}))
+                elapsed = time.monotonic() - started
+                assert status == 502 and "did not answer within 1s" in body["error"]
+                assert elapsed < 5  # bounded: one call, one timeout
+
+
+def test_amtool_renders_the_template_with_links_that_carry_labels_intact(tmp_path):
+    amtool = require("amtool")
+    labels = {"alertname": "TcpEndpointDownFast",
+              "instance": "a \"q\" & #+% \\ b\nnew 'x' é ü 日本 <>= \t|",
+              "job": "crm api"}
+    data = {"receiver": "slack", "status": "firing", "externalURL": "http://am", "groupLabels": {"alertname": labels["alertname"]},
+            "commonLabels": labels, "commonAnnotations": {"summary": "down"},
+            "alerts": [{"status": "firing", "labels": labels, "annotations": {"summary": "down & <out>"},
+                        "startsAt": "2026-11-28T16:47:26.913Z", "endsAt": "0001-01-01T00:00:00Z",
+                        "generatorURL": "", "fingerprint": "1"}]}
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    done = subprocess.run([amtool, "template", "render", f"--template.glob={HERE / 'alert-templates.tmpl'}",
+                           f"--template.data={tmp_path / 'data.json'}",
+                           '--template.text={{ template "slack.autoheal.title" . }}\n{{ template "slack.autoheal.text" . }}'],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    title, *text = done.stdout.splitlines()
+    assert title == "[FIRING:1] TcpEndpointDownFast"
+    assert "• *TcpEndpointDownFast*: down &amp; &lt;out&gt;" in text
+    links = slack_links("\n".join(text))
+    assert [name for name, _ in links] == ["30m", "2h", "24h"]
+    for name, url in links:
+        assert url.startswith("http://localhost:9009/ack?")  # the one base URL an operator edits
+        params = autoheal.parse_query(urllib.parse.urlsplit(url).query)
+        assert autoheal.parse_ack_labels(params["labels"]) == labels
+        assert params["duration"] == name
+
+
+def slack_links(text):
+    """(label, url) of each Slack link <url|label> in a message."""
+    import re
+
+    return [(label, url.replace("&amp;", "&")) for url, label in re.findall(r"<([^|>]+)\|([^>]+)>", text)]
+
+
+class SlackStandIn:
+    """A stand-in for Slack (which cannot run here): records each incoming webhook's JSON body."""
+
+    def __init__(self):
+        import http.server
+        import queue
+
+        self.messages = queue.Queue()
+        messages = self.messages
+
+        class Record(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                messages.put(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Record)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/services/T0/B0/X"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def test_slack_links_rendered_by_alertmanager_silence_exactly_those_labels(tmp_path):
+    slack = SlackStandIn()
+    try:
+        with serving() as running:
+            # What an operator does: edit the one base URL in the template.
+            template = (HERE / "alert-templates.tmpl").read_text()
+            assert template.count("http://localhost:9009") == 1
+            (tmp_path / "alert-templates.tmpl").write_text(
+                template.replace("http://localhost:9009", f"http://127.0.0.1:{running.port}"))
+            alertmanager = start_alertmanager(tmp_path / "am", f"""
+route:
+  receiver: slack
+  group_by: ['alertname']
+  group_wait: 1s
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+  - name: slack
+    slack_configs:
+      - api_url: {slack.url}
+        channel: '#ops'
+        title: '{{{{ template "slack.autoheal.title" . }}}}'
+        text: '{{{{ template "slack.autoheal.text" . }}}}'
+templates:
+  - {tmp_path / 'alert-templates.tmpl'}
+""")
+            try:
+                running.app.alertmanager = autoheal.AlertmanagerClient(alertmanager.url, 5)
+                labels = {"alertname": "SlackPath", "instance": "db \"primary\" & #1 + 100% \\ ok",
+                          "note": "line one\nline two", "city": "Zürich 東京 'quoted'"}
+                status, _ = http_json("POST", alertmanager.url + "/api/v2/alerts",
+                                      [{"labels": labels, "annotations": {"autoheal": "true", "summary": "down"}}])
+                assert status == 200
+                message = slack.messages.get(timeout=30)
+                text = message["attachments"][0]["text"]
+                assert message["attachments"][0]["title"] == "[FIRING:1] SlackPath"
+                links = slack_links(text)
+                assert [name for name, _ in links] == ["30m", "2h", "24h"]
+                ids = []
+                for name, url in links:
+                    assert url.startswith(f"http://127.0.0.1:{running.port}/ack?")
+                    parts = urllib.parse.urlsplit(url)
+                    status, body = running.json("GET", f"{parts.path}?{parts.query}")
+                    assert status == 200, body
+                    ids.append((body["outcome"], body["silence_id"]))
+                assert [outcome for outcome, _ in ids] == ["created", "extended", "extended"]
+                active = [s for s in silences_for(alertmanager, "SlackPath") if s["status"]["state"] == "active"]
+                assert len(active) == 1 and active[0]["id"] == ids[-1][1]
+                assert {m["name"]: m["value"] for m in active[0]["matchers"]} == labels
+                assert all(m["isRegex"] is False and m["isEqual"] is True for m in active[0]["matchers"])
+                assert autoheal.parse_rfc3339(active[0]["endsAt"]) == pytest.approx(time.time() + 86400, abs=10)
+                _, alerts = http_json("GET", alertmanager.url + "/api/v2/alerts")
+                ours = [a for a in alerts if a["labels"] == labels]
+                assert ours and ours[0]["status"]["state"] == "suppressed"
+                assert ours[0]["status"]["silencedBy"] == [active[0]["id"]]
+            finally:
+                alertmanager.stop()
+    finally:
+        slack.close()
+
+
+def readme_block(heading):
+    """The first fenced block after a README heading."""
+    text = (HERE / "README.md").read_text()
+    after = text.split(heading, 1)[1]
+    return after.split("```", 2)[1].split("\n", 1)[1]
+
+
+def test_readme_alertmanager_snippet_passes_amtool_check_config(tmp_path):
+    amtool = require("amtool")
+    snippet = readme_block("### The Slack receiver")
+    assert "alert-templates.tmpl" in snippet and "slack.autoheal.title" in snippet and "slack.autoheal.text" in snippet
+    (tmp_path / "alertmanager.yml").write_text(snippet)
+    done = subprocess.run([amtool, "check-config", str(tmp_path / "alertmanager.yml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
