@@ -51,7 +51,8 @@ Endpoints:
     POST /alert            Alertmanager webhook (version 4); one result per alert, in payload order
     GET  /ack              ?labels=<JSON object>&duration=30m&comment=<text>[&runbook=<url>][&token=]
                            creates (or reuses) an exact-match silence; HEAD and link previews create nothing
-    POST /ack/undo         silence_id=<id>[&token=]: expires a silence that autoheal created
+    POST /ack/undo         silence_id=<id> (or id=<history id of an ack>)[&token=]: expires a
+                           silence that autoheal created
     GET  /history          ?limit=N&alertname=X&since=<unix or RFC 3339>: recorded events, newest first
     GET  /events           Server-Sent Events: one "data: <JSON>" per new event
 
@@ -785,6 +786,7 @@ class Store:
         self._queue: "queue.SimpleQueue[Optional[_Pending]]" = queue.SimpleQueue()
         self._writer: Optional[threading.Thread] = None
         self.write_errors = 0
+        self.commits = 0
         if path:
             self._open(path)
 
@@ -887,11 +889,14 @@ class Store:
                 connection.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", rows)
                 connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", cooldowns.items())
                 self._since_prune += len(rows)
-                if self._since_prune >= 1000 or len(rows) > self.max_events:
+                # Prune in steps of a tenth of the bound (at most 1000 rows), so the table stays
+                # within 1.1 times AUTOHEAL_HISTORY_MAX_EVENTS without a DELETE per commit.
+                if self._since_prune >= min(1000, max(1, self.max_events // 10)):
                     self._since_prune = 0
                     connection.execute("DELETE FROM events WHERE id < ?", (next_id - self.max_events,))
                 connection.execute("COMMIT")
                 self._next_id = next_id
+                self.commits += 1
                 error = None
             except sqlite3.Error as exc:
                 error = f"state file write failed: {exc}"
@@ -939,6 +944,18 @@ class Store:
         finally:
             reader.close()
         return [json.loads(row[0]) for row in rows]
+
+    def get(self, event_id: int) -> Optional[Dict[str, Any]]:
+        """One recorded event by its id."""
+        if self._connection is None:
+            with self._lock:
+                return next((event for event in self._memory if event["id"] == event_id), None)
+        reader = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            row = reader.execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()
+        finally:
+            reader.close()
+        return json.loads(row[0]) if row else None
 
     def close(self) -> None:
         """Commit what is queued and close the database."""
@@ -1440,6 +1457,9 @@ class App:
                           [("", int(self.store.persistent))]),
             format_family("autoheal_state_write_errors_total", "counter",
                           "Failed commits to the state file.", [("", self.store.write_errors)]),
+            format_family("autoheal_state_commits_total", "counter",
+                          "Transactions committed to the state file (records of concurrent requests share one).",
+                          [("", self.store.commits)]),
             format_family("autoheal_event_listeners", "gauge", "Clients connected to /events.", [("", listeners)]),
             format_family("autoheal_actions_running", "gauge", "Commands running now.", [("", self.processes.count())]),
             format_family("autoheal_start_time_seconds", "gauge", "Unix time autoheal started.", [("", self.started_at)]),
@@ -1534,6 +1554,17 @@ class App:
             "createdBy": CREATED_BY, "comment": text,
         })
         return "created", silence_id, ends_at
+
+    def silence_of_event(self, raw_id: str) -> str:
+        """The silence id of an acknowledgement recorded in the history, by the event's id."""
+        try:
+            event_id = parse_int(raw_id, 1, 2**62)
+        except ValueError:
+            raise HttpError(400, f"id: expected the id of an ack event in /history, got {raw_id[:40]!r}") from None
+        event = self.store.get(event_id)
+        if not event or event.get("kind") != "ack" or not event.get("silence_id"):
+            raise HttpError(404, f"id: no acknowledgement with id {event_id} in the history")
+        return event["silence_id"]
 
     def undo(self, silence_id: str, client: str, user_agent: str) -> Dict[str, Any]:
         """Expire a silence, but only one that autoheal created."""
@@ -1796,7 +1827,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except UnicodeDecodeError:
                 raise HttpError(400, "body is not UTF-8 form data") from None
         self._check_token(self.app.config.ack_token, form.get("token"), 403, "token")
-        result = self.app.undo(form.get("silence_id", ""), self.client_address[0],
+        silence_id = form.get("silence_id", "")
+        if not silence_id and form.get("id"):
+            silence_id = self.app.silence_of_event(form["id"])  # an ack withdrawn by its history id
+        result = self.app.undo(silence_id, self.client_address[0],
                                self.headers.get("User-Agent", "")[:300])
         if self._wants_html():
             page = render_page("Silence expired", [

@@ -88,14 +88,10 @@ def webhook(*alerts):
 # ---------------------------------------------------------------------------------------------
 
 
-class Running:
-    """An autoheal App served on 127.0.0.1 on a free port, with its log captured."""
+class Client:
+    """Talks HTTP to an autoheal on 127.0.0.1:port."""
 
-    def __init__(self, app, server, log):
-        self.app = app
-        self.server = server
-        self.log = log
-        self.port = server.port
+    port = 0
 
     def request(self, method, path, body=None, headers=None, timeout=30):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -123,8 +119,55 @@ class Running:
                 return float(line.rsplit(" ", 1)[1])
         return None
 
+
+
+class Running(Client):
+    """An autoheal App served on 127.0.0.1 on a free port, with its log captured."""
+
+    def __init__(self, app, server, log):
+        self.app = app
+        self.server = server
+        self.log = log
+        self.port = server.port
+
     def log_lines(self):
         return self.log.getvalue().splitlines()
+
+
+class AutohealProcess(Client):
+    """autoheal.py as its own process (python3 autoheal.py), on a free port it reports at start."""
+
+    def __init__(self, env, cwd):
+        self.lines = []
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "autoheal.py")], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={"PATH": os.environ["PATH"], "AUTOHEAL_HOST": "127.0.0.1", "AUTOHEAL_PORT": "0", **env})
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        deadline = time.time() + 20
+        while time.time() < deadline and not self.port:
+            if self.process.poll() is not None:
+                self.reader.join(5)
+                pytest.fail(f"autoheal exited with {self.process.returncode}: {self.lines}")
+            time.sleep(0.02)
+        assert self.port, self.lines
+
+    def _read(self):
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            if line.startswith('{"event":"started"'):
+                self.port = json.loads(line)["port"]
+
+    def events(self):
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        status = self.process.wait(timeout)
+        self.reader.join(5)
+        return status
 
 
 class LockedStringIO(io.StringIO):
@@ -1191,3 +1234,254 @@ def test_readme_alertmanager_snippet_passes_amtool_check_config(tmp_path):
     done = subprocess.run([amtool, "check-config", str(tmp_path / "alertmanager.yml")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Durability, history, events, shutdown (the real process)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_cooldowns_and_history_survive_a_restart_and_a_kill(tmp_path, sig):
+    env = {"AUTOHEAL_STATE_FILE": str(tmp_path / "state.db")}
+    first = AutohealProcess(env, tmp_path)
+    assert first.post_alert(WEBHOOK)[1]["results"][0]["result"] == "dry_run"
+    assert first.stop(sig) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    second = AutohealProcess(env, tmp_path)
+    try:
+        result = second.post_alert(WEBHOOK)[1]["results"][0]
+        assert result["result"] == "cooldown_skip" and 590 <= result["cooldown_remaining_seconds"] <= 600
+        events = second.json("GET", "/history")[1]["events"]
+        assert [(e["kind"], e["result"]) for e in events] == [("decision", "cooldown_skip"), ("decision", "dry_run")]
+        assert events[1]["labels"] == WEBHOOK["alerts"][0]["labels"]
+        assert events[1]["fingerprint"] == "666d2cad1d47bd80"
+        assert events[1]["starts_at"] == "2026-11-28T16:47:26.913968975Z"
+        assert second.metric("autoheal_state_persistent") == 1
+        assert second.metric('autoheal_cooldown_remaining_seconds{alertname="TcpEndpointDownFast"}') > 590
+    finally:
+        assert second.stop() == 0
+
+
+def test_an_action_that_ran_a_minute_before_the_kill_is_still_in_cooldown(tmp_path):
+    state = tmp_path / "state.db"
+    env = {"AUTOHEAL_STATE_FILE": str(state)}
+    first = AutohealProcess(env, tmp_path)
+    first.post_alert(WEBHOOK)
+    first.stop(signal.SIGKILL)
+    with sqlite3.connect(state) as db:  # move the recorded start a minute into the past
+        db.execute("UPDATE cooldowns SET started_at = started_at - 60")
+    second = AutohealProcess(env, tmp_path)
+    try:
+        result = second.post_alert(WEBHOOK)[1]["results"][0]
+        assert result["result"] == "cooldown_skip" and 530 <= result["cooldown_remaining_seconds"] <= 540
+    finally:
+        second.stop()
+
+
+def test_explicit_state_file_that_cannot_be_opened_stops_the_start(tmp_path):
+    done = run_module([], {"AUTOHEAL_STATE_FILE": str(tmp_path / "missing-dir" / "state.db")})
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: AUTOHEAL_STATE_FILE: cannot open")
+    (tmp_path / "garbage.db").write_bytes(b"this is not a database" * 100)
+    done = run_module([], {"AUTOHEAL_STATE_FILE": str(tmp_path / "garbage.db")})
+    assert done.returncode == 2 and "AUTOHEAL_STATE_FILE" in done.stderr
+
+
+def test_unusable_default_location_runs_memory_only_with_a_warning_and_a_metric(tmp_path):
+    # Root may write anywhere, so the default file is made unusable by being a directory.
+    (tmp_path / "autoheal-state.db").mkdir()
+    running = AutohealProcess({}, tmp_path)
+    try:
+        assert running.metric("autoheal_state_persistent") == 0
+        assert running.json("GET", "/")[1]["state_persistent"] is False
+        assert running.post_alert(WEBHOOK)[1]["results"][0]["result"] == "dry_run"
+        assert len(running.json("GET", "/history")[1]["events"]) == 1
+    finally:
+        assert running.stop() == 0
+    warnings = [e for e in running.events() if e.get("event") == "warning"]
+    assert warnings and "memory only" in warnings[0]["message"]
+
+
+def test_empty_state_file_means_memory_only(tmp_path):
+    running = AutohealProcess({"AUTOHEAL_STATE_FILE": ""}, tmp_path)
+    try:
+        running.post_alert(WEBHOOK)
+        assert running.metric("autoheal_state_persistent") == 0
+    finally:
+        running.stop()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_writers_all_recorded_without_lock_errors(tmp_path):
+    path = actions_file(tmp_path, {f"A{i}": {"command": ["true"], "cooldown_sec": 0} for i in range(16)})
+    with serving({"AUTOHEAL_STATE_FILE": str(tmp_path / "state.db"), "AUTOHEAL_ACTIONS_FILE": path,
+                  "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0"}) as running:
+        failures = []
+
+        def writer(index):
+            for _ in range(25):
+                status, body = running.post_alert(webhook(alert(f"A{index}")))
+                if status != 200 or body["results"][0]["result"] != "dry_run":
+                    failures.append((status, body))
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        assert len(running.json("GET", "/history?limit=1000")[1]["events"]) == 400
+        assert running.metric("autoheal_state_write_errors_total") == 0
+        assert "locked" not in running.log.getvalue()
+        # Group commit: the records of concurrent requests share transactions.
+        assert 0 < running.metric("autoheal_state_commits_total") <= 400
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 400
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize("state", ["memory", "sqlite"])
+def test_history_filters_and_bounds(tmp_path, state):
+    path = actions_file(tmp_path, {"A": {"command": ["true"], "cooldown_sec": 0},
+                                   "B": {"command": ["true"], "cooldown_sec": 0}})
+    env = {"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_HISTORY_MAX_EVENTS": "20", "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0",
+           "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db") if state == "sqlite" else ""}
+    with serving(env) as running:
+        for _ in range(3):
+            running.post_alert(webhook(alert("A"), alert("B")))
+        time.sleep(0.05)  # RFC 3339 below has millisecond precision
+        middle = time.time()
+        time.sleep(0.05)
+        running.post_alert(webhook(alert("B")))
+        events = running.json("GET", "/history")[1]["events"]
+        assert len(events) == 7 and [e["id"] for e in events] == sorted((e["id"] for e in events), reverse=True)
+        assert [e["alertname"] for e in running.json("GET", "/history?alertname=A")[1]["events"]] == ["A"] * 3
+        assert len(running.json("GET", "/history?limit=2")[1]["events"]) == 2
+        assert len(running.json("GET", f"/history?since={middle}")[1]["events"]) == 1
+        rfc = autoheal.format_rfc3339(middle)
+        assert len(running.json("GET", "/history?since=" + urllib.parse.quote(rfc))[1]["events"]) == 1
+        for query, name in [("limit=0", "limit"), ("limit=abc", "limit"), ("limit=100000", "limit"),
+                            ("since=yesterday", "since")]:
+            status, body = running.json("GET", "/history?" + query)
+            assert status == 400 and body["error"].startswith(name + ":"), body
+        for _ in range(30):
+            running.post_alert(webhook(alert("A")))
+        kept = running.json("GET", "/history?limit=1000")[1]["events"]
+        assert 20 <= len(kept) <= 22 and kept[0]["id"] == 37  # retention: the newest are kept
+
+
+def read_sse(sock_file, predicate, timeout=10):
+    """Read Server-Sent Events lines until predicate(line) holds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = sock_file.readline().decode()
+        if not line:
+            raise AssertionError("stream closed")
+        if predicate(line):
+            return line
+    raise AssertionError("nothing matched in time")
+
+
+def open_stream(port):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+    stream = sock.makefile("rb")
+    status_line = stream.readline()
+    headers = {}
+    for line in iter(stream.readline, b"\r\n"):
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    return sock, stream, status_line, headers
+
+
+def test_event_stream_delivers_new_decisions_and_heartbeats(tmp_path):
+    with serving({"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"), "AUTOHEAL_EVENTS_HEARTBEAT_SEC": "0.3"}) as running:
+        sock, stream, status_line, headers = open_stream(running.port)
+        try:
+            assert b"200" in status_line and headers["content-type"] == "text/event-stream"
+            assert read_sse(stream, lambda line: line.startswith(": heartbeat"))
+            running.post_alert(WEBHOOK)
+            line = read_sse(stream, lambda line: line.startswith("data: "))
+            event = json.loads(line[len("data: "):])
+            assert (event["kind"], event["alertname"], event["result"]) == ("decision", "TcpEndpointDownFast", "dry_run")
+            assert event == running.json("GET", "/history?limit=1")[1]["events"][0]
+        finally:
+            stream.close()
+            sock.close()
+
+
+def test_event_listeners_are_bounded_and_a_gone_listener_frees_its_slot():
+    with serving({"AUTOHEAL_MAX_EVENT_LISTENERS": "1"}) as running:
+        sock, stream, _, _ = open_stream(running.port)
+        status, body = running.json("GET", "/events")
+        assert status == 429 and "AUTOHEAL_MAX_EVENT_LISTENERS" in body["error"]
+        assert running.metric("autoheal_event_listeners") == 1
+        stream.close()
+        sock.close()  # the client goes away without a word
+        deadline = time.time() + 5
+        while running.metric("autoheal_event_listeners") != 0 and time.time() < deadline:
+            time.sleep(0.1)
+        assert running.metric("autoheal_event_listeners") == 0
+        sock, stream, status_line, _ = open_stream(running.port)
+        assert b"200" in status_line
+        stream.close()
+        sock.close()
+
+
+def test_sigterm_lets_an_in_flight_action_finish(tmp_path):
+    path = actions_file(tmp_path, {"TcpEndpointDownFast": {
+        "command": ["sh", "-c", f"touch {tmp_path / 'started'}; sleep 1; touch {tmp_path / 'finished'}"]}})
+    running = AutohealProcess({**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"),
+                               "AUTOHEAL_SHUTDOWN_GRACE_SEC": "10"}, tmp_path)
+    answers = []
+    poster = threading.Thread(target=lambda: answers.append(running.post_alert(WEBHOOK)))
+    poster.start()
+    wait_for(lambda: (tmp_path / "started").exists())
+    assert running.stop(signal.SIGTERM) == 0
+    poster.join(10)
+    assert (tmp_path / "finished").exists()
+    assert answers[0][1]["results"][0]["result"] == "executed"
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert db.execute("SELECT kind, result FROM events ORDER BY id").fetchall() == [
+            ("run", "started"), ("decision", "executed")]
+
+
+def test_sigterm_kills_what_outlives_the_grace_period_and_records_it(tmp_path):
+    path = actions_file(tmp_path, {"TcpEndpointDownFast": {
+        "command": ["sh", "-c", f"touch {tmp_path / 'started'}; sleep 60"], "timeout_sec": 120}})
+    running = AutohealProcess({**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"),
+                               "AUTOHEAL_SHUTDOWN_GRACE_SEC": "1"}, tmp_path)
+    answers = []
+    poster = threading.Thread(target=lambda: answers.append(running.post_alert(WEBHOOK)))
+    poster.start()
+    wait_for(lambda: (tmp_path / "started").exists())
+    started = time.monotonic()
+    running.process.send_signal(signal.SIGINT)
+    assert running.stop(timeout=15) == 0
+    assert time.monotonic() - started < 10
+    poster.join(10)
+    result = answers[0][1]["results"][0]
+    assert result["result"] == "error" and "shutting down" in result["error"]
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        rows = db.execute("SELECT kind, result, body FROM events ORDER BY id").fetchall()
+    assert [(kind, result) for kind, result, _ in rows] == [("run", "started"), ("decision", "error")]
+    assert "shutting down" in json.loads(rows[1][2])["error"]
+
+
+def wait_for(condition, timeout=10):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_an_ack_in_the_history_can_be_withdrawn_by_its_id(alertmanager):
+    with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
+        running.json("GET", ack_path({"alertname": "AckById"}))
+        event = running.json("GET", "/history?limit=1")[1]["events"][0]
+        assert event["kind"] == "ack"
+        status, body = running.json("POST", "/ack/undo", f"id={event['id']}".encode())
+        assert status == 200 and body["silence_id"] == event["silence_id"]
+        assert silences_for(alertmanager, "AckById")[0]["status"]["state"] == "expired"
+        status, body = running.json("POST", "/ack/undo", b"id=999999")
+        assert status == 404 and body["error"].startswith("id:")
