@@ -1485,3 +1485,199 @@ def test_an_ack_in_the_history_can_be_withdrawn_by_its_id(alertmanager):
         assert silences_for(alertmanager, "AckById")[0]["status"]["state"] == "expired"
         status, body = running.json("POST", "/ack/undo", b"id=999999")
         assert status == 404 and body["error"].startswith("id:")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Prometheus side and the stack
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rules_pass_promtool_check_and_their_unit_tests():
+    promtool = require("promtool")
+    done = subprocess.run([promtool, "check", "rules", "prometheus-recording-rules.yml"], cwd=HERE,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run([promtool, "test", "rules", "prometheus-recording-rules.test.yml"], cwd=HERE,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
+    rules = (HERE / "prometheus-recording-rules.yml").read_text()
+    for name in ("record: autoheal:cooldown_active", "record: autoheal:actions:rate_5m", "alert: AutohealDown",
+                 "alert: AutohealActionsFailing", "alert: AutohealFlapping", "alert: AutohealStuck"):
+        assert name in rules
+
+
+def compose_mounts():
+    """{service: [(source, target)]} of the bind mounts of files in docker-compose.yml."""
+    import re
+
+    mounts, service, in_services = {}, None, False
+    for line in (HERE / "docker-compose.yml").read_text().splitlines():
+        if re.match(r"^\S", line):
+            in_services = line.startswith("services:")
+            continue
+        match = re.match(r"^  ([a-z][\w-]*):\s*$", line)
+        if in_services and match:
+            service = match.group(1)
+            continue
+        match = re.match(r"^\s+- \./([^:\s]+):(/[^:\s]+)(?::ro)?\s*$", line)
+        if in_services and service and match:
+            mounts.setdefault(service, []).append((HERE / match.group(1), match.group(2)))
+    return mounts
+
+
+def container_layout(tmp_path, service):
+    """The files a service sees, laid out under tmp_path as the compose file mounts them."""
+    for source, target in compose_mounts()[service]:
+        assert source.exists(), f"{service} mounts a missing file {source}"
+        place = tmp_path / target.lstrip("/")
+        place.parent.mkdir(parents=True, exist_ok=True)
+        place.symlink_to(source)
+    return tmp_path
+
+
+def test_compose_file_is_valid():
+    compose = require("docker-compose")
+    done = subprocess.run([compose, "-f", str(HERE / "docker-compose.yml"), "config", "-q"], capture_output=True,
+                          text=True, cwd=HERE)
+    assert done.returncode == 0, done.stderr
+    text = (HERE / "docker-compose.yml").read_text()
+    for needle in ("prom/alertmanager", "prom/prometheus", "/var/run/docker.sock:/var/run/docker.sock",
+                   "AUTOHEAL_ENABLED", "AUTOHEAL_DRY_RUN", "ALERTMANAGER_URL", "AUTOHEAL_PUBLIC_URL",
+                   "COOLDOWN_TCP_DOWN_SEC", "COOLDOWN_UPTIME_FAIL_SEC", "COOLDOWN_SCRAPE_STALE_SEC",
+                   "AUTOHEAL_WEBHOOK_TOKEN", 'profiles: ["dev"]'):
+        assert needle in text, needle
+
+
+def test_prometheus_config_the_compose_file_mounts_passes_promtool(tmp_path):
+    promtool = require("promtool")
+    root = container_layout(tmp_path, "prometheus")
+    done = subprocess.run([promtool, "check", "config", str(root / "etc/prometheus/prometheus.yml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "prometheus-recording-rules.yml" in done.stdout and "job_name: autoheal" in (
+        HERE / "compose/prometheus.yml").read_text()
+
+
+def test_alertmanager_config_the_compose_file_mounts_passes_amtool(tmp_path):
+    amtool = require("amtool")
+    root = container_layout(tmp_path, "alertmanager")
+    config = root / "etc/alertmanager/alertmanager.yml"
+    done = subprocess.run([amtool, "check-config", str(config)], capture_output=True, text=True)
+    assert done.returncode == 0 and "1 templates" in done.stdout, done.stdout + done.stderr
+    text = config.read_text()
+    assert "url: http://autoheal:9009/alert" in text and "type: Bearer" in text
+    assert 'template "slack.autoheal.text"' in text
+
+
+def test_every_dashboard_panel_query_parses_and_covers_every_metric(tmp_path):
+    promtool = require("promtool")
+    dashboard = json.loads((HERE / "compose/autoheal-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert exprs
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:panel_{index}", "expr": expr} for index, expr in enumerate(exprs)]}]}
+    (tmp_path / "panels.yml").write_text(json.dumps(rules))  # JSON is YAML
+    done = subprocess.run([promtool, "check", "rules", str(tmp_path / "panels.yml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with serving() as running:
+        _, _, raw = running.request("GET", "/metrics")
+    families = {line.split()[2] for line in raw.decode().splitlines() if line.startswith("# TYPE ")}
+    joined = "\n".join(exprs)
+    for name in sorted(families) + ["autoheal:cooldown_active", "autoheal:actions:rate_5m"]:
+        assert name in joined, f"no panel shows {name}"
+
+
+def test_dockerfile_follows_the_rules_and_hadolint_finds_nothing():
+    text = (HERE / "Dockerfile").read_text()
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "ARG PYTHON_IMAGE=python:3.12-slim" and lines[1] == "FROM ${PYTHON_IMAGE}"
+    assert [line for line in lines if line.startswith(("COPY", "ADD"))] == ["COPY autoheal.py /app/autoheal.py"]
+    assert any(line.startswith("USER ") and not line.startswith(("USER root", "USER 0")) for line in lines)
+    assert 'HEALTHCHECK' in text and 'CMD ["python", "autoheal.py", "--check"]' in text
+    assert "EXPOSE 9009" in lines and "AUTOHEAL_STATE_FILE=/data/autoheal-state.db" in text
+    assert 'VOLUME ["/data"]' in lines and "pip" not in text
+    hadolint = require("hadolint")
+    done = subprocess.run([hadolint, str(HERE / "Dockerfile")], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr
+
+
+def prometheus_query(prometheus, query):
+    _, answer = http_json("GET", prometheus.url + "/api/v1/query?" + urllib.parse.urlencode({"query": query}))
+    return answer["data"]["result"]
+
+
+def test_the_full_loop_prometheus_alertmanager_autoheal(tmp_path):
+    """A real Prometheus scrapes autoheal and fires an opted-in alert; a real Alertmanager
+    delivers it with a bearer token; Prometheus then shows the dry-run decision and cooldown."""
+    prometheus_binary = require("prometheus")
+    with serving({"AUTOHEAL_WEBHOOK_TOKEN": "loop-token"}) as running:
+        alertmanager = start_alertmanager(tmp_path / "am", f"""
+route:
+  receiver: autoheal
+  group_by: ['alertname']
+  group_wait: 1s
+  group_interval: 1s
+receivers:
+  - name: autoheal
+    webhook_configs:
+      - url: http://127.0.0.1:{running.port}/alert
+        send_resolved: true
+        http_config:
+          authorization:
+            type: Bearer
+            credentials: loop-token
+""")
+        (tmp_path / "loop-rules.yml").write_text("""
+groups:
+  - name: loop
+    rules:
+      - alert: TcpEndpointDownFast
+        expr: vector(1)
+        labels:
+          severity: critical
+        annotations:
+          autoheal: "true"
+          summary: the loop test's endpoint is down
+""")
+        (tmp_path / "prometheus.yml").write_text(f"""
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+alerting:
+  alertmanagers:
+    - static_configs:
+        - targets: ['127.0.0.1:{alertmanager.port}']
+rule_files:
+  - {HERE / 'prometheus-recording-rules.yml'}
+  - loop-rules.yml
+scrape_configs:
+  - job_name: autoheal
+    static_configs:
+      - targets: ['127.0.0.1:{running.port}']
+""")
+        prometheus = Peer("prometheus", lambda port: [
+            prometheus_binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
+            "--rules.alert.resend-delay=1s", "--log.level=warn",
+        ], "/-/ready", tmp_path)
+        try:
+            deadline = time.time() + 60
+            decided = active = []
+            while time.time() < deadline:
+                decided = prometheus_query(
+                    prometheus, 'autoheal_actions_total{alertname="TcpEndpointDownFast",result="dry_run"} > 0')
+                active = prometheus_query(prometheus, 'autoheal:cooldown_active{alertname="TcpEndpointDownFast"} == 1')
+                if decided and active:
+                    break
+                time.sleep(0.5)
+            assert decided and float(decided[0]["value"][1]) == 1
+            assert active and active[0]["metric"]["job"] == "autoheal"
+            up = prometheus_query(prometheus, 'up{job="autoheal"}')
+            assert up and up[0]["value"][1] == "1"
+            # Alertmanager used the token: no 401 was counted, the decision is in the history.
+            events = running.json("GET", "/history")[1]["events"]
+            assert [(e["alertname"], e["result"]) for e in events if e["kind"] == "decision"][-1] == (
+                "TcpEndpointDownFast", "dry_run")
+        finally:
+            prometheus.stop()
+            alertmanager.stop()
