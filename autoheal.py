@@ -1707,10 +1707,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def app(self) -> App:
         return self.server.app
 
+    def handle_expect_100(self) -> bool:
+        """The server already answered 100 Continue while it gathered the body."""
+        return True
+
     def _dispatch(self, method: str) -> None:
-        path = urllib.parse.urlsplit(self.path).path if "://" in self.path else self.path.partition("?")[0]
+        path = self.path.partition("?")[0]
         query = self.path.partition("?")[2]
         try:
+            if "://" in path:  # absolute-form request target (RFC 9112 3.2.2)
+                try:
+                    path = urllib.parse.urlsplit(path).path or "/"
+                except ValueError:
+                    raise HttpError(400, "request target is not a valid URL") from None
             route = ROUTES.get(path)
             if route is None:
                 raise HttpError(404, f"no such path {path[:200]!r}; GET / shows the status")
@@ -1735,6 +1744,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- responses ------------------------------------------------------------------------
 
     def _send(self, status: int, body: bytes, content_type: str, headers: Optional[Mapping[str, str]] = None) -> None:
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            # http.server writes no status line nor headers to HTTP/0.9 (and to requests it could
+            # not parse); every client of autoheal gets a whole HTTP/1.1 answer.
+            self.request_version = "HTTP/1.0"
+            self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -1921,13 +1935,18 @@ def simple_response(status: int, message: str) -> bytes:
 
 
 class _Connection:
-    __slots__ = ("sock", "address", "buffer", "deadline")
+    __slots__ = ("sock", "address", "buffer", "deadline", "continued", "closing")
 
     def __init__(self, sock: socket.socket, address: Any, deadline: float):
         self.sock = sock
         self.address = address
         self.buffer = b""
         self.deadline = deadline
+        self.continued = False
+        self.closing = False
+
+
+_EXPECT_CONTINUE = re.compile(rb"\nexpect:[ \t]*100-continue", re.IGNORECASE)
 
 
 class Server:
@@ -1972,6 +1991,10 @@ class Server:
         self._wake_write.setblocking(False)
         self._selector.register(self._wake_read, selectors.EVENT_READ, "wake")
         self._connections: Dict[int, _Connection] = {}
+        # Bytes held in incomplete requests across all connections: bounded, so that many
+        # clients each sending most of a large body cannot exhaust memory together.
+        self._buffered = 0
+        self._buffered_limit = max(16 << 20, 8 * self.config.max_body_bytes)
         self._returned: collections.deque = collections.deque()
         self._tasks: "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]" = queue.SimpleQueue()
         self._busy = 0
@@ -2043,30 +2066,63 @@ class Server:
         if not data:
             self._close(connection)
             return
+        if connection.closing:
+            return  # refused already: read and drop until the client closes or the deadline
+        if self._buffered + len(data) > self._buffered_limit:
+            self._close(connection)  # the server is holding too much unfinished input already
+            return
         connection.buffer += data
+        self._buffered += len(data)
         self._try_dispatch(connection)
 
     def _try_dispatch(self, connection: _Connection) -> None:
         buffer = connection.buffer
         if buffer[:1] in (b"\r", b"\n"):
-            buffer = connection.buffer = buffer.lstrip(b"\r\n")  # RFC 9112: ignore blank lines first
+            buffer = buffer.lstrip(b"\r\n")  # RFC 9112: ignore blank lines before a request
+            self._buffered -= len(connection.buffer) - len(buffer)
+            connection.buffer = buffer
         try:
             length = frame_request(buffer, self.config.max_body_bytes)
         except HttpError as exc:
-            try:
-                connection.sock.send(simple_response(exc.status, exc.message))
-            except OSError:
-                pass
-            self._close(connection)
+            self._refuse(connection, exc)
             return
         if not length:
+            if not connection.continued and _EXPECT_CONTINUE.search(buffer, 0, MAX_HEAD_BYTES) and (
+                    _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)):
+                # curl and others wait for this before sending a body (RFC 9110 10.1.1).
+                connection.continued = True
+                try:
+                    connection.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                except OSError:
+                    pass
             return
+        connection.continued = False
+        # The connection leaves the selector with whatever it holds; counted again on return.
+        self._buffered -= len(buffer)
         request, connection.buffer = buffer[:length], buffer[length:]
         self._selector.unregister(connection.sock)
         del self._connections[connection.sock.fileno()]
         with self._busy_changed:
             self._busy += 1
         self._tasks.put((connection, request))
+
+    def _refuse(self, connection: _Connection, error: HttpError) -> None:
+        """Answer a framing error and close gracefully.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy the
+        answer before the client reads it; so the answer is sent, the sending side shut, and the
+        rest of the input read and dropped for a moment (as web servers' lingering close does).
+        """
+        try:
+            connection.sock.send(simple_response(error.status, error.message))
+            connection.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(connection)
+            return
+        self._buffered -= len(connection.buffer)
+        connection.buffer = b""
+        connection.closing = True
+        connection.deadline = min(connection.deadline, time.monotonic() + 2.0)
 
     def _drain_wake(self) -> None:
         try:
@@ -2078,13 +2134,20 @@ class Server:
         while self._returned:
             connection = self._returned.popleft()
             connection.sock.setblocking(False)
-            connection.deadline = now + self.config.request_timeout_sec
+            if connection.closing:
+                connection.buffer = b""
+                connection.deadline = now + 2.0
+            else:
+                connection.deadline = now + self.config.request_timeout_sec
+                self._buffered += len(connection.buffer)
             self._connections[connection.sock.fileno()] = connection
             self._selector.register(connection.sock, selectors.EVENT_READ, connection)
             if connection.buffer:
                 self._try_dispatch(connection)  # a pipelined request already waiting
 
     def _close(self, connection: _Connection) -> None:
+        self._buffered -= len(connection.buffer)
+        connection.buffer = b""
         fileno = connection.sock.fileno()
         if self._connections.get(fileno) is connection:
             del self._connections[fileno]
@@ -2116,6 +2179,15 @@ class Server:
             if verdict == "keep" and not self.stopping:
                 self._returned.append(connection)
                 self._wake()
+            elif verdict == "close" and not self.stopping:
+                # Lingering close, as in _refuse: unread input must not reset the answer away.
+                try:
+                    connection.sock.shutdown(socket.SHUT_WR)
+                    connection.closing = True
+                    self._returned.append(connection)
+                    self._wake()
+                except OSError:
+                    connection.sock.close()
             elif verdict != "detached":
                 connection.sock.close()
             with self._busy_changed:

@@ -1681,3 +1681,254 @@ scrape_configs:
         finally:
             prometheus.stop()
             alertmanager.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Under abuse: limits, slow clients, floods, the global budget, fuzzing
+# ---------------------------------------------------------------------------------------------
+
+
+def raw_exchange(port, data, timeout=5, shutdown=False):
+    """Send raw bytes, return everything the server answers until it closes or goes quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if shutdown:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks) and not shutdown:
+                    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+                    length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")]
+                    if length and len(body) >= length[0]:
+                        break
+        except socket.timeout:
+            pass
+    return b"".join(chunks)
+
+
+def status_of(answer):
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.") else None
+
+
+def test_request_limits_are_4xx_and_the_big_body_is_refused_before_it_is_sent():
+    with serving() as running:
+        cases = [
+            (b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n", 413),  # no body sent at all
+            (b"POST /alert HTTP/1.1\r\nHost: x\r\n\r\n", 411),
+            (b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+            (b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400),
+            (b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+            (b"POST /alert HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+            (b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\n\r\n", 414),
+            (b"GET / HTTP/1.1\r\n" + b"X-Filler: " + b"b" * 20000 + b"\r\n\r\n", 431),
+            (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n", 431),
+            (b"GET / HTTP/9.9\r\n\r\n", 400),
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage-tls-hello\r\n\r\n", 400),
+        ]
+        for raw, expected in cases:
+            answer = raw_exchange(running.port, raw)
+            assert status_of(answer) == expected, (raw[:60], answer[:200])
+            body = answer.partition(b"\r\n\r\n")[2]
+            assert json.loads(body)["ok"] is False and b"Traceback" not in answer
+        assert running.json("GET", "/")[0] == 200
+
+
+def test_expect_100_continue_is_answered_at_once():
+    body = json.dumps(WEBHOOK).encode()
+    with serving() as running, socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
+        sock.sendall(b"POST /alert HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = sock.recv(65536)
+        assert status_of(answer) == 200 and b'"dry_run"' in answer and b"100 Continue" not in answer
+
+
+def test_a_slow_client_is_dropped_and_idle_keep_alive_closes():
+    with serving({"AUTOHEAL_REQUEST_TIMEOUT_SEC": "1"}) as running:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as slow:
+            slow.sendall(b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            started = time.monotonic()
+            assert slow.recv(100) == b""  # dropped, not answered
+            assert 0.9 < time.monotonic() - started < 4
+        connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=5)
+        connection.request("GET", "/")
+        assert connection.getresponse().read()
+        started = time.monotonic()
+        assert connection.sock.recv(100) == b""  # the idle keep-alive connection is closed
+        assert time.monotonic() - started < 4
+        connection.close()
+
+
+def test_300_half_open_connections_do_not_hold_the_server():
+    with serving() as running:
+        threads_before = threading.active_count()
+        half_open = []
+        try:
+            for index in range(300):
+                sock = socket.create_connection(("127.0.0.1", running.port), timeout=5)
+                sock.sendall(b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"alerts\": [" if index % 2
+                             else b"GET / HTTP/1.1\r\nHost: x\r\n")
+                half_open.append(sock)
+            time.sleep(0.2)
+            for method, path, body in (("GET", "/", None), ("POST", "/alert", WEBHOOK)):
+                status, _, _ = running.request(method, path, body, timeout=1)  # within a second, or it fails
+                assert status == 200
+            assert threading.active_count() == threads_before  # no thread per connection
+        finally:
+            for sock in half_open:
+                sock.close()
+
+
+def test_a_connection_flood_cannot_lock_out_new_clients():
+    with serving({"AUTOHEAL_MAX_CONNECTIONS": "50"}) as running:
+        threads_before = threading.active_count()
+        flood = [socket.create_connection(("127.0.0.1", running.port), timeout=5) for _ in range(120)]
+        try:
+            assert running.request("GET", "/", timeout=2)[0] == 200
+            assert threading.active_count() == threads_before
+            # The longest-idle connections were dropped to make room.
+            flood[0].settimeout(2)
+            assert flood[0].recv(10) == b""
+        finally:
+            for sock in flood:
+                sock.close()
+
+
+def test_the_global_budget_rate_limits_a_storm_of_different_alerts(tmp_path):
+    path = actions_file(tmp_path, {f"Storm{i}": {"command": ["true"]} for i in range(5)})
+    with serving({"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "3"}) as running:
+        assert running.metric("autoheal_action_budget_exhausted") == 0
+        _, body = running.post_alert(webhook(*[alert(f"Storm{i}") for i in range(5)]))
+        assert [r["result"] for r in body["results"]] == ["dry_run"] * 3 + ["rate_limited"] * 2
+        assert "budget of 3 actions per hour" in body["results"][3]["reason"]
+        assert running.metric('autoheal_actions_total{alertname="Storm4",result="rate_limited"}') == 1
+        assert running.metric("autoheal_action_budget_exhausted") == 1
+        assert running.metric("autoheal_action_budget_remaining") == 0
+        assert running.json("GET", "/")[1]["action_budget_remaining"] == 0
+        # A rate-limited alert did not start its cooldown: it is not in cooldown_skip later.
+        assert running.metric('autoheal_cooldown_remaining_seconds{alertname="Storm4"}') == 0
+    with serving({"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0"}) as running:
+        _, body = running.post_alert(webhook(*[alert(f"Storm{i}") for i in range(5)]))
+        assert [r["result"] for r in body["results"]] == ["dry_run"] * 5
+        assert running.metric("autoheal_action_budget_exhausted") == 0
+
+
+def test_the_budget_survives_a_restart(tmp_path):
+    path = actions_file(tmp_path, {f"Storm{i}": {"command": ["true"]} for i in range(3)})
+    env = {"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "2",
+           "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}
+    with serving(env) as running:
+        running.post_alert(webhook(alert("Storm0"), alert("Storm1")))
+    with serving(env) as running:
+        assert running.post_alert(webhook(alert("Storm2")))[1]["results"][0]["result"] == "rate_limited"
+
+
+def test_wrong_tokens_are_never_echoed_nor_logged(alertmanager):
+    with serving({"AUTOHEAL_WEBHOOK_TOKEN": "right-1", "AUTOHEAL_ACK_TOKEN": "right-2",
+                  "ALERTMANAGER_URL": alertmanager.url}) as running:
+        _, _, raw = running.request("POST", "/alert", WEBHOOK, {"Authorization": "Bearer guess-one"})
+        assert b"guess-one" not in raw and b"right-1" not in raw
+        _, _, raw = running.request("GET", ack_path({"alertname": "AckTok"}, token="guess-two"))
+        assert b"guess-two" not in raw and b"right-2" not in raw
+        running.request("GET", ack_path({"alertname": "AckTok"}, token="right-2"))
+        log = running.log.getvalue()
+    for secret in ("guess-one", "guess-two", "right-1", "right-2"):
+        assert secret not in log
+
+
+def resident_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def fuzz_requests(rng, count):
+    """Random and malformed requests: (raw bytes) for every path and method."""
+    paths = ["/", "/metrics", "/alert", "/ack", "/ack/undo", "/history", "/events", "/nope", "//", "/%00", "/ack/",
+             "http://x/alert", "*", "/" + "a" * 300]
+    methods = ["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "BREW", "get", "G\x00T"]
+    values = [None, True, 0, -1, 1e308, "x", "", [], {}, [1, "a"], {"a": {"b": [None]}}, "\u0000\ud800", "é" * 50]
+
+    def random_json(depth=0):
+        kind = rng.random()
+        if depth > 3 or kind < 0.4:
+            return rng.choice(values)
+        if kind < 0.7:
+            return [random_json(depth + 1) for _ in range(rng.randint(0, 4))]
+        return {rng.choice(["alerts", "status", "labels", "annotations", "alertname", "version", "x"]):
+                random_json(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    def mutated_webhook():
+        payload = json.loads(json.dumps(WEBHOOK))
+        target = payload["alerts"][0]
+        key = rng.choice(["status", "labels", "annotations", "fingerprint", "startsAt", "alerts", "version"])
+        (payload if key in ("alerts", "version") else target)[key] = random_json()
+        if rng.random() < 0.3:
+            target["labels"] = {"alertname": rng.choice(["TcpEndpointDownFast", "Fuzz", "\n\"x"]),
+                                "v": "".join(chr(rng.randint(1, 0x2FFF)) for _ in range(20))}
+        return json.dumps(payload).encode()
+
+    bodies = [
+        lambda: bytes(rng.randint(0, 255) for _ in range(rng.randint(0, 400))),
+        lambda: json.dumps(random_json()).encode(),
+        mutated_webhook,
+        lambda: b"[" * rng.randint(50, 50000) + b"]" * rng.randint(0, 50000),
+        lambda: b'{"alerts": [' + b",".join([json.dumps(alert("Fuzz")).encode()] * rng.randint(1, 3000)) + b"]}",
+        lambda: b'{"alerts": "' + b"x" * rng.randint(1000, 900000) + b'"}',
+    ]
+    queries = [
+        lambda: "",
+        lambda: "?" + urllib.parse.urlencode({"labels": json.dumps(random_json()), "duration": rng.choice(
+            ["30m", "0", "-1h", "99999999999w", "1h30m", "x", ""])}),
+        lambda: "?labels=%7B%22alertname%22%3A%22Fuzz%22%7D&duration=1m&comment=" + "%FF%FE" * rng.randint(0, 20),
+        lambda: "?" + "&".join(f"k{i}=v" for i in range(rng.randint(0, 200))),
+        lambda: "?limit=" + rng.choice(["-1", "0", "5", "1e9", "x", "%00"]) + "&since=" + rng.choice(["", "x", "1e400", "2026-13-01T00:00:00Z"]),
+        lambda: "?silence_id=" + rng.choice(["", "x", "00000000-0000-0000-0000-000000000000"]) + "&id=" + rng.choice(["1", "-1", "x"]),
+    ]
+    for _ in range(count):
+        if rng.random() < 0.1:
+            yield bytes(rng.randint(0, 255) for _ in range(rng.randint(1, 2000))) + b"\r\n\r\n"
+            continue
+        method = rng.choice(methods)
+        target = rng.choice(paths) + rng.choice(queries)()
+        body = rng.choice(bodies)() if method not in ("GET", "HEAD") or rng.random() < 0.1 else b""
+        headers = [f"Host: fuzz", "Connection: close", f"User-Agent: {rng.choice(['fuzz', 'Slackbot-LinkExpanding', ''])}"]
+        if rng.random() < 0.9:
+            headers.append(f"Content-Length: {len(body) if rng.random() < 0.9 else rng.choice([-1, 10**30, len(body) + 5])}")
+        if rng.random() < 0.1:
+            headers.append(rng.choice(["Authorization: Bearer x", "Accept: text/html", "Transfer-Encoding: chunked",
+                                       "Expect: 100-continue", "Content-Type: application/json"]))
+        yield (f"{method} {target} HTTP/1.{rng.choice([0, 1])}\r\n" + "\r\n".join(headers) + "\r\n\r\n").encode(
+            "utf-8", "surrogateescape") + body
+
+
+def test_fuzz_never_gets_a_5xx_nor_kills_the_server_and_memory_stays_bounded(tmp_path, alertmanager):
+    running = AutohealProcess({"ALERTMANAGER_URL": alertmanager.url, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"),
+                               "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0", "AUTOHEAL_REQUEST_TIMEOUT_SEC": "2"}, tmp_path)
+    try:
+        rng = random.Random(20261128)
+        statuses = {}
+        warmup = None
+        for index, raw in enumerate(fuzz_requests(rng, 3000)):
+            if index == 300:
+                warmup = resident_kib(running.process.pid)
+            answer = raw_exchange(running.port, raw, timeout=10, shutdown=True)
+            status = status_of(answer)
+            statuses[status] = statuses.get(status, 0) + 1
+            assert status is None or status < 500, (raw[:300], answer[:500])
+            assert b"Traceback" not in answer
+            assert running.process.poll() is None
+        assert statuses.get(200, 0) > 100 and statuses.get(400, 0) > 100, statuses
+        assert running.json("GET", "/")[1]["status"] == "ok"
+        grown = resident_kib(running.process.pid) - warmup
+        assert grown < 40 * 1024, f"resident memory grew by {grown} KiB"
+    finally:
+        assert running.stop() == 0
+    assert not [e for e in running.events() if e.get("event") == "error"]
