@@ -44,6 +44,8 @@ with exit status 2 and one line naming the variable):
     AUTOHEAL_MAX_EVENT_LISTENERS=16      GET /events streams at once
     AUTOHEAL_EVENTS_HEARTBEAT_SEC=15     comment line sent to idle /events listeners
     AUTOHEAL_SHUTDOWN_GRACE_SEC=10       on SIGTERM, how long in-flight actions may finish
+    DOCKER_HOST=unix:///var/run/docker.sock   Docker Engine API of docker_api actions (or tcp://host:port)
+    COMPOSE_PROJECT_NAME=unset           docker compose restart acts within this project only
 
 Endpoints:
     GET  /                 status: enabled, dry_run, actions, cooldowns, public_base_url, version
@@ -56,7 +58,9 @@ Endpoints:
     GET  /history          ?limit=N&alertname=X&since=<unix or RFC 3339>: recorded events, newest first
     GET  /events           Server-Sent Events: one "data: <JSON>" per new event
 
-Actions run as an argument vector, never through a shell; the alert reaches the command only
+Actions with "docker_api": true (the built-in ones) are "docker restart NAME..." or "docker
+compose restart SERVICE..." carried out through the Docker Engine API (API 1.41, no docker CLI
+needed); every other action runs as an argument vector, never through a shell; the alert reaches the command only
 through environment variables: AUTOHEAL_ALERTNAME, AUTOHEAL_FINGERPRINT, AUTOHEAL_LABEL_<NAME>,
 AUTOHEAL_ANNOTATION_<NAME> (names upper-cased, every character outside A-Z0-9_ turned into _).
 A command past its timeout is killed with its whole process group.
@@ -110,6 +114,10 @@ BUILTIN_ACTIONS = (
     ("UptimeProbeFailing", "docker compose restart grafana prometheus", "COOLDOWN_UPTIME_FAIL_SEC"),
 )
 
+# Docker 20.10 speaks API 1.41, and every newer engine still serves it.
+DOCKER_API_VERSION = "1.41"
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
 OUTPUT_TAIL_BYTES = 4096
 MAX_REQUEST_LINE = 8192
 MAX_HEAD_BYTES = 16384
@@ -157,6 +165,12 @@ class Action:
     display: str
     cooldown_sec: float
     timeout_sec: float
+    docker_api: bool = False
+
+    @property
+    def stop_timeout_sec(self) -> int:
+        """Docker's stop timeout for a restart: min(10, timeout - 5), so the timeout always exceeds it."""
+        return max(0, min(10, int(self.timeout_sec) - 5))
 
 
 @dataclass(frozen=True)
@@ -189,6 +203,8 @@ class Config:
     max_event_listeners: int = 16
     events_heartbeat_sec: float = 15.0
     shutdown_grace_sec: float = 10.0
+    docker_host: str = DEFAULT_DOCKER_HOST
+    compose_project: Optional[str] = None
 
     @property
     def executes(self) -> bool:
@@ -232,6 +248,8 @@ class Config:
         take("max_event_listeners", "AUTOHEAL_MAX_EVENT_LISTENERS", lambda raw: parse_int(raw, 0, 10000))
         take("events_heartbeat_sec", "AUTOHEAL_EVENTS_HEARTBEAT_SEC", parse_positive_seconds)
         take("shutdown_grace_sec", "AUTOHEAL_SHUTDOWN_GRACE_SEC", parse_seconds)
+        take("docker_host", "DOCKER_HOST", parse_docker_host)
+        values["compose_project"] = env.get("COMPOSE_PROJECT_NAME") or None
         if "AUTOHEAL_STATE_FILE" in env:
             values["state_file"] = env["AUTOHEAL_STATE_FILE"]
             values["state_file_explicit"] = True
@@ -257,7 +275,7 @@ class Config:
             except ValueError as exc:
                 problems.append(f"AUTOHEAL_ACTIONS_FILE: {exc} ({actions_file})")
         else:
-            table = {name: {"command": command} for name, command, _variable in BUILTIN_ACTIONS}
+            table = {name: {"command": command, "docker_api": True} for name, command, _variable in BUILTIN_ACTIONS}
             values["actions"] = build_actions(table, default_cooldown, default_timeout, named_cooldowns)
 
         if problems:
@@ -324,6 +342,21 @@ def parse_host(raw: str) -> str:
     if not text or any(ch.isspace() or ch in "/?#@" for ch in text):
         raise ValueError("expected a host name or IP address")
     return text
+
+
+def parse_docker_host(raw: str) -> str:
+    """DOCKER_HOST as the docker CLI takes it: unix:///path or tcp://host:port."""
+    text = raw.strip() or DEFAULT_DOCKER_HOST
+    parts = urllib.parse.urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme == "unix" and parts.path:
+        return text
+    if parts.scheme == "tcp" and parts.hostname and port:
+        return text
+    raise ValueError("expected unix:///path/to/docker.sock or tcp://host:port")
 
 
 def parse_token(raw: str) -> Optional[str]:
@@ -395,7 +428,7 @@ def build_actions(
         where = f"action {alertname!r}"
         if not alertname or not isinstance(entry, dict):
             raise ValueError(f"{where}: expected a table with a command")
-        unknown = set(entry) - {"command", "cooldown_sec", "timeout_sec"}
+        unknown = set(entry) - {"command", "cooldown_sec", "timeout_sec", "docker_api"}
         if unknown:
             raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r}")
         command = entry.get("command")
@@ -414,12 +447,21 @@ def build_actions(
             raise ValueError(f"{where}: command is empty")
         cooldown = _number_field(entry, "cooldown_sec", where, allow_zero=True)
         timeout = _number_field(entry, "timeout_sec", where, allow_zero=False)
+        docker_api = entry.get("docker_api", False)
+        if not isinstance(docker_api, bool):
+            raise ValueError(f"{where}: docker_api must be true or false")
+        if docker_api:
+            try:
+                docker_plan(argv)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
         actions[alertname] = Action(
             alertname=alertname,
             argv=argv,
             display=display,
             cooldown_sec=cooldown if cooldown is not None else named_cooldowns.get(alertname, default_cooldown),
             timeout_sec=timeout if timeout is not None else default_timeout,
+            docker_api=docker_api,
         )
     return actions
 
@@ -738,6 +780,129 @@ def run_command(
     if status < 0:
         return RunOutcome("error", status, duration, output, f"killed by signal {-status}")
     return RunOutcome("failed", status, duration, output)
+
+
+def docker_plan(argv: Tuple[str, ...]) -> Tuple[str, Tuple[str, ...]]:
+    """What a Docker action does: ("restart", containers) or ("compose-restart", services)."""
+    words = tuple(argv)
+    if words[:2] == ("docker", "restart"):
+        kind, names = "restart", words[2:]
+    elif words[:3] == ("docker", "compose", "restart") or words[:2] == ("docker-compose", "restart"):
+        kind, names = "compose-restart", words[3:] if words[0] == "docker" else words[2:]
+    else:
+        raise ValueError("docker_api actions are 'docker restart NAME...' or 'docker compose restart SERVICE...'")
+    if not names or any(not name or name.startswith("-") for name in names):
+        raise ValueError("docker_api actions name one or more containers or services, without options")
+    return kind, names
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket, as the Docker Engine API is usually reached."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class DockerRefused(Exception):
+    """The Docker daemon answered with an error (no such container, conflict, ...)."""
+
+
+class DockerClient:
+    """Just enough of the Docker Engine API: list containers, restart one."""
+
+    def __init__(self, docker_host: str):
+        self.docker_host = docker_host
+        parts = urllib.parse.urlsplit(docker_host)
+        self._unix_path = parts.path if parts.scheme == "unix" else None
+        self._host = parts.hostname or ""
+        self._port = parts.port if parts.scheme == "tcp" else None
+
+    def call(self, method: str, path: str, timeout: float) -> Any:
+        """One API call; DockerRefused on an error answer, OSError when the daemon does not answer."""
+        if self._unix_path is not None:
+            connection: http.client.HTTPConnection = _UnixHTTPConnection(self._unix_path, timeout)
+        else:
+            connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        try:
+            connection.request(method, f"/v{DOCKER_API_VERSION}{path}", headers={"Host": "docker"})
+            response = connection.getresponse()
+            raw = response.read(8 << 20)
+        except http.client.HTTPException as exc:
+            raise OSError(f"bad answer: {exc!r}") from None
+        finally:
+            connection.close()
+        try:
+            data = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        except (UnicodeDecodeError, ValueError):
+            data = raw.decode("utf-8", "replace").strip()
+        if response.status >= 400:
+            message = data.get("message", data) if isinstance(data, dict) else data
+            raise DockerRefused(f"Error response from daemon: {message}")
+        return data
+
+    def service_containers(self, service: str, project: Optional[str], timeout: float) -> List[str]:
+        """Names of the containers of a compose service (within a project when given)."""
+        labels = [f"com.docker.compose.service={service}"]
+        if project:
+            labels.append(f"com.docker.compose.project={project}")
+        query = urllib.parse.urlencode({"all": "1", "filters": json.dumps({"label": labels})})
+        containers = self.call("GET", f"/containers/json?{query}", timeout) or []
+        return sorted(c["Names"][0].lstrip("/") if c.get("Names") else c["Id"] for c in containers)
+
+    def restart(self, name: str, stop_timeout: int, timeout: float) -> None:
+        self.call("POST", f"/containers/{urllib.parse.quote(name, safe='')}/restart?t={stop_timeout}", timeout)
+
+
+def run_docker_action(action: Action, client: DockerClient, project: Optional[str]) -> RunOutcome:
+    """Carry out docker restart / docker compose restart through the Engine API.
+
+    Outcomes mirror the CLI: restarted = executed (exit status 0); the daemon refusing = failed
+    (exit status 1, its message in the output); the daemon unreachable or too slow = error.
+    """
+    started = time.monotonic()
+    deadline = started + action.timeout_sec
+    kind, names = docker_plan(action.argv)
+    lines: List[str] = []
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout(f"timed out after {format_value(action.timeout_sec)}s")
+        return left
+
+    try:
+        if kind == "restart":
+            targets = list(names)
+        else:
+            targets = []
+            for service in names:
+                found = client.service_containers(service, project, remaining())
+                if not found:
+                    where = f" in project {project!r}" if project else ""
+                    raise DockerRefused(f"no container of compose service {service!r}{where}")
+                targets.extend(found)
+        for name in targets:
+            client.restart(name, action.stop_timeout_sec, remaining())
+            lines.append(f"restarted {name}")
+    except DockerRefused as exc:
+        lines.append(str(exc))
+        return RunOutcome("failed", 1, time.monotonic() - started, "\n".join(lines) + "\n")
+    except OSError as exc:
+        reason = str(exc) or type(exc).__name__
+        return RunOutcome("error", None, time.monotonic() - started, "\n".join(lines) + "\n" if lines else "",
+                          f"Docker daemon at {client.docker_host} did not answer: {reason}")
+    return RunOutcome("executed", 0, time.monotonic() - started, "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1140,6 +1305,7 @@ class App:
         self.processes = ProcessRegistry()
         self.started_at = time.time()
         self.alertmanager = AlertmanagerClient(config.alertmanager_url, config.alertmanager_timeout_sec)
+        self.docker = DockerClient(config.docker_host)
         self._log_stream = log_stream
         self._log_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -1323,7 +1489,11 @@ class App:
         action = decision.action
         assert action is not None
         with self._action_slots:
-            outcome = run_command(action.argv, command_environment(self.env, alert), action.timeout_sec, self.processes)
+            if action.docker_api:
+                outcome = run_docker_action(action, self.docker, self.config.compose_project)
+            else:
+                outcome = run_command(action.argv, command_environment(self.env, alert), action.timeout_sec,
+                                      self.processes)
         decision.outcome = outcome
         decision.result = outcome.result
         with self._lock:

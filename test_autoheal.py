@@ -1932,3 +1932,232 @@ def test_fuzz_never_gets_a_5xx_nor_kills_the_server_and_memory_stays_bounded(tmp
     finally:
         assert running.stop() == 0
     assert not [e for e in running.events() if e.get("event") == "error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real peers: a Docker engine of the suite's own
+# ---------------------------------------------------------------------------------------------
+
+BASE_IMAGE = "autoheal-test-base:bookworm"
+
+
+class DockerEngine:
+    """A dockerd started on private paths, reaching nothing outside (see shared/reference/PEERS.md)."""
+
+    def __init__(self, root):
+        self.root = root
+        self.socket = root / "docker.sock"
+        self.host = f"unix://{self.socket}"
+        self.env = {**os.environ, "DOCKER_HOST": self.host, "DOCKER_API_VERSION": "1.41", "DOCKER_BUILDKIT": "0"}
+        (root / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        (root / "daemon.json").write_text("{}\n")
+        flags = (f"--data-root {root}/data --exec-root {root}/exec --host {self.host} --pidfile {root}/docker.pid"
+                 f" --bridge=none --iptables=false --ip6tables=false --ip-masq=false --userland-proxy=false"
+                 f" --dns 127.0.0.1 --config-file {root}/daemon.json")
+        self.log = open(root / "dockerd.log", "wb")
+        # Its own mount namespace, so that the private resolv.conf (no DNS at all) is all it sees.
+        self.process = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "slave", "--", "sh", "-c",
+             f"mount --bind {root}/resolv.conf /etc/resolv.conf && exec dockerd {flags}"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""})
+        self.api = autoheal.DockerClient(self.host)
+        deadline = time.time() + 30
+        while time.time() < deadline and self.process.poll() is None:
+            try:
+                if self.api.call("GET", "/_ping", 2) == "OK":
+                    return
+            except (OSError, autoheal.DockerRefused):
+                time.sleep(0.1)
+        self.stop()
+        pytest.fail("dockerd could not start here (set AUTOHEAL_SKIP_DOCKER=1 to skip the Docker tests by hand): "
+                    + (root / "dockerd.log").read_text()[-1500:])
+
+    def docker(self, *args, check=True, timeout=120):
+        done = subprocess.run(["docker", *args], capture_output=True, text=True, env=self.env, timeout=timeout)
+        if check:
+            assert done.returncode == 0, f"docker {' '.join(args)}: {done.stdout}{done.stderr}"
+        return done
+
+    def inspect(self, name):
+        return self.api.call("GET", f"/containers/{name}/json", 10)
+
+    def run_sleeper(self, name, labels=()):
+        self.docker("rm", "-f", name, check=False)
+        label_args = [word for label in labels for word in ("--label", label)]
+        self.docker("run", "-d", "--name", name, "--network", "none", "--init", "--pull", "never", *label_args,
+                    BASE_IMAGE, "python3", "-c", "import time; time.sleep(10**9)")
+        return self.inspect(name)["State"]
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # dockerd and the containerd it started
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+def debian_mirror():
+    for sources in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:") and line.rstrip("/").endswith("/debian"):
+                return line.split()[1]
+    return "http://deb.debian.org/debian"
+
+
+def base_image_tarball():
+    """A Debian bookworm root with python3, made by debootstrap once and cached between runs."""
+    cache = Path(os.environ.get("AUTOHEAL_TEST_CACHE", "/var/cache/autoheal-tests"))
+    tarball = cache / "bookworm-python3.tar"
+    if tarball.exists():
+        return tarball
+    require("debootstrap")
+    cache.mkdir(parents=True, exist_ok=True)
+    rootfs = cache / "rootfs"
+    shutil.rmtree(rootfs, ignore_errors=True)
+    done = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3", "bookworm", str(rootfs),
+                           debian_mirror()], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (rootfs / "usr/bin/python").symlink_to("python3")  # as the official python images have it
+    for leftover in (rootfs / "var/cache/apt/archives").glob("*.deb"):
+        leftover.unlink()
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", f"{tarball}.part", "."], check=True)
+    os.replace(f"{tarball}.part", tarball)
+    shutil.rmtree(rootfs, ignore_errors=True)
+    return tarball
+
+
+@pytest.fixture(scope="module")
+def docker_engine():
+    if os.environ.get("AUTOHEAL_SKIP_DOCKER") == "1":
+        pytest.skip("AUTOHEAL_SKIP_DOCKER=1 was set by hand")
+    for binary in ("dockerd", "docker", "unshare"):
+        if shutil.which(binary) is None:
+            pytest.fail(f"{binary} is not installed (.ci/run installs docker.io; AUTOHEAL_SKIP_DOCKER=1 skips by hand)")
+    root = Path(f"/tmp/ahd-{os.getpid()}")  # short: containerd's socket path must fit
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    engine = DockerEngine(root)
+    try:
+        engine.docker("import", "--change", 'CMD ["python3"]', str(base_image_tarball()), BASE_IMAGE, timeout=300)
+        yield engine
+    finally:
+        engine.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_docker_restart_of_crm_api_through_the_engine_api(docker_engine):
+    before = docker_engine.run_sleeper("crm-api")
+    with serving({**REAL, "DOCKER_HOST": docker_engine.host}) as running:  # the built-in action map
+        _, body = running.post_alert(WEBHOOK)
+        result = body["results"][0]
+        assert (result["result"], result["action"], result["exit_status"]) == (
+            "executed", "docker restart crm-api", 0)
+        after = docker_engine.inspect("crm-api")["State"]
+        assert after["Running"] and after["StartedAt"] != before["StartedAt"] and after["Pid"] != before["Pid"]
+        event = running.json("GET", "/history?limit=1")[1]["events"][0]
+        assert event["output_tail"] == "restarted crm-api\n"
+        assert running.metric('autoheal_actions_total{alertname="TcpEndpointDownFast",result="executed"}') == 1
+
+
+def test_docker_compose_restart_restarts_the_services_of_its_project_only(docker_engine):
+    project = "com.docker.compose.project=autoheal-test"
+    states = {
+        "stack-grafana-1": docker_engine.run_sleeper("stack-grafana-1", [project, "com.docker.compose.service=grafana"]),
+        "stack-prometheus-1": docker_engine.run_sleeper(
+            "stack-prometheus-1", [project, "com.docker.compose.service=prometheus"]),
+        "other-grafana-1": docker_engine.run_sleeper(
+            "other-grafana-1", ["com.docker.compose.project=other", "com.docker.compose.service=grafana"]),
+    }
+    env = {**REAL, "DOCKER_HOST": docker_engine.host, "COMPOSE_PROJECT_NAME": "autoheal-test"}
+    with serving(env) as running:
+        _, body = running.post_alert(webhook(alert("UptimeProbeFailing")))
+        assert body["results"][0]["result"] == "executed", body
+    moved = {name: docker_engine.inspect(name)["State"]["StartedAt"] != state["StartedAt"]
+             for name, state in states.items()}
+    assert moved == {"stack-grafana-1": True, "stack-prometheus-1": True, "other-grafana-1": False}
+
+
+def test_docker_refusing_is_failed_with_its_message(docker_engine, tmp_path):
+    path = actions_file(tmp_path, {"TcpEndpointDownFast": {"command": "docker restart no-such-container",
+                                                           "docker_api": True},
+                                   "UptimeProbeFailing": {"command": "docker compose restart ghost",
+                                                          "docker_api": True}})
+    with serving({**REAL, "DOCKER_HOST": docker_engine.host, "AUTOHEAL_ACTIONS_FILE": path}) as running:
+        _, body = running.post_alert(webhook(alert("TcpEndpointDownFast"), alert("UptimeProbeFailing")))
+        assert [(r["result"], r["exit_status"]) for r in body["results"]] == [("failed", 1), ("failed", 1)]
+        events = {e["alertname"]: e for e in running.json("GET", "/history")[1]["events"] if e["kind"] == "decision"}
+    assert "No such container: no-such-container" in events["TcpEndpointDownFast"]["output_tail"]
+    assert "no container of compose service 'ghost'" in events["UptimeProbeFailing"]["output_tail"]
+
+
+def test_the_shipped_image_runs_as_non_root_turns_healthy_and_heals_a_sibling(docker_engine):
+    docker_engine.docker("build", "-q", "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}", "-t", "autoheal:test", str(HERE),
+                         timeout=300)
+    before = docker_engine.run_sleeper("crm-api")
+    port = free_port()
+    name = "autoheal-under-test"
+    docker_engine.docker("rm", "-f", name, check=False)
+    docker_engine.docker(
+        "run", "-d", "--name", name, "--network", "host", "--pull", "never", "--health-interval", "1s",
+        "-v", f"{docker_engine.socket}:/var/run/docker.sock", "--group-add", str(docker_engine.socket.stat().st_gid),
+        "-e", "AUTOHEAL_HOST=127.0.0.1", "-e", f"AUTOHEAL_PORT={port}", "-e", "AUTOHEAL_ENABLED=true",
+        "-e", "AUTOHEAL_DRY_RUN=false", "-e", "AUTOHEAL_WEBHOOK_TOKEN=image-token", "autoheal:test")
+    try:
+        deadline = time.time() + 60
+        health = None
+        while time.time() < deadline:
+            health = docker_engine.inspect(name)["State"].get("Health", {}).get("Status")
+            if health == "healthy":
+                break
+            time.sleep(0.5)
+        assert health == "healthy", docker_engine.docker("logs", name, check=False).stdout
+        assert docker_engine.docker("exec", name, "id", "-u").stdout.strip() == "10001"
+        assert docker_engine.inspect(name)["Config"]["User"] == "10001:10001"
+        client = Client()
+        client.port = port
+        status, body = client.post_alert(WEBHOOK, {"Authorization": "Bearer image-token"})
+        assert status == 200 and body["results"][0]["result"] == "executed", body
+        assert docker_engine.inspect("crm-api")["State"]["StartedAt"] != before["StartedAt"]
+        listing = docker_engine.docker("exec", name, "ls", "/data").stdout.split()
+        assert "autoheal-state.db" in listing  # the state is on the volume
+    finally:
+        docker_engine.docker("rm", "-f", name, check=False)
+
+
+def test_docker_daemon_unreachable_or_silent_is_error(tmp_path):
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        path = actions_file(tmp_path, {"TcpEndpointDownFast": {"command": "docker restart crm-api",
+                                                               "docker_api": True, "timeout_sec": 1}})
+        for docker_host in (f"unix://{tmp_path}/no-docker.sock", f"tcp://127.0.0.1:{silent.getsockname()[1]}"):
+            with serving({**REAL, "DOCKER_HOST": docker_host, "AUTOHEAL_ACTIONS_FILE": path}) as running:
+                result = running.post_alert(WEBHOOK)[1]["results"][0]
+            assert result["result"] == "error" and f"Docker daemon at {docker_host} did not answer" in result["error"]
+
+
+@pytest.mark.parametrize("command, message", [
+    ("systemctl restart x", "docker_api actions are 'docker restart NAME...'"),
+    ("docker restart", "name one or more containers"),
+    ("docker restart -t 5 crm-api", "without options"),
+])
+def test_docker_api_actions_are_checked_at_start(tmp_path, command, message):
+    path = actions_file(tmp_path, {"A": {"command": command, "docker_api": True}})
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({"AUTOHEAL_ACTIONS_FILE": path})
+    assert message in str(caught.value)
+
+
+def test_docker_host_is_validated_and_stop_timeout_stays_below_the_action_timeout():
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({"DOCKER_HOST": "ssh://me@host"})
+    assert "DOCKER_HOST: expected unix:///path/to/docker.sock or tcp://host:port" in str(caught.value)
+    actions = Config.from_env({"AUTOHEAL_ACTION_TIMEOUT_SEC": "60"}).actions
+    assert actions["TcpEndpointDownFast"].docker_api and actions["TcpEndpointDownFast"].stop_timeout_sec == 10
+    for timeout in (1, 3, 6, 12, 300):
+        action = autoheal.Action("A", ("docker", "restart", "x"), "docker restart x", 0, timeout, True)
+        assert action.stop_timeout_sec < timeout
