@@ -2499,6 +2499,169 @@ def check(env: Mapping[str, str], timeout: float = 2.0) -> int:
     return 0 if healthy else 1
 
 
+CONTRACT_SERIES = ("autoheal_enabled", "autoheal_actions_total", "autoheal_action_last_timestamp",
+                   "autoheal_cooldown_remaining_seconds")
+SMOKE_ALERTNAME = "AutohealSmokeTest"
+
+
+def http_request(method: str, url: str, body: Optional[bytes] = None, headers: Optional[Mapping[str, str]] = None,
+                 timeout: float = 5.0) -> Tuple[int, bytes]:
+    """A plain HTTP exchange for --smoke: (status, body); OSError when nothing answers."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        import ssl
+
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname or "", parts.port, timeout=timeout, context=ssl.create_default_context())
+    else:
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.request(method, target, body=body, headers=dict(headers or {}))
+        response = connection.getresponse()
+        return response.status, response.read()
+    except http.client.HTTPException as exc:
+        raise OSError(f"bad answer: {exc!r}") from None
+    finally:
+        connection.close()
+
+
+def smoke(args: List[str], env: Mapping[str, str]) -> int:
+    """--smoke: check a live deployment, one PASS/FAIL line per check; 0 only if every check passed.
+
+    It never runs an action nor touches a cooldown: its webhook carries an alertname that is not
+    in the action map, and its silence is for a label set of its own, expired before it ends.
+    """
+    options = {"--url": None, "--alertmanager": None, "--prometheus": None}
+    words = list(args)
+    while words:
+        word = words.pop(0)
+        name, _, value = word.partition("=")
+        if name not in options or (not value and not words):
+            print(f"error: --smoke takes --url URL, --alertmanager URL, --prometheus URL; got {word!r}", file=sys.stderr)
+            return 2
+        options[name] = (value or words.pop(0)).rstrip("/")
+    base = options["--url"] or f"http://127.0.0.1:{env.get('AUTOHEAL_PORT', str(DEFAULT_PORT)).strip()}"
+    alertmanager_url = options["--alertmanager"] or env.get("ALERTMANAGER_URL") or Config.alertmanager_url
+    outcomes: List[bool] = []
+
+    def report(passed: bool, check: str, detail: str) -> bool:
+        print(f"{'PASS' if passed else 'FAIL'} {check}: {detail}", flush=True)
+        outcomes.append(passed)
+        return passed
+
+    def get_json(url: str) -> Any:
+        status, raw = http_request("GET", url)
+        if status != 200:
+            raise OSError(f"GET {url} answered {status}: {raw[:200].decode('utf-8', 'replace')}")
+        return json.loads(raw.decode("utf-8"))
+
+    status: Dict[str, Any] = {}
+    try:
+        status = get_json(base + "/")
+        report(status.get("status") == "ok", "status", f"{base}/ answered status={status.get('status')!r}, "
+               f"enabled={status.get('enabled')}, dry_run={status.get('dry_run')}, "
+               f"{len(status.get('actions') or [])} actions")
+    except (OSError, ValueError) as exc:
+        report(False, "status", f"{base}/: {exc}")
+
+    try:
+        code, raw = http_request("GET", base + "/metrics")
+        families = {line.split()[2] for line in raw.decode("utf-8", "replace").splitlines() if line.startswith("# TYPE ")}
+        missing = [name for name in CONTRACT_SERIES if name not in families]
+        names = status.get("actions") or []
+        text = raw.decode("utf-8", "replace")
+        unseen = [name for name in names if f'autoheal_cooldown_remaining_seconds{{alertname="{name}"}}' not in text]
+        report(code == 200 and not missing and not unseen, "metrics",
+               f"{len(CONTRACT_SERIES) - len(missing)}/{len(CONTRACT_SERIES)} contract series"
+               + (f", missing {', '.join(missing)}" if missing else "")
+               + (f", no series for {', '.join(unseen)}" if unseen else f", every one of {len(names)} actions present"))
+    except OSError as exc:
+        report(False, "metrics", f"{base}/metrics: {exc}")
+
+    if options["--prometheus"]:
+        prometheus = options["--prometheus"]
+        try:
+            found = {}
+            for query in ("autoheal:cooldown_active", "autoheal:actions:rate_5m", 'up{job="autoheal"}'):
+                answer = get_json(prometheus + "/api/v1/query?" + urllib.parse.urlencode({"query": query}))
+                found[query] = answer.get("data", {}).get("result", [])
+            up = [sample["value"][1] for sample in found['up{job="autoheal"}']]
+            report(bool(found["autoheal:cooldown_active"]) and bool(found["autoheal:actions:rate_5m"]) and "1" in up,
+                   "prometheus", f"autoheal:cooldown_active {len(found['autoheal:cooldown_active'])} series, "
+                   f"autoheal:actions:rate_5m {len(found['autoheal:actions:rate_5m'])} series, "
+                   f"up{{job=\"autoheal\"}} = {','.join(up) or 'absent'}")
+        except (OSError, ValueError, AttributeError) as exc:
+            report(False, "prometheus", f"{prometheus}: {exc}")
+
+    report(*_smoke_ack(base, alertmanager_url, env))
+
+    cooldowns = status.get("cooldowns") or {}
+    report(bool(cooldowns) and set(cooldowns) == set(status.get("actions") or []), "cooldowns", ", ".join(
+        f"{name} {format_value(value.get('cooldown_seconds', 0))}s"
+        f" (remaining {format_value(round(value.get('remaining_seconds', 0)))}s)" for name, value in sorted(cooldowns.items()))
+        or "the instance reports none")
+
+    if SMOKE_ALERTNAME in (status.get("actions") or []):
+        report(False, "webhook", f"{SMOKE_ALERTNAME} has an action here; the smoke test will not send it")
+    else:
+        payload = {"version": "4", "status": "firing", "receiver": "autoheal-smoke", "alerts": [{
+            "status": "firing", "labels": {"alertname": SMOKE_ALERTNAME}, "annotations": {"autoheal": "true"},
+            "startsAt": format_rfc3339(time.time()), "endsAt": "0001-01-01T00:00:00Z", "fingerprint": "smoke"}]}
+        headers = {"Content-Type": "application/json"}
+        if env.get("AUTOHEAL_WEBHOOK_TOKEN"):
+            headers["Authorization"] = f"Bearer {env['AUTOHEAL_WEBHOOK_TOKEN']}"
+        try:
+            code, raw = http_request("POST", base + "/alert", json.dumps(payload).encode("utf-8"), headers)
+            results = json.loads(raw.decode("utf-8")).get("results") if code == 200 else None
+            result = results[0] if results else {}
+            report(result.get("result") == "skipped" and result.get("reason") == "not_allowlisted", "webhook",
+                   f"{SMOKE_ALERTNAME} answered {code} " + (f"{result.get('result')}/{result.get('reason')}" if result
+                                                            else raw[:200].decode("utf-8", "replace")))
+        except (OSError, ValueError, AttributeError) as exc:
+            report(False, "webhook", f"{base}/alert: {exc}")
+
+    print(f"{sum(outcomes)} passed, {len(outcomes) - sum(outcomes)} failed")
+    return 0 if all(outcomes) else 1
+
+
+def _smoke_ack(base: str, alertmanager_url: str, env: Mapping[str, str]) -> Tuple[bool, str, str]:
+    """The ack round trip: create a silence through /ack, see it in Alertmanager, expire it."""
+    labels = {"alertname": SMOKE_ALERTNAME, "smoke_run": os.urandom(6).hex()}
+    query = {"labels": json.dumps(labels), "duration": "5m", "comment": "autoheal --smoke round trip"}
+    if env.get("AUTOHEAL_ACK_TOKEN"):
+        query["token"] = env["AUTOHEAL_ACK_TOKEN"]
+    alertmanager = AlertmanagerClient(alertmanager_url, 5)
+    silence_id = None
+    expired = False
+    try:
+        code, raw = http_request("GET", base + "/ack?" + urllib.parse.urlencode(query),
+                                 headers={"User-Agent": "autoheal-smoke"})
+        answer = json.loads(raw.decode("utf-8"))
+        if code != 200:
+            return False, "ack", f"/ack answered {code}: {answer.get('error')}"
+        silence_id = answer["silence_id"]
+        stored = alertmanager.get_silence(silence_id)
+        if matcher_key(stored.get("matchers") or []) != matcher_key(matchers_for(labels)):
+            return False, "ack", f"silence {silence_id} in Alertmanager has other matchers"
+        code, raw = http_request("POST", base + "/ack/undo", urllib.parse.urlencode(
+            {"silence_id": silence_id, **({"token": query["token"]} if "token" in query else {})}).encode("ascii"),
+            {"Content-Type": "application/x-www-form-urlencoded"})
+        state = (alertmanager.get_silence(silence_id).get("status") or {}).get("state")
+        expired = state == "expired"
+        return (code == 200 and expired, "ack",
+                f"silence {silence_id} created through /ack, seen in Alertmanager at {alertmanager_url}, "
+                f"undo answered {code}, now {state}")
+    except (OSError, ValueError, KeyError, AttributeError, PeerError) as exc:
+        return False, "ack", f"round trip through {base}/ack and {alertmanager_url}: {exc}"
+    finally:
+        if silence_id and not expired:
+            try:  # nothing is left behind, whatever failed above
+                alertmanager.expire(silence_id)
+            except PeerError:
+                pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run autoheal; returns the process exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -2510,6 +2673,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args[:1] == ["--check"]:
         return check(os.environ)
+    if args[:1] == ["--smoke"]:
+        return smoke(args[1:], os.environ)
     if args:
         print(f"error: unknown argument {args[0]!r}; see --help", file=sys.stderr)
         return 2

@@ -2161,3 +2161,83 @@ def test_docker_host_is_validated_and_stop_timeout_stays_below_the_action_timeou
     for timeout in (1, 3, 6, 12, 300):
         action = autoheal.Action("A", ("docker", "restart", "x"), "docker restart x", 0, timeout, True)
         assert action.stop_timeout_sec < timeout
+
+
+# ---------------------------------------------------------------------------------------------
+# --smoke against a live deployment
+# ---------------------------------------------------------------------------------------------
+
+
+def start_prometheus_scraping(tmp_path, autoheal_port):
+    binary = require("prometheus")
+    (tmp_path / "prometheus.yml").write_text(f"""
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files:
+  - {HERE / 'prometheus-recording-rules.yml'}
+scrape_configs:
+  - job_name: autoheal
+    static_configs:
+      - targets: ['127.0.0.1:{autoheal_port}']
+""")
+    return Peer("prometheus", lambda port: [
+        binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], "/-/ready", tmp_path)
+
+
+def smoke_silences(alertmanager):
+    return [s for s in silences_for(alertmanager, "AutohealSmokeTest") if s["status"]["state"] != "expired"]
+
+
+def test_smoke_passes_against_a_live_deployment_and_changes_nothing(tmp_path, alertmanager):
+    tokens = {"AUTOHEAL_WEBHOOK_TOKEN": "smoke-w", "AUTOHEAL_ACK_TOKEN": "smoke-a"}
+    running = AutohealProcess({**tokens, "ALERTMANAGER_URL": alertmanager.url, "AUTOHEAL_STATE_FILE": ""}, tmp_path)
+    prometheus = start_prometheus_scraping(tmp_path, running.port)
+    try:
+        wait_for(lambda: prometheus_query(prometheus, "autoheal:actions:rate_5m"), timeout=60)
+        done = run_module(["--smoke", "--url", f"http://127.0.0.1:{running.port}", "--alertmanager",
+                           alertmanager.url, "--prometheus", prometheus.url], tokens, timeout=60)
+        lines = done.stdout.splitlines()
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert [line.split(":")[0] for line in lines[:-1]] == [
+            "PASS status", "PASS metrics", "PASS prometheus", "PASS ack", "PASS cooldowns", "PASS webhook"]
+        assert "enabled=False, dry_run=True, 3 actions" in lines[0]
+        assert "TcpEndpointDownFast 600s (remaining 0s)" in lines[4]
+        assert "skipped/not_allowlisted" in lines[5]
+        assert lines[-1] == "6 passed, 0 failed"
+        assert smoke_silences(alertmanager) == []
+        for name in ("CrmMetricsScrapeStale", "TcpEndpointDownFast", "UptimeProbeFailing"):
+            assert running.metric(f'autoheal_cooldown_remaining_seconds{{alertname="{name}"}}') == 0
+            assert running.metric(f'autoheal_action_last_timestamp{{alertname="{name}"}}') == 0
+    finally:
+        prometheus.stop()
+        running.stop()
+
+
+def test_smoke_with_alertmanager_stopped_fails_the_ack_check_clearly(tmp_path):
+    own = start_alertmanager(tmp_path / "am", MINIMAL_ALERTMANAGER)
+    running = AutohealProcess({"ALERTMANAGER_URL": own.url, "AUTOHEAL_STATE_FILE": "",
+                               "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC": "1"}, tmp_path)
+    try:
+        own.stop()
+        done = run_module(["--smoke", "--url", f"http://127.0.0.1:{running.port}", "--alertmanager", own.url],
+                          timeout=60)
+        assert done.returncode == 1
+        lines = done.stdout.splitlines()
+        assert [line.split(":")[0] for line in lines[:-1]] == [
+            "PASS status", "PASS metrics", "FAIL ack", "PASS cooldowns", "PASS webhook"]
+        assert "/ack answered 502" in lines[2] and "did not answer" in lines[2]
+        assert lines[-1] == "4 passed, 1 failed"
+    finally:
+        running.stop()
+    again = start_alertmanager(tmp_path / "am", MINIMAL_ALERTMANAGER)  # same storage: nothing was left behind
+    try:
+        assert smoke_silences(again) == []
+    finally:
+        again.stop()
+
+
+def test_smoke_rejects_unknown_options():
+    done = run_module(["--smoke", "--frob", "x"])
+    assert done.returncode == 2 and "--smoke takes" in done.stderr
