@@ -1,0 +1,316 @@
+"""Benchmark of autoheal: start autoheal.py as its own process and measure it against its budget.
+
+    python3 bench/bench.py            5 runs of every figure (about 3 minutes)
+    python3 bench/bench.py --quick    1 short run of every figure (under a minute), for the test suite
+    python3 bench/bench.py --runs 3
+
+Workload (issue 8): an action map of 1,000 alertnames with cooldown_sec 0, dry-run, the global
+action budget off, the state file where the default configuration puts it (so every decision is
+recorded as in production); the server pinned to CPU 0 and the load generator to CPU 1
+(taskset), so that they do not compete. Load comes from wrk (Debian's package) when present,
+else from a Python generator (slower: its figures are marked).
+
+Standard library only. The interpreter is the one running this script (sys.executable), not a
+pyenv shim, as a container would have it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+AUTOHEAL = HERE.parent / "autoheal.py"
+ALERTNAMES = [f"BenchAlert{index:04d}" for index in range(1000)]
+
+# figure, unit, budget, True when higher is better
+BUDGETS = {
+    "cold start to first 200": ("ms", 70, False),
+    "idle resident memory": ("MiB", 20, False),
+    "POST /alert req/s, state file": ("req/s", 6000, True),
+    "POST /alert p99, state file": ("ms", 6, False),
+    "POST /alert req/s, memory only": ("req/s", 7500, True),
+    "POST /alert p99, memory only": ("ms", 6, False),
+    "one POST of 5,000 alerts": ("ms", 60, False),
+    "GET /metrics, 1,000 alertnames": ("ms", 5, False),
+    "resident memory after all": ("MiB", 30, False),
+    "--check, whole process": ("ms", 40, False),
+    "SIGTERM to exit, idle": ("ms", 100, False),
+}
+
+
+def pinned(cpu: int) -> list:
+    """A taskset prefix pinning a command to one CPU, when taskset and that CPU exist."""
+    if shutil.which("taskset") and cpu < (os.cpu_count() or 1):
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def raw_get(port: int, path: str, timeout: float = 2.0) -> tuple:
+    """GET over a raw socket: (status, body); status 0 when nothing answers."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n".encode())
+            chunks = []
+            while True:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except OSError:
+        return 0, b""
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0, body
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    """autoheal.py started for one run, pinned to CPU 0, in a working directory of its own."""
+
+    def __init__(self, workdir: Path, state: bool):
+        self.port = free_port()
+        self.workdir = workdir
+        env = {"PATH": os.environ["PATH"], "AUTOHEAL_HOST": "127.0.0.1", "AUTOHEAL_PORT": str(self.port),
+               "AUTOHEAL_ACTIONS_FILE": str(workdir / "actions.json"), "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0",
+               "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC": "1"}
+        if not state:
+            env["AUTOHEAL_STATE_FILE"] = ""
+        self.env = env
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(pinned(0) + [sys.executable, str(AUTOHEAL)], cwd=workdir, env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if raw_get(self.port, "/", timeout=0.5)[0] == 200:
+                self.ready = time.perf_counter()
+                return
+            if self.process.poll() is not None:
+                raise SystemExit(f"autoheal exited: {self.process.stderr.read().decode()}")
+            time.sleep(0.001)
+        raise SystemExit("autoheal did not answer within 20 s")
+
+    def stop(self) -> float:
+        """SIGTERM; milliseconds until the process has exited."""
+        started = time.perf_counter()
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+        return (time.perf_counter() - started) * 1000
+
+
+def alert_body(alertnames: list) -> bytes:
+    alerts = [{"status": "firing", "labels": {"alertname": name, "severity": "critical", "instance": "crm-api:8000"},
+               "annotations": {"autoheal": "true", "summary": "bench"}, "startsAt": "2026-11-28T16:47:26.913Z",
+               "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": "666d2cad1d47bd80"}
+              for name in alertnames]
+    return json.dumps({"version": "4", "status": "firing", "receiver": "autoheal", "groupLabels": {},
+                       "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://am",
+                       "alerts": alerts}).encode()
+
+
+WRK_SCRIPT = """
+local bodies = {}
+local index = 0
+init = function(args)
+  for i = 0, 999 do
+    bodies[i] = string.format('%s', '__BODY__'):gsub('__NAME__', string.format('BenchAlert%04d', i))
+  end
+end
+request = function()
+  index = (index + 1) % 1000
+  return wrk.format("POST", "/alert", {["Content-Type"] = "application/json"}, bodies[index])
+end
+"""
+
+
+def load_with_wrk(port: int, seconds: float, workdir: Path) -> tuple:
+    """16 keep-alive connections for seconds: (requests/s, p99 ms, non-2xx count)."""
+    template = alert_body(["__NAME__"]).decode().replace("\\", "\\\\").replace("'", "\\'")
+    script = workdir / "post.lua"
+    script.write_text(WRK_SCRIPT.replace("__BODY__", template))
+    done = subprocess.run(pinned(1) + ["wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", "-s", str(script),
+                                       f"http://127.0.0.1:{port}/alert"], capture_output=True, text=True)
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout).group(1))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", done.stdout)
+    scale = {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
+    return rate, float(p99.group(1)) * scale, int(errors.group(1)) if errors else 0
+
+
+def load_with_python(port: int, seconds: float) -> tuple:
+    """The fallback generator: 16 threads, keep-alive sockets (it, not autoheal, is the limit)."""
+    bodies = [alert_body([name]) for name in ALERTNAMES]
+    latencies: list = []
+    errors = [0]
+    stop_at = time.perf_counter() + seconds
+
+    def client(offset: int) -> None:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = sock.makefile("rb")
+        index = offset
+        mine = []
+        while time.perf_counter() < stop_at:
+            body = bodies[index % 1000]
+            index += 16
+            started = time.perf_counter()
+            sock.sendall(b"POST /alert HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            status = stream.readline()
+            length = 0
+            for line in iter(stream.readline, b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            stream.read(length)
+            mine.append(time.perf_counter() - started)
+            if b" 200 " not in status:
+                errors[0] += 1
+        latencies.extend(mine)
+        sock.close()
+
+    threads = [threading.Thread(target=client, args=(offset,)) for offset in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    latencies.sort()
+    return len(latencies) / seconds, latencies[int(len(latencies) * 0.99)] * 1000, errors[0]
+
+
+def one_post_ms(port: int, body: bytes) -> float:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.perf_counter()
+        sock.sendall(b"POST /alert HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        answer = b""
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            answer += chunk
+        elapsed = (time.perf_counter() - started) * 1000
+    if b" 200 " not in answer.split(b"\r\n", 1)[0]:
+        raise SystemExit(f"the 5,000-alert POST failed: {answer[:300]!r}")
+    return elapsed
+
+
+def check_ms(port: int) -> float:
+    env = {"PATH": os.environ["PATH"], "AUTOHEAL_PORT": str(port)}
+    started = time.perf_counter()
+    done = subprocess.run(pinned(1) + [sys.executable, str(AUTOHEAL), "--check"], env=env, capture_output=True)
+    elapsed = (time.perf_counter() - started) * 1000
+    if done.returncode != 0:
+        raise SystemExit(f"--check failed: {done.stderr.decode()}")
+    return elapsed
+
+
+def one_run(quick: bool, use_wrk: bool) -> dict:
+    figures = {}
+    seconds = 2 if quick else 10
+    with tempfile.TemporaryDirectory(prefix="autoheal-bench-") as name:
+        workdir = Path(name)
+        (workdir / "actions.json").write_text(json.dumps(
+            {"actions": {alertname: {"command": ["true"], "cooldown_sec": 0} for alertname in ALERTNAMES}}))
+        for state in (True, False):
+            server = Server(workdir, state)
+            try:
+                if state:
+                    figures["cold start to first 200"] = (server.ready - server.started) * 1000
+                    time.sleep(1)
+                    figures["idle resident memory"] = resident_mib(server.process.pid)
+                    figures["--check, whole process"] = min(check_ms(server.port) for _ in range(3))
+                label = "state file" if state else "memory only"
+                if use_wrk:
+                    rate, p99, errors = load_with_wrk(server.port, seconds, workdir)
+                else:
+                    rate, p99, errors = load_with_python(server.port, seconds)
+                if errors:
+                    raise SystemExit(f"{errors} requests failed under load")
+                figures[f"POST /alert req/s, {label}"] = rate
+                figures[f"POST /alert p99, {label}"] = p99
+                if state:
+                    # Minimal alerts, so that 5,000 fit the default 1 MiB body limit (about 500 KB).
+                    big = json.dumps({"version": "4", "alerts": [
+                        {"status": "firing", "labels": {"alertname": name}, "annotations": {"autoheal": "true"}}
+                        for name in (ALERTNAMES * 5)[:5000]]}, separators=(",", ":")).encode()
+                    figures["one POST of 5,000 alerts"] = statistics.median(one_post_ms(server.port, big) for _ in range(3))
+                    timings = []
+                    for _ in range(20):
+                        started = time.perf_counter()
+                        status, body = raw_get(server.port, "/metrics")
+                        timings.append((time.perf_counter() - started) * 1000)
+                        assert status == 200 and body.count(b"\n") > 10000
+                    figures["GET /metrics, 1,000 alertnames"] = statistics.median(timings)
+                    figures["resident memory after all"] = resident_mib(server.process.pid)
+            finally:
+                stop_ms = server.stop()
+            if not state:
+                figures["SIGTERM to exit, idle"] = stop_ms  # the memory-only server is idle by then
+        # The SIGTERM figure wants an idle server: measure it on a fresh one.
+        server = Server(workdir, True)
+        time.sleep(0.5)
+        figures["SIGTERM to exit, idle"] = server.stop()
+    return figures
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    return f"{os.cpu_count()} x {model}, Python {sys.version.split()[0]}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one short run (under a minute)")
+    parser.add_argument("--runs", type=int, default=None, help="runs of every figure (default 5, 1 with --quick)")
+    parser.add_argument("--python-load", action="store_true", help="use the Python load generator even with wrk")
+    parser.add_argument("--json", help="also write the figures to this file")
+    options = parser.parse_args()
+    runs = options.runs or (1 if options.quick else 5)
+    use_wrk = bool(shutil.which("wrk")) and not options.python_load
+    results = [one_run(options.quick, use_wrk) for _ in range(runs)]
+    print(f"autoheal benchmark: {runs} run(s){' (quick)' if options.quick else ''}, load from "
+          f"{'wrk' if use_wrk else 'the Python generator (a lower bound for req/s)'}; {machine()}")
+    print(f"{'figure':34} {'median':>10} {'spread':>19} {'budget':>12}  verdict")
+    missed = 0
+    summary = {}
+    for figure, (unit, budget, higher) in BUDGETS.items():
+        values = [run[figure] for run in results]
+        median = statistics.median(values)
+        ok = median >= budget if higher else median <= budget
+        missed += not ok
+        summary[figure] = {"median": median, "min": min(values), "max": max(values), "budget": budget, "unit": unit}
+        spread = f"{min(values):.1f}-{max(values):.1f}"
+        print(f"{figure:34} {median:>10.1f} {spread:>19} {('>= ' if higher else '<= ') + str(budget):>9} {unit:5} "
+              f"{'ok' if ok else 'MISSED'}")
+    if options.json:
+        Path(options.json).write_text(json.dumps(summary, indent=2))
+    print(f"{len(BUDGETS) - missed} within budget, {missed} missed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
