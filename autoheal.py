@@ -70,11 +70,6 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import collections
-import hmac
-import html
-import http.client
-import http.server
-import io
 import json
 import math
 import os
@@ -85,7 +80,6 @@ import shlex
 import signal
 import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -726,6 +720,8 @@ def run_command(
     registry: Optional[ProcessRegistry] = None,
 ) -> RunOutcome:
     """Run argv without a shell in a process group of its own; kill the group past timeout."""
+    import subprocess  # here, not at the top: --check and a dry-run-only start never need it
+
     started = time.monotonic()
     try:
         process = subprocess.Popen(
@@ -796,22 +792,16 @@ def docker_plan(argv: Tuple[str, ...]) -> Tuple[str, Tuple[str, ...]]:
     return kind, names
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a Unix socket, as the Docker Engine API is usually reached."""
-
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+def _unix_socket(path: str, timeout: float) -> socket.socket:
+    """A connected Unix socket, handed to http.client as its connection (the Docker socket)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class DockerRefused(Exception):
@@ -830,11 +820,12 @@ class DockerClient:
 
     def call(self, method: str, path: str, timeout: float) -> Any:
         """One API call; DockerRefused on an error answer, OSError when the daemon does not answer."""
-        if self._unix_path is not None:
-            connection: http.client.HTTPConnection = _UnixHTTPConnection(self._unix_path, timeout)
-        else:
-            connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        import http.client  # outgoing calls only: the server itself never needs it (see Handler)
+
+        connection = http.client.HTTPConnection(self._host or "localhost", self._port, timeout=timeout)
         try:
+            if self._unix_path is not None:
+                connection.sock = _unix_socket(self._unix_path, timeout)
             connection.request(method, f"/v{DOCKER_API_VERSION}{path}", headers={"Host": "docker"})
             response = connection.getresponse()
             raw = response.read(8 << 20)
@@ -1151,6 +1142,8 @@ class AlertmanagerClient:
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """One request; raises PeerError with Alertmanager's own reason on refusal or silence."""
+        import http.client  # outgoing calls only: the server itself never needs it (see Handler)
+
         if self._https:
             import ssl  # only deployments that use https pay for importing ssl
 
@@ -1798,6 +1791,8 @@ _PAGE_STYLE = (
 def render_page(title: str, paragraphs: List[str], labels: Optional[Mapping[str, str]] = None,
                 undo: Optional[Mapping[str, str]] = None) -> str:
     """A small self-contained HTML page; every text and label value is escaped here."""
+    import html  # only the ack pages need it
+
     body = [f"<h1>{html.escape(title)}</h1>"]
     body.extend(f"<p>{html.escape(text)}</p>" for text in paragraphs)
     if labels:
@@ -1843,47 +1838,105 @@ def parse_query(query: str) -> Dict[str, str]:
     return params
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """One request, already read whole by the server; answers JSON (or HTML for people)."""
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_STATUS_PHRASES = {
+    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    502: "Bad Gateway",
+}
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+MAX_HEADERS = 100
 
-    protocol_version = "HTTP/1.1"
+
+def http_date(timestamp: float) -> str:
+    """An IMF-fixdate (RFC 9110 5.6.7), independent of the locale."""
+    t = time.gmtime(timestamp)
+    return (f"{_WEEKDAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+class Request:
+    """One HTTP request, parsed from bytes that frame_request found whole."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "client")
+
+    def __init__(self, method: str, target: str, version: str, headers: Dict[str, str], body: bytes, client: str):
+        self.method = method
+        self.target = target
+        self.path, _, self.query = target.partition("?")
+        self.version = version
+        self.headers = headers
+        self.body = body
+        self.client = client
+
+    @property
+    def keep_alive(self) -> bool:
+        """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked."""
+        connection = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.1":
+            return "close" not in connection
+        return "keep-alive" in connection
+
+
+def parse_request(raw: bytes, client: str) -> Request:
+    """Parse a whole request (RFC 9112): request line, header fields, body; HttpError if malformed.
+
+    The request was framed by frame_request already (lengths and limits), so this only has to
+    read it.  Header names are lower-cased; of a repeated field the first one counts.
+    """
+    match = _HEAD_END.search(raw)
+    head_end = match.end() if match else len(raw)
+    lines = raw[:match.start() if match else len(raw)].decode("latin-1").split("\n")
+    words = lines[0].rstrip("\r").split(" ")
+    if len(words) != 3 or not words[1]:
+        raise HttpError(400, "malformed request line; expected METHOD TARGET HTTP/1.1")
+    method, target, version = words
+    if not _TOKEN.match(method):
+        raise HttpError(400, "malformed method in the request line")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise HttpError(400, f"unsupported HTTP version {version[:20]!r}; use HTTP/1.1")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpError(431, f"more than {MAX_HEADERS} header fields")
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        line = line.rstrip("\r")
+        if line[:1] in (" ", "\t"):
+            raise HttpError(400, "obsolete line folding in the header fields")
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.match(name):
+            raise HttpError(400, "malformed header field")
+        headers.setdefault(name.lower(), value.strip(" \t"))
+    return Request(method, target, version, headers, raw[head_end:], client)
+
+
+class Handler:
+    """Answers one request: routes it, turns errors into JSON (or HTML for people), builds the bytes."""
+
     server_version = f"autoheal/{__version__}"
-    sys_version = ""
-    stream: Optional[Listener] = None
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
-        """autoheal writes its own JSON log lines; http.server's are silenced."""
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        """http.server's own refusals (bad request line, headers, method, version) as JSON 4xx."""
-        if code == 501:
-            code = 405
-        elif code >= 500:
-            code = 400
-        self.close_connection = True
-        self._send_json(code, {"ok": False, "error": message or explain or http.HTTPStatus(code).phrase})
-
-    def __getattr__(self, name: str) -> Any:
-        # Every method reaches the router, which answers 405 for the ones a path does not take
-        # (http.server alone would answer 501 to an unknown method).
-        if name.startswith("do_"):
-            return lambda: self._dispatch(name[3:])
-        raise AttributeError(name)
+    def __init__(self, server: "Server", request: Request):
+        self.server = server
+        self.request = request
+        self.headers = request.headers
+        self.command = request.method
+        self.close_connection = not request.keep_alive
+        self.stream: Optional[Listener] = None
+        self.out = b""
 
     @property
     def app(self) -> App:
         return self.server.app
 
-    def handle_expect_100(self) -> bool:
-        """The server already answered 100 Continue while it gathered the body."""
-        return True
+    def handle(self) -> bytes:
+        """Route the request; return the whole answer."""
+        self._dispatch(self.request.method)
+        return self.out
 
     def _dispatch(self, method: str) -> None:
-        path = self.path.partition("?")[0]
-        query = self.path.partition("?")[2]
+        path = self.request.path
+        query = self.request.query
         try:
             if "://" in path:  # absolute-form request target (RFC 9112 3.2.2)
                 try:
@@ -1896,7 +1949,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             name, methods = route
             if method not in methods and not (method == "HEAD" and "GET" in methods):
                 allow = ", ".join(methods + (("HEAD",) if "GET" in methods else ()))
-                raise HttpError(405, f"{method} is not allowed on {path}; use {allow}", {"Allow": allow})
+                raise HttpError(405, f"{method[:20]} is not allowed on {path}; use {allow}", {"Allow": allow})
             getattr(self, "route_" + name)(method, parse_query(query))
         except HttpError as exc:
             if path.startswith("/ack") and self._wants_html():
@@ -1907,55 +1960,46 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Exception as exc:  # the boundary: log the traceback, never show it
             import traceback
 
-            self.app.log({"event": "error", "message": f"unexpected {type(exc).__name__} on {method} {path[:200]}",
+            self.app.log({"event": "error", "message": f"unexpected {type(exc).__name__} on {method[:20]} {path[:200]}",
                           "traceback": traceback.format_exc()})
+            self.close_connection = True
             self._send_json(500, {"ok": False, "error": "internal error; autoheal's log has the details"})
 
     # -- responses ------------------------------------------------------------------------
 
+    def _head(self, status: int, fields: List[Tuple[str, str]]) -> bytes:
+        lines = [f"HTTP/1.1 {status} {_STATUS_PHRASES.get(status, 'Status')}", f"Server: {self.server_version}",
+                 f"Date: {http_date(time.time())}"]
+        lines.extend(f"{name}: {value}" for name, value in fields)
+        if self.close_connection or self.server.stopping:
+            self.close_connection = True
+            lines.append("Connection: close")
+        elif self.request.version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
     def _send(self, status: int, body: bytes, content_type: str, headers: Optional[Mapping[str, str]] = None) -> None:
-        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
-            # http.server writes no status line nor headers to HTTP/0.9 (and to requests it could
-            # not parse); every client of autoheal gets a whole HTTP/1.1 answer.
-            self.request_version = "HTTP/1.0"
-            self.close_connection = True
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection or getattr(self.server, "stopping", False):
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        fields = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
+        fields.extend((headers or {}).items())
+        # One buffer, one send: headers and body in separate sends would meet Nagle's delay.
+        self.out = self._head(status, fields) + (b"" if self.command == "HEAD" else body)
 
     def _send_json(self, status: int, document: Any, headers: Optional[Mapping[str, str]] = None) -> None:
         self._send(status, json.dumps(document).encode("utf-8"), "application/json", headers)
 
     def _wants_html(self) -> bool:
-        return "text/html" in (self.headers.get("Accept", "") if self.headers else "")
+        return "text/html" in self.headers.get("accept", "")
 
     def _read_body(self) -> bytes:
-        raw_length = self.headers.get("Content-Length")
-        if raw_length is None:
+        if "content-length" not in self.headers:
             raise HttpError(411, "Content-Length is required")
-        if not raw_length.strip().isdigit():
-            raise HttpError(400, f"Content-Length must be a whole number, got {raw_length[:40]!r}")
-        length = int(raw_length)
-        if length > self.app.config.max_body_bytes:
-            raise HttpError(413, f"body of {length} bytes is over AUTOHEAL_MAX_BODY_BYTES "
-                                 f"({self.app.config.max_body_bytes})")
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise HttpError(400, "body is shorter than its Content-Length")
-        return body
+        return self.request.body
 
     def _check_token(self, expected: Optional[str], given: Optional[str], status: int, what: str) -> None:
         if expected is None:
             return
+        import hmac  # only deployments with a token pay for it (it loads OpenSSL)
+
         # Constant-time comparison; the token is never logged nor echoed.
         if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
             headers = {"WWW-Authenticate": 'Bearer realm="autoheal"'} if status == 401 else None
@@ -1971,7 +2015,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     def route_alert(self, method: str, params: Mapping[str, str]) -> None:
-        authorization = self.headers.get("Authorization", "")
+        authorization = self.headers.get("authorization", "")
         scheme, _, token = authorization.partition(" ")
         self._check_token(self.app.config.webhook_token, token.strip() if scheme.lower() == "bearer" else None,
                           401, "Authorization: Bearer token")
@@ -1981,9 +2025,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def route_ack(self, method: str, params: Mapping[str, str]) -> None:
         config = self.app.config
         self._check_token(config.ack_token, params.get("token"), 403, "token")
-        user_agent = self.headers.get("User-Agent", "")
+        user_agent = self.headers.get("user-agent", "")
         preview = method == "HEAD" or bool(PREVIEW_AGENTS.search(user_agent))
-        result = self.app.acknowledge(params, self.client_address[0], user_agent[:300], preview)
+        result = self.app.acknowledge(params, self.request.client, user_agent[:300], preview)
         if not self._wants_html():
             self._send_json(200, result)
             return
@@ -2014,8 +2058,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         silence_id = form.get("silence_id", "")
         if not silence_id and form.get("id"):
             silence_id = self.app.silence_of_event(form["id"])  # an ack withdrawn by its history id
-        result = self.app.undo(silence_id, self.client_address[0],
-                               self.headers.get("User-Agent", "")[:300])
+        result = self.app.undo(silence_id, self.request.client, self.headers.get("user-agent", "")[:300])
         if self._wants_html():
             page = render_page("Silence expired", [
                 f"Alertmanager silence {result['silence_id']} has ended; these labels notify again."],
@@ -2035,13 +2078,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if listener is None:
             raise HttpError(429, f"every /events slot is taken (AUTOHEAL_MAX_EVENT_LISTENERS="
                                  f"{self.app.config.max_event_listeners})", {"Retry-After": "10"})
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(b": connected\n\n")
         self.close_connection = True
+        self.out = self._head(200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store")])
+        self.out += b": connected\n\n"
         self.stream = listener
 
 
@@ -2055,7 +2094,7 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 def frame_request(buffer: bytes, max_body: int) -> int:
     """Length of the first whole request in buffer, 0 while incomplete; HttpError for bad framing.
 
-    Only framing is checked here (request line, head size, Content-Length); http.server parses
+    Only framing is checked here (request line, head size, Content-Length); parse_request reads
     the request itself once it is whole.
     """
     match = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)
@@ -2099,7 +2138,7 @@ def frame_request(buffer: bytes, max_body: int) -> int:
 def simple_response(status: int, message: str) -> bytes:
     """A whole JSON error response, for refusals made before a request reaches a handler."""
     body = json.dumps({"ok": False, "error": message}).encode("utf-8")
-    phrase = http.HTTPStatus(status).phrase
+    phrase = _STATUS_PHRASES.get(status, "Status")
     return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"Connection: close\r\n\r\n").encode("latin-1") + body
 
@@ -2127,7 +2166,10 @@ class Server:
     worker.  Here the selector thread reads all connections without blocking and hands a
     request to the pool only once it is whole (framed by frame_request), so the pool's
     threads count requests being handled, never connections still sending one.  Workers
-    parse the request with http.server's handler from memory and write the answer back.
+    parse the request from memory (parse_request), answer it (Handler) and write the answer
+    back in one send.  The request is parsed here rather than by http.server because
+    http.server imports http.client, email and ssl: measured, about 45 ms of start-up and 8 MiB
+    of memory, most of the budget of issue 8, and a sixth of the CPU of each webhook.
     Every connection has a deadline: a request must arrive whole within
     AUTOHEAL_REQUEST_TIMEOUT_SEC of the connection going idle, else it is dropped; idle
     keep-alive connections close the same way.  Past AUTOHEAL_MAX_CONNECTIONS, the connection
@@ -2364,18 +2406,16 @@ class Server:
                 self._busy -= 1
                 self._busy_changed.notify_all()
 
-    def _serve(self, connection: _Connection, request: bytes) -> str:
-        handler = Handler.__new__(Handler)
-        handler.request = handler.connection = connection.sock
-        handler.client_address = connection.address
-        handler.server = self
-        handler.rfile = io.BytesIO(request)
-        handler.wfile = io.BytesIO()
-        handler.close_connection = True
-        handler.handle_one_request()
-        answer = handler.wfile.getvalue()
-        if not answer:
+    def _serve(self, connection: _Connection, raw: bytes) -> str:
+        client = str(connection.address[0]) if isinstance(connection.address, tuple) else ""
+        try:
+            request = parse_request(raw, client)
+        except HttpError as exc:
+            connection.sock.settimeout(self.config.request_timeout_sec)
+            connection.sock.sendall(simple_response(exc.status, exc.message))
             return "close"
+        handler = Handler(self, request)
+        answer = handler.handle()
         connection.sock.settimeout(self.config.request_timeout_sec)
         try:
             connection.sock.sendall(answer)
@@ -2507,6 +2547,8 @@ SMOKE_ALERTNAME = "AutohealSmokeTest"
 def http_request(method: str, url: str, body: Optional[bytes] = None, headers: Optional[Mapping[str, str]] = None,
                  timeout: float = 5.0) -> Tuple[int, bytes]:
     """A plain HTTP exchange for --smoke: (status, body); OSError when nothing answers."""
+    import http.client
+
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "https":
         import ssl
