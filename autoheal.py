@@ -69,30 +69,68 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import collections
+import os
+import socket
+import sys
+
+DEFAULT_PORT = 9009
+
+
+def check(env: "Mapping[str, str]", timeout: float = 2.0) -> int:
+    """--check: 0 when the local instance answers GET / with "status": "ok", else 1."""
+    raw_port = env.get("AUTOHEAL_PORT", str(DEFAULT_PORT)).strip()
+    if not raw_port.isdigit() or not 1 <= int(raw_port) <= 65535:
+        print("unhealthy: AUTOHEAL_PORT is not a port", file=sys.stderr)
+        return 1
+    port = int(raw_port)
+    host = env.get("AUTOHEAL_HOST", "").strip()
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "::1" if host in ("::", "[::]") else "127.0.0.1"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\nUser-Agent: autoheal-check\r\n\r\n".encode("ascii"))
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except OSError as exc:
+        print(f"unhealthy: {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    # autoheal's own answer starts so (App.status, written by json.dumps); reading it without
+    # importing json keeps the check within its budget.
+    healthy = head.startswith((b"HTTP/1.1 200 ", b"HTTP/1.0 200 ")) and body.startswith(b'{"status": "ok"')
+    if not healthy:
+        print(f"unhealthy: {host}:{port} did not answer \"status\": \"ok\"", file=sys.stderr)
+    return 0 if healthy else 1
+
+
+# The Docker health check runs every few seconds and asks one question, so it is answered here,
+# before the imports only the server needs: the whole process has a budget of 40 ms (issue 8),
+# most of which goes to starting the interpreter and compiling this file.
+if __name__ == "__main__" and sys.argv[1:2] == ["--check"]:
+    raise SystemExit(check(os.environ))
+
+import collections  # noqa: E402 - after the health check's early exit, on purpose
 import json
 import math
-import os
 import queue
 import re
 import selectors
 import shlex
 import signal
-import socket
 import sqlite3
-import sys
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 # ---------------------------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------------------------
 
-DEFAULT_PORT = 9009
 DEFAULT_STATE_FILE = "autoheal-state.db"
 
 # The results a decision can have once the alert reached its action (section 3 of the contract),
@@ -115,8 +153,12 @@ DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 OUTPUT_TAIL_BYTES = 4096
 MAX_REQUEST_LINE = 8192
 MAX_HEAD_BYTES = 16384
-MAX_JSON_DEPTH = 64
 HISTORY_LIMIT_MAX = 1000
+RECORD_CHUNK = 500
+
+# One compact encoder for every recorded event: json.dumps with separators would build a new
+# encoder for each call.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 # Link-preview robots fetch every URL posted in a chat to render a card.  They must never
 # create a silence.  Slack identifies itself as "Slackbot-LinkExpanding" (and "Slackbot" for
@@ -150,8 +192,7 @@ class ConfigError(Exception):
     """The environment or the actions file is invalid; the message names every problem."""
 
 
-@dataclass(frozen=True)
-class Action:
+class Action(NamedTuple):
     """One entry of the action map: what to run for an alertname."""
 
     alertname: str
@@ -167,9 +208,12 @@ class Action:
         return max(0, min(10, int(self.timeout_sec) - 5))
 
 
-@dataclass(frozen=True)
-class Config:
-    """Every setting of autoheal, parsed and validated once from the environment."""
+class Config(NamedTuple):
+    """Every setting of autoheal, parsed and validated once from the environment.
+
+    A NamedTuple rather than a frozen dataclass: as immutable and as typed, without importing
+    dataclasses (which imports inspect, about 12 ms of a 70 ms start-up budget).
+    """
 
     enabled: bool = False
     dry_run: bool = True
@@ -180,7 +224,7 @@ class Config:
     default_cooldown_sec: float = 600.0
     action_timeout_sec: float = 60.0
     actions_file: Optional[str] = None
-    actions: Mapping[str, Action] = field(default_factory=dict)
+    actions: Mapping[str, Action] = {}
     max_actions_per_hour: int = 20
     max_concurrent_actions: int = 8
     state_file: str = DEFAULT_STATE_FILE
@@ -248,8 +292,8 @@ class Config:
             values["state_file"] = env["AUTOHEAL_STATE_FILE"]
             values["state_file_explicit"] = True
 
-        default_cooldown = values.get("default_cooldown_sec", cls.default_cooldown_sec)
-        default_timeout = values.get("action_timeout_sec", cls.action_timeout_sec)
+        default_cooldown = values.get("default_cooldown_sec", cls._field_defaults["default_cooldown_sec"])
+        default_timeout = values.get("action_timeout_sec", cls._field_defaults["action_timeout_sec"])
         named_cooldowns: Dict[str, float] = {}
         for alertname, _command, variable in BUILTIN_ACTIONS:
             raw = env.get(variable)
@@ -501,12 +545,15 @@ class PeerError(Exception):
 
 def format_rfc3339(timestamp: float) -> str:
     """Unix time as RFC 3339 in UTC with milliseconds, as Alertmanager writes it."""
-    moment = datetime.fromtimestamp(timestamp, timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    whole = math.floor(timestamp)
+    milliseconds = min(999, int((timestamp - whole) * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{milliseconds:03d}Z"
 
 
 def parse_rfc3339(text: str) -> float:
     """RFC 3339 to Unix time; accepts Z and up to 9 fractional digits (Go's format)."""
+    from datetime import datetime, timezone  # acks and history filters only
+
     match = _RFC3339.match(text.strip())
     if not match:
         raise ValueError("expected an RFC 3339 time")
@@ -519,43 +566,17 @@ def parse_rfc3339(text: str) -> float:
     return moment.timestamp() - offset + (float("0." + fraction) if fraction else 0.0)
 
 
-def json_depth_ok(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True when the JSON text nests no deeper than limit (checked before json.loads recurses)."""
-    depth = 0
-    in_string = False
-    escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            if depth > limit:
-                return False
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return True
-
-
 def parse_json_body(raw: bytes) -> Any:
     """Decode a request body as JSON, raising HttpError 400 with the reason."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise HttpError(400, f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    if b"[" * 8 in raw or b"{" * 8 in raw or len(raw) > 65536:
-        if not json_depth_ok(raw):
-            raise HttpError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(text)
     except RecursionError:
-        raise HttpError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels") from None
+        # The C decoder counts its depth against the recursion limit and gives up cleanly.
+        raise HttpError(400, "body nests too deeply (JSON beyond the parser's recursion limit)") from None
     except ValueError as exc:
         raise HttpError(400, f"body is not JSON: {exc}") from None
 
@@ -625,25 +646,27 @@ def format_labels(labels: Mapping[str, str]) -> str:
 
 def format_value(value: float) -> str:
     """A sample value as Go formats floats: +Inf, -Inf, NaN, integers without a fraction."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
+    kind = type(value)
+    if kind is int:
         return str(value)
+    if kind is bool:
+        return "1" if value else "0"
+    if value.is_integer() and -1e15 < value < 1e15:  # the common case first: 0, counts, seconds
+        return str(int(value))
     if value != value:
         return "NaN"
     if value == math.inf:
         return "+Inf"
     if value == -math.inf:
         return "-Inf"
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
     return repr(value)
 
 
-def format_family(name: str, kind: str, help_text: str, samples: List[Tuple[str, float]]) -> str:
-    """One metric family: HELP, TYPE, then samples given as (suffix-and-labels, value)."""
+def format_family(name: str, kind: str, help_text: str, samples: Any) -> str:
+    """One metric family: HELP, TYPE, then samples given as (suffix-and-labels, value) pairs."""
+    value_text = format_value
     lines = [f"# HELP {name} {escape_help(help_text)}", f"# TYPE {name} {kind}"]
-    lines.extend(f"{name}{series} {format_value(value)}" for series, value in samples)
+    lines += [f"{name}{series} {value_text(value)}" for series, value in samples]
     return "\n".join(lines) + "\n"
 
 
@@ -665,8 +688,7 @@ def log_event(event: Mapping[str, Any], stream: Any = None, lock: Optional[threa
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RunOutcome:
+class RunOutcome(NamedTuple):
     """What became of one command: executed, failed or error, with its evidence."""
 
     result: str
@@ -904,10 +926,11 @@ def run_docker_action(action: Action, client: DockerClient, project: Optional[st
 class _Pending:
     """Records waiting for the writer thread; done is set once they are committed."""
 
-    __slots__ = ("events", "cooldowns", "done", "error")
+    __slots__ = ("events", "texts", "cooldowns", "done", "error")
 
-    def __init__(self, events: List[Dict[str, Any]], cooldowns: Mapping[str, float]):
+    def __init__(self, events: List[Dict[str, Any]], texts: List[str], cooldowns: Mapping[str, float]):
         self.events = events
+        self.texts = texts
         self.cooldowns = cooldowns
         self.done = threading.Event()
         self.error: Optional[str] = None
@@ -930,7 +953,7 @@ class Store:
         "CREATE TABLE IF NOT EXISTS cooldowns (alertname TEXT PRIMARY KEY, started_at REAL NOT NULL)",
     )
 
-    def __init__(self, path: Optional[str], max_events: int, on_commit: Callable[[List[Dict[str, Any]]], None]):
+    def __init__(self, path: Optional[str], max_events: int, on_commit: Callable[[List[str]], None]):
         self.path = path
         self.max_events = max_events
         self._on_commit = on_commit
@@ -989,23 +1012,29 @@ class Store:
             ).fetchall()
         return [row[0] for row in rows]
 
-    def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None) -> None:
-        """Record events (and cooldown starts); returns once they are durable."""
-        if not events and not cooldowns:
-            return
+    def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None) -> List[str]:
+        """Record events (and cooldown starts); returns their JSON texts once they are durable.
+
+        Each event gets its id here and is serialised once: the same text goes to the database,
+        the log and the /events listeners.
+        """
+        with self._lock:
+            for event in events:
+                event["id"] = self._next_id
+                self._next_id += 1
+        encode = _COMPACT_JSON.encode
+        texts = [encode(event) for event in events]
         if self._connection is None or self._writer is None or not self._writer.is_alive():
             with self._lock:
-                for event in events:
-                    event["id"] = self._next_id
-                    self._next_id += 1
-                    self._memory.append(event)
-            self._on_commit(events)
-            return
-        pending = _Pending(events, cooldowns or {})
+                self._memory.extend(events)
+            self._on_commit(texts)
+            return texts
+        pending = _Pending(events, texts, cooldowns or {})
         self._queue.put(pending)
         pending.done.wait()
         if pending.error:
             raise sqlite3.OperationalError(pending.error)
+        return texts
 
     def _write_loop(self) -> None:
         stopping = False
@@ -1028,17 +1057,13 @@ class Store:
     def _commit(self, batch: List[_Pending]) -> None:
         rows = []
         cooldowns: Dict[str, float] = {}
-        committed: List[Dict[str, Any]] = []
+        committed: List[str] = []
+        for pending in batch:
+            for event, text in zip(pending.events, pending.texts):
+                rows.append((event["id"], event["ts"], event["kind"], event.get("alertname"), event.get("result"), text))
+            committed.extend(pending.texts)
+            cooldowns.update(pending.cooldowns)
         with self._lock:
-            next_id = self._next_id
-            for pending in batch:
-                for event in pending.events:
-                    event["id"] = next_id
-                    next_id += 1
-                    rows.append((event["id"], event["ts"], event["kind"], event.get("alertname"),
-                                 event.get("result"), json.dumps(event, separators=(",", ":"))))
-                    committed.append(event)
-                cooldowns.update(pending.cooldowns)
             try:
                 connection = self._connection
                 connection.execute("BEGIN IMMEDIATE")
@@ -1047,11 +1072,10 @@ class Store:
                 self._since_prune += len(rows)
                 # Prune in steps of a tenth of the bound (at most 1000 rows), so the table stays
                 # within 1.1 times AUTOHEAL_HISTORY_MAX_EVENTS without a DELETE per commit.
-                if self._since_prune >= min(1000, max(1, self.max_events // 10)):
+                if self._since_prune >= min(1000, max(1, self.max_events // 10)) and rows:
                     self._since_prune = 0
-                    connection.execute("DELETE FROM events WHERE id < ?", (next_id - self.max_events,))
+                    connection.execute("DELETE FROM events WHERE id <= ?", (rows[-1][0] - self.max_events,))
                 connection.execute("COMMIT")
-                self._next_id = next_id
                 self.commits += 1
                 error = None
             except sqlite3.Error as exc:
@@ -1267,23 +1291,26 @@ def validate_webhook(payload: Any) -> List[Dict[str, Any]]:
 CREATED_BY = "autoheal"
 
 
-@dataclass
 class Decision:
     """What the gates of section 3 decided for one alert; result "run" until the command ends."""
 
-    alertname: str
-    result: str
-    reason: Optional[str] = None
-    action: Optional[Action] = None
-    cooldown_remaining: float = 0.0
-    outcome: Optional[RunOutcome] = None
+    __slots__ = ("alertname", "result", "reason", "action", "cooldown_remaining", "outcome")
+
+    def __init__(self, alertname: str, result: str, reason: Optional[str] = None, action: Optional[Action] = None,
+                 cooldown_remaining: float = 0.0):
+        self.alertname = alertname
+        self.result = result
+        self.reason = reason
+        self.action = action
+        self.cooldown_remaining = cooldown_remaining
+        self.outcome: Optional[RunOutcome] = None
 
 
 class Listener:
     """One GET /events client: a bounded queue of events to send."""
 
     def __init__(self) -> None:
-        self.events: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue(maxsize=1024)
+        self.events: "queue.Queue[Optional[str]]" = queue.Queue(maxsize=1024)  # JSON texts
         self.overflowed = False
 
 
@@ -1313,7 +1340,12 @@ class App:
         self._duration_sum = {name: 0.0 for name in self.action_names}
         self._duration_count = {name: 0 for name in self.action_names}
         self._last_action = {name: 0.0 for name in self.action_names}
-        self._series_labels = {name: format_labels({"alertname": name}) for name in self.action_names}
+        # The label sets of the per-alertname series, escaped once: /metrics with 1,000 alertnames
+        # must not escape 11,000 label values on every scrape.
+        self._series_labels = [format_labels({"alertname": name}) for name in self.action_names]
+        self._result_keys = [(name, result) for name in self.action_names for result in ACTION_RESULTS]
+        self._result_series = [f'{{alertname="{escape_label_value(name)}",result="{result}"}}'
+                               for name, result in self._result_keys]
         self.store = self._open_store()
         now = time.time()
         self._cooldown_started = {
@@ -1342,21 +1374,25 @@ class App:
         log_event(event, self._log_stream, self._log_lock)
 
     def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None) -> None:
-        """Record events durably (waiting for the commit), then log them."""
+        """Record events durably (waiting for the commit), then log them, one line each."""
         try:
-            self.store.record(events, cooldowns)
+            texts = self.store.record(events, cooldowns)
         except sqlite3.Error as exc:
             self.log({"event": "error", "message": str(exc)})
-        for event in events:
-            self.log(event)
+            texts = [_COMPACT_JSON.encode(event) for event in events]
+        if texts:
+            stream = self._log_stream or sys.stdout
+            with self._log_lock:
+                stream.write("\n".join(texts) + "\n")  # one write for the whole request
+                stream.flush()
 
-    def _publish(self, events: List[Dict[str, Any]]) -> None:
+    def _publish(self, texts: List[str]) -> None:
         with self._lock:
             listeners = list(self._listeners)
         for listener in listeners:
-            for event in events:
+            for text in texts:
                 try:
-                    listener.events.put_nowait(event)
+                    listener.events.put_nowait(text)
                 except queue.Full:
                     listener.overflowed = True
                     break
@@ -1405,11 +1441,13 @@ class App:
                 decisions.append(decision)
                 if decision.result in ("dry_run", "run"):
                     cooldowns[decision.alertname] = now
-        first_records = [
-            self._event("run" if decision.result == "run" else "decision", alert, decision, now)
-            for alert, decision in zip(alerts, decisions)
-        ]
-        self.record(first_records, cooldowns)
+        # Recorded in chunks, so that the events of a storm of thousands of alerts are not all in
+        # memory at once; every chunk is committed before the answer, cooldowns with the first.
+        for start in range(0, len(alerts), RECORD_CHUNK):
+            self.record([self._event("run" if decision.result == "run" else "decision", alert, decision, now)
+                         for alert, decision in zip(alerts[start:start + RECORD_CHUNK],
+                                                    decisions[start:start + RECORD_CHUNK])],
+                        cooldowns if start == 0 else None)
         runs = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "run"]
         if runs:
             self._run_all(runs)
@@ -1560,21 +1598,24 @@ class App:
     def render_metrics(self) -> str:
         """The Prometheus text exposition (0.0.4) of every series of section 5, and more."""
         now = time.time()
-        with self._lock:
-            counts = dict(self._action_counts)
+        names = self.action_names
+        with self._lock:  # a snapshot under the lock; formatting happens outside it
+            counts = [self._action_counts[key] for key in self._result_keys]
             skips = dict(self._skip_counts)
             acks = dict(self._ack_counts)
             received = self._alerts_received
             expired = self._silences_expired
-            last = dict(self._last_action)
-            remaining = {name: self._cooldown_remaining_locked(self.actions[name], now) for name in self.action_names}
-            duration_sum = dict(self._duration_sum)
-            duration_count = dict(self._duration_count)
-            budget_used = sum(1 for started in self._budget if started > now - 3600)
+            last = [self._last_action[name] for name in names]
+            started = [self._cooldown_started.get(name) for name in names]
+            duration_sum = [self._duration_sum[name] for name in names]
+            duration_count = [self._duration_count[name] for name in names]
+            budget_used = sum(1 for moment in self._budget if moment > now - 3600)
             listeners = len(self._listeners)
+        cooldowns = [self.actions[name].cooldown_sec for name in names]
+        remaining = [0.0 if begun is None else max(0.0, min(cooldown, begun + cooldown - now))
+                     for begun, cooldown in zip(started, cooldowns)]
         config = self.config
         labels = self._series_labels
-        names = self.action_names
         limit = config.max_actions_per_hour
         parts = [
             format_family("autoheal_enabled", "gauge", "1 when autoheal is enabled (AUTOHEAL_ENABLED), else 0.",
@@ -1589,20 +1630,18 @@ class App:
                           [(format_labels({"reason": reason}), skips[reason]) for reason in SKIP_REASONS]),
             format_family("autoheal_actions_total", "counter",
                           "Decisions on allow-listed alerts, by alertname and result.",
-                          [(labels[name][:-1] + f',result="{result}"}}', counts[(name, result)])
-                           for name in names for result in ACTION_RESULTS]),
+                          zip(self._result_series, counts)),
             format_family("autoheal_action_last_timestamp", "gauge",
                           "Unix time of the last action of an alertname (dry-run included), 0 before the first.",
-                          [(labels[name], last[name]) for name in names]),
+                          zip(labels, last)),
             format_family("autoheal_cooldown_remaining_seconds", "gauge",
-                          "Seconds until the next action of an alertname is allowed.",
-                          [(labels[name], remaining[name]) for name in names]),
+                          "Seconds until the next action of an alertname is allowed.", zip(labels, remaining)),
             format_family("autoheal_cooldown_seconds", "gauge", "Configured cooldown of an alertname's action.",
-                          [(labels[name], self.actions[name].cooldown_sec) for name in names]),
+                          zip(labels, cooldowns)),
             format_family("autoheal_action_duration_seconds", "summary",
                           "Wall time of commands that ran, by alertname.",
-                          [("_sum" + labels[name], duration_sum[name]) for name in names]
-                          + [("_count" + labels[name], duration_count[name]) for name in names]),
+                          [("_sum" + series, value) for series, value in zip(labels, duration_sum)]
+                          + [("_count" + series, value) for series, value in zip(labels, duration_count)]),
             format_family("autoheal_action_budget_limit", "gauge",
                           "Runs allowed per rolling hour across all alertnames (0: no budget).", [("", limit)]),
             format_family("autoheal_action_budget_remaining", "gauge",
@@ -2444,7 +2483,7 @@ class Server:
                 if event is None:
                     break
                 if event:
-                    sock.sendall(b"data: " + json.dumps(event, separators=(",", ":")).encode("utf-8") + b"\n\n")
+                    sock.sendall(b"data: " + event.encode("utf-8") + b"\n\n")
                     last_sent = time.monotonic()
                 elif time.monotonic() - last_sent >= heartbeat:
                     sock.sendall(b": heartbeat\n\n")
@@ -2507,38 +2546,6 @@ def make_server(app: App, host: Optional[str] = None, port: Optional[int] = None
 # ---------------------------------------------------------------------------------------------
 
 
-def check(env: Mapping[str, str], timeout: float = 2.0) -> int:
-    """--check: 0 when the local instance answers GET / with "status": "ok", else 1."""
-    try:
-        port = parse_int(env.get("AUTOHEAL_PORT", str(DEFAULT_PORT)), 1, 65535)
-    except ValueError:
-        print("error: AUTOHEAL_PORT is not a port", file=sys.stderr)
-        return 1
-    host = env.get("AUTOHEAL_HOST", "").strip()
-    if host in ("", "0.0.0.0", "::", "[::]"):
-        host = "127.0.0.1" if host != "::" else "::1"
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\nUser-Agent: autoheal-check\r\n\r\n".encode("ascii"))
-            chunks = []
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-    except OSError as exc:
-        print(f"unhealthy: {host}:{port}: {exc}", file=sys.stderr)
-        return 1
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    try:
-        healthy = head.split(b" ", 2)[1] == b"200" and json.loads(body.decode("utf-8")).get("status") == "ok"
-    except (IndexError, ValueError, AttributeError):
-        healthy = False
-    if not healthy:
-        print(f"unhealthy: {host}:{port} did not answer \"status\": \"ok\"", file=sys.stderr)
-    return 0 if healthy else 1
-
-
 CONTRACT_SERIES = ("autoheal_enabled", "autoheal_actions_total", "autoheal_action_last_timestamp",
                    "autoheal_cooldown_remaining_seconds")
 SMOKE_ALERTNAME = "AutohealSmokeTest"
@@ -2584,7 +2591,7 @@ def smoke(args: List[str], env: Mapping[str, str]) -> int:
             return 2
         options[name] = (value or words.pop(0)).rstrip("/")
     base = options["--url"] or f"http://127.0.0.1:{env.get('AUTOHEAL_PORT', str(DEFAULT_PORT)).strip()}"
-    alertmanager_url = options["--alertmanager"] or env.get("ALERTMANAGER_URL") or Config.alertmanager_url
+    alertmanager_url = options["--alertmanager"] or env.get("ALERTMANAGER_URL") or Config._field_defaults["alertmanager_url"]
     outcomes: List[bool] = []
 
     def report(passed: bool, check: str, detail: str) -> bool:

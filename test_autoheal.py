@@ -724,8 +724,8 @@ def test_control_characters_in_labels_cannot_forge_log_lines(tmp_path):
         (b'{"alerts": [{"status": "firing", "labels": {"alertname": "A"}, "annotations": []}]}',
          "alerts[0].annotations must be an object"),
         (b'{"version": "3", "alerts": []}', "unsupported webhook version"),
-        (b"[" * 100000 + b"]" * 100000, "nests deeper"),
-        (b'{"alerts": [' * 3000, "nests deeper"),
+        (b"[" * 100000 + b"]" * 100000, "nests too deeply"),
+        (b'{"alerts": [' * 3000, "nests too deeply"),
     ],
 )
 def test_malformed_webhooks_get_400_saying_what_is_wrong(body, expected):
