@@ -2241,3 +2241,21 @@ def test_smoke_with_alertmanager_stopped_fails_the_ack_check_clearly(tmp_path):
 def test_smoke_rejects_unknown_options():
     done = run_module(["--smoke", "--frob", "x"])
     assert done.returncode == 2 and "--smoke takes" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark runs (it reports; the suite asserts no timing)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_benchmark_runs_in_quick_mode(tmp_path):
+    done = subprocess.run([sys.executable, str(HERE / "bench" / "bench.py"), "--quick", "--json",
+                           str(tmp_path / "figures.json")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    for figure in ("cold start to first 200, script", "idle resident memory, image", "POST /alert req/s, state file",
+                   "POST /alert p99, memory only", "one POST of 5,000 alerts", "GET /metrics, 1,000 alertnames",
+                   "resident memory after all", "--check, whole process (script)", "SIGTERM to exit, idle"):
+        assert figures[figure]["median"] > 0, figure
+        assert figure in done.stdout
+    assert "budget" in done.stdout and done.stdout.strip().splitlines()[-1].endswith("missed")
