@@ -40,7 +40,7 @@ with exit status 2 and one line naming the variable):
     AUTOHEAL_MAX_BODY_BYTES=1048576      larger request bodies get 413
     AUTOHEAL_REQUEST_TIMEOUT_SEC=10      a request must arrive whole within this; idle connections close
     AUTOHEAL_MAX_CONNECTIONS=512         open connections; past it the longest-idle one is dropped
-    AUTOHEAL_WORKERS=16                  requests handled at once
+    AUTOHEAL_WORKERS=16                  webhooks and acks handled at once (2 more threads answer the rest)
     AUTOHEAL_MAX_EVENT_LISTENERS=16      GET /events streams at once
     AUTOHEAL_EVENTS_HEARTBEAT_SEC=15     comment line sent to idle /events listeners
     AUTOHEAL_SHUTDOWN_GRACE_SEC=10       on SIGTERM, how long in-flight actions may finish
@@ -60,10 +60,14 @@ Endpoints:
 
 Actions with "docker_api": true (the built-in ones) are "docker restart NAME..." or "docker
 compose restart SERVICE..." carried out through the Docker Engine API (API 1.41, no docker CLI
-needed); every other action runs as an argument vector, never through a shell; the alert reaches the command only
-through environment variables: AUTOHEAL_ALERTNAME, AUTOHEAL_FINGERPRINT, AUTOHEAL_LABEL_<NAME>,
-AUTOHEAL_ANNOTATION_<NAME> (names upper-cased, every character outside A-Z0-9_ turned into _).
-A command past its timeout is killed with its whole process group.
+needed).  Every other action runs as an argument vector, never through a shell; the alert
+reaches the command only through environment variables: AUTOHEAL_ALERTNAME,
+AUTOHEAL_FINGERPRINT, AUTOHEAL_LABEL_<NAME>, AUTOHEAL_ANNOTATION_<NAME> (names upper-cased,
+every character outside A-Z0-9_ turned into _).  A command past its timeout is killed with its
+whole process group.
+
+Run from bytecode (python3 -m autoheal, as the Docker image does) it starts about 30 ms faster:
+a script given by path is compiled at every start.
 """
 from __future__ import annotations
 
@@ -155,6 +159,7 @@ MAX_REQUEST_LINE = 8192
 MAX_HEAD_BYTES = 16384
 HISTORY_LIMIT_MAX = 1000
 RECORD_CHUNK = 500
+QUICK_WORKERS = 2  # the pool of requests that never wait on a command or a peer (see Server)
 
 # One compact encoder for every recorded event: json.dumps with separators would build a new
 # encoder for each call.
@@ -162,11 +167,12 @@ _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 # Link-preview robots fetch every URL posted in a chat to render a card.  They must never
 # create a silence.  Slack identifies itself as "Slackbot-LinkExpanding" (and "Slackbot" for
-# others), Teams as "SkypeUriPreview" or "MicrosoftPreview", and so on.
+# others), Teams as "SkypeUriPreview" or "MicrosoftPreview", and so on.  Only robots' names:
+# the in-app browsers of Slack ("Slack/...") and Teams ("Teams/...") are people clicking.
 PREVIEW_AGENTS = re.compile(
-    r"slackbot|slack-imgproxy|skypeuripreview|microsoftpreview|teams|discordbot|telegrambot|"
-    r"facebookexternalhit|facebot|twitterbot|whatsapp|linkedinbot|mattermost|googlebot|"
-    r"embedly|iframely|redditbot|applebot|bingpreview|preview",
+    r"slackbot|slack-imgproxy|skypeuripreview|microsoftpreview|discordbot|telegrambot|"
+    r"facebookexternalhit|facebot|twitterbot|whatsapp|linkedinbot|mattermost-bot|"
+    r"embedly|iframely|redditbot|applebot|bingpreview",
     re.IGNORECASE,
 )
 
@@ -249,18 +255,24 @@ class Config(NamedTuple):
         """Real actions run only when enabled and not in dry-run."""
         return self.enabled and not self.dry_run
 
+    def __repr__(self) -> str:
+        # Tokens never reach a log line, even through a repr.
+        shown = {name: ("<set>" if value and name.endswith("_token") else value)
+                 for name, value in zip(self._fields, self) if name != "actions"}
+        return f"Config({', '.join(f'{name}={value!r}' for name, value in shown.items())}, actions={sorted(self.actions)})"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Config":
         """Parse every variable, collect every problem, raise one ConfigError naming each."""
         problems: List[str] = []
         values: Dict[str, Any] = {}
 
-        def take(key: str, name: str, parse: Callable[[str], Any]) -> None:
+        def take(key: str, name: str, parse: Callable[[str], Any], into: Dict[str, Any] = values) -> None:
             raw = env.get(name)
             if raw is None:
                 return
             try:
-                values[key] = parse(raw)
+                into[key] = parse(raw)
             except ValueError as exc:
                 problems.append(f"{name}: {exc}, got {raw!r}")
 
@@ -296,13 +308,7 @@ class Config(NamedTuple):
         default_timeout = values.get("action_timeout_sec", cls._field_defaults["action_timeout_sec"])
         named_cooldowns: Dict[str, float] = {}
         for alertname, _command, variable in BUILTIN_ACTIONS:
-            raw = env.get(variable)
-            if raw is None:
-                continue
-            try:
-                named_cooldowns[alertname] = parse_seconds(raw)
-            except ValueError as exc:
-                problems.append(f"{variable}: {exc}, got {raw!r}")
+            take(alertname, variable, parse_seconds, named_cooldowns)
 
         actions_file = env.get("AUTOHEAL_ACTIONS_FILE") or None
         if actions_file:
@@ -814,6 +820,49 @@ def docker_plan(argv: Tuple[str, ...]) -> Tuple[str, Tuple[str, ...]]:
     return kind, names
 
 
+def http_request(method: str, url: str, body: Optional[bytes] = None, headers: Optional[Mapping[str, str]] = None,
+                 timeout: float = 5.0, unix_path: Optional[str] = None, limit: int = 8 << 20) -> Tuple[int, bytes]:
+    """One exchange with a peer (Alertmanager, Docker, Prometheus, autoheal): (status, body).
+
+    OSError when nothing answers within timeout, or what answers is not HTTP.  With unix_path
+    the request goes over that Unix socket (the Docker socket) whatever the URL's host.
+    """
+    import http.client  # outgoing calls only: the server itself never needs it (see Handler)
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        import ssl  # only deployments that use https pay for importing ssl
+
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname or "", parts.port, timeout=timeout, context=ssl.create_default_context())
+    else:
+        connection = http.client.HTTPConnection(parts.hostname or "localhost", parts.port, timeout=timeout)
+    try:
+        if unix_path is not None:
+            connection.sock = _unix_socket(unix_path, timeout)
+        connection.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body=body,
+                           headers=dict(headers or {}))
+        response = connection.getresponse()
+        return response.status, response.read(limit)
+    except http.client.HTTPException as exc:
+        raise OSError(f"bad answer: {exc!r}") from None
+    finally:
+        connection.close()
+
+
+def decode_answer(raw: bytes) -> Any:
+    """A peer's answer: its JSON when it is JSON, else its text."""
+    try:
+        return json.loads(raw.decode("utf-8")) if raw.strip() else None
+    except (UnicodeDecodeError, ValueError):
+        return raw.decode("utf-8", "replace").strip()
+
+
+def answer_reason(data: Any) -> Any:
+    """The reason in an error answer: Alertmanager and Docker send a bare string or {message}."""
+    return data.get("message", data) if isinstance(data, dict) else data
+
+
 def _unix_socket(path: str, timeout: float) -> socket.socket:
     """A connected Unix socket, handed to http.client as its connection (the Docker socket)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -837,31 +886,15 @@ class DockerClient:
         self.docker_host = docker_host
         parts = urllib.parse.urlsplit(docker_host)
         self._unix_path = parts.path if parts.scheme == "unix" else None
-        self._host = parts.hostname or ""
-        self._port = parts.port if parts.scheme == "tcp" else None
+        self._base = "http://docker" if self._unix_path else f"http://{parts.netloc}"
 
     def call(self, method: str, path: str, timeout: float) -> Any:
         """One API call; DockerRefused on an error answer, OSError when the daemon does not answer."""
-        import http.client  # outgoing calls only: the server itself never needs it (see Handler)
-
-        connection = http.client.HTTPConnection(self._host or "localhost", self._port, timeout=timeout)
-        try:
-            if self._unix_path is not None:
-                connection.sock = _unix_socket(self._unix_path, timeout)
-            connection.request(method, f"/v{DOCKER_API_VERSION}{path}", headers={"Host": "docker"})
-            response = connection.getresponse()
-            raw = response.read(8 << 20)
-        except http.client.HTTPException as exc:
-            raise OSError(f"bad answer: {exc!r}") from None
-        finally:
-            connection.close()
-        try:
-            data = json.loads(raw.decode("utf-8")) if raw.strip() else None
-        except (UnicodeDecodeError, ValueError):
-            data = raw.decode("utf-8", "replace").strip()
-        if response.status >= 400:
-            message = data.get("message", data) if isinstance(data, dict) else data
-            raise DockerRefused(f"Error response from daemon: {message}")
+        status, raw = http_request(method, f"{self._base}/v{DOCKER_API_VERSION}{path}", timeout=timeout,
+                                   unix_path=self._unix_path)
+        data = decode_answer(raw)
+        if status >= 400:
+            raise DockerRefused(f"Error response from daemon: {answer_reason(data)}")
         return data
 
     def service_containers(self, service: str, project: Optional[str], timeout: float) -> List[str]:
@@ -1158,46 +1191,22 @@ class AlertmanagerClient:
     def __init__(self, base_url: str, timeout: float):
         self.base_url = base_url
         self.timeout = timeout
-        parts = urllib.parse.urlsplit(base_url)
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or ""
-        self._port = parts.port
-        self._prefix = parts.path.rstrip("/")
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """One request; raises PeerError with Alertmanager's own reason on refusal or silence."""
-        import http.client  # outgoing calls only: the server itself never needs it (see Handler)
-
-        if self._https:
-            import ssl  # only deployments that use https pay for importing ssl
-
-            connection: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self.timeout, context=ssl.create_default_context()
-            )
-        else:
-            connection = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
-        payload = None if body is None else json.dumps(body).encode("utf-8")
         headers = {"Accept": "application/json", "User-Agent": f"autoheal/{__version__}"}
-        if payload is not None:
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
         try:
-            connection.request(method, self._prefix + path, body=payload, headers=headers)
-            response = connection.getresponse()
-            raw = response.read(4 << 20)
-            status = response.status
-        except (OSError, http.client.HTTPException) as exc:
+            status, raw = http_request(method, self.base_url + path, payload, headers, self.timeout, limit=4 << 20)
+        except OSError as exc:
             raise PeerError(f"Alertmanager at {self.base_url} did not answer within "
                             f"{format_value(self.timeout)}s: {exc or type(exc).__name__}") from None
-        finally:
-            connection.close()
-        try:
-            data = json.loads(raw.decode("utf-8")) if raw.strip() else None
-        except (UnicodeDecodeError, ValueError):
-            data = raw.decode("utf-8", "replace").strip()
+        data = decode_answer(raw)
         if status >= 300:
-            # Alertmanager's error bodies are sometimes a bare JSON string, sometimes {code, message}.
-            reason = data.get("message", data) if isinstance(data, dict) else data
-            raise PeerError(f"Alertmanager refused ({status}): {reason}", status)
+            raise PeerError(f"Alertmanager refused ({status}): {answer_reason(data)}", status)
         return data
 
     def silences(self) -> List[Dict[str, Any]]:
@@ -2247,13 +2256,19 @@ class Server:
         self._buffered = 0
         self._buffered_limit = max(16 << 20, 8 * self.config.max_body_bytes)
         self._returned: collections.deque = collections.deque()
+        # Two pools: requests that may wait on a command or on Alertmanager (POST, /ack) and the
+        # rest, which never wait on anything but SQLite.  However many slow actions fill the first
+        # pool, GET / (the health check) and /metrics are still answered by the second.
         self._tasks: "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]" = queue.SimpleQueue()
+        self._quick_tasks: "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]" = queue.SimpleQueue()
         self._busy = 0
         self._busy_changed = threading.Condition()
         self._streams: List[threading.Thread] = []
         self._stopped = threading.Event()
-        self._workers = [threading.Thread(target=self._work, name=f"worker-{index}", daemon=True)
+        self._workers = [threading.Thread(target=self._work, args=(self._tasks,), name=f"worker-{index}", daemon=True)
                          for index in range(self.config.workers)]
+        self._workers += [threading.Thread(target=self._work, args=(self._quick_tasks,), name=f"quick-{index}",
+                                           daemon=True) for index in range(QUICK_WORKERS)]
         for worker in self._workers:
             worker.start()
 
@@ -2355,7 +2370,9 @@ class Server:
         del self._connections[connection.sock.fileno()]
         with self._busy_changed:
             self._busy += 1
-        self._tasks.put((connection, request))
+        method, _, rest = request.partition(b" ")
+        slow = method == b"POST" or rest.startswith(b"/ack")
+        (self._tasks if slow else self._quick_tasks).put((connection, request))
 
     def _refuse(self, connection: _Connection, error: HttpError) -> None:
         """Answer a framing error and close gracefully.
@@ -2416,9 +2433,9 @@ class Server:
 
     # -- the workers ----------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, tasks: "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]") -> None:
         while True:
-            task = self._tasks.get()
+            task = tasks.get()
             if task is None:
                 return
             connection, request = task
@@ -2526,8 +2543,10 @@ class Server:
                 end = time.monotonic() + 5
                 while self._busy and time.monotonic() < end:
                     self._busy_changed.wait(end - time.monotonic())
-        for _worker in self._workers:
+        for _worker in range(self.config.workers):
             self._tasks.put(None)
+        for _worker in range(QUICK_WORKERS):
+            self._quick_tasks.put(None)
         self.app.close_listeners()
         for thread in self._workers + self._streams:
             thread.join(timeout=2)
@@ -2549,30 +2568,6 @@ def make_server(app: App, host: Optional[str] = None, port: Optional[int] = None
 CONTRACT_SERIES = ("autoheal_enabled", "autoheal_actions_total", "autoheal_action_last_timestamp",
                    "autoheal_cooldown_remaining_seconds")
 SMOKE_ALERTNAME = "AutohealSmokeTest"
-
-
-def http_request(method: str, url: str, body: Optional[bytes] = None, headers: Optional[Mapping[str, str]] = None,
-                 timeout: float = 5.0) -> Tuple[int, bytes]:
-    """A plain HTTP exchange for --smoke: (status, body); OSError when nothing answers."""
-    import http.client
-
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https":
-        import ssl
-
-        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname or "", parts.port, timeout=timeout, context=ssl.create_default_context())
-    else:
-        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
-    try:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        connection.request(method, target, body=body, headers=dict(headers or {}))
-        response = connection.getresponse()
-        return response.status, response.read()
-    except http.client.HTTPException as exc:
-        raise OSError(f"bad answer: {exc!r}") from None
-    finally:
-        connection.close()
 
 
 def smoke(args: List[str], env: Mapping[str, str]) -> int:
