@@ -1519,7 +1519,8 @@ def test_rules_pass_promtool_check_and_their_unit_tests():
     assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
     rules = (HERE / "prometheus-recording-rules.yml").read_text()
     for name in ("record: autoheal:cooldown_active", "record: autoheal:actions:rate_5m", "alert: AutohealDown",
-                 "alert: AutohealActionsFailing", "alert: AutohealFlapping", "alert: AutohealStuck"):
+                 "alert: AutohealActionsFailing", "alert: AutohealFlapping", "alert: AutohealStuck",
+                 "alert: AutohealStateWriteErrors"):
         assert name in rules
 
 
