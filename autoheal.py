@@ -129,7 +129,10 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+
+if TYPE_CHECKING:
+    import subprocess  # imported for real where commands run (run_command)
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -804,6 +807,11 @@ def run_command(
     if status < 0:
         return RunOutcome("error", status, duration, output, f"killed by signal {-status}")
     return RunOutcome("failed", status, duration, output)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outgoing HTTP and Docker actions
+# ---------------------------------------------------------------------------------------------
 
 
 def docker_plan(argv: Tuple[str, ...]) -> Tuple[str, Tuple[str, ...]]:

@@ -1917,7 +1917,7 @@ def fuzz_requests(rng, count):
         method = rng.choice(methods)
         target = rng.choice(paths) + rng.choice(queries)()
         body = rng.choice(bodies)() if method not in ("GET", "HEAD") or rng.random() < 0.1 else b""
-        headers = [f"Host: fuzz", "Connection: close", f"User-Agent: {rng.choice(['fuzz', 'Slackbot-LinkExpanding', ''])}"]
+        headers = ["Host: fuzz", "Connection: close", f"User-Agent: {rng.choice(['fuzz', 'Slackbot-LinkExpanding', ''])}"]
         if rng.random() < 0.9:
             headers.append(f"Content-Length: {len(body) if rng.random() < 0.9 else rng.choice([-1, 10**30, len(body) + 5])}")
         if rng.random() < 0.1:
