@@ -162,6 +162,7 @@ MAX_REQUEST_LINE = 8192
 MAX_HEAD_BYTES = 16384
 HISTORY_LIMIT_MAX = 1000
 RECORD_CHUNK = 500
+BUDGET_WINDOW_SEC = 3600  # the global action budget counts runs in a rolling hour
 QUICK_WORKERS = 2  # the pool of requests that never wait on a command or a peer (see Server)
 
 # One compact encoder for every recorded event: json.dumps with separators would build a new
@@ -1157,26 +1158,24 @@ class Store:
             parameters.append(since)
         sql += " ORDER BY id DESC LIMIT ?"
         parameters.append(limit)
-        # A connection of its own: WAL lets readers run beside the writer.
-        reader = sqlite3.connect(self.path, check_same_thread=False)
-        try:
-            reader.execute("PRAGMA busy_timeout = 5000")
-            rows = reader.execute(sql, parameters).fetchall()
-        finally:
-            reader.close()
-        return [json.loads(row[0]) for row in rows]
+        return [json.loads(row[0]) for row in self._read(sql, parameters)]
 
     def get(self, event_id: int) -> Optional[Dict[str, Any]]:
         """One recorded event by its id."""
         if self._connection is None:
             with self._lock:
                 return next((event for event in self._memory if event["id"] == event_id), None)
+        rows = self._read("SELECT body FROM events WHERE id = ?", [event_id])
+        return json.loads(rows[0][0]) if rows else None
+
+    def _read(self, sql: str, parameters: List[Any]) -> List[Tuple[Any, ...]]:
+        """A query on a connection of its own: WAL lets readers run beside the writer."""
         reader = sqlite3.connect(self.path, check_same_thread=False)
         try:
-            row = reader.execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()
+            reader.execute("PRAGMA busy_timeout = 5000")
+            return reader.execute(sql, parameters).fetchall()
         finally:
             reader.close()
-        return json.loads(row[0]) if row else None
 
     def close(self) -> None:
         """Commit what is queued and close the database."""
@@ -1308,6 +1307,14 @@ def validate_webhook(payload: Any) -> List[Dict[str, Any]]:
 CREATED_BY = "autoheal"
 
 
+def cooldown_remaining(started: Optional[float], cooldown: float, now: float) -> float:
+    """Seconds left of a cooldown that started at started (None: never); never more than cooldown,
+    so a clock set back cannot stretch it."""
+    if started is None:
+        return 0.0
+    return max(0.0, min(cooldown, started + cooldown - now))
+
+
 class Decision:
     """What the gates of section 3 decided for one alert; result "run" until the command ends."""
 
@@ -1370,7 +1377,7 @@ class App:
         }
         for name, started in self._cooldown_started.items():
             self._last_action[name] = started
-        self._budget: collections.deque = collections.deque(self.store.load_budget_times(now - 3600))
+        self._budget: collections.deque = collections.deque(self.store.load_budget_times(now - BUDGET_WINDOW_SEC))
 
     def _open_store(self) -> Store:
         config = self.config
@@ -1489,7 +1496,7 @@ class App:
             return Decision(alertname, "cooldown_skip", action=action, cooldown_remaining=remaining)
         budget = self.config.max_actions_per_hour
         if budget:
-            while self._budget and self._budget[0] <= now - 3600:
+            while self._budget and self._budget[0] <= now - BUDGET_WINDOW_SEC:
                 self._budget.popleft()
             if len(self._budget) >= budget:
                 self._action_counts[(alertname, "rate_limited")] += 1
@@ -1504,10 +1511,11 @@ class App:
         return Decision(alertname, "run", action=action, cooldown_remaining=action.cooldown_sec)
 
     def _cooldown_remaining_locked(self, action: Action, now: float) -> float:
-        started = self._cooldown_started.get(action.alertname)
-        if started is None:
-            return 0.0
-        return max(0.0, min(action.cooldown_sec, started + action.cooldown_sec - now))
+        return cooldown_remaining(self._cooldown_started.get(action.alertname), action.cooldown_sec, now)
+
+    def _budget_used_locked(self, now: float) -> int:
+        """Runs (real or dry) within the rolling hour of the global budget."""
+        return sum(1 for moment in self._budget if moment > now - BUDGET_WINDOW_SEC)
 
     def _run_all(self, runs: List[Tuple[Dict[str, Any], Decision]]) -> None:
         # Actions of different alertnames run side by side; at most max_concurrent_actions
@@ -1597,7 +1605,7 @@ class App:
                        "remaining_seconds": round(self._cooldown_remaining_locked(self.actions[name], now), 3)}
                 for name in self.action_names
             }
-            budget_used = sum(1 for started in self._budget if started > now - 3600)
+            budget_used = self._budget_used_locked(now)
         limit = self.config.max_actions_per_hour
         return {
             "status": "ok",
@@ -1626,11 +1634,10 @@ class App:
             started = [self._cooldown_started.get(name) for name in names]
             duration_sum = [self._duration_sum[name] for name in names]
             duration_count = [self._duration_count[name] for name in names]
-            budget_used = sum(1 for moment in self._budget if moment > now - 3600)
+            budget_used = self._budget_used_locked(now)
             listeners = len(self._listeners)
         cooldowns = [self.actions[name].cooldown_sec for name in names]
-        remaining = [0.0 if begun is None else max(0.0, min(cooldown, begun + cooldown - now))
-                     for begun, cooldown in zip(started, cooldowns)]
+        remaining = [cooldown_remaining(begun, cooldown, now) for begun, cooldown in zip(started, cooldowns)]
         config = self.config
         labels = self._series_labels
         limit = config.max_actions_per_hour
