@@ -32,7 +32,9 @@ with exit status 2 and one line naming the variable):
     AUTOHEAL_MAX_ACTIONS_PER_HOUR=20     global budget of runs (dry-run included) per rolling hour; 0 = off
     AUTOHEAL_MAX_CONCURRENT_ACTIONS=8    commands running at once, across all requests
     AUTOHEAL_STATE_FILE=autoheal-state.db   SQLite file for cooldowns and history; empty = memory only
-    AUTOHEAL_HISTORY_MAX_EVENTS=100000   events kept in the history
+    AUTOHEAL_HISTORY_MAX_EVENTS=100000   events kept in each retention class of the history
+    AUTOHEAL_HISTORY_MAX_BYTES=default   bytes the history may hold (half per class): 268435456 in the
+                                         state file, 33554432 in memory only
     AUTOHEAL_WEBHOOK_TOKEN=unset         when set, POST /alert needs "Authorization: Bearer <token>"
     AUTOHEAL_ACK_TOKEN=unset             when set, /ack needs token=<token> in its query
     AUTOHEAL_ACK_MAX_DURATION=7d         longest silence an ack may create
@@ -55,8 +57,10 @@ Endpoints:
                            creates (or reuses) an exact-match silence; HEAD and link previews create nothing
     POST /ack/undo         silence_id=<id> (or id=<history id of an ack>)[&token=]: expires a
                            silence that autoheal created
-    GET  /history          ?limit=N&alertname=X&since=<unix or RFC 3339>: recorded events, newest first
-    GET  /events           Server-Sent Events: one "data: <JSON>" per new event
+    GET  /history          ?limit=N&alertname=X&kind=K&result=R&since=<unix, RFC 3339 or age such as 10m>:
+                           recorded events, newest first; an unknown parameter is a 400
+    GET  /events           Server-Sent Events: "id: <history id>" and "data: <JSON>" per new event;
+                           a client reconnecting with Last-Event-ID first gets what it missed
 
 Actions with "docker_api": true (the built-in ones) are "docker restart NAME..." or "docker
 compose restart SERVICE..." carried out through the Docker Engine API (API 1.41, no docker CLI
@@ -145,6 +149,7 @@ DEFAULT_STATE_FILE = "autoheal-state.db"
 ACTION_RESULTS = ("executed", "failed", "dry_run", "cooldown_skip", "error", "rate_limited")
 SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted")
 ACK_OUTCOMES = ("created", "existing", "extended", "previewed", "error")
+PRESET_REJECTIONS = (("/alert", 400), ("/alert", 401), ("/alert", 413), ("/ack", 400), ("/ack", 403))
 
 BUILTIN_ACTIONS = (
     # alertname, command, environment variable holding its cooldown
@@ -161,9 +166,24 @@ OUTPUT_TAIL_BYTES = 4096
 MAX_REQUEST_LINE = 8192
 MAX_HEAD_BYTES = 16384
 HISTORY_LIMIT_MAX = 1000
+HISTORY_PARAMETERS = ("limit", "alertname", "kind", "result", "since")
+# The history's retention classes (Store): routine decisions, which a storm repeats, are kept
+# apart from everything that matters, so that they can never evict it.
+KEPT, ROUTINE = 0, 1
+RETENTION_CLASSES = ("kept", "routine")
+ROUTINE_RESULTS = ("cooldown_skip", "skipped", "rate_limited")
+MAX_EVENT_BYTES = 16384  # a recorded event larger than this has its long values cut (bound_event)
+MAX_VALUE_CHARS = 1024
+MAX_EVENT_LABELS = 64
+MEMORY_ROW_OVERHEAD = 300  # bytes a memory-only history row costs beside its text
+FOLD_KEYS_MAX = 4096  # routine decisions whose repeats are being folded, at most
+FEED_EVENTS = 4096  # recent events kept for /events listeners; one further behind reads the history
 RECORD_CHUNK = 500
 BUDGET_WINDOW_SEC = 3600  # the global action budget counts runs in a rolling hour
 QUICK_WORKERS = 2  # the pool of requests that never wait on a command or a peer (see Server)
+
+# The level of a recorded event's log line, by its result; everything else is "info".
+_EVENT_LEVELS = {"failed": "warning", "error": "error", "not_healed": "warning"}
 
 # One compact encoder for every recorded event: json.dumps with separators would build a new
 # encoder for each call.
@@ -240,6 +260,7 @@ class Config(NamedTuple):
     state_file: str = DEFAULT_STATE_FILE
     state_file_explicit: bool = False
     history_max_events: int = 100000
+    history_max_bytes: Optional[int] = None  # None: 256 MiB in the state file, 32 MiB in memory
     webhook_token: Optional[str] = None
     ack_token: Optional[str] = None
     ack_max_duration_sec: float = 7 * 86400.0
@@ -291,6 +312,7 @@ class Config(NamedTuple):
         take("max_actions_per_hour", "AUTOHEAL_MAX_ACTIONS_PER_HOUR", lambda raw: parse_int(raw, 0, 10**9))
         take("max_concurrent_actions", "AUTOHEAL_MAX_CONCURRENT_ACTIONS", lambda raw: parse_int(raw, 1, 1024))
         take("history_max_events", "AUTOHEAL_HISTORY_MAX_EVENTS", lambda raw: parse_int(raw, 1, 10**9))
+        take("history_max_bytes", "AUTOHEAL_HISTORY_MAX_BYTES", lambda raw: parse_int(raw, 1 << 16, 1 << 40))
         take("webhook_token", "AUTOHEAL_WEBHOOK_TOKEN", parse_token)
         take("ack_token", "AUTOHEAL_ACK_TOKEN", parse_token)
         take("ack_max_duration_sec", "AUTOHEAL_ACK_MAX_DURATION", parse_duration)
@@ -405,6 +427,11 @@ def parse_docker_host(raw: str) -> str:
     if parts.scheme == "tcp" and parts.hostname and port:
         return text
     raise ValueError("expected unix:///path/to/docker.sock or tcp://host:port")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address is reachable from this machine only."""
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
 def parse_token(raw: str) -> Optional[str]:
@@ -968,14 +995,61 @@ def run_docker_action(action: Action, client: DockerClient, project: Optional[st
 class _Pending:
     """Records waiting for the writer thread; done is set once they are committed."""
 
-    __slots__ = ("events", "texts", "cooldowns", "done", "error")
+    __slots__ = ("rows", "texts", "cooldowns", "folds", "done", "error")
 
-    def __init__(self, events: List[Dict[str, Any]], texts: List[str], cooldowns: Mapping[str, float]):
-        self.events = events
+    def __init__(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
+                 folds: List[Tuple[int, float]]):
+        self.rows = rows
         self.texts = texts
         self.cooldowns = cooldowns
+        self.folds = folds
         self.done = threading.Event()
         self.error: Optional[str] = None
+
+
+def retention_class(event: Mapping[str, Any]) -> int:
+    """ROUTINE for the decisions a storm repeats (cooldown_skip, skipped, rate_limited), else KEPT:
+    each class has its own bounds, so routine decisions can never evict runs, acks or changes."""
+    return ROUTINE if event["kind"] == "decision" and event.get("result") in ROUTINE_RESULTS else KEPT
+
+
+def bound_event(event: Dict[str, Any]) -> Dict[str, Any]:
+    """The event with every long label or annotation value cut to MAX_VALUE_CHARS and at most
+    MAX_EVENT_LABELS of each, marked where it was cut: what one event may hold is bounded."""
+    for key in ("labels", "annotations"):
+        mapping = event.get(key)
+        if not isinstance(mapping, dict):
+            continue
+        names = sorted(mapping)
+        kept = {}
+        for name in names[:MAX_EVENT_LABELS]:
+            value = mapping[name]
+            if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+                value = value[:MAX_VALUE_CHARS] + f"...[{len(value) - MAX_VALUE_CHARS} more characters cut]"
+            kept[name[:MAX_VALUE_CHARS]] = value
+        if len(names) > MAX_EVENT_LABELS:
+            event[key + "_cut"] = len(names) - MAX_EVENT_LABELS
+        event[key] = kept
+    for key in ("reason", "comment", "error", "user_agent"):
+        value = event.get(key)
+        if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+            event[key] = value[:MAX_VALUE_CHARS] + f"...[{len(value) - MAX_VALUE_CHARS} more characters cut]"
+    return event
+
+
+def _folded(text: str, count: int, last_ts: Optional[float]) -> str:
+    """An event's text with the count and last_ts of the repeats folded into it."""
+    if count <= 1:
+        return text
+    return text[:-1] + f',"count":{count},"last_ts":{format_value(last_ts or 0.0)}}}'
+
+
+def _is_sqlite_file(path: str) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(16) == b"SQLite format 3\0"
+    except OSError:
+        return False
 
 
 class Store:
@@ -984,30 +1058,50 @@ class Store:
     One writer thread owns the SQLite connection.  Requests hand it their records and wait
     until they are committed, so an answer never describes something a crash could lose; the
     writer commits whatever has queued up meanwhile in one transaction (group commit), which
-    keeps durability cheap under concurrent load.
+    keeps durability cheap under concurrent load.  Ids are given and records queued under one
+    small lock, so ids are committed and published in order (what /events resumes by).
+
+    The history has two retention classes (retention_class), each bounded in count
+    (max_events) and in bytes (half of max_bytes); repeats of a routine decision are folded
+    into the first one (count, last_ts) instead of becoming events of their own.
     """
 
     _SCHEMA = (
         "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL,"
-        " alertname TEXT, result TEXT, body TEXT NOT NULL)",
+        " alertname TEXT, result TEXT, body TEXT NOT NULL, cls INTEGER NOT NULL DEFAULT 0,"
+        " size INTEGER NOT NULL DEFAULT 0, count INTEGER NOT NULL DEFAULT 1, last_ts REAL)",
         "CREATE INDEX IF NOT EXISTS events_by_alertname ON events (alertname, id)",
         "CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts)",
         "CREATE TABLE IF NOT EXISTS cooldowns (alertname TEXT PRIMARY KEY, started_at REAL NOT NULL)",
     )
+    # Databases written before the retention classes lack these columns.
+    _COLUMNS = (("cls", "INTEGER NOT NULL DEFAULT 0"), ("size", "INTEGER NOT NULL DEFAULT 0"),
+                ("count", "INTEGER NOT NULL DEFAULT 1"), ("last_ts", "REAL"))
 
-    def __init__(self, path: Optional[str], max_events: int, on_commit: Callable[[List[str]], None]):
+    def __init__(self, path: Optional[str], max_events: int, max_bytes: int,
+                 on_commit: Callable[[List[Tuple[int, str]]], None], log: Callable[..., None]):
         self.path = path
         self.max_events = max_events
+        self.max_class_bytes = max(1, max_bytes // 2)
         self._on_commit = on_commit
-        self._lock = threading.Lock()
-        self._memory: collections.deque = collections.deque(maxlen=max_events)
+        self._log = log
+        self._lock = threading.Lock()  # the SQLite connection, or the memory rows
+        self._order = threading.Lock()  # ids and the queue: what is committed and published in order
         self._next_id = 1
-        self._since_prune = 0
+        # Per class: [rows, bytes]; in memory the rows themselves, by class and by id.
+        self._totals = [[0, 0], [0, 0]]
+        self._oldest: List[Optional[float]] = [None, None]
+        self._memory: Tuple[collections.deque, collections.deque] = (collections.deque(), collections.deque())
+        self._memory_by_id: Dict[int, List[Any]] = {}
         self._connection: Optional[sqlite3.Connection] = None
+        self._identity: Tuple[Tuple[int, int], ...] = ()
+        self._cooldowns: Dict[str, float] = {}
         self._queue: "queue.SimpleQueue[Optional[_Pending]]" = queue.SimpleQueue()
         self._writer: Optional[threading.Thread] = None
         self.write_errors = 0
+        self.replaced = 0
         self.commits = 0
+        self.recovered: Optional[Dict[str, str]] = None
         if path:
             self._open(path)
 
@@ -1015,7 +1109,30 @@ class Store:
     def persistent(self) -> bool:
         return self._connection is not None
 
+    # -- opening, damage and a vanished file ----------------------------------------------
+
     def _open(self, path: str) -> None:
+        try:
+            connection = self._connect(path, check=True)
+        except sqlite3.DatabaseError as exc:
+            if not _is_sqlite_file(path) or isinstance(exc, sqlite3.OperationalError) and "malformed" not in str(exc):
+                raise  # not a database of autoheal's at all (a wrong path?): never moved
+            # A damaged file must not mean a crash loop: keep it for a post-mortem, start afresh.
+            moved = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.replace(path + suffix, moved + suffix)
+            self.recovered = {"moved_to": moved, "reason": str(exc)[:300]}
+            connection = self._connect(path, check=False)
+        self._connection = connection
+        self._identity = self._stat()
+        self._load_totals(connection)
+        self._next_id = connection.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0] + 1
+        self._cooldowns = dict(connection.execute("SELECT alertname, started_at FROM cooldowns").fetchall())
+        self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
+        self._writer.start()
+
+    def _connect(self, path: str, check: bool) -> sqlite3.Connection:
         connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
             connection.execute("PRAGMA busy_timeout = 5000")
@@ -1023,24 +1140,88 @@ class Store:
             # In WAL mode NORMAL survives a crash of the process (SIGKILL); only power loss
             # can take back the last commits.
             connection.execute("PRAGMA synchronous = NORMAL")
+            if check:
+                verdict = connection.execute("PRAGMA quick_check").fetchone()[0]
+                if verdict != "ok":
+                    raise sqlite3.DatabaseError(f"database disk image is malformed: {verdict}")
             for statement in self._SCHEMA:
                 connection.execute(statement)
-            row = connection.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
-        except sqlite3.Error:
+            present = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
+            for name, declaration in self._COLUMNS:
+                if name not in present:
+                    connection.execute(f"ALTER TABLE events ADD COLUMN {name} {declaration}")
+                    if name == "cls":
+                        connection.execute(
+                            "UPDATE events SET cls = 1 WHERE kind = 'decision' AND result IN "
+                            f"({', '.join(repr(result) for result in ROUTINE_RESULTS)})")
+                    elif name == "size":
+                        connection.execute("UPDATE events SET size = length(body)")
+            connection.execute("CREATE INDEX IF NOT EXISTS events_by_class ON events (cls, id)")
+        except (sqlite3.Error, ValueError):
             connection.close()
             raise
-        self._next_id = row[0] + 1
+        return connection
+
+    def _load_totals(self, connection: sqlite3.Connection) -> None:
+        """Rows and bytes of each retention class, and the time of its oldest event, as stored."""
+        self._totals = [[0, 0], [0, 0]]
+        self._oldest = [None, None]
+        for cls in (KEPT, ROUTINE):
+            count, size = connection.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM events WHERE cls = ?", (cls,)).fetchone()
+            self._totals[cls] = [count, size]
+            self._oldest[cls] = self._oldest_of(connection, cls)
+
+    @staticmethod
+    def _oldest_of(connection: sqlite3.Connection, cls: int) -> Optional[float]:
+        row = connection.execute("SELECT ts FROM events WHERE cls = ? ORDER BY id LIMIT 1", (cls,)).fetchone()
+        return row[0] if row else None
+
+    def _stat(self) -> Tuple[Tuple[int, int], ...]:
+        """Device and inode of the state file (and its WAL, once there is one); () if gone."""
+        found = []
+        for suffix in ("", "-wal"):
+            try:
+                info = os.stat(self.path + suffix)  # type: ignore[operator]
+            except OSError:
+                if suffix:
+                    continue
+                return ()
+            found.append((info.st_dev, info.st_ino))
+        return tuple(found)
+
+    def _check_identity(self) -> None:
+        """Reopen the state file if it was moved, deleted or replaced under the running process:
+        writing on would put every commit into a file that no restart will read."""
+        now = self._stat()
+        if now and now[:len(self._identity)] == self._identity:
+            self._identity = now
+            return
+        self.replaced += 1
+        self._log({"event": "error", "message": f"state file {self.path!r} was moved, deleted or replaced while "
+                   "autoheal ran; reopening it and writing the cooldowns again (the history before now is in "
+                   "the file that was moved, if it still exists)"}, "error")
+        try:
+            self._connection.close()  # type: ignore[union-attr]
+        except sqlite3.Error:
+            pass
+        for suffix in ("-wal", "-shm"):
+            if not now and os.path.exists(self.path + suffix):  # type: ignore[operator]
+                os.remove(self.path + suffix)  # type: ignore[operator]
+        connection = self._connect(self.path, check=False)  # type: ignore[arg-type]
+        connection.execute("BEGIN IMMEDIATE")
+        connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", self._cooldowns.items())
+        connection.execute("COMMIT")
+        self._load_totals(connection)
         self._connection = connection
-        self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
-        self._writer.start()
+        self._identity = self._stat()
+
+    # -- reading at start -----------------------------------------------------------------
 
     def load_cooldowns(self) -> Dict[str, float]:
         """Start time of each alertname's last cooldown, as recorded."""
-        if self._connection is None:
-            return {}
         with self._lock:
-            rows = self._connection.execute("SELECT alertname, started_at FROM cooldowns").fetchall()
-        return {name: started for name, started in rows}
+            return dict(self._cooldowns)
 
     def load_budget_times(self, since: float) -> List[float]:
         """When the runs (real or dry) of the last hour happened, for the global budget."""
@@ -1054,29 +1235,69 @@ class Store:
             ).fetchall()
         return [row[0] for row in rows]
 
-    def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None) -> List[str]:
-        """Record events (and cooldown starts); returns their JSON texts once they are durable.
+    # -- recording ------------------------------------------------------------------------
 
-        Each event gets its id here and is serialised once: the same text goes to the database,
-        the log and the /events listeners.
+    def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None,
+               folds: Optional[List[Tuple[Dict[str, Any], float]]] = None) -> List[Tuple[int, str]]:
+        """Record events, cooldown starts and folded repeats ((event, when)); returns the events'
+        (id, JSON text) once they are durable.
+
+        Each event is serialised once, here, outside any lock: the same text goes to the
+        database, the log and the /events listeners.  Its id is spliced in front under the order
+        lock.
         """
-        with self._lock:
-            for event in events:
-                event["id"] = self._next_id
-                self._next_id += 1
         encode = _COMPACT_JSON.encode
-        texts = [encode(event) for event in events]
-        if self._connection is None or self._writer is None or not self._writer.is_alive():
-            with self._lock:
-                self._memory.extend(events)
-            self._on_commit(texts)
-            return texts
-        pending = _Pending(events, texts, cooldowns or {})
-        self._queue.put(pending)
+        bodies = []
+        for event in events:
+            body = encode(event)
+            if len(body) > MAX_EVENT_BYTES:
+                body = encode(bound_event(event))
+            bodies.append(body)
+        persistent = self._connection is not None
+        with self._order:
+            first = self._next_id
+            self._next_id += len(events)
+            texts = [(first + index, f'{{"id":{first + index},' + body[1:]) for index, body in enumerate(bodies)]
+            rows = [(event_id, event["ts"], event["kind"], event.get("alertname"), event.get("result"), text,
+                     retention_class(event), len(text)) for (event_id, text), event in zip(texts, events)]
+            for event, (event_id, _text) in zip(events, texts):
+                event["id"] = event_id
+            # A repeat folds into an event recorded before or in this same call (its id is known now).
+            repeats = [(event["id"], when) for event, when in folds or ()]
+            if not persistent:
+                self._remember(rows, repeats)
+                self._on_commit(texts)
+                return texts
+            if self._writer is None or not self._writer.is_alive():
+                raise sqlite3.OperationalError("state file writer is not running")
+            pending = _Pending(rows, texts, cooldowns or {}, repeats)
+            self._queue.put(pending)
         pending.done.wait()
         if pending.error:
             raise sqlite3.OperationalError(pending.error)
         return texts
+
+    def _remember(self, rows: List[Tuple[Any, ...]], folds: List[Tuple[int, float]]) -> None:
+        """Memory only: keep the rows, fold the repeats, evict the oldest of a class past its bounds."""
+        with self._lock:
+            for row in rows:
+                entry = list(row) + [1, None]
+                cls = row[6]
+                self._memory[cls].append(entry)
+                self._memory_by_id[row[0]] = entry
+                totals = self._totals[cls]
+                totals[0] += 1
+                totals[1] += row[7] + MEMORY_ROW_OVERHEAD  # what a row costs beside its text, measured
+                while totals[0] > self.max_events or totals[1] > self.max_class_bytes:
+                    old = self._memory[cls].popleft()
+                    del self._memory_by_id[old[0]]
+                    totals[0] -= 1
+                    totals[1] -= old[7] + MEMORY_ROW_OVERHEAD
+            for event_id, when in folds:
+                entry = self._memory_by_id.get(event_id)
+                if entry is not None:
+                    entry[8] += 1
+                    entry[9] = when
 
     def _write_loop(self) -> None:
         stopping = False
@@ -1094,83 +1315,162 @@ class Store:
                     stopping = True
                     break
                 batch.append(following)
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # the writer must outlive whatever one batch does
+                message = f"state file write failed: {type(exc).__name__}: {exc}"
+                self.write_errors += 1
+                self._log({"event": "error", "message": message}, "error")
+                for pending in batch:
+                    pending.error = message
+                    pending.done.set()
 
     def _commit(self, batch: List[_Pending]) -> None:
-        rows = []
+        rows: List[Tuple[Any, ...]] = []
         cooldowns: Dict[str, float] = {}
-        committed: List[str] = []
+        folds: Dict[int, List[Any]] = {}
+        committed: List[Tuple[int, str]] = []
         for pending in batch:
-            for event, text in zip(pending.events, pending.texts):
-                rows.append((event["id"], event["ts"], event["kind"], event.get("alertname"), event.get("result"), text))
+            rows.extend(pending.rows)
             committed.extend(pending.texts)
             cooldowns.update(pending.cooldowns)
+            for event_id, when in pending.folds:
+                fold = folds.setdefault(event_id, [0, when])
+                fold[0] += 1
+                fold[1] = max(fold[1], when)
         with self._lock:
+            self._check_identity()
+            connection = self._connection
+            assert connection is not None
             try:
-                connection = self._connection
                 connection.execute("BEGIN IMMEDIATE")
-                connection.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", rows)
-                connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", cooldowns.items())
-                self._since_prune += len(rows)
-                # Prune in steps of a tenth of the bound (at most 1000 rows), so the table stays
-                # within 1.1 times AUTOHEAL_HISTORY_MAX_EVENTS without a DELETE per commit.
-                if self._since_prune >= min(1000, max(1, self.max_events // 10)) and rows:
-                    self._since_prune = 0
-                    connection.execute("DELETE FROM events WHERE id <= ?", (rows[-1][0] - self.max_events,))
+                connection.executemany("INSERT INTO events (id, ts, kind, alertname, result, body, cls, size)"
+                                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                if folds:
+                    connection.executemany("UPDATE events SET count = count + ?, last_ts = ? WHERE id = ?",
+                                           [(count, when, event_id) for event_id, (count, when) in folds.items()])
+                if cooldowns:
+                    connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", cooldowns.items())
+                for row in rows:
+                    totals = self._totals[row[6]]
+                    totals[0] += 1
+                    totals[1] += row[7]
+                    if self._oldest[row[6]] is None:
+                        self._oldest[row[6]] = row[1]
+                for cls in (KEPT, ROUTINE):
+                    self._prune(connection, cls)
                 connection.execute("COMMIT")
-                self.commits += 1
-                error = None
-            except sqlite3.Error as exc:
-                error = f"state file write failed: {exc}"
-                self.write_errors += 1
+            except BaseException:
                 try:
-                    self._connection.execute("ROLLBACK")
+                    connection.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-        if error is None:
-            self._on_commit(committed)
+                self._load_totals(connection)
+                raise
+            self._cooldowns.update(cooldowns)
+            self.commits += 1
+            if len(self._identity) < 2:
+                self._identity = self._stat()  # the WAL exists from the first commit on
+        self._on_commit(committed)
         for pending in batch:
-            pending.error = error
             pending.done.set()
 
-    def query(self, limit: int, alertname: Optional[str], since: Optional[float]) -> List[Dict[str, Any]]:
-        """Recorded events, newest first."""
+    def _prune(self, connection: sqlite3.Connection, cls: int) -> None:
+        """Past a class's bounds, delete its oldest rows down to nine tenths of them: a DELETE per
+        tenth of the bound, not per commit."""
+        totals = self._totals[cls]
+        if totals[0] <= self.max_events and totals[1] <= self.max_class_bytes:
+            return
+        count_goal = self.max_events - self.max_events // 10
+        bytes_goal = self.max_class_bytes - self.max_class_bytes // 10
+        last = None
+        while totals[0] > count_goal or totals[1] > bytes_goal:
+            chunk = connection.execute("SELECT id, size FROM events WHERE cls = ? AND id > ? ORDER BY id LIMIT 1000",
+                                       (cls, last if last is not None else -1)).fetchall()
+            if not chunk:
+                break
+            for event_id, size in chunk:
+                last = event_id
+                totals[0] -= 1
+                totals[1] -= size
+                if totals[0] <= count_goal and totals[1] <= bytes_goal:
+                    break
+        if last is not None:
+            connection.execute("DELETE FROM events WHERE cls = ? AND id <= ?", (cls, last))
+            self._oldest[cls] = self._oldest_of(connection, cls)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def last_id(self) -> int:
+        """The id of the latest event recorded (0: none yet)."""
+        with self._order:
+            return self._next_id - 1
+
+    def query(self, limit: int, since: Optional[float] = None, after: Optional[int] = None,
+              **equal: Optional[str]) -> List[Tuple[int, str]]:
+        """Recorded events as (id, text): newest first, or with after, the oldest ones after that id.
+
+        equal filters on alertname, kind and result (None: any).
+        """
+        wanted = {name: value for name, value in equal.items() if value is not None}
         if self._connection is None:
+            import heapq
+
             with self._lock:
-                snapshot = list(self._memory)
+                kept, routine = (list(rows) for rows in self._memory)
+            if after is None:  # both classes are in id order: merge them, newest first
+                snapshot = heapq.merge(reversed(kept), reversed(routine), key=lambda row: -row[0])
+            else:
+                snapshot = heapq.merge(kept, routine, key=lambda row: row[0])
+            columns = {"kind": 2, "alertname": 3, "result": 4}
             found = []
-            for event in reversed(snapshot):
-                if since is not None and event["ts"] < since:
+            for row in snapshot:
+                if (since is not None and row[1] < since) or (after is not None and row[0] <= after):
                     continue
-                if alertname is not None and event.get("alertname") != alertname:
+                if any(row[columns[name]] != value for name, value in wanted.items()):
                     continue
-                found.append(event)
+                found.append((row[0], _folded(row[5], row[8], row[9])))
                 if len(found) >= limit:
                     break
             return found
-        sql = "SELECT body FROM events WHERE 1 = 1"
+        sql = "SELECT id, body, count, last_ts FROM events WHERE 1 = 1"
         parameters: List[Any] = []
-        if alertname is not None:
-            sql += " AND alertname = ?"
-            parameters.append(alertname)
+        for name, value in sorted(wanted.items()):
+            sql += f" AND {name} = ?"
+            parameters.append(value)
         if since is not None:
             sql += " AND ts >= ?"
             parameters.append(since)
-        sql += " ORDER BY id DESC LIMIT ?"
+        if after is not None:
+            sql += " AND id > ? ORDER BY id LIMIT ?"
+            parameters.append(after)
+        else:
+            sql += " ORDER BY id DESC LIMIT ?"
         parameters.append(limit)
-        return [json.loads(row[0]) for row in self._read(sql, parameters)]
+        return [(event_id, _folded(body, count, last_ts)) for event_id, body, count, last_ts in self._read(sql, parameters)]
 
     def get(self, event_id: int) -> Optional[Dict[str, Any]]:
         """One recorded event by its id."""
         if self._connection is None:
             with self._lock:
-                return next((event for event in self._memory if event["id"] == event_id), None)
+                row = self._memory_by_id.get(event_id)
+            return json.loads(row[5]) if row else None
         rows = self._read("SELECT body FROM events WHERE id = ?", [event_id])
         return json.loads(rows[0][0]) if rows else None
 
+    def oldest(self) -> Dict[str, Optional[float]]:
+        """How far back each retention class reaches: the time of its oldest event (None: empty)."""
+        with self._lock:
+            if self._connection is None:
+                return {name: (self._memory[cls][0][1] if self._memory[cls] else None)
+                        for cls, name in enumerate(RETENTION_CLASSES)}
+            return dict(zip(RETENTION_CLASSES, self._oldest))
+
     def _read(self, sql: str, parameters: List[Any]) -> List[Tuple[Any, ...]]:
-        """A query on a connection of its own: WAL lets readers run beside the writer."""
-        reader = sqlite3.connect(self.path, check_same_thread=False)
+        """A query on a connection of its own: WAL lets readers run beside the writer.  The file
+        must exist: a reader never creates a stray empty one."""
+        reader = sqlite3.connect(f"file:{urllib.parse.quote(self.path or '')}?mode=rw", uri=True,
+                                 check_same_thread=False)
         try:
             reader.execute("PRAGMA busy_timeout = 5000")
             return reader.execute(sql, parameters).fetchall()
@@ -1318,7 +1618,7 @@ def cooldown_remaining(started: Optional[float], cooldown: float, now: float) ->
 class Decision:
     """What the gates of section 3 decided for one alert; result "run" until the command ends."""
 
-    __slots__ = ("alertname", "result", "reason", "action", "cooldown_remaining", "outcome")
+    __slots__ = ("alertname", "result", "reason", "action", "cooldown_remaining", "outcome", "event", "fold_into")
 
     def __init__(self, alertname: str, result: str, reason: Optional[str] = None, action: Optional[Action] = None,
                  cooldown_remaining: float = 0.0):
@@ -1328,14 +1628,17 @@ class Decision:
         self.action = action
         self.cooldown_remaining = cooldown_remaining
         self.outcome: Optional[RunOutcome] = None
+        self.event: Optional[Dict[str, Any]] = None  # a routine decision's event, built when first seen
+        self.fold_into: Optional[Dict[str, Any]] = None  # the event a repeat folds into
 
 
-class Listener:
-    """One GET /events client: a bounded queue of events to send."""
+class Subscriber:
+    """One GET /events client: the id of the last event it was sent."""
 
-    def __init__(self) -> None:
-        self.events: "queue.Queue[Optional[str]]" = queue.Queue(maxsize=1024)  # JSON texts
-        self.overflowed = False
+    __slots__ = ("cursor",)
+
+    def __init__(self, cursor: int):
+        self.cursor = cursor
 
 
 class App:
@@ -1354,12 +1657,20 @@ class App:
         self._log_lock = threading.Lock()
         self._lock = threading.Lock()
         self._action_slots = threading.BoundedSemaphore(config.max_concurrent_actions)
-        self._listeners: List[Listener] = []
+        self._subscribers: List[Subscriber] = []
+        # The latest events for /events, in id order, and who waits for them.
+        self._feed: collections.deque = collections.deque(maxlen=FEED_EVENTS)
+        self._feed_changed = threading.Condition()
+        self._feed_closed = False
+        self._folds: "collections.OrderedDict[Tuple[str, str, str, Optional[str]], List[Any]]" = collections.OrderedDict()
         self._ack_inflight: Dict[Any, threading.Event] = {}
         self._action_counts = {(name, result): 0 for name in self.action_names for result in ACTION_RESULTS}
         self._skip_counts = {reason: 0 for reason in SKIP_REASONS}
         self._ack_counts = {outcome: 0 for outcome in ACK_OUTCOMES}
         self._alerts_received = 0
+        # Refused requests by (route, status); the likeliest exist from the start, so that
+        # increase() sees the first refusal.
+        self._rejected: Dict[Tuple[str, int], int] = {key: 0 for key in PRESET_REJECTIONS}
         self._silences_expired = 0
         self._duration_sum = {name: 0.0 for name in self.action_names}
         self._duration_count = {name: 0 for name in self.action_names}
@@ -1378,76 +1689,122 @@ class App:
         for name, started in self._cooldown_started.items():
             self._last_action[name] = started
         self._budget: collections.deque = collections.deque(self.store.load_budget_times(now - BUDGET_WINDOW_SEC))
+        self._latest_id = self.store.last_id()  # before the first event: _publish moves it on
+        if self.store.recovered:
+            self.record([{"ts": round(now, 6), "kind": "state", "result": "recovered", **self.store.recovered}])
 
     def _open_store(self) -> Store:
         config = self.config
         path = config.state_file or None
+
+        def history_bytes(persistent: bool) -> int:
+            return config.history_max_bytes or (256 << 20 if persistent else 32 << 20)
+
         try:
-            return Store(path, config.history_max_events, self._publish)
+            store = Store(path, config.history_max_events, history_bytes(bool(path)), self._publish, self.log)
         except (sqlite3.Error, OSError) as exc:
             if config.state_file_explicit:
                 raise ConfigError(f"AUTOHEAL_STATE_FILE: cannot open {path!r}: {exc}") from None
             self.log({"event": "warning", "message": f"state file {path!r} unusable ({exc}); "
-                      "cooldowns and history are kept in memory only"})
-            return Store(None, config.history_max_events, self._publish)
+                      "cooldowns and history are kept in memory only"}, "warning")
+            return Store(None, config.history_max_events, history_bytes(False), self._publish, self.log)
+        if store.recovered:
+            self.log({"event": "warning", "message": f"state file {path!r} was damaged ({store.recovered['reason']});"
+                      f" moved aside to {store.recovered['moved_to']!r}, starting with a fresh one"}, "warning")
+        return store
 
     # -- logging and recording ------------------------------------------------------------
 
-    def log(self, event: Mapping[str, Any]) -> None:
-        """Write one JSON log line."""
-        log_event(event, self._log_stream, self._log_lock)
+    def log(self, event: Mapping[str, Any], level: str = "info") -> None:
+        """Write one JSON log line: its event first, then time (RFC 3339 UTC) and level."""
+        log_event({"event": event.get("event"), "time": format_rfc3339(time.time()), "level": level, **event},
+                  self._log_stream, self._log_lock)
 
-    def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None) -> None:
-        """Record events durably (waiting for the commit), then log them, one line each."""
+    def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None,
+               folds: Optional[List[Tuple[Dict[str, Any], float]]] = None) -> None:
+        """Record events durably (waiting for the commit), then log them, one line each; a folded
+        repeat only adds to the count of the event it folds into."""
         try:
-            texts = self.store.record(events, cooldowns)
+            texts = self.store.record(events, cooldowns, folds)
         except sqlite3.Error as exc:
-            self.log({"event": "error", "message": str(exc)})
-            texts = [_COMPACT_JSON.encode(event) for event in events]
+            self.log({"event": "error", "message": str(exc)}, "error")
+            texts = [(event.get("id", 0), _COMPACT_JSON.encode(event)) for event in events]
         if texts:
+            # The recorded text, with time and level in front: one serialisation per event.
+            prefix = '{"time":"' + format_rfc3339(time.time()) + '","level":"'
+            lines = [prefix + _EVENT_LEVELS.get(event.get("result"), "info") + '",' + text[1:]
+                     for event, (_id, text) in zip(events, texts)]
             stream = self._log_stream or sys.stdout
             with self._log_lock:
-                stream.write("\n".join(texts) + "\n")  # one write for the whole request
+                stream.write("\n".join(lines) + "\n")  # one write for the whole request
                 stream.flush()
 
-    def _publish(self, texts: List[str]) -> None:
-        with self._lock:
-            listeners = list(self._listeners)
-        for listener in listeners:
-            for text in texts:
-                try:
-                    listener.events.put_nowait(text)
-                except queue.Full:
-                    listener.overflowed = True
-                    break
+    def _publish(self, texts: List[Tuple[int, str]]) -> None:
+        """Committed events, in id order, for the /events subscribers."""
+        with self._feed_changed:
+            self._feed.extend(texts)
+            if texts:
+                self._latest_id = texts[-1][0]
+            self._feed_changed.notify_all()
 
-    def add_listener(self) -> Optional[Listener]:
-        """A new /events listener, or None when every slot is taken."""
+    def subscribe(self, last_event_id: Optional[int]) -> Optional[Subscriber]:
+        """A new /events subscriber, or None when every slot is taken.  It gets what comes after
+        last_event_id (SSE's Last-Event-ID), or, without one, what comes from now on."""
         with self._lock:
-            if len(self._listeners) >= self.config.max_event_listeners:
+            if len(self._subscribers) >= self.config.max_event_listeners:
                 return None
-            listener = Listener()
-            self._listeners.append(listener)
-            return listener
+            subscriber = Subscriber(self._latest_id if last_event_id is None else last_event_id)
+            self._subscribers.append(subscriber)
+            return subscriber
 
-    def remove_listener(self, listener: Listener) -> None:
+    def unsubscribe(self, subscriber: Subscriber) -> None:
         with self._lock:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
+            if subscriber in self._subscribers:
+                self._subscribers.remove(subscriber)
+
+    def events_after(self, subscriber: Subscriber, wait: float) -> Optional[List[Tuple[int, str]]]:
+        """The (id, text) of events after the subscriber's cursor, waiting up to wait seconds for
+        one; None once autoheal is closing.  A subscriber behind the feed reads the history, so
+        only one that stops reading (its socket times out) is ever dropped."""
+        cursor = subscriber.cursor
+        with self._feed_changed:
+            feed = self._feed
+            if not self._feed_closed and (not feed or feed[-1][0] <= cursor):
+                self._feed_changed.wait(wait)
+            if self._feed_closed:
+                return None
+            if not feed or feed[-1][0] <= cursor:
+                return []
+            newer = []
+            for item in reversed(feed):
+                if item[0] <= cursor:
+                    break
+                newer.append(item)
+            newer.reverse()
+            if feed[0][0] <= cursor + 1:
+                return newer
+        return self.store.query(HISTORY_LIMIT_MAX, after=cursor) or newer
 
     def close_listeners(self) -> None:
-        with self._lock:
-            listeners = list(self._listeners)
-        for listener in listeners:
-            try:
-                listener.events.put_nowait(None)
-            except queue.Full:
-                listener.overflowed = True
+        with self._feed_changed:
+            self._feed_closed = True
+            self._feed_changed.notify_all()
 
     def close(self) -> None:
         """Close the listeners and the state store."""
         self.close_listeners()
         self.store.close()
+
+    def rejected(self, method: str, path: Optional[str], status: int, reason: str, client: str) -> None:
+        """Count and log one refused request (4xx, 5xx); path is a route of ROUTES or None.
+
+        Only the route is logged, never the query: an ack link carries its token there.
+        """
+        label = path or "other"
+        with self._lock:
+            self._rejected[(label, status)] = self._rejected.get((label, status), 0) + 1
+        self.log({"event": "rejected", "method": method, "path": label, "status": status,
+                  "reason": reason[:300], "client": client}, "error" if status >= 500 else "warning")
 
     # -- the webhook ----------------------------------------------------------------------
 
@@ -1465,13 +1822,20 @@ class App:
                 decisions.append(decision)
                 if decision.result in ("dry_run", "run"):
                     cooldowns[decision.alertname] = now
+                elif decision.result in ROUTINE_RESULTS:
+                    self._fold_locked(alert, decision, now)
         # Recorded in chunks, so that the events of a storm of thousands of alerts are not all in
         # memory at once; every chunk is committed before the answer, cooldowns with the first.
         for start in range(0, len(alerts), RECORD_CHUNK):
-            self.record([self._event("run" if decision.result == "run" else "decision", alert, decision, now)
-                         for alert, decision in zip(alerts[start:start + RECORD_CHUNK],
-                                                    decisions[start:start + RECORD_CHUNK])],
-                        cooldowns if start == 0 else None)
+            events = []
+            folds = []
+            for alert, decision in zip(alerts[start:start + RECORD_CHUNK], decisions[start:start + RECORD_CHUNK]):
+                if decision.fold_into is not None:
+                    folds.append((decision.fold_into, now))
+                else:
+                    events.append(decision.event or self._event("run" if decision.result == "run" else "decision",
+                                                                alert, decision, now))
+            self.record(events, cooldowns if start == 0 else None, folds)
         runs = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "run"]
         if runs:
             self._run_all(runs)
@@ -1507,8 +1871,28 @@ class App:
         self._last_action[alertname] = now
         if not self.config.executes:
             self._action_counts[(alertname, "dry_run")] += 1
-            return Decision(alertname, "dry_run", action=action, cooldown_remaining=action.cooldown_sec)
+            # Why it was not run: the master switch is off, or dry-run mode is on.
+            reason = "dry_run" if self.config.enabled else "disabled"
+            return Decision(alertname, "dry_run", reason, action=action, cooldown_remaining=action.cooldown_sec)
         return Decision(alertname, "run", action=action, cooldown_remaining=action.cooldown_sec)
+
+    def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float) -> None:
+        """A routine decision repeating one of the same alert (alertname and fingerprint), result
+        and reason within one cooldown window folds into that one's event (count, last_ts)."""
+        key = (decision.alertname, alert.get("fingerprint") or "", decision.result, decision.reason)
+        entry = self._folds.get(key)
+        if entry is not None and now < entry[1]:
+            decision.fold_into = entry[0]
+            self._folds.move_to_end(key)
+            return
+        action = decision.action or self.actions.get(decision.alertname)
+        window = decision.cooldown_remaining if decision.result == "cooldown_skip" else (
+            action.cooldown_sec if action is not None else self.config.default_cooldown_sec)
+        decision.event = self._event("decision", alert, decision, now)
+        if window > 0:
+            self._folds[key] = [decision.event, now + window]
+            if len(self._folds) > FOLD_KEYS_MAX:
+                self._folds.popitem(last=False)
 
     def _cooldown_remaining_locked(self, action: Action, now: float) -> float:
         return cooldown_remaining(self._cooldown_started.get(action.alertname), action.cooldown_sec, now)
@@ -1613,11 +1997,16 @@ class App:
             "dry_run": self.config.dry_run,
             "actions": self.action_names,
             "public_base_url": self.config.public_url,
+            "alertmanager_url": self.config.alertmanager_url,
+            "commands": {name: self.actions[name].display for name in self.action_names},
             "version": __version__,
             "cooldowns": cooldowns,
             "max_actions_per_hour": limit,
             "action_budget_remaining": max(0, limit - budget_used) if limit else None,
             "state_persistent": self.store.persistent,
+            # How far back /history reaches, per retention class (None: nothing kept yet).
+            "history_oldest": {name: (format_rfc3339(ts) if ts is not None else None)
+                               for name, ts in self.store.oldest().items()},
         }
 
     def render_metrics(self) -> str:
@@ -1635,7 +2024,8 @@ class App:
             duration_sum = [self._duration_sum[name] for name in names]
             duration_count = [self._duration_count[name] for name in names]
             budget_used = self._budget_used_locked(now)
-            listeners = len(self._listeners)
+            listeners = len(self._subscribers)
+            rejected = sorted(self._rejected.items())
         cooldowns = [self.actions[name].cooldown_sec for name in names]
         remaining = [cooldown_remaining(begun, cooldown, now) for begun, cooldown in zip(started, cooldowns)]
         config = self.config
@@ -1683,9 +2073,21 @@ class App:
                           [("", int(self.store.persistent))]),
             format_family("autoheal_state_write_errors_total", "counter",
                           "Failed commits to the state file.", [("", self.store.write_errors)]),
+            format_family("autoheal_state_file_replaced_total", "counter",
+                          "Times the state file was found moved, deleted or replaced under autoheal, and reopened.",
+                          [("", self.store.replaced)]),
+            format_family("autoheal_history_oldest_timestamp", "gauge",
+                          "Unix time of the oldest event kept, by retention class (kept: runs, acks, changes; "
+                          "routine: cooldown_skip, skipped, rate_limited); NaN while a class is empty.",
+                          [(format_labels({"class": name}), math.nan if ts is None else ts)
+                           for name, ts in self.store.oldest().items()]),
             format_family("autoheal_state_commits_total", "counter",
                           "Transactions committed to the state file (records of concurrent requests share one).",
                           [("", self.store.commits)]),
+            format_family("autoheal_http_rejected_total", "counter",
+                          "Requests refused with a 4xx or 5xx, by route (other: any unknown path) and status.",
+                          [(format_labels({"path": path, "status": str(status)}), count)
+                           for (path, status), count in rejected]),
             format_family("autoheal_event_listeners", "gauge", "Clients connected to /events.", [("", listeners)]),
             format_family("autoheal_actions_running", "gauge", "Commands running now.", [("", self.processes.count())]),
             format_family("autoheal_start_time_seconds", "gauge", "Unix time autoheal started.", [("", self.started_at)]),
@@ -1821,23 +2223,40 @@ class App:
 
     # -- history --------------------------------------------------------------------------
 
-    def history(self, params: Mapping[str, str]) -> Dict[str, Any]:
-        """GET /history: recorded events, newest first, filtered and bounded."""
+    def history(self, params: Mapping[str, str]) -> str:
+        """GET /history: the JSON of recorded events, newest first, filtered and bounded.
+
+        The events' recorded texts are joined as they are: none is parsed again.
+        """
+        unknown = sorted(set(params) - set(HISTORY_PARAMETERS))
+        if unknown:
+            raise HttpError(400, f"unknown parameter {unknown[0][:40]!r}; /history takes "
+                                 f"{', '.join(HISTORY_PARAMETERS)}")
         limit = 100
         if "limit" in params:
             try:
                 limit = parse_int(params["limit"], 1, HISTORY_LIMIT_MAX)
             except ValueError as exc:
-                raise HttpError(400, f"limit: {exc}, got {params['limit']!r}") from None
-        alertname = params.get("alertname") or None
+                raise HttpError(400, f"limit: {exc}, got {params['limit'][:40]!r}") from None
         since = None
         if "since" in params:
-            raw = params["since"]
+            raw = params["since"].strip()
             try:
-                since = float(raw) if re.fullmatch(r"\d+(\.\d+)?", raw.strip()) else parse_rfc3339(raw)
+                if re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,9})?", raw):
+                    since = float(raw)
+                elif _DURATION.match(raw):
+                    since = time.time() - parse_duration(raw)  # a relative age: since=10m
+                else:
+                    since = parse_rfc3339(raw)
             except ValueError:
-                raise HttpError(400, f"since: expected Unix time or an RFC 3339 time, got {raw!r}") from None
-        return {"events": self.store.query(limit, alertname, since)}
+                raise HttpError(400, f"since: expected Unix time, an RFC 3339 time or an age such as 10m, "
+                                     f"got {raw[:40]!r}") from None
+        for name in ("alertname", "kind", "result"):
+            if len(params.get(name, "")) > 256:
+                raise HttpError(400, f"{name}: longer than 256 characters")
+        rows = self.store.query(limit, since, alertname=params.get("alertname") or None,
+                                kind=params.get("kind") or None, result=params.get("result") or None)
+        return '{"events": [' + ", ".join(text for _id, text in rows) + "]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1878,15 +2297,37 @@ def render_page(title: str, paragraphs: List[str], labels: Optional[Mapping[str,
 # The HTTP handler
 # ---------------------------------------------------------------------------------------------
 
-ROUTES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    "/": ("status", ("GET",)),
-    "/metrics": ("metrics", ("GET",)),
-    "/alert": ("alert", ("POST",)),
-    "/ack": ("ack", ("GET",)),
-    "/ack/undo": ("undo", ("POST",)),
-    "/history": ("history", ("GET",)),
-    "/events": ("events", ("GET",)),
+
+class Route(NamedTuple):
+    """One endpoint: its handler (Handler.route_<name>), its methods, and whether it may wait on
+    a command or a peer (slow: served by the main pool, never by the quick one)."""
+
+    name: str
+    methods: Tuple[str, ...]
+    slow: bool
+
+
+ROUTES: Dict[str, Route] = {
+    "/": Route("status", ("GET",), False),
+    "/metrics": Route("metrics", ("GET",), False),
+    "/alert": Route("alert", ("POST",), True),
+    "/ack": Route("ack", ("GET",), True),
+    "/ack/undo": Route("undo", ("POST",), True),
+    "/history": Route("history", ("GET",), False),
+    "/events": Route("events", ("GET",), False),
 }
+
+
+def route_path(target: str) -> Optional[str]:
+    """The path of ROUTES a request target names, in origin or absolute form (RFC 9112 3.2); None
+    for anything else.  Dispatch, the choice of worker pool and the metric labels all use it."""
+    path = target.partition("?")[0]
+    if "://" in path:
+        try:
+            path = urllib.parse.urlsplit(target).path or "/"
+        except ValueError:
+            return None
+    return path if path in ROUTES else None
 
 
 def parse_query(query: str) -> Dict[str, str]:
@@ -1985,7 +2426,7 @@ class Handler:
         self.headers = request.headers
         self.command = request.method
         self.close_connection = not request.keep_alive
-        self.stream: Optional[Listener] = None
+        self.stream: Optional[Subscriber] = None
         self.out = b""
 
     @property
@@ -1998,24 +2439,21 @@ class Handler:
         return self.out
 
     def _dispatch(self, method: str) -> None:
-        path = self.request.path
+        path = route_path(self.request.target)
         query = self.request.query
         try:
-            if "://" in path:  # absolute-form request target (RFC 9112 3.2.2)
-                try:
-                    path = urllib.parse.urlsplit(path).path or "/"
-                except ValueError:
-                    raise HttpError(400, "request target is not a valid URL") from None
-            route = ROUTES.get(path)
-            if route is None:
-                raise HttpError(404, f"no such path {path[:200]!r}; GET / shows the status")
-            name, methods = route
+            if path is None:
+                shown = self.request.path[:200]
+                raise HttpError(404, f"no such path {shown!r}; GET / shows the status")
+            route = ROUTES[path]
+            methods = route.methods
             if method not in methods and not (method == "HEAD" and "GET" in methods):
                 allow = ", ".join(methods + (("HEAD",) if "GET" in methods else ()))
                 raise HttpError(405, f"{method[:20]} is not allowed on {path}; use {allow}", {"Allow": allow})
-            getattr(self, "route_" + name)(method, parse_query(query))
+            getattr(self, "route_" + route.name)(method, parse_query(query))
         except HttpError as exc:
-            if path.startswith("/ack") and self._wants_html():
+            self.app.rejected(method, path, exc.status, exc.message, self.request.client)
+            if path is not None and path.startswith("/ack") and self._wants_html():
                 page = render_page("autoheal: nothing was done", [exc.message])
                 self._send(exc.status, page.encode("utf-8"), "text/html; charset=utf-8", exc.headers)
             else:
@@ -2023,8 +2461,9 @@ class Handler:
         except Exception as exc:  # the boundary: log the traceback, never show it
             import traceback
 
-            self.app.log({"event": "error", "message": f"unexpected {type(exc).__name__} on {method[:20]} {path[:200]}",
-                          "traceback": traceback.format_exc()})
+            self.app.log({"event": "error", "message": f"unexpected {type(exc).__name__} on {method[:20]} {path or 'other'}",
+                          "traceback": traceback.format_exc()}, "error")
+            self.app.rejected(method, path, 500, f"unexpected {type(exc).__name__}", self.request.client)
             self.close_connection = True
             self._send_json(500, {"ok": False, "error": "internal error; autoheal's log has the details"})
 
@@ -2131,20 +2570,27 @@ class Handler:
             self._send_json(200, result)
 
     def route_history(self, method: str, params: Mapping[str, str]) -> None:
-        self._send_json(200, self.app.history(params))
+        self._send(200, self.app.history(params).encode("utf-8"), "application/json")
 
     def route_events(self, method: str, params: Mapping[str, str]) -> None:
         if method == "HEAD":
             self._send(200, b"", "text/event-stream")
             return
-        listener = self.app.add_listener()
-        if listener is None:
+        raw = self.headers.get("last-event-id")
+        last_event_id = None
+        if raw:  # an EventSource reconnecting: first what it missed, from the history
+            try:
+                last_event_id = parse_int(raw, 0, 2**62)
+            except ValueError:
+                raise HttpError(400, f"Last-Event-ID: expected the id of an event, got {raw[:40]!r}") from None
+        subscriber = self.app.subscribe(last_event_id)
+        if subscriber is None:
             raise HttpError(429, f"every /events slot is taken (AUTOHEAL_MAX_EVENT_LISTENERS="
                                  f"{self.app.config.max_event_listeners})", {"Retry-After": "10"})
         self.close_connection = True
         self.out = self._head(200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store")])
         self.out += b": connected\n\n"
-        self.stream = listener
+        self.stream = subscriber
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2385,8 +2831,11 @@ class Server:
         del self._connections[connection.sock.fileno()]
         with self._busy_changed:
             self._busy += 1
+        # The route decides the pool, whatever form its target takes; anything unknown or not a
+        # GET may be slow (a POST carries work), so only known quick routes go to the quick pool.
         method, _, rest = request.partition(b" ")
-        slow = method == b"POST" or rest.startswith(b"/ack")
+        path = route_path(rest.partition(b" ")[0].decode("latin-1"))
+        slow = path is None or ROUTES[path].slow or method not in (b"GET", b"HEAD")
         (self._tasks if slow else self._quick_tasks).put((connection, request))
 
     def _refuse(self, connection: _Connection, error: HttpError) -> None:
@@ -2396,6 +2845,7 @@ class Server:
         answer before the client reads it; so the answer is sent, the sending side shut, and the
         rest of the input read and dropped for a moment (as web servers' lingering close does).
         """
+        self._rejected(connection.buffer, error, self._client(connection))
         try:
             connection.sock.send(simple_response(error.status, error.message))
             connection.sock.shutdown(socket.SHUT_WR)
@@ -2457,7 +2907,7 @@ class Server:
             try:
                 verdict = self._serve(connection, request)
             except Exception as exc:  # a worker must survive whatever one request does
-                self.app.log({"event": "error", "message": f"worker: {type(exc).__name__}: {exc}"})
+                self.app.log({"event": "error", "message": f"worker: {type(exc).__name__}: {exc}"}, "error")
                 verdict = "close"
             if verdict == "keep" and not self.stopping:
                 self._returned.append(connection)
@@ -2477,11 +2927,22 @@ class Server:
                 self._busy -= 1
                 self._busy_changed.notify_all()
 
+    def _rejected(self, raw: bytes, error: HttpError, client: str) -> None:
+        """Log and count a request refused before it reached a handler, by its request line."""
+        words = raw.partition(b"\n")[0].split(b" ")
+        target = words[1].decode("latin-1") if len(words) > 1 else ""
+        self.app.rejected(words[0][:20].decode("latin-1"), route_path(target), error.status, error.message, client)
+
+    @staticmethod
+    def _client(connection: _Connection) -> str:
+        return str(connection.address[0]) if isinstance(connection.address, tuple) else ""
+
     def _serve(self, connection: _Connection, raw: bytes) -> str:
-        client = str(connection.address[0]) if isinstance(connection.address, tuple) else ""
+        client = self._client(connection)
         try:
             request = parse_request(raw, client)
         except HttpError as exc:
+            self._rejected(raw, exc, client)
             connection.sock.settimeout(self.config.request_timeout_sec)
             connection.sock.sendall(simple_response(exc.status, exc.message))
             return "close"
@@ -2492,7 +2953,7 @@ class Server:
             connection.sock.sendall(answer)
         except OSError:
             if handler.stream is not None:
-                self.app.remove_listener(handler.stream)
+                self.app.unsubscribe(handler.stream)
             return "close"
         if handler.stream is not None:
             thread = threading.Thread(target=self._stream, args=(connection.sock, handler.stream),
@@ -2502,20 +2963,20 @@ class Server:
             return "detached"
         return "close" if handler.close_connection else "keep"
 
-    def _stream(self, sock: socket.socket, listener: Listener) -> None:
-        """Send each new event as one Server-Sent Event until the client goes away."""
+    def _stream(self, sock: socket.socket, subscriber: Subscriber) -> None:
+        """Send each new event as one Server-Sent Event (its history id as the SSE id) until the
+        client goes away, or stops reading for AUTOHEAL_REQUEST_TIMEOUT_SEC."""
         heartbeat = self.config.events_heartbeat_sec
         last_sent = time.monotonic()
         try:
-            while not listener.overflowed:
-                try:
-                    event = listener.events.get(timeout=min(1.0, heartbeat))
-                except queue.Empty:
-                    event = ""
-                if event is None:
+            while True:
+                events = self.app.events_after(subscriber, min(1.0, heartbeat))
+                if events is None:
                     break
-                if event:
-                    sock.sendall(b"data: " + event.encode("utf-8") + b"\n\n")
+                if events:
+                    sock.sendall("".join(f"id: {event_id}\ndata: {text}\n\n" for event_id, text in events)
+                                 .encode("utf-8"))
+                    subscriber.cursor = events[-1][0]
                     last_sent = time.monotonic()
                 elif time.monotonic() - last_sent >= heartbeat:
                     sock.sendall(b": heartbeat\n\n")
@@ -2533,7 +2994,7 @@ class Server:
         except OSError:
             pass
         finally:
-            self.app.remove_listener(listener)
+            self.app.unsubscribe(subscriber)
             sock.close()
 
     # -- stopping -------------------------------------------------------------------------
@@ -2553,7 +3014,8 @@ class Server:
             still_busy = self._busy
         if still_busy:
             killed = self.app.processes.kill_all()
-            self.app.log({"event": "shutdown", "message": f"grace period over; killed {killed} running command(s)"})
+            self.app.log({"event": "shutdown", "message": f"grace period over; killed {killed} running command(s)"},
+                         "warning")
             with self._busy_changed:
                 end = time.monotonic() + 5
                 while self._busy and time.monotonic() < end:
@@ -2756,9 +3218,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    # What this instance will do, in one line; tokens only as set or not.
     app.log({"event": "started", "version": __version__, "host": server.server_address[0], "port": server.port,
-             "enabled": config.enabled, "dry_run": config.dry_run, "actions": app.action_names,
-             "state_file": config.state_file if app.store.persistent else None})
+             "enabled": config.enabled, "dry_run": config.dry_run, "alertmanager_url": config.alertmanager_url,
+             "public_url": config.public_url, "webhook_token_set": config.webhook_token is not None,
+             "ack_token_set": config.ack_token is not None,
+             "state_file": config.state_file if app.store.persistent else None,
+             "actions": [{"alertname": action.alertname, "command": action.display,
+                          "cooldown_seconds": action.cooldown_sec} for action in app.actions.values()]})
+    if config.webhook_token is None and not is_loopback(config.host):
+        app.log({"event": "warning", "message": f"listening on {config.host} beyond loopback without "
+                 "AUTOHEAL_WEBHOOK_TOKEN: anyone who reaches this port can post alerts"}, "warning")
     server.serve_forever()
     server.drain(config.shutdown_grace_sec)
     app.close()

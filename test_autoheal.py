@@ -536,7 +536,7 @@ def test_captured_alertmanager_webhook_is_a_dry_run_with_the_contract_shape():
     assert status == 200
     assert body == {"ok": True, "results": [{"alertname": "TcpEndpointDownFast", "result": "dry_run",
                                              "action": "docker restart crm-api",
-                                             "cooldown_remaining_seconds": 600}]}
+                                             "cooldown_remaining_seconds": 600, "reason": "disabled"}]}
 
 
 def test_the_six_rules_in_order_one_result_per_alert_in_payload_order():
@@ -555,7 +555,7 @@ def test_the_six_rules_in_order_one_result_per_alert_in_payload_order():
             ("TcpEndpointDownFast", "skipped", "resolved"),
             ("TcpEndpointDownFast", "skipped", "not_opted_in"),
             ("SomethingElse", "skipped", "not_allowlisted"),
-            ("CrmMetricsScrapeStale", "dry_run", None),
+            ("CrmMetricsScrapeStale", "dry_run", "disabled"),
             ("CrmMetricsScrapeStale", "cooldown_skip", None),
         ]
         assert body["results"][4]["cooldown_remaining_seconds"] == 600
@@ -1382,7 +1382,7 @@ def test_history_filters_and_bounds(tmp_path, state):
         for _ in range(30):
             running.post_alert(webhook(alert("A")))
         kept = running.json("GET", "/history?limit=1000")[1]["events"]
-        assert 20 <= len(kept) <= 22 and kept[0]["id"] == 37  # retention: the newest are kept
+        assert 18 <= len(kept) <= 20 and kept[0]["id"] == 37  # retention: the newest, never past the bound
 
 
 def read_sse(sock_file, predicate, timeout=10):
@@ -1943,7 +1943,8 @@ def test_fuzz_never_gets_a_5xx_nor_kills_the_server_and_memory_stays_bounded(tmp
             assert status is None or status < 500, (raw[:300], answer[:500])
             assert b"Traceback" not in answer
             assert running.process.poll() is None
-        assert statuses.get(200, 0) > 100 and statuses.get(400, 0) > 100, statuses
+        # /history refuses unknown parameters with a 400 since issue 12, so fewer fuzz requests are 200s.
+        assert statuses.get(200, 0) > 75 and statuses.get(400, 0) > 100, statuses
         assert running.json("GET", "/")[1]["status"] == "ok"
         grown = resident_kib(running.process.pid) - warmup
         assert grown < 40 * 1024, f"resident memory grew by {grown} KiB"
