@@ -886,6 +886,18 @@ def http_request(method: str, url: str, body: Optional[bytes] = None, headers: O
         connection.close()
 
 
+def describe_failure(exc: OSError, timeout: float) -> str:
+    """What went wrong talking to a peer, in words: a name that does not resolve, a refused
+    connection and a silent peer call for different fixes."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot be reached: its host name does not resolve ({exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused the connection: nothing listens at that address and port"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"did not answer within {format_value(timeout)}s"
+    return f"could not be talked to: {exc or type(exc).__name__}"
+
+
 def decode_answer(raw: bytes) -> Any:
     """A peer's answer: its JSON when it is JSON, else its text."""
     try:
@@ -1020,7 +1032,7 @@ def bound_event(event: Dict[str, Any]) -> Dict[str, Any]:
         mapping = event.get(key)
         if not isinstance(mapping, dict):
             continue
-        names = sorted(mapping)
+        names = sorted(mapping, key=lambda name: (name != "alertname", name))  # alertname is never cut
         kept = {}
         for name in names[:MAX_EVENT_LABELS]:
             value = mapping[name]
@@ -1509,8 +1521,7 @@ class AlertmanagerClient:
         try:
             status, raw = http_request(method, self.base_url + path, payload, headers, self.timeout, limit=4 << 20)
         except OSError as exc:
-            raise PeerError(f"Alertmanager at {self.base_url} did not answer within "
-                            f"{format_value(self.timeout)}s: {exc or type(exc).__name__}") from None
+            raise PeerError(f"Alertmanager at {self.base_url} {describe_failure(exc, self.timeout)}") from None
         data = decode_answer(raw)
         if status >= 300:
             raise PeerError(f"Alertmanager refused ({status}): {answer_reason(data)}", status)
@@ -3063,7 +3074,8 @@ def smoke(args: List[str], env: Mapping[str, str]) -> int:
             return 2
         options[name] = (value or words.pop(0)).rstrip("/")
     base = options["--url"] or f"http://127.0.0.1:{env.get('AUTOHEAL_PORT', str(DEFAULT_PORT)).strip()}"
-    alertmanager_url = options["--alertmanager"] or env.get("ALERTMANAGER_URL") or Config._field_defaults["alertmanager_url"]
+    # Without an Alertmanager URL of its own the smoke test asks the instance, which knows its own.
+    alertmanager_url = options["--alertmanager"] or env.get("ALERTMANAGER_URL") or None
     outcomes: List[bool] = []
 
     def report(passed: bool, check: str, detail: str) -> bool:
@@ -3083,7 +3095,9 @@ def smoke(args: List[str], env: Mapping[str, str]) -> int:
         report(status.get("status") == "ok", "status", f"{base}/ answered status={status.get('status')!r}, "
                f"enabled={status.get('enabled')}, dry_run={status.get('dry_run')}, "
                f"{len(status.get('actions') or [])} actions")
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        report(False, "status", f"{base}/: autoheal {describe_failure(exc, 5)}")
+    except ValueError as exc:
         report(False, "status", f"{base}/: {exc}")
 
     try:
@@ -3098,7 +3112,7 @@ def smoke(args: List[str], env: Mapping[str, str]) -> int:
                + (f", missing {', '.join(missing)}" if missing else "")
                + (f", no series for {', '.join(unseen)}" if unseen else f", every one of {len(names)} actions present"))
     except OSError as exc:
-        report(False, "metrics", f"{base}/metrics: {exc}")
+        report(False, "metrics", f"{base}/metrics: autoheal {describe_failure(exc, 5)}")
 
     if options["--prometheus"]:
         prometheus = options["--prometheus"]
@@ -3134,6 +3148,8 @@ def smoke(args: List[str], env: Mapping[str, str]) -> int:
             headers["Authorization"] = f"Bearer {env['AUTOHEAL_WEBHOOK_TOKEN']}"
         try:
             code, raw = http_request("POST", base + "/alert", json.dumps(payload).encode("utf-8"), headers)
+            if code == 401:
+                raise ValueError("/alert answered 401: set AUTOHEAL_WEBHOOK_TOKEN to the instance's webhook token")
             results = json.loads(raw.decode("utf-8")).get("results") if code == 200 else None
             result = results[0] if results else {}
             report(result.get("result") == "skipped" and result.get("reason") == "not_allowlisted", "webhook",
@@ -3146,40 +3162,63 @@ def smoke(args: List[str], env: Mapping[str, str]) -> int:
     return 0 if all(outcomes) else 1
 
 
-def _smoke_ack(base: str, alertmanager_url: str, env: Mapping[str, str]) -> Tuple[bool, str, str]:
-    """The ack round trip: create a silence through /ack, see it in Alertmanager, expire it."""
+def _smoke_ack(base: str, alertmanager_url: Optional[str], env: Mapping[str, str]) -> Tuple[bool, str, str]:
+    """The ack round trip: create a silence through /ack, find it again, expire it through /ack/undo.
+
+    The instance is asked twice: a second /ack answering "existing" with the same id proves
+    that Alertmanager holds that silence, active, with exactly these matchers.  Only with an
+    Alertmanager URL of its own (--alertmanager or ALERTMANAGER_URL) does the smoke test also
+    read the silence there.  The undo goes through the instance, which knows its Alertmanager,
+    so the silence is expired whatever failed on the way.
+    """
     labels = {"alertname": SMOKE_ALERTNAME, "smoke_run": os.urandom(6).hex()}
     query = {"labels": json.dumps(labels), "duration": "5m", "comment": "autoheal --smoke round trip"}
-    if env.get("AUTOHEAL_ACK_TOKEN"):
-        query["token"] = env["AUTOHEAL_ACK_TOKEN"]
-    alertmanager = AlertmanagerClient(alertmanager_url, 5)
+    token = {"token": env["AUTOHEAL_ACK_TOKEN"]} if env.get("AUTOHEAL_ACK_TOKEN") else {}
     silence_id = None
     expired = False
-    try:
-        code, raw = http_request("GET", base + "/ack?" + urllib.parse.urlencode(query),
+
+    def ack() -> Dict[str, Any]:
+        code, raw = http_request("GET", base + "/ack?" + urllib.parse.urlencode({**query, **token}),
                                  headers={"User-Agent": "autoheal-smoke"})
-        answer = json.loads(raw.decode("utf-8"))
-        if code != 200:
-            return False, "ack", f"/ack answered {code}: {answer.get('error')}"
-        silence_id = answer["silence_id"]
-        stored = alertmanager.get_silence(silence_id)
-        if matcher_key(stored.get("matchers") or []) != matcher_key(matchers_for(labels)):
-            return False, "ack", f"silence {silence_id} in Alertmanager has other matchers"
-        code, raw = http_request("POST", base + "/ack/undo", urllib.parse.urlencode(
-            {"silence_id": silence_id, **({"token": query["token"]} if "token" in query else {})}).encode("ascii"),
-            {"Content-Type": "application/x-www-form-urlencoded"})
-        state = (alertmanager.get_silence(silence_id).get("status") or {}).get("state")
-        expired = state == "expired"
-        return (code == 200 and expired, "ack",
-                f"silence {silence_id} created through /ack, seen in Alertmanager at {alertmanager_url}, "
-                f"undo answered {code}, now {state}")
-    except (OSError, ValueError, KeyError, AttributeError, PeerError) as exc:
-        return False, "ack", f"round trip through {base}/ack and {alertmanager_url}: {exc}"
+        answer = decode_answer(raw)
+        if code == 403:
+            raise ValueError("/ack answered 403: set AUTOHEAL_ACK_TOKEN to the instance's ack token")
+        if code != 200 or not isinstance(answer, dict):
+            raise ValueError(f"/ack answered {code}: {answer_reason(answer) if answer else ''}")
+        return answer
+
+    def undo() -> int:
+        code, _raw = http_request("POST", base + "/ack/undo", urllib.parse.urlencode(
+            {"silence_id": silence_id, **token}).encode("ascii"), {"Content-Type": "application/x-www-form-urlencoded"})
+        return code
+
+    try:
+        first = ack()
+        silence_id = first["silence_id"]
+        again = ack()
+        if (again.get("outcome"), again.get("silence_id")) != ("existing", silence_id):
+            return False, "ack", f"a second /ack answered {again.get('outcome')} {again.get('silence_id')}, " \
+                                 f"not the silence {silence_id} it created"
+        seen = "found again through the instance"
+        if alertmanager_url:
+            stored = AlertmanagerClient(alertmanager_url, 5).get_silence(silence_id)
+            if matcher_key(stored.get("matchers") or []) != matcher_key(matchers_for(labels)):
+                return False, "ack", f"silence {silence_id} in Alertmanager has other matchers"
+            seen += f" and in Alertmanager at {alertmanager_url}"
+        code = undo()
+        expired = code == 200
+        return expired, "ack", f"silence {silence_id} created through /ack, {seen}, undo answered {code}"
+    except OSError as exc:
+        return False, "ack", f"round trip through {base}/ack: autoheal {describe_failure(exc, 5)}"
+    except PeerError as exc:
+        return False, "ack", f"silence {silence_id} created through /ack, but {exc}"
+    except (ValueError, KeyError, AttributeError) as exc:
+        return False, "ack", f"round trip through {base}/ack: {exc}"
     finally:
         if silence_id and not expired:
             try:  # nothing is left behind, whatever failed above
-                alertmanager.expire(silence_id)
-            except PeerError:
+                undo()
+            except OSError:
                 pass
 
 

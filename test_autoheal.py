@@ -1097,12 +1097,14 @@ def test_alertmanager_unreachable_or_silent_is_502_within_the_timeout():
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        for url in (f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{silent.getsockname()[1]}"):
+        for url, said in ((f"http://127.0.0.1:{free_port()}", "refused the connection"),
+                          (f"http://127.0.0.1:{silent.getsockname()[1]}", "did not answer within 1s"),
+                          ("http://alertmanager.invalid:9093", "host name does not resolve")):
             with serving({"ALERTMANAGER_URL": url, "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC": "1"}) as running:
                 started = time.monotonic()
                 status, body = running.json("GET", ack_path({"alertname": "AckDown"}))
                 elapsed = time.monotonic() - started
-                assert status == 502 and "did not answer within 1s" in body["error"]
+                assert status == 502 and said in body["error"], body
                 assert elapsed < 5  # bounded: one call, one timeout
 
 
@@ -2246,7 +2248,7 @@ def test_smoke_with_alertmanager_stopped_fails_the_ack_check_clearly(tmp_path):
         lines = done.stdout.splitlines()
         assert [line.split(":")[0] for line in lines[:-1]] == [
             "PASS status", "PASS metrics", "FAIL ack", "PASS cooldowns", "PASS webhook"]
-        assert "/ack answered 502" in lines[2] and "did not answer" in lines[2]
+        assert "/ack answered 502" in lines[2] and "refused the connection" in lines[2]
         assert lines[-1] == "4 passed, 1 failed"
     finally:
         running.stop()
@@ -2292,3 +2294,300 @@ def test_slow_actions_filling_every_worker_do_not_starve_the_health_check(tmp_pa
         assert run_module(["--check"], {"AUTOHEAL_PORT": str(running.port)}, timeout=10).returncode == 0
         for poster in posters:
             poster.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# Operable at 3 a.m.: refusals, log lines, the start line, history filters, resumable events
+# ---------------------------------------------------------------------------------------------
+
+RFC3339_MS = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
+
+
+def test_refusals_are_one_log_line_each_and_counted_by_route_never_with_the_token(tmp_path):
+    import re
+
+    running = AutohealProcess({"AUTOHEAL_WEBHOOK_TOKEN": "right-w", "AUTOHEAL_ACK_TOKEN": "right-a",
+                               "AUTOHEAL_STATE_FILE": ""}, tmp_path)
+    try:
+        assert running.metric('autoheal_http_rejected_total{path="/alert",status="401"}') == 0  # from the start
+        assert running.post_alert(WEBHOOK, {"Authorization": "Bearer guess-1"})[0] == 401
+        assert running.request("POST", "/alert", b"{not json", {"Authorization": "Bearer right-w"})[0] == 400
+        assert running.request("GET", ack_path({"alertname": "X"}, token="guess-2"))[0] == 403
+        assert running.request("GET", "/wp-login.php?token=guess-3")[0] == 404
+        assert running.request("GET", "/scanner/" + "x" * 50)[0] == 404
+        assert running.request("DELETE", "/history")[0] == 405
+        assert running.metric('autoheal_http_rejected_total{path="/alert",status="401"}') == 1
+        assert running.metric('autoheal_http_rejected_total{path="/alert",status="400"}') == 1
+        assert running.metric('autoheal_http_rejected_total{path="/ack",status="403"}') == 1
+        assert running.metric('autoheal_http_rejected_total{path="other",status="404"}') == 2
+        assert running.metric('autoheal_http_rejected_total{path="/history",status="405"}') == 1
+        _, _, metrics = running.request("GET", "/metrics")
+        assert b"scanner" not in metrics and b"wp-login" not in metrics  # a scanner cannot grow the exposition
+    finally:
+        running.stop()
+    refused = [event for event in running.events() if event.get("event") == "rejected"]
+    assert [(e["method"], e["path"], e["status"]) for e in refused] == [
+        ("POST", "/alert", 401), ("POST", "/alert", 400), ("GET", "/ack", 403), ("GET", "other", 404),
+        ("GET", "other", 404), ("DELETE", "/history", 405)]
+    for event in refused:
+        assert event["level"] == "warning" and event["client"] == "127.0.0.1" and event["reason"]
+        assert re.match(RFC3339_MS, event["time"])
+    assert "Authorization" in refused[0]["reason"] and "not JSON" in refused[1]["reason"]
+    assert not [line for line in running.lines if "guess-" in line or "right-" in line]
+
+
+def test_every_log_line_has_time_and_level_and_the_start_line_says_what_it_will_do(tmp_path):
+    import re
+
+    running = AutohealProcess({"AUTOHEAL_WEBHOOK_TOKEN": "never-logged", "ALERTMANAGER_URL": "http://am.example:9093",
+                               "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"), "COOLDOWN_TCP_DOWN_SEC": "90"}, tmp_path)
+    try:
+        running.post_alert(WEBHOOK, {"Authorization": "Bearer never-logged"})
+    finally:
+        assert running.stop() == 0
+    events = running.events()
+    assert len(events) == len(running.lines) >= 3  # every line is a JSON object
+    for event in events:
+        assert re.match(RFC3339_MS, event["time"]) and event["level"] in ("info", "warning", "error"), event
+    started, decision, stopped = events[0], events[1], events[-1]
+    assert started["event"] == "started" and stopped["event"] == "stopped"
+    assert started["alertmanager_url"] == "http://am.example:9093"
+    assert started["public_url"] == "http://localhost:9009"
+    assert (started["webhook_token_set"], started["ack_token_set"]) == (True, False)
+    assert started["state_file"] == str(tmp_path / "s.db")
+    assert {"alertname": "TcpEndpointDownFast", "command": "docker restart crm-api", "cooldown_seconds": 90} in \
+        started["actions"]
+    assert not [line for line in running.lines if "never-logged" in line]
+    assert (decision["kind"], decision["result"], decision["reason"], decision["level"]) == (
+        "decision", "dry_run", "disabled", "info")
+    assert not [e for e in events if e.get("event") == "warning"]  # on loopback: no warning
+
+
+def test_listening_beyond_loopback_without_a_webhook_token_is_a_warning(tmp_path):
+    for token, warned in (("", True), ("set", False)):
+        running = AutohealProcess({"AUTOHEAL_HOST": "0.0.0.0", "AUTOHEAL_STATE_FILE": "",
+                                   "AUTOHEAL_WEBHOOK_TOKEN": token}, tmp_path)
+        running.stop()
+        warnings = [e for e in running.events() if e["level"] == "warning"]
+        assert bool(warnings) == warned, warnings
+        if warned:
+            assert "AUTOHEAL_WEBHOOK_TOKEN" in warnings[0]["message"] and "0.0.0.0" in warnings[0]["message"]
+
+
+def test_status_reports_the_alertmanager_url_and_each_command():
+    with serving({"ALERTMANAGER_URL": "http://am.example:9093/"}) as running:
+        body = running.json("GET", "/")[1]
+    assert body["alertmanager_url"] == "http://am.example:9093"
+    assert body["commands"] == {"CrmMetricsScrapeStale": "docker restart crm-api",
+                                "TcpEndpointDownFast": "docker restart crm-api",
+                                "UptimeProbeFailing": "docker compose restart grafana prometheus"}
+
+
+@pytest.mark.parametrize("env, reason", [({}, "disabled"), ({"AUTOHEAL_ENABLED": "true"}, "dry_run"),
+                                         ({"AUTOHEAL_DRY_RUN": "false"}, "disabled")])
+def test_a_dry_run_decision_says_why(env, reason):
+    with serving(env) as running:
+        result = running.post_alert(WEBHOOK)[1]["results"][0]
+        recorded = running.json("GET", "/history?limit=1")[1]["events"][0]
+        logged = json.loads(running.log_lines()[-1])
+    assert (result["result"], result["reason"]) == ("dry_run", reason)
+    assert (recorded["result"], recorded["reason"]) == ("dry_run", reason)
+    assert (logged["result"], logged["reason"], logged["level"]) == ("dry_run", reason, "info")
+
+
+@pytest.mark.parametrize("state", ["sqlite", "memory"])
+def test_history_filters_by_kind_result_and_age_and_refuses_what_it_does_not_know(tmp_path, state):
+    env = {"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db") if state == "sqlite" else ""}
+    with serving(env) as running:
+        running.post_alert(webhook(alert(), alert(), alert(opted_in=False)))
+        def history(query):
+            status, body = running.json("GET", "/history?" + query)
+            assert status == 200, body
+            return [(e["kind"], e["result"]) for e in body["events"]]
+        assert history("kind=decision&result=dry_run") == [("decision", "dry_run")]
+        assert history("result=cooldown_skip") == [("decision", "cooldown_skip")]
+        assert history("kind=ack") == []  # not everything, as it used to be
+        assert len(history("since=10m")) == 3
+        time.sleep(1.1)
+        assert history("since=1s") == []
+        for query, named in (("knd=ack", "'knd'"), ("limit=5&alertnam=X", "'alertnam'")):
+            status, body = running.json("GET", "/history?" + query)
+            assert status == 400 and named in body["error"] and "kind" in body["error"], body
+        status, body = running.json("GET", "/history?since=" + "9" * 400)
+        assert status == 400 and body["error"].startswith("since:")
+
+
+def read_events(stream, count, timeout=10):
+    """The next count Server-Sent Events from stream, as (id, event) pairs."""
+    found = []
+    event_id = None
+    deadline = time.time() + timeout
+    while len(found) < count:
+        assert time.time() < deadline, found
+        line = stream.readline().decode()
+        if line.startswith("id: "):
+            event_id = int(line[4:])
+        elif line.startswith("data: "):
+            found.append((event_id, json.loads(line[6:])))
+    return found
+
+
+def open_stream_after(port, last_event_id):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"GET /events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {last_event_id}\r\n\r\n".encode())
+    stream = sock.makefile("rb")
+    assert b"200" in stream.readline()
+    return sock, stream
+
+
+@pytest.mark.parametrize("state", ["sqlite", "memory"])
+def test_events_carry_their_history_id_and_a_reconnecting_client_gets_what_it_missed(tmp_path, state):
+    path = actions_file(tmp_path, {"A": {"command": ["true"], "cooldown_sec": 0}})
+    running = AutohealProcess({"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0",
+                               "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db") if state == "sqlite" else ""}, tmp_path)
+    try:
+        sock, stream, _, _ = open_stream(running.port)
+        running.post_alert(webhook(alert("A")))
+        [(first_id, first)] = read_events(stream, 1)
+        assert first["id"] == first_id and first == running.json("GET", "/history?limit=1")[1]["events"][0]
+        stream.close()
+        sock.close()
+        for _ in range(3):  # missed while away
+            running.post_alert(webhook(alert("A")))
+        sock, stream = open_stream_after(running.port, first_id)
+        missed = read_events(stream, 3)
+        assert [event_id for event_id, _ in missed] == [first_id + 1, first_id + 2, first_id + 3]
+        running.post_alert(webhook(alert("A")))  # then the live stream
+        assert read_events(stream, 1)[0][0] == first_id + 4
+        stream.close()
+        sock.close()
+        status, body = running.json("GET", "/events", headers={"Last-Event-ID": "yesterday"})
+        assert status == 400 and "Last-Event-ID" in body["error"]
+    finally:
+        running.stop()
+
+
+def test_a_fast_listener_gets_every_event_of_a_storm(tmp_path):
+    path = actions_file(tmp_path, {f"S{index}": {"command": ["true"], "cooldown_sec": 0} for index in range(1000)})
+    with serving({"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0",
+                  "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"), "AUTOHEAL_MAX_BODY_BYTES": str(8 << 20)}) as running:
+        sock, stream, _, _ = open_stream(running.port)
+        payload = webhook(*[alert(f"S{index}") for index in range(1000)])
+        posters = [threading.Thread(target=running.post_alert, args=(payload,)) for _ in range(4)]
+        for poster in posters:
+            poster.start()
+        received = read_events(stream, 4000, timeout=60)
+        for poster in posters:
+            poster.join()
+        ids = [event_id for event_id, _ in received]
+        assert ids == sorted(ids) and len(set(ids)) == 4000  # every one, in order, none twice
+        stream.close()
+        sock.close()
+
+
+def test_the_webhook_rejected_rule_fires_on_repeated_refusals():
+    promtool = require("promtool")
+    rules = (HERE / "prometheus-recording-rules.yml").read_text()
+    assert "alert: AutohealWebhookRejected" in rules
+    done = subprocess.run([promtool, "test", "rules", str(HERE / "prometheus-recording-rules.test.yml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "AutohealWebhookRejected" in (HERE / "prometheus-recording-rules.test.yml").read_text()
+
+
+def test_smoke_without_an_alertmanager_url_cleans_up_through_the_instance(tmp_path, alertmanager):
+    running = AutohealProcess({"ALERTMANAGER_URL": alertmanager.url, "AUTOHEAL_STATE_FILE": "",
+                               "AUTOHEAL_ACK_TOKEN": "ack-secret"}, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{running.port}"
+        done = run_module(["--smoke", "--url", url], {"AUTOHEAL_ACK_TOKEN": "ack-secret"}, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "PASS ack: " in done.stdout and "found again through the instance" in done.stdout
+        assert smoke_silences(alertmanager) == []
+        done = run_module(["--smoke", "--url", url], {"AUTOHEAL_ACK_TOKEN": "wrong"}, timeout=60)
+        ack_line = [line for line in done.stdout.splitlines() if line.startswith("FAIL ack")][0]
+        assert done.returncode == 1 and "403" in ack_line and "AUTOHEAL_ACK_TOKEN" in ack_line
+        done = run_module(["--smoke", "--url", "http://autoheal.invalid:9009"], timeout=60)
+        assert "host name does not resolve" in done.stdout.splitlines()[0]
+    finally:
+        running.stop()
+    assert smoke_silences(alertmanager) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The history keeps what matters: retention classes, folded repeats, bounded events
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_storm_of_duplicates_evicts_neither_the_run_nor_the_ack_and_folds_into_counts(tmp_path, alertmanager):
+    path = actions_file(tmp_path, {"A": {"command": ["true"], "cooldown_sec": 3600}})
+    env = {**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"),
+           "AUTOHEAL_HISTORY_MAX_EVENTS": "1000", "ALERTMANAGER_URL": alertmanager.url,
+           "AUTOHEAL_MAX_BODY_BYTES": str(8 << 20)}
+    running = AutohealProcess(env, tmp_path)
+    try:
+        assert running.post_alert(webhook(alert("A")))[1]["results"][0]["result"] == "executed"
+        status, acked = running.json("GET", ack_path({"alertname": "A", "run": "storm"}))
+        assert status == 200
+        # 3,000 deliveries of 3,000 other fingerprints, then 5,000 duplicates of the first alert.
+        others = [dict(alert("A"), fingerprint=f"other-{index}") for index in range(3000)]
+        for start in range(0, 3000, 1000):
+            running.post_alert(webhook(*others[start:start + 1000]))
+        for _ in range(10):
+            results = running.post_alert(webhook(*[alert("A")] * 500))[1]["results"]
+            assert {r["result"] for r in results} == {"cooldown_skip"}
+        assert running.metric('autoheal_actions_total{alertname="A",result="cooldown_skip"}') == 8000
+    finally:
+        running.stop(signal.SIGKILL)
+    running = AutohealProcess(env, tmp_path)  # nothing important is lost across a restart
+    try:
+        def history(query):
+            return running.json("GET", "/history?limit=1000&" + query)[1]["events"]
+        assert [e["result"] for e in history("kind=decision&result=executed")] == ["executed"]
+        assert [e["silence_id"] for e in history("kind=ack")] == [acked["silence_id"]]
+        folded = [e for e in history("result=cooldown_skip") if e["fingerprint"] == "666d2cad1d47bd80"]
+        assert len(folded) == 1 and folded[0]["count"] == 5000 and folded[0]["last_ts"] >= folded[0]["ts"]
+        routine = history("result=cooldown_skip")
+        assert 900 <= len(routine) <= 1000  # the routine class alone was pruned, to its bound
+        status = running.json("GET", "/")[1]
+        assert status["history_oldest"]["kept"] < status["history_oldest"]["routine"]
+        kept = running.metric('autoheal_history_oldest_timestamp{class="kept"}')
+        assert kept == pytest.approx(history("kind=run")[0]["ts"], abs=0.01)
+    finally:
+        running.stop()
+
+
+def test_repeats_fold_within_one_cooldown_window_only_and_never_lose_a_count():
+    with serving({"AUTOHEAL_DEFAULT_COOLDOWN_SEC": "2", "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0"}) as running:
+        running.post_alert(webhook(alert(), alert(), alert(opted_in=False), alert(opted_in=False)))
+        events = running.json("GET", "/history")[1]["events"]
+        assert [(e["result"], e.get("reason"), e.get("count", 1)) for e in events] == [
+            ("skipped", "not_opted_in", 2), ("cooldown_skip", None, 1), ("dry_run", "disabled", 1)]
+        time.sleep(2.1)  # the cooldown window is over: the next repeat is an event of its own
+        running.post_alert(webhook(alert(), alert()))
+        events = running.json("GET", "/history")[1]["events"]
+        assert [(e["result"], e.get("count", 1)) for e in events[:2]] == [("cooldown_skip", 1), ("dry_run", 1)]
+        assert running.metric('autoheal_actions_total{alertname="TcpEndpointDownFast",result="cooldown_skip"}') == 2
+
+
+@pytest.mark.parametrize("state", ["sqlite", "memory"])
+def test_one_event_is_bounded_and_the_history_is_bounded_in_bytes(tmp_path, state):
+    path = actions_file(tmp_path, {"A": {"command": ["true"], "cooldown_sec": 0}})
+    env = {"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0", "AUTOHEAL_MAX_BODY_BYTES": str(4 << 20),
+           "AUTOHEAL_HISTORY_MAX_BYTES": str(1 << 20),
+           "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db") if state == "sqlite" else ""}
+    with serving(env) as running:
+        huge = dict(alert("A"), labels={"alertname": "A", "blob": "x" * 1_000_000, "aaa": "sorts first",
+                                        **{f"l{index:03d}": "v" for index in range(99)}})
+        for _ in range(20):
+            assert running.post_alert(webhook(huge))[0] == 200
+        status, headers, raw = running.request("GET", "/history?limit=1000")
+        assert status == 200 and len(raw) < 1 << 20
+        events = json.loads(raw)["events"]
+        assert events[0]["labels"]["blob"].endswith("...[998976 more characters cut]")
+        assert events[0]["labels"]["alertname"] == "A"  # never cut
+        assert len(events[0]["labels"]) == 64 and events[0]["labels_cut"] == 38
+        assert 16 <= len(events) <= 20
+        if state == "sqlite":
+            with sqlite3.connect(tmp_path / "s.db") as db:
+                assert db.execute("SELECT MAX(length(body)), SUM(length(body)) FROM events").fetchone()[1] < 1 << 19
