@@ -87,7 +87,7 @@ DEFAULT_PORT = 9009
 def check(env: "Mapping[str, str]", timeout: float = 2.0) -> int:
     """--check: 0 when the local instance answers GET / with "status": "ok", else 1."""
     raw_port = env.get("AUTOHEAL_PORT", str(DEFAULT_PORT)).strip()
-    if not raw_port.isdigit() or not 1 <= int(raw_port) <= 65535:
+    if not (raw_port.isascii() and raw_port.isdigit() and len(raw_port) <= 5) or not 1 <= int(raw_port) <= 65535:
         print("unhealthy: AUTOHEAL_PORT is not a port", file=sys.stderr)
         return 1
     port = int(raw_port)
@@ -181,6 +181,7 @@ FEED_EVENTS = 4096  # recent events kept for /events listeners; one further behi
 RECORD_CHUNK = 500
 BUDGET_WINDOW_SEC = 3600  # the global action budget counts runs in a rolling hour
 QUICK_WORKERS = 2  # the pool of requests that never wait on a command or a peer (see Server)
+ACK_WORKERS = 4  # the pool of acks, which wait on Alertmanager
 
 # The level of a recorded event's log line, by its result; everything else is "info".
 _EVENT_LEVELS = {"failed": "warning", "error": "error", "not_healed": "warning"}
@@ -201,13 +202,22 @@ PREVIEW_AGENTS = re.compile(
 )
 
 _DURATION = re.compile(
-    r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$"
+    r"^(?:([0-9]{1,9})y)?(?:([0-9]{1,9})w)?(?:([0-9]{1,9})d)?(?:([0-9]{1,9})h)?(?:([0-9]{1,9})m)?(?:([0-9]{1,9})s)?"
+    r"(?:([0-9]{1,9})ms)?$"
 )
 _DURATION_UNITS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
+# Upper bounds of every duration setting, checked at start: a value past them would overflow a
+# timer or a date at run time (1e10 s of timeout is an OverflowError in socket.settimeout).
+MAX_COOLDOWN_SEC = 366 * 86400.0
+MAX_ACTION_TIMEOUT_SEC = 86400.0
+MAX_PEER_TIMEOUT_SEC = 3600.0
+MAX_DURATION_SEC = 366 * 86400.0
+MAX_ACTIONS_FILE_BYTES = 1 << 20
 _RFC3339 = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|z|[+-]\d{2}:\d{2})$"
+    r"^([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?(Z|z|[+-][0-9]{2}:[0-9]{2})$"
 )
 _ENV_NAME_UNSAFE = re.compile(r"[^A-Z0-9_]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -299,7 +309,8 @@ class Config(NamedTuple):
             try:
                 into[key] = parse(raw)
             except ValueError as exc:
-                problems.append(f"{name}: {exc}, got {raw!r}")
+                shown = raw if len(raw) <= 60 else raw[:60] + f"... ({len(raw)} characters)"
+                problems.append(f"{name}: {exc}, got {shown!r}")
 
         take("enabled", "AUTOHEAL_ENABLED", parse_bool)
         take("dry_run", "AUTOHEAL_DRY_RUN", parse_bool)
@@ -308,7 +319,7 @@ class Config(NamedTuple):
         take("host", "AUTOHEAL_HOST", parse_host)
         take("port", "AUTOHEAL_PORT", lambda raw: parse_int(raw, 0, 65535))
         take("default_cooldown_sec", "AUTOHEAL_DEFAULT_COOLDOWN_SEC", parse_seconds)
-        take("action_timeout_sec", "AUTOHEAL_ACTION_TIMEOUT_SEC", parse_positive_seconds)
+        take("action_timeout_sec", "AUTOHEAL_ACTION_TIMEOUT_SEC", seconds_up_to(MAX_ACTION_TIMEOUT_SEC))
         take("max_actions_per_hour", "AUTOHEAL_MAX_ACTIONS_PER_HOUR", lambda raw: parse_int(raw, 0, 10**9))
         take("max_concurrent_actions", "AUTOHEAL_MAX_CONCURRENT_ACTIONS", lambda raw: parse_int(raw, 1, 1024))
         take("history_max_events", "AUTOHEAL_HISTORY_MAX_EVENTS", lambda raw: parse_int(raw, 1, 10**9))
@@ -316,14 +327,14 @@ class Config(NamedTuple):
         take("webhook_token", "AUTOHEAL_WEBHOOK_TOKEN", parse_token)
         take("ack_token", "AUTOHEAL_ACK_TOKEN", parse_token)
         take("ack_max_duration_sec", "AUTOHEAL_ACK_MAX_DURATION", parse_duration)
-        take("alertmanager_timeout_sec", "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC", parse_positive_seconds)
+        take("alertmanager_timeout_sec", "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC", seconds_up_to(MAX_PEER_TIMEOUT_SEC))
         take("max_body_bytes", "AUTOHEAL_MAX_BODY_BYTES", lambda raw: parse_int(raw, 1, 1 << 30))
-        take("request_timeout_sec", "AUTOHEAL_REQUEST_TIMEOUT_SEC", parse_positive_seconds)
+        take("request_timeout_sec", "AUTOHEAL_REQUEST_TIMEOUT_SEC", seconds_up_to(MAX_PEER_TIMEOUT_SEC))
         take("max_connections", "AUTOHEAL_MAX_CONNECTIONS", lambda raw: parse_int(raw, 1, 100000))
         take("workers", "AUTOHEAL_WORKERS", lambda raw: parse_int(raw, 1, 1024))
         take("max_event_listeners", "AUTOHEAL_MAX_EVENT_LISTENERS", lambda raw: parse_int(raw, 0, 10000))
-        take("events_heartbeat_sec", "AUTOHEAL_EVENTS_HEARTBEAT_SEC", parse_positive_seconds)
-        take("shutdown_grace_sec", "AUTOHEAL_SHUTDOWN_GRACE_SEC", parse_seconds)
+        take("events_heartbeat_sec", "AUTOHEAL_EVENTS_HEARTBEAT_SEC", seconds_up_to(MAX_PEER_TIMEOUT_SEC))
+        take("shutdown_grace_sec", "AUTOHEAL_SHUTDOWN_GRACE_SEC", seconds_up_to(MAX_PEER_TIMEOUT_SEC, positive=False))
         take("docker_host", "DOCKER_HOST", parse_docker_host)
         values["compose_project"] = env.get("COMPOSE_PROJECT_NAME") or None
         if "AUTOHEAL_STATE_FILE" in env:
@@ -364,9 +375,9 @@ def parse_bool(raw: str) -> bool:
 
 
 def parse_int(raw: str, low: int, high: int) -> int:
-    """A whole number within [low, high]."""
+    """A whole number within [low, high], in ASCII digits (int() would take '٣' and '３')."""
     text = raw.strip()
-    if not re.fullmatch(r"[+-]?\d+", text):
+    if not re.fullmatch(r"[+-]?[0-9]{1,18}", text):
         raise ValueError(f"expected a whole number {low}-{high}")
     value = int(text)
     if not low <= value <= high:
@@ -374,23 +385,28 @@ def parse_int(raw: str, low: int, high: int) -> int:
     return value
 
 
-def parse_seconds(raw: str) -> float:
-    """A non-negative, finite number of seconds."""
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ValueError("expected a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError("expected a non-negative number of seconds")
+def parse_seconds(raw: str, high: float = MAX_COOLDOWN_SEC) -> float:
+    """A number of seconds from 0 to high, in ASCII digits: no exponent, nan, inf or sign."""
+    text = raw.strip()
+    if not re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,9})?", text):
+        raise ValueError("expected a non-negative number of seconds" if text.startswith("-")
+                         else "expected a number of seconds")
+    value = float(text)
+    if value > high:
+        raise ValueError(f"expected at most {format_value(high)} seconds")
     return value
 
 
-def parse_positive_seconds(raw: str) -> float:
-    """A positive, finite number of seconds."""
-    value = parse_seconds(raw)
-    if value <= 0:
-        raise ValueError("expected a positive number of seconds")
-    return value
+def seconds_up_to(high: float, positive: bool = True) -> Callable[[str], float]:
+    """A parser of a number of seconds bounded by high (and above zero when positive)."""
+
+    def parse(raw: str) -> float:
+        value = parse_seconds(raw, high)
+        if positive and value <= 0:
+            raise ValueError(f"expected a positive number of seconds, up to {format_value(high)}")
+        return value
+
+    return parse
 
 
 def parse_url(raw: str) -> str:
@@ -435,12 +451,15 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_token(raw: str) -> Optional[str]:
-    """A shared secret; empty means unset."""
+    """A shared secret; empty means unset.  Printable ASCII only: HTTP carries header values as
+    Latin-1 bytes, so any other character could never match."""
+    if raw and not (raw.isascii() and raw.isprintable()):
+        raise ValueError("expected printable ASCII characters only")
     return raw or None
 
 
-def parse_duration(raw: str) -> float:
-    """A Prometheus duration (90s, 30m, 1h30m, 1d, 1w) as seconds; zero is refused."""
+def parse_duration(raw: str, high: float = MAX_DURATION_SEC) -> float:
+    """A Prometheus duration (90s, 30m, 1h30m, 1d, 1w) as seconds, above zero and at most high."""
     text = raw.strip()
     match = _DURATION.match(text)
     if not text or not match:
@@ -448,6 +467,8 @@ def parse_duration(raw: str) -> float:
     seconds = sum(int(group) * unit for group, unit in zip(match.groups(), _DURATION_UNITS) if group)
     if seconds <= 0:
         raise ValueError("expected a duration longer than zero")
+    if seconds > high:
+        raise ValueError(f"expected a duration of at most {format_duration(high)}")
     return float(seconds)
 
 
@@ -468,9 +489,11 @@ def load_actions_file(path: str) -> Mapping[str, Any]:
     """Read the actions table from a JSON file, or a TOML file where tomllib exists (3.11+)."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            data = handle.read(MAX_ACTIONS_FILE_BYTES + 1)  # bounded: /dev/zero must not read forever
     except OSError as exc:
         raise ValueError(f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_ACTIONS_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_ACTIONS_FILE_BYTES} bytes")
     if path.lower().endswith(".toml"):
         try:
             import tomllib
@@ -549,6 +572,9 @@ def _number_field(entry: Mapping[str, Any], key: str, where: str, allow_zero: bo
         raise ValueError(f"{where}: {key} must be a number")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{where}: {key} must be {'non-negative' if allow_zero else 'positive'}")
+    high = MAX_COOLDOWN_SEC if key == "cooldown_sec" else MAX_ACTION_TIMEOUT_SEC
+    if value > high:
+        raise ValueError(f"{where}: {key} must be at most {format_value(high)}")
     return float(value)
 
 
@@ -610,12 +636,36 @@ def parse_json_body(raw: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise HttpError(400, f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        return json.loads(text)
+        document = json.loads(text)
     except RecursionError:
         # The C decoder counts its depth against the recursion limit and gives up cleanly.
         raise HttpError(400, "body nests too deeply (JSON beyond the parser's recursion limit)") from None
     except ValueError as exc:
         raise HttpError(400, f"body is not JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then is every string looked at
+        where = lone_surrogate_in(document)
+        if where is not None:
+            raise HttpError(400, f"body holds a lone surrogate escape (\\ud800-\\udfff without its pair) in "
+                                 f"{where[:100]}: not a Unicode string")
+    return document
+
+
+def lone_surrogate_in(document: Any) -> Optional[str]:
+    """Where a JSON document holds a string that is not valid Unicode (a lone surrogate), or None."""
+    stack: List[Tuple[str, Any]] = [("body", document)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{name}", item) for name, item in value.items())
+            stack.extend((f"{where} (a key)", name) for name in value)
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+    return None
 
 
 def js_tolerant_json(text: str) -> Any:
@@ -879,7 +929,10 @@ def http_request(method: str, url: str, body: Optional[bytes] = None, headers: O
         connection.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body=body,
                            headers=dict(headers or {}))
         response = connection.getresponse()
-        return response.status, response.read(limit)
+        data = response.read(limit + 1)
+        if len(data) > limit:  # a cut answer is an error, never taken for a whole (empty) one
+            raise OSError(f"its answer is larger than {limit} bytes")
+        return response.status, data
     except http.client.HTTPException as exc:
         raise OSError(f"bad answer: {exc!r}") from None
     finally:
@@ -1480,7 +1533,9 @@ class Store:
 
     def _read(self, sql: str, parameters: List[Any]) -> List[Tuple[Any, ...]]:
         """A query on a connection of its own: WAL lets readers run beside the writer.  The file
-        must exist: a reader never creates a stray empty one."""
+        must exist: a reader never creates a stray empty one, and a vanished one is reopened first."""
+        with self._lock:
+            self._check_identity()
         reader = sqlite3.connect(f"file:{urllib.parse.quote(self.path or '')}?mode=rw", uri=True,
                                  check_same_thread=False)
         try:
@@ -1527,9 +1582,14 @@ class AlertmanagerClient:
             raise PeerError(f"Alertmanager refused ({status}): {answer_reason(data)}", status)
         return data
 
-    def silences(self) -> List[Dict[str, Any]]:
-        data = self.call("GET", "/api/v2/silences")
-        return data if isinstance(data, list) else []
+    def silences(self, alertname: str) -> List[Dict[str, Any]]:
+        """The silences whose alertname matcher is alertname: Alertmanager filters them, so the
+        answer stays small however many silences it holds (the caller compares every matcher)."""
+        data = self.call("GET", "/api/v2/silences?" + urllib.parse.urlencode({"filter": matcher_text(
+            "alertname", alertname)}))
+        if not isinstance(data, list):
+            raise PeerError(f"Alertmanager answered the silence list with {type(data).__name__}, not a list")
+        return data
 
     def get_silence(self, silence_id: str) -> Dict[str, Any]:
         return self.call("GET", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
@@ -1542,6 +1602,11 @@ class AlertmanagerClient:
 
     def expire(self, silence_id: str) -> None:
         self.call("DELETE", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
+
+
+def matcher_text(name: str, value: str) -> str:
+    """name="value" as Alertmanager parses a filter (pkg/labels ParseMatcher, OpenMetrics escapes)."""
+    return name + '="' + value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') + '"'
 
 
 def matchers_for(labels: Mapping[str, str]) -> List[Dict[str, Any]]:
@@ -1567,6 +1632,9 @@ def parse_ack_labels(raw: Optional[str]) -> Dict[str, str]:
         raise HttpError(400, f"labels: not JSON: {exc}") from None
     if not isinstance(labels, dict) or not labels:
         raise HttpError(400, "labels: expected a non-empty JSON object of label names to strings")
+    if lone_surrogate_in(labels) is not None:
+        raise HttpError(400, "labels: holds a lone surrogate escape (\\ud800-\\udfff without its pair): "
+                             "not a Unicode string")
     for name, value in labels.items():
         if not _LABEL_NAME.match(name):
             raise HttpError(400, f"labels: {name!r} is not a valid label name")
@@ -1643,6 +1711,16 @@ class Decision:
         self.fold_into: Optional[Dict[str, Any]] = None  # the event a repeat folds into
 
 
+class _AckCall:
+    """An acknowledgement talking to Alertmanager; taps on the same link wait for it."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: Optional[str] = None
+
+
 class Subscriber:
     """One GET /events client: the id of the last event it was sent."""
 
@@ -1674,7 +1752,7 @@ class App:
         self._feed_changed = threading.Condition()
         self._feed_closed = False
         self._folds: "collections.OrderedDict[Tuple[str, str, str, Optional[str]], List[Any]]" = collections.OrderedDict()
-        self._ack_inflight: Dict[Any, threading.Event] = {}
+        self._ack_inflight: Dict[Any, _AckCall] = {}
         self._action_counts = {(name, result): 0 for name in self.action_names for result in ACTION_RESULTS}
         self._skip_counts = {reason: 0 for reason in SKIP_REASONS}
         self._ack_counts = {outcome: 0 for outcome in ACK_OUTCOMES}
@@ -2132,28 +2210,35 @@ class App:
                     "duration": format_duration(seconds),
                     "message": "a preview creates nothing; open the link to acknowledge"}
         key = matcher_key(matchers)
-        mine = threading.Event()
-        while True:
-            # One click at a time per label set (a double tap must not stack two silences);
-            # the wait is on an Event, so no lock is held while Alertmanager answers.
-            with self._lock:
-                other = self._ack_inflight.get(key)
-                if other is None:
-                    self._ack_inflight[key] = mine
-                    break
-            other.wait(self.config.alertmanager_timeout_sec * 4)
+        mine = _AckCall()
         try:
-            outcome, silence_id, ends_at = self._silence(matchers, key, seconds, text)
+            while True:
+                # One click at a time per label set (a double tap must not stack two silences);
+                # the wait is on an Event, so no lock is held while Alertmanager answers.  A tap
+                # behind one that failed fails with it: taps never queue one timeout after another.
+                with self._lock:
+                    other = self._ack_inflight.get(key)
+                    if other is None:
+                        self._ack_inflight[key] = mine
+                        break
+                other.done.wait(self.config.alertmanager_timeout_sec * 4)
+                if other.error is not None:
+                    raise PeerError(other.error)
+            try:
+                outcome, silence_id, ends_at = self._silence(matchers, key, seconds, text)
+            except PeerError as exc:
+                mine.error = str(exc)
+                raise
+            finally:
+                with self._lock:
+                    self._ack_inflight.pop(key, None)
+                mine.done.set()
         except PeerError as exc:
             self._count_ack("error")
             self.record([{"ts": round(time.time(), 6), "kind": "ack", "result": "error", "reason": str(exc),
                           "alertname": labels["alertname"], "labels": labels, "client": client,
                           "user_agent": user_agent}])
             raise HttpError(502, str(exc)) from None
-        finally:
-            with self._lock:
-                self._ack_inflight.pop(key, None)
-            mine.set()
         self._count_ack(outcome)
         self.record([{"ts": round(time.time(), 6), "kind": "ack", "result": outcome, "alertname": labels["alertname"],
                       "labels": labels, "silence_id": silence_id, "ends_at": format_rfc3339(ends_at),
@@ -2170,7 +2255,8 @@ class App:
         now = time.time()
         ends_at = now + seconds
         existing = []
-        for silence in self.alertmanager.silences():
+        alertname = next(value for name, value, _regex, _equal in key if name == "alertname")
+        for silence in self.alertmanager.silences(alertname):
             if (silence.get("createdBy") == CREATED_BY and (silence.get("status") or {}).get("state") == "active"
                     and matcher_key(silence.get("matchers") or []) == key):
                 try:
@@ -2274,6 +2360,9 @@ class App:
 # Pages for people
 # ---------------------------------------------------------------------------------------------
 
+PAGE_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; "
+               "base-uri 'none'")
+
 _PAGE_STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:40em;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse}td{border:1px solid #ccc;padding:.3em .6em;word-break:break-all}"
@@ -2310,22 +2399,26 @@ def render_page(title: str, paragraphs: List[str], labels: Optional[Mapping[str,
 
 
 class Route(NamedTuple):
-    """One endpoint: its handler (Handler.route_<name>), its methods, and whether it may wait on
-    a command or a peer (slow: served by the main pool, never by the quick one)."""
+    """One endpoint: its handler (Handler.route_<name>), its methods, the pool that serves it
+    (see Server), and whether it changes something (then a cross-site request is refused)."""
 
     name: str
     methods: Tuple[str, ...]
-    slow: bool
+    pool: str
+    changes: bool = False
 
 
+# Pools: "quick" never waits on a command or a peer (the health check and the scrape); "main"
+# runs webhooks and their commands; "ack" waits on Alertmanager, so that acks can never take
+# the workers that webhooks need.
 ROUTES: Dict[str, Route] = {
-    "/": Route("status", ("GET",), False),
-    "/metrics": Route("metrics", ("GET",), False),
-    "/alert": Route("alert", ("POST",), True),
-    "/ack": Route("ack", ("GET",), True),
-    "/ack/undo": Route("undo", ("POST",), True),
-    "/history": Route("history", ("GET",), False),
-    "/events": Route("events", ("GET",), False),
+    "/": Route("status", ("GET",), "quick"),
+    "/metrics": Route("metrics", ("GET",), "quick"),
+    "/alert": Route("alert", ("POST",), "main", changes=True),
+    "/ack": Route("ack", ("GET",), "ack", changes=True),
+    "/ack/undo": Route("undo", ("POST",), "ack", changes=True),
+    "/history": Route("history", ("GET",), "quick"),
+    "/events": Route("events", ("GET",), "quick"),
 }
 
 
@@ -2415,14 +2508,25 @@ def parse_request(raw: bytes, client: str) -> Request:
     if len(lines) - 1 > MAX_HEADERS:
         raise HttpError(431, f"more than {MAX_HEADERS} header fields")
     headers: Dict[str, str] = {}
+    hosts = 0
     for line in lines[1:]:
-        line = line.rstrip("\r")
+        line = line[:-1] if line.endswith("\r") else line
         if line[:1] in (" ", "\t"):
             raise HttpError(400, "obsolete line folding in the header fields")
+        # RFC 9112 2.2 and 5: a bare CR or a NUL in a header line is refused, never read past;
+        # behind a lenient proxy such lines are how request smuggling starts.
+        if "\r" in line or "\0" in line:
+            raise HttpError(400, "a header field holds a bare CR or a NUL")
         name, colon, value = line.partition(":")
         if not colon or not _TOKEN.match(name):
             raise HttpError(400, "malformed header field")
-        headers.setdefault(name.lower(), value.strip(" \t"))
+        name = name.lower()
+        hosts += name == "host"
+        headers.setdefault(name, value.strip(" \t"))
+    # RFC 9112 3.2: an HTTP/1.1 request has exactly one Host field.
+    if version == "HTTP/1.1" and hosts != 1:
+        raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header field" if hosts
+                        else "an HTTP/1.1 request needs a Host header field")
     return Request(method, target, version, headers, raw[head_end:], client)
 
 
@@ -2461,6 +2565,8 @@ class Handler:
             if method not in methods and not (method == "HEAD" and "GET" in methods):
                 allow = ", ".join(methods + (("HEAD",) if "GET" in methods else ()))
                 raise HttpError(405, f"{method[:20]} is not allowed on {path}; use {allow}", {"Allow": allow})
+            if route.changes:
+                self._refuse_cross_site(method)
             getattr(self, "route_" + route.name)(method, parse_query(query))
         except HttpError as exc:
             self.app.rejected(method, path, exc.status, exc.message, self.request.client)
@@ -2493,6 +2599,10 @@ class Handler:
 
     def _send(self, status: int, body: bytes, content_type: str, headers: Optional[Mapping[str, str]] = None) -> None:
         fields = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
+        if content_type.startswith("text/html"):
+            # Pages are never framed by another site (clickjacking of the undo button), and run
+            # nothing but what autoheal itself serves.
+            fields += [("X-Frame-Options", "DENY"), ("Content-Security-Policy", PAGE_POLICY)]
         fields.extend((headers or {}).items())
         # One buffer, one send: headers and body in separate sends would meet Nagle's delay.
         self.out = self._head(status, fields) + (b"" if self.command == "HEAD" else body)
@@ -2518,6 +2628,41 @@ class Handler:
             headers = {"WWW-Authenticate": 'Bearer realm="autoheal"'} if status == 401 else None
             raise HttpError(status, f"{what} is missing or wrong", headers)
 
+    def _refuse_cross_site(self, method: str) -> None:
+        """A page on another site must not change anything through the visitor's browser.
+
+        Browsers say where a request comes from (Sec-Fetch-Site, Origin).  A link followed from
+        Slack is a cross-site top-level navigation, and that is an ack; anything else a hostile
+        page can make a browser send (an image, a script's fetch, a form posted cross-site) is
+        refused.  Alertmanager and curl send neither header and are not affected.
+        """
+        site = self.headers.get("sec-fetch-site", "").lower()
+        origin = self.headers.get("origin")
+        navigation = (self.headers.get("sec-fetch-mode", "navigate").lower() == "navigate"
+                      and self.headers.get("sec-fetch-dest", "document").lower() == "document")
+        if method in ("GET", "HEAD"):
+            if site == "cross-site" and not navigation:
+                raise HttpError(403, "a cross-site request that is not a link being opened cannot acknowledge; "
+                                     "open the link itself")
+            return
+        if site == "cross-site" or (origin is not None and not self._same_origin(origin)):
+            raise HttpError(403, f"a cross-site request cannot change anything here (Origin {origin!r:.80}, "
+                                 f"Sec-Fetch-Site {site!r:.20})")
+
+    def _same_origin(self, origin: str) -> bool:
+        """Whether an Origin header names this server: its Host, or AUTOHEAL_PUBLIC_URL."""
+        try:
+            netloc = urllib.parse.urlsplit(origin).netloc.lower()
+        except ValueError:
+            return False
+        public = urllib.parse.urlsplit(self.app.config.public_url).netloc.lower()
+        return bool(netloc) and netloc in (self.headers.get("host", "").lower(), public)
+
+    def _is_prefetch(self) -> bool:
+        """A browser's speculative load (prefetch, prerender) is a preview: it creates nothing."""
+        purpose = " ".join(self.headers.get(name, "") for name in ("sec-purpose", "purpose", "x-purpose", "x-moz"))
+        return any(word in purpose.lower() for word in ("prefetch", "prerender", "preview"))
+
     # -- routes ---------------------------------------------------------------------------
 
     def route_status(self, method: str, params: Mapping[str, str]) -> None:
@@ -2539,7 +2684,7 @@ class Handler:
         config = self.app.config
         self._check_token(config.ack_token, params.get("token"), 403, "token")
         user_agent = self.headers.get("user-agent", "")
-        preview = method == "HEAD" or bool(PREVIEW_AGENTS.search(user_agent))
+        preview = method == "HEAD" or bool(PREVIEW_AGENTS.search(user_agent)) or self._is_prefetch()
         result = self.app.acknowledge(params, self.request.client, user_agent[:300], preview)
         if not self._wants_html():
             self._send_json(200, result)
@@ -2715,6 +2860,8 @@ class Server:
         self.server_address = listener.getsockname()[:2]
         self.port = self.server_address[1]
         self.stopping = False
+        self._accept_paused_until = 0.0
+        self.max_connections, self.fd_warning = connection_limit(self.config)
         self._stop_requested = threading.Event()
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ, "accept")
@@ -2728,19 +2875,21 @@ class Server:
         self._buffered = 0
         self._buffered_limit = max(16 << 20, 8 * self.config.max_body_bytes)
         self._returned: collections.deque = collections.deque()
-        # Two pools: requests that may wait on a command or on Alertmanager (POST, /ack) and the
-        # rest, which never wait on anything but SQLite.  However many slow actions fill the first
-        # pool, GET / (the health check) and /metrics are still answered by the second.
-        self._tasks: "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]" = queue.SimpleQueue()
-        self._quick_tasks: "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]" = queue.SimpleQueue()
+        # Three pools, chosen by the route (Route.pool): webhooks and their commands ("main"),
+        # acks, which wait on Alertmanager ("ack"), and the rest, which never wait on anything
+        # but SQLite ("quick").  However many slow actions or silent Alertmanager calls fill the
+        # first two, GET / (the health check) and /metrics are still answered by the third, and
+        # acks never hold a worker that a webhook needs.
+        sizes = {"main": self.config.workers, "ack": ACK_WORKERS, "quick": QUICK_WORKERS}
+        self._pools: Dict[str, "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]"] = {
+            name: queue.SimpleQueue() for name in sizes}
         self._busy = 0
         self._busy_changed = threading.Condition()
         self._streams: List[threading.Thread] = []
+        self._streams_lock = threading.Lock()
         self._stopped = threading.Event()
-        self._workers = [threading.Thread(target=self._work, args=(self._tasks,), name=f"worker-{index}", daemon=True)
-                         for index in range(self.config.workers)]
-        self._workers += [threading.Thread(target=self._work, args=(self._quick_tasks,), name=f"quick-{index}",
-                                           daemon=True) for index in range(QUICK_WORKERS)]
+        self._workers = [threading.Thread(target=self._work, args=(self._pools[name],), name=f"{name}-{index}",
+                                          daemon=True) for name, size in sizes.items() for index in range(size)]
         for worker in self._workers:
             worker.start()
 
@@ -2751,7 +2900,7 @@ class Server:
         next_sweep = time.monotonic() + 0.5
         try:
             while not self._stop_requested.is_set():
-                for key, _mask in self._selector.select(timeout=0.5):
+                for key, _mask in self._selector.select(timeout=0.1 if self._accept_paused_until else 0.5):
                     if key.data == "accept":
                         self._accept()
                     elif key.data == "wake":
@@ -2759,13 +2908,17 @@ class Server:
                     else:
                         self._read(key.data)
                 now = time.monotonic()
+                if self._accept_paused_until and now >= self._accept_paused_until:
+                    self._accept_paused_until = 0.0
+                    self._selector.register(self.socket, selectors.EVENT_READ, "accept")
                 if now >= next_sweep:
                     next_sweep = now + 0.5
                     for connection in [c for c in self._connections.values() if c.deadline <= now]:
                         self._close(connection)
         finally:
             self.stopping = True
-            self._selector.unregister(self.socket)
+            if not self._accept_paused_until:
+                self._selector.unregister(self.socket)
             self.socket.close()
             for connection in list(self._connections.values()):
                 self._close(connection)
@@ -2777,9 +2930,16 @@ class Server:
                 sock, address = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # out of file descriptors, for one: try again on the next round
+            except OSError:
+                # Out of file descriptors (EMFILE): the pending connection stays in the backlog and
+                # the socket stays readable, so retrying at once would spin.  Make room by dropping
+                # the longest-idle connection, and stop accepting for a moment.
+                if self._connections:
+                    self._close(min(self._connections.values(), key=lambda c: c.deadline))
+                self._selector.unregister(self.socket)
+                self._accept_paused_until = time.monotonic() + 0.1
                 return
-            if len(self._connections) + self._busy >= self.config.max_connections:
+            if len(self._connections) + self._busy >= self.max_connections:
                 if self._connections:
                     self._close(min(self._connections.values(), key=lambda c: c.deadline))
                 else:
@@ -2842,12 +3002,11 @@ class Server:
         del self._connections[connection.sock.fileno()]
         with self._busy_changed:
             self._busy += 1
-        # The route decides the pool, whatever form its target takes; anything unknown or not a
-        # GET may be slow (a POST carries work), so only known quick routes go to the quick pool.
-        method, _, rest = request.partition(b" ")
+        # The route decides the pool, whatever form its target takes.  Anything unknown is only
+        # refused, which waits on nothing; a method a quick route does not take is refused too.
+        _method, _, rest = request.partition(b" ")
         path = route_path(rest.partition(b" ")[0].decode("latin-1"))
-        slow = path is None or ROUTES[path].slow or method not in (b"GET", b"HEAD")
-        (self._tasks if slow else self._quick_tasks).put((connection, request))
+        self._pools["quick" if path is None else ROUTES[path].pool].put((connection, request))
 
     def _refuse(self, connection: _Connection, error: HttpError) -> None:
         """Answer a framing error and close gracefully.
@@ -2969,7 +3128,8 @@ class Server:
         if handler.stream is not None:
             thread = threading.Thread(target=self._stream, args=(connection.sock, handler.stream),
                                       name="events", daemon=True)
-            self._streams = [t for t in self._streams if t.is_alive()] + [thread]
+            with self._streams_lock:  # workers add streams side by side
+                self._streams = [t for t in self._streams if t.is_alive()] + [thread]
             thread.start()
             return "detached"
         return "close" if handler.close_connection else "keep"
@@ -3031,16 +3191,41 @@ class Server:
                 end = time.monotonic() + 5
                 while self._busy and time.monotonic() < end:
                     self._busy_changed.wait(end - time.monotonic())
-        for _worker in range(self.config.workers):
-            self._tasks.put(None)
-        for _worker in range(QUICK_WORKERS):
-            self._quick_tasks.put(None)
+        for worker in self._workers:
+            self._pools[worker.name.partition("-")[0]].put(None)
         self.app.close_listeners()
-        for thread in self._workers + self._streams:
+        with self._streams_lock:
+            streams = list(self._streams)
+        for thread in self._workers + streams:
             thread.join(timeout=2)
         self._selector.close()
         self._wake_read.close()
         self._wake_write.close()
+
+
+def connection_limit(config: Config) -> Tuple[int, Optional[str]]:
+    """AUTOHEAL_MAX_CONNECTIONS, kept below the file-descriptor limit (RLIMIT_NOFILE), with a
+    warning when it had to be lowered.  The soft limit is raised toward the hard one first."""
+    import resource
+
+    # Besides connections: the workers' sockets in flight, /events streams, SQLite, the pipes of
+    # running commands, outgoing calls, and some to spare.
+    reserve = config.workers + ACK_WORKERS + QUICK_WORKERS + config.max_event_listeners \
+        + 2 * config.max_concurrent_actions + 64
+    wanted = config.max_connections + reserve
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return config.max_connections, None
+    limit = max(8, soft - reserve)
+    return limit, (f"AUTOHEAL_MAX_CONNECTIONS={config.max_connections} does not fit the file-descriptor limit "
+                   f"(ulimit -n {soft}); serving at most {limit} connections")
 
 
 def make_server(app: App, host: Optional[str] = None, port: Optional[int] = None) -> Server:
@@ -3265,6 +3450,8 @@ def main(argv: Optional[List[str]] = None) -> int:
              "state_file": config.state_file if app.store.persistent else None,
              "actions": [{"alertname": action.alertname, "command": action.display,
                           "cooldown_seconds": action.cooldown_sec} for action in app.actions.values()]})
+    if server.fd_warning:
+        app.log({"event": "warning", "message": server.fd_warning}, "warning")
     if config.webhook_token is None and not is_loopback(config.host):
         app.log({"event": "warning", "message": f"listening on {config.host} beyond loopback without "
                  "AUTOHEAL_WEBHOOK_TOKEN: anyone who reaches this port can post alerts"}, "warning")

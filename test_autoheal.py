@@ -2343,6 +2343,9 @@ def test_every_log_line_has_time_and_level_and_the_start_line_says_what_it_will_
                                "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"), "COOLDOWN_TCP_DOWN_SEC": "90"}, tmp_path)
     try:
         running.post_alert(WEBHOOK, {"Authorization": "Bearer never-logged"})
+        status = running.json("GET", "/")[1]
+        assert status["alertmanager_url"] == "http://am.example:9093"
+        assert status["commands"]["TcpEndpointDownFast"] == "docker restart crm-api"
     finally:
         assert running.stop() == 0
     events = running.events()
