@@ -2594,3 +2594,280 @@ def test_one_event_is_bounded_and_the_history_is_bounded_in_bytes(tmp_path, stat
         if state == "sqlite":
             with sqlite3.connect(tmp_path / "s.db") as db:
                 assert db.execute("SELECT MAX(length(body)), SUM(length(body)) FROM events").fetchone()[1] < 1 << 19
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input, broken disks and a busy Alertmanager
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_lone_surrogate_is_a_400_and_the_state_writer_goes_on(tmp_path, alertmanager):
+    env = {"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"), "ALERTMANAGER_URL": alertmanager.url}
+    running = AutohealProcess(env, tmp_path)
+    try:
+        raw = json.dumps(webhook(alert("\ud800"))).encode()  # valid JSON, not valid Unicode
+        status, body = running.json("POST", "/alert", raw)
+        assert status == 400 and "lone surrogate" in body["error"] and "alertname" in body["error"]
+        status, body = running.json("GET", ack_path({"alertname": "X", "v": "\udfff"}))
+        assert status == 400 and body["error"].startswith("labels:")
+        assert running.post_alert(WEBHOOK)[1]["results"][0]["result"] == "dry_run"
+        assert running.metric("autoheal_state_persistent") == 1
+        assert running.metric("autoheal_state_write_errors_total") == 0
+        started = time.monotonic()
+    finally:
+        assert running.stop(signal.SIGKILL) == -signal.SIGKILL
+    running = AutohealProcess(env, tmp_path)
+    try:
+        assert running.post_alert(WEBHOOK)[1]["results"][0]["result"] == "cooldown_skip"  # it was durable
+        started = time.monotonic()
+        assert running.stop() == 0 and time.monotonic() - started < 5
+    finally:
+        running.stop()
+
+
+def damage(path):
+    """Overwrite some pages in the middle of a SQLite file, as a failing disk would."""
+    data = bytearray(path.read_bytes())
+    for page in range(2, min(12, len(data) // 4096)):
+        data[page * 4096:page * 4096 + 4096] = os.urandom(4096)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_a_damaged_state_file_is_moved_aside_and_a_fresh_one_started(tmp_path, explicit):
+    env = {"AUTOHEAL_STATE_FILE": str(tmp_path / "autoheal-state.db")} if explicit else {}
+    path = actions_file(tmp_path, {"A": {"command": ["true"], "cooldown_sec": 0}})
+    running = AutohealProcess({**env, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0"}, tmp_path)
+    for _ in range(20):
+        running.post_alert(webhook(*[dict(alert("A"), labels={"alertname": "A", "pad": "x" * 900})] * 20))
+    assert running.stop() == 0
+    damage(tmp_path / "autoheal-state.db")
+    running = AutohealProcess({**env, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0"}, tmp_path)
+    try:
+        assert running.metric("autoheal_state_persistent") == 1
+        moved = sorted(tmp_path.glob("autoheal-state.db.damaged-*"))
+        assert moved and moved[0].name.startswith("autoheal-state.db.damaged-2")
+        [recovered] = running.json("GET", "/history?kind=state")[1]["events"]
+        assert recovered["result"] == "recovered" and recovered["moved_to"] == str(moved[0]) or \
+            recovered["moved_to"].endswith(moved[0].name)
+        warnings = [e for e in running.events() if e.get("event") == "warning"]
+        assert warnings and "damaged" in warnings[0]["message"] and warnings[0]["level"] == "warning"
+        assert running.post_alert(webhook(alert("A")))[0] == 200
+    finally:
+        assert running.stop() == 0
+
+
+@pytest.mark.parametrize("how", ["moved", "wal-deleted"])
+def test_a_state_file_that_vanishes_under_a_running_instance_is_noticed_and_recreated(tmp_path, how):
+    env = {"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}
+    running = AutohealProcess(env, tmp_path)
+    try:
+        running.post_alert(webhook(alert("CrmMetricsScrapeStale")))
+        if how == "moved":
+            os.rename(tmp_path / "s.db", tmp_path / "elsewhere.db")
+        else:
+            for suffix in ("-wal", "-shm"):
+                os.remove(tmp_path / f"s.db{suffix}")
+        status, _ = running.json("GET", "/history")
+        assert status == 200
+        assert running.post_alert(WEBHOOK)[1]["results"][0]["result"] == "dry_run"
+        assert running.metric("autoheal_state_file_replaced_total") == 1
+        assert running.metric("autoheal_state_write_errors_total") == 0
+        assert [e for e in running.events() if e.get("event") == "error" and "moved, deleted or replaced" in e["message"]]
+    finally:
+        running.stop(signal.SIGKILL)
+    running = AutohealProcess(env, tmp_path)
+    try:  # both cooldowns were written to the file at the path, the one before the move again
+        results = running.post_alert(webhook(alert(), alert("CrmMetricsScrapeStale")))[1]["results"]
+        assert [r["result"] for r in results] == ["cooldown_skip", "cooldown_skip"]
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("name", ["AUTOHEAL_REQUEST_TIMEOUT_SEC", "AUTOHEAL_ACTION_TIMEOUT_SEC",
+                                  "AUTOHEAL_SHUTDOWN_GRACE_SEC", "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC",
+                                  "AUTOHEAL_EVENTS_HEARTBEAT_SEC", "AUTOHEAL_DEFAULT_COOLDOWN_SEC",
+                                  "COOLDOWN_TCP_DOWN_SEC"])
+@pytest.mark.parametrize("value", ["1e10", "9" * 400, "1e309", "nan", "inf", "-0", "٣", "３", "²", "99999999999"])
+def test_every_duration_setting_is_bounded_at_start(name, value):
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({name: value})
+    assert str(caught.value).startswith(name + ": expected") and len(str(caught.value)) < 200
+
+
+@pytest.mark.parametrize("value", ["9" * 400, "99999999999999y", "400w", "٣h", "1e3s", "-1h"])
+def test_the_ack_duration_bound_is_bounded_itself(value):
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({"AUTOHEAL_ACK_MAX_DURATION": value})
+    assert str(caught.value).startswith("AUTOHEAL_ACK_MAX_DURATION: expected")
+
+
+@pytest.mark.parametrize("name", ["AUTOHEAL_PORT", "AUTOHEAL_WORKERS", "AUTOHEAL_MAX_CONNECTIONS",
+                                  "AUTOHEAL_HISTORY_MAX_EVENTS", "AUTOHEAL_MAX_BODY_BYTES"])
+@pytest.mark.parametrize("value", ["9" * 400, "1e309", "nan", "inf", "٩٥١٠", "３", "²", "1e3"])
+def test_whole_number_settings_take_ascii_digits_only(name, value):
+    with pytest.raises(ConfigError):
+        Config.from_env({name: value})
+
+
+def test_extreme_numbers_in_requests_are_4xx_even_for_a_preview_robot():
+    extremes = ["9" * 400, "1e309", "nan", "inf", "-0", "٣", "３", "²"]
+    with serving() as running:
+        for value in extremes:
+            for agent in ("Slackbot-LinkExpanding 1.0", "curl/8"):
+                status, body = running.json("GET", ack_path({"alertname": "X"}, duration=value + "h"),
+                                            headers={"User-Agent": agent})
+                assert status == 400 and body["error"].startswith("duration:"), (value, body)
+            for query in (f"limit={value}", f"since={value}"):
+                status, body = running.json("GET", "/history?" + urllib.parse.quote(query, safe="="))
+                assert status == 400, (query, body)
+            status, body = running.json("POST", "/ack/undo", urllib.parse.urlencode({"id": value}).encode(),
+                                        {"Content-Type": "application/x-www-form-urlencoded"})
+            assert status == 400 and body["error"].startswith("id:"), (value, body)
+            status, body = running.json("GET", "/events", headers={"Last-Event-ID": value.encode().decode("latin-1")})
+            assert status == 400, (value, body)
+        assert autoheal.check({"AUTOHEAL_PORT": "٩٥١٠"}) == 1
+
+
+def test_small_config_mistakes_are_refused_clearly(tmp_path):
+    done = run_module([], {"AUTOHEAL_WEBHOOK_TOKEN": "pässwörd"})
+    assert done.returncode == 2 and "AUTOHEAL_WEBHOOK_TOKEN: expected printable ASCII" in done.stderr
+    done = run_module([], {"AUTOHEAL_PORT": "7" * 5000})
+    assert done.returncode == 2 and len(done.stderr) < 300 and "(5000 characters)" in done.stderr
+    started = time.monotonic()
+    done = run_module([], {"AUTOHEAL_ACTIONS_FILE": "/dev/zero"}, timeout=10)
+    assert done.returncode == 2 and "larger than" in done.stderr and time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",          # a bare CR inside a header line
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",        # NUL in a header value
+    b"GET / HTTP/1.1\r\nUser-Agent: x\r\n\r\n",                  # HTTP/1.1 without Host
+    b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",             # two Hosts
+])
+def test_lenient_http_that_smuggling_starts_with_is_a_400(request_bytes):
+    with serving() as running:
+        answer = raw_exchange(running.port, request_bytes)
+        assert status_of(answer) == 400, answer
+        assert running.metric('autoheal_http_rejected_total{path="/",status="400"}') == 1
+        assert status_of(raw_exchange(running.port, b"GET / HTTP/1.0\r\n\r\n")) == 200  # 1.0 needs no Host
+
+
+def test_cross_site_requests_cannot_change_anything(alertmanager):
+    evil = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"}
+    with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
+        status, acked = running.json("GET", ack_path({"alertname": "CrossSite", "n": "1"}))
+        assert status == 200
+        event_id = running.json("GET", "/history?kind=ack&limit=1")[1]["events"][0]["id"]
+        status, body = running.json("POST", "/ack/undo", f"id={event_id}".encode(), evil)
+        assert status == 403 and "cross-site" in body["error"]
+        assert [s["status"]["state"] for s in silences_for(alertmanager, "CrossSite")] == ["active"]
+        status, body = running.json("POST", "/alert", WEBHOOK, {"Origin": "https://evil.example"})
+        assert status == 403
+        image = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+        assert running.json("GET", ack_path({"alertname": "CrossSite", "n": "2"}), headers=image)[0] == 403
+        for prefetch in ({"Sec-Purpose": "prefetch"}, {"Sec-Purpose": "prefetch;prerender"}, {"Purpose": "prefetch"}):
+            status, body = running.json("GET", ack_path({"alertname": "CrossSite", "n": "3"}), headers=prefetch)
+            assert status == 200 and body["preview"] is True
+        assert len(silences_for(alertmanager, "CrossSite")) == 1
+        # A person opening the link from Slack's web app: a cross-site top-level navigation.
+        slack = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document",
+                 "Accept": "text/html"}
+        status, headers, page = running.request("GET", ack_path({"alertname": "CrossSite", "n": "4"}), headers=slack)
+        assert status == 200 and headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+        same = {"Origin": f"http://127.0.0.1:{running.port}", "Sec-Fetch-Site": "same-origin",
+                "Content-Type": "application/x-www-form-urlencoded"}
+        status, body = running.json("POST", "/ack/undo", f"id={event_id}".encode(), same)
+        assert status == 200 and body["expired"] is True  # the page's own undo button still works
+
+
+def test_taps_behind_a_silent_alertmanager_fail_together_and_never_delay_a_webhook():
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        env = {"ALERTMANAGER_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+               "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC": "2"}
+        with serving(env) as running:
+            answers = []
+
+            def tap():
+                started = time.monotonic()
+                status, _ = running.json("GET", ack_path({"alertname": "Busy"}))
+                answers.append((status, time.monotonic() - started))
+
+            taps = [threading.Thread(target=tap) for _ in range(24)]
+            for thread in taps:
+                thread.start()
+            time.sleep(0.3)
+            started = time.monotonic()
+            assert running.post_alert(WEBHOOK)[0] == 200
+            assert time.monotonic() - started < 1.0  # a webhook is never delayed by acks
+            for thread in taps:
+                thread.join()
+            assert [status for status, _ in answers] == [502] * 24
+            # Four ack workers, each tap waiting only for the one in flight: never 24 x 2 s.
+            assert max(elapsed for _, elapsed in answers) < 2 * 2 * 2 + 2
+
+
+def test_a_silence_list_too_long_to_read_is_filtered_not_taken_for_empty(tmp_path):
+    own = start_alertmanager(tmp_path / "am", MINIMAL_ALERTMANAGER)
+    try:
+        now = time.time()
+        for index in range(1000):  # 1,000 other silences of 5 KB comments: over 4 MiB in all
+            http_json("POST", own.url + "/api/v2/silences", {
+                "matchers": [{"name": "alertname", "value": f"Other{index}", "isRegex": False, "isEqual": True}],
+                "startsAt": autoheal.format_rfc3339(now), "endsAt": autoheal.format_rfc3339(now + 3600),
+                "createdBy": "someone", "comment": "x" * 5000})
+        with serving({"ALERTMANAGER_URL": own.url}) as running:
+            labels = {"alertname": 'Long "list" \\ here', "n": "1"}
+            outcomes = [running.json("GET", ack_path(labels))[1].get("outcome") for _ in range(3)]
+            assert outcomes == ["created", "existing", "existing"]
+        assert len(silences_for(own, labels["alertname"])) == 1
+    finally:
+        own.stop()
+
+
+def test_a_low_file_descriptor_limit_caps_connections_and_never_spins(tmp_path):
+    import resource
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    lines = []
+    process = subprocess.Popen([sys.executable, str(HERE / "autoheal.py")], cwd=tmp_path, preexec_fn=low_limit,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={"PATH": os.environ["PATH"], "AUTOHEAL_HOST": "127.0.0.1", "AUTOHEAL_PORT": "0",
+                                    "AUTOHEAL_STATE_FILE": ""})
+    idle = []
+    try:
+        for raw in process.stdout:
+            lines.append(json.loads(raw))
+            if lines[-1]["event"] == "started":
+                break
+        port = lines[-1]["port"]
+        threading.Thread(target=lambda: [lines.append(json.loads(raw)) for raw in process.stdout], daemon=True).start()
+        for _ in range(150):
+            with contextlib.suppress(OSError):
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        time.sleep(0.5)
+        cpu_before = _cpu_seconds(process.pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(process.pid) - cpu_before < 0.5  # not spinning on EMFILE
+        for sock in idle:
+            sock.close()
+        time.sleep(0.3)
+        assert http_status(f"http://127.0.0.1:{port}/", timeout=3) == 200
+        warnings = [line for line in lines if line.get("level") == "warning"]
+        assert any("AUTOHEAL_MAX_CONNECTIONS" in line["message"] and "ulimit -n 100" in line["message"]
+                   for line in warnings), lines
+    finally:
+        for sock in idle:
+            sock.close()
+        process.terminate()
+        process.wait(10)
+
+
+def _cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
