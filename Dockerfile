@@ -29,5 +29,6 @@ USER 10001:10001
 VOLUME ["/data"]
 
 EXPOSE 9009
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 CMD ["python", "autoheal.py", "--check"]
+# --check takes about 50 ms (the benchmark measures it) and gives up after 2 s itself.
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 CMD ["python", "autoheal.py", "--check"]
 CMD ["python", "-m", "autoheal"]

@@ -1580,7 +1580,7 @@ def container_layout(tmp_path, service):
 def test_compose_file_is_valid():
     compose = require("docker-compose")
     done = subprocess.run([compose, "-f", str(HERE / "docker-compose.yml"), "config", "-q"], capture_output=True,
-                          text=True, cwd=HERE)
+                          text=True, cwd=HERE, env={**os.environ, "AUTOHEAL_WEBHOOK_TOKEN": "from-the-environment"})
     assert done.returncode == 0, done.stderr
     text = (HERE / "docker-compose.yml").read_text()
     for needle in ("prom/alertmanager", "prom/prometheus", "/var/run/docker.sock:/var/run/docker.sock",
@@ -2141,22 +2141,37 @@ def test_dockerd_refusing_is_failed_with_its_message(docker_engine, tmp_path):
     assert "no container of compose service 'ghost'" in events["UptimeProbeFailing"]["output_tail"]
 
 
-def test_dockerd_runs_the_shipped_image_as_non_root_healthy_healing_a_sibling(docker_engine):
+def test_dockerd_runs_the_shipped_image_as_non_root_healthy_healing_a_sibling(docker_engine, tmp_path):
+    """The image under the compose file's settings: read-only, no capabilities, no new privileges,
+    state on a volume, and the Docker API through the socket proxy instead of the socket."""
     docker_engine.docker("build", "-q", "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}", "-t", "autoheal:test", str(HERE),
                          timeout=300)
+    hardening = compose_service("autoheal")
+    assert all(setting in hardening for setting in ("read_only: true", "cap_drop: [ALL]", "- /tmp:size=16m,mode=1777",
+                                                      'security_opt: ["no-new-privileges:true"]'))
     before = docker_engine.run_sleeper("crm-api")
+    proxy = SocketProxy(docker_engine.socket, tmp_path)
     port = free_port()
     name = "autoheal-under-test"
     docker_engine.docker("rm", "-f", name, check=False)
     docker_engine.docker(
         "run", "-d", "--name", name, "--network", "host", "--pull", "never", "--health-interval", "1s",
-        "-v", f"{docker_engine.socket}:/var/run/docker.sock", "--group-add", str(docker_engine.socket.stat().st_gid),
+        "--read-only", "--tmpfs", "/tmp:size=16m,mode=1777", "--cap-drop", "ALL",
+        "--security-opt", "no-new-privileges:true", "-v", "autoheal-test-data:/data",
         "-e", "AUTOHEAL_HOST=127.0.0.1", "-e", f"AUTOHEAL_PORT={port}", "-e", "AUTOHEAL_ENABLED=true",
+        "-e", f"DOCKER_HOST=tcp://127.0.0.1:{proxy.port}",
         "-e", "AUTOHEAL_DRY_RUN=false", "-e", "AUTOHEAL_WEBHOOK_TOKEN=image-token", "autoheal:test")
     try:
         wait_healthy(docker_engine, name)
         assert docker_engine.docker("exec", name, "id", "-u").stdout.strip() == "10001"
-        assert docker_engine.inspect(name)["Config"]["User"] == "10001:10001"
+        info = docker_engine.inspect(name)
+        assert info["Config"]["User"] == "10001:10001"
+        assert info["HostConfig"]["ReadonlyRootfs"] is True and info["HostConfig"]["CapDrop"] in (["ALL"], ["CAP_ALL"])
+        assert "no-new-privileges:true" in info["HostConfig"]["SecurityOpt"]
+        assert not any(mount.get("Destination") == "/var/run/docker.sock" for mount in info["Mounts"])
+        assert docker_engine.docker("exec", name, "touch", "/app/x", check=False).returncode != 0  # read-only
+        status = docker_engine.docker("exec", name, "grep", "^CapEff", "/proc/1/status").stdout.split()[1]
+        assert int(status, 16) == 0  # no capability at all
         client = Client()
         client.port = port
         status, body = client.post_alert(WEBHOOK, {"Authorization": "Bearer image-token"})
@@ -2166,6 +2181,7 @@ def test_dockerd_runs_the_shipped_image_as_non_root_healthy_healing_a_sibling(do
         assert "autoheal-state.db" in listing  # the state is on the volume
     finally:
         docker_engine.docker("rm", "-f", name, check=False)
+        proxy.stop()
 
 
 def wait_healthy(engine, name, timeout=60):
@@ -2922,3 +2938,156 @@ def test_a_low_file_descriptor_limit_caps_connections_and_never_spins(tmp_path):
 def _cpu_seconds(pid):
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployed hardened: the compose stack's settings, and the Docker socket proxy on a real HAProxy
+# ---------------------------------------------------------------------------------------------
+
+
+class SocketProxy:
+    """compose/haproxy.cfg run by a real HAProxy in front of a Docker engine's socket."""
+
+    def __init__(self, socket_path, directory):
+        binary = require("haproxy")
+        self.port = free_port()
+        self.output = open(directory / "haproxy.log", "wb")
+        self.process = subprocess.Popen(
+            [binary, "-db", "-f", str(HERE / "compose/haproxy.cfg")], stdout=self.output, stderr=subprocess.STDOUT,
+            env={**os.environ, "DOCKER_SOCKET": str(socket_path), "PROXY_BIND": f"127.0.0.1:{self.port}"},
+            start_new_session=True)
+        self.host = f"tcp://127.0.0.1:{self.port}"
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            assert self.process.poll() is None, (directory / "haproxy.log").read_text()
+            time.sleep(0.05)
+        pytest.fail("haproxy did not listen")
+
+    def status(self, method, path, headers=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request(method, path, body=b"{}" if method == "POST" else None,
+                               headers={"Content-Type": "application/json", **(headers or {})})
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+        self.output.close()
+
+
+def test_the_socket_proxy_config_passes_haproxy_check():
+    haproxy = require("haproxy")
+    done = subprocess.run([haproxy, "-c", "-f", str(HERE / "compose/haproxy.cfg")], capture_output=True, text=True)
+    assert done.returncode == 0 and "Configuration file is valid" in done.stdout + done.stderr, done.stderr
+
+
+def test_dockerd_behind_the_socket_proxy_restarts_and_refuses_everything_else(docker_engine, tmp_path):
+    before = docker_engine.run_sleeper("crm-api")
+    proxy = SocketProxy(docker_engine.socket, tmp_path)
+    try:
+        with serving({**REAL, "DOCKER_HOST": proxy.host}) as running:  # the built-in docker_api action
+            result = running.post_alert(WEBHOOK)[1]["results"][0]
+        assert (result["result"], result["exit_status"]) == ("executed", 0), result
+        assert docker_engine.inspect("crm-api")["State"]["StartedAt"] != before["StartedAt"]
+        assert proxy.status("GET", "/v1.41/containers/json?all=1") == 200
+        assert proxy.status("GET", "/containers/json") == 200
+        assert proxy.status("POST", "/containers/crm-api/restart?t=0") == 204  # without a version prefix
+        containers = len(docker_engine.api.call("GET", "/containers/json?all=1", 10))
+        refused = [
+            ("POST", "/v1.41/containers/create"), ("POST", "/containers/create?name=evil"),
+            ("POST", "/v1.41/containers/crm-api/exec"), ("DELETE", "/v1.41/containers/crm-api"),
+            ("DELETE", "/containers/crm-api?force=1"), ("GET", "/v1.41/images/json"), ("GET", "/info"),
+            ("POST", "//containers/create"), ("POST", "/v1.41/../containers/create"),
+            ("POST", "/v1.41/containers%2Fcreate"), ("POST", "/v1.41/containers/crm-api%2F..%2Fcreate/restart"),
+            ("POST", "/v1.41/containers/crm-api/restart/../../create"), ("GET", "/v1.41/containers/json/../../info"),
+            ("PUT", "/v1.41/containers/crm-api/archive?path=/"), ("HEAD", "/v1.41/containers/json"),
+        ]
+        for method, path in refused:
+            assert proxy.status(method, path) == 403, (method, path)
+        for header in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"):
+            assert proxy.status("POST", "/v1.41/containers/crm-api/restart", {header: "DELETE"}) == 403, header
+        assert len(docker_engine.api.call("GET", "/containers/json?all=1", 10)) == containers
+        assert docker_engine.inspect("crm-api")["State"]["Running"]
+    finally:
+        proxy.stop()
+
+
+def compose_service(name):
+    """The lines of one service in docker-compose.yml, as text."""
+    import re
+
+    text = (HERE / "docker-compose.yml").read_text()
+    match = re.search(rf"^  {name}:\n((?:    .*\n|\n)*)", text, re.MULTILINE)
+    assert match, name
+    return match.group(1)
+
+
+def test_the_compose_stack_has_no_default_credential_and_keeps_peers_on_loopback(tmp_path):
+    compose = require("docker-compose")
+    base = {"PATH": os.environ["PATH"]}
+    done = subprocess.run([compose, "config", "-q"], capture_output=True, text=True, cwd=HERE, env=base)
+    assert done.returncode != 0 and "AUTOHEAL_WEBHOOK_TOKEN" in done.stderr and "secrets.token_urlsafe" in done.stderr
+    done = subprocess.run([compose, "--profile", "socket-proxy", "config"], capture_output=True, text=True, cwd=HERE,
+                          env={**base, "AUTOHEAL_WEBHOOK_TOKEN": "t0ken-from-env"})
+    assert done.returncode == 0, done.stderr
+    assert "change-me" not in (HERE / "docker-compose.yml").read_text() + (HERE / "compose/alertmanager.yml").read_text()
+    autoheal_service = compose_service("autoheal")
+    for setting in ("read_only: true", "cap_drop: [ALL]", 'security_opt: ["no-new-privileges:true"]',
+                    "mem_limit: 128m", "- /tmp:", "- autoheal-data:/data", "DOCKER_HOST: tcp://docker-proxy:2375"):
+        assert setting in autoheal_service, setting
+    assert "docker.sock" not in autoheal_service  # the raw socket reaches the proxy only
+    assert "/var/run/docker.sock:/var/run/docker.sock:ro" in compose_service("docker-proxy")
+    assert 'profiles: ["socket-proxy"]' in compose_service("docker-proxy")
+    assert '- "9009:9009"' in autoheal_service
+    for service, port in (("alertmanager", 9093), ("prometheus", 9090), ("grafana", 3000)):
+        assert f'- "127.0.0.1:{port}:{port}"' in compose_service(service), service
+
+
+def test_alertmanager_of_the_stack_sends_the_token_it_shares_with_autoheal(tmp_path):
+    """The compose alertmanager.yml, with its webhook pointed at a test autoheal and its
+    credentials file where the alertmanager service's entrypoint writes AUTOHEAL_WEBHOOK_TOKEN."""
+    import re
+
+    token = "shared-" + os.urandom(8).hex()
+    command = compose_service("alertmanager")
+    assert 'printf %s "$$AUTOHEAL_WEBHOOK_TOKEN" > /alertmanager/webhook-token' in command
+    subprocess.run(["sh", "-c", f'umask 077 && printf %s "$AUTOHEAL_WEBHOOK_TOKEN" > {tmp_path}/webhook-token'],
+                   check=True, env={"AUTOHEAL_WEBHOOK_TOKEN": token})
+    with serving({"AUTOHEAL_WEBHOOK_TOKEN": token}) as running:
+        config = (HERE / "compose/alertmanager.yml").read_text()
+        config = config.replace("/alertmanager/webhook-token", str(tmp_path / "webhook-token"))
+        config = config.replace("http://autoheal:9009/alert", f"http://127.0.0.1:{running.port}/alert")
+        config = re.sub(r"group_wait: \d+s", "group_wait: 1s", config)
+        config = re.sub(r"slack_api_url: \S+", "slack_api_url: http://127.0.0.1:9/slack", config)  # nothing leaves
+        (tmp_path / "am").mkdir()
+        shutil.copy(HERE / "alert-templates.tmpl", tmp_path / "am" / "alert-templates.tmpl")
+        peer = start_alertmanager(tmp_path / "am", config)
+        try:
+            http_json("POST", peer.url + "/api/v2/alerts", [{"labels": {"alertname": "TcpEndpointDownFast"},
+                                                             "annotations": {"autoheal": "true"}}])
+            wait_for(lambda: running.metric('autoheal_actions_total{alertname="TcpEndpointDownFast",result="dry_run"}'),
+                     timeout=30)
+            assert running.metric('autoheal_http_rejected_total{path="/alert",status="401"}') == 0
+        finally:
+            peer.stop()
+
+
+def test_every_test_the_readme_security_section_cites_exists():
+    import re
+
+    section = readme_block_text("## Security", "## Rolling it out")
+    cited = set(re.findall(r"`(test_[a-z0-9_]+)`", section))
+    assert len(cited) >= 8
+    source = (HERE / "test_autoheal.py").read_text()
+    assert {name for name in cited if f"def {name}(" not in source} == set()
+
+
+def readme_block_text(start, end):
+    text = (HERE / "README.md").read_text()
+    return text[text.index(start):text.index(end)]
