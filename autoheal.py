@@ -75,6 +75,23 @@ a script given by path is compiled at every start.
 """
 from __future__ import annotations
 
+# Where things go (the seams), for whoever adds the next feature:
+#   a new endpoint      one row in ROUTES (methods, pool, token, cross-site guard, HTML errors) and
+#                       a Handler.route_<name> that turns HTTP into typed arguments for App; App
+#                       answers in domain terms (Unknown, Forbidden, PeerError), never HttpError.
+#   a new setting       a Config field parsed in Config.from_env (bounded, named in --help and the
+#                       README); if it may change at runtime, a field of Settings, and App.effective
+#                       is the one place that says what is in force.
+#   a new gate          judge() when it reads only the alert and the settings; anything exclusive
+#                       (a cooldown, a budget slot) behind one claim() of the claims object
+#                       (LocalClaims; a distributed one answers the same way).
+#   a new metric        one row in METRICS and its samples in App._samples; a counter's values in
+#                       App.counters (Counters), added to wherever it happens.
+#   a new event kind    make_event(kind, now, ...) and App.record; retention_class says if a storm
+#                       may evict it.
+#   a new storage       a Store subclass (MemoryStore, SqliteStore): _keep, query, get, oldest,
+#                       load_cooldowns, load_budget_times, close; App._open_store picks it.
+
 __version__ = "0.1.0"
 
 import os
@@ -144,7 +161,7 @@ if TYPE_CHECKING:
 
 DEFAULT_STATE_FILE = "autoheal-state.db"
 
-# The results a decision can have once the alert reached its action (section 3 of the contract),
+# The results a decision can have once the alert reached its action (README: "What happens to each alert"),
 # plus rate_limited (the global budget).  Every allow-listed alertname has a counter for each.
 ACTION_RESULTS = ("executed", "failed", "dry_run", "cooldown_skip", "error", "rate_limited")
 SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted")
@@ -593,6 +610,14 @@ class HttpError(Exception):
         self.headers = dict(headers or {})
 
 
+class Unknown(Exception):
+    """What a request names does not exist (a history id, a silence): the handler answers 404."""
+
+
+class Forbidden(Exception):
+    """What a request asks is not autoheal's to do (another's silence): the handler answers 403."""
+
+
 class PeerError(Exception):
     """Alertmanager (or another peer) refused (status set) or did not answer (status None)."""
 
@@ -755,6 +780,79 @@ def format_family(name: str, kind: str, help_text: str, samples: Any) -> str:
     lines = [f"# HELP {name} {escape_help(help_text)}", f"# TYPE {name} {kind}"]
     lines += [f"{name}{series} {value_text(value)}" for series, value in samples]
     return "\n".join(lines) + "\n"
+
+
+class Family(NamedTuple):
+    """One metric family of the exposition, declared once (METRICS)."""
+
+    name: str
+    kind: str
+    help: str
+
+
+# Every family autoheal exposes, in the order of the exposition.  Adding one is a row here and its
+# samples in App._samples; a counter's values live in App.counters under the family's name.
+METRICS = (
+    Family("autoheal_enabled", "gauge", "1 when autoheal is enabled (AUTOHEAL_ENABLED), else 0."),
+    Family("autoheal_dry_run", "gauge", "1 when autoheal only logs and counts (AUTOHEAL_DRY_RUN), else 0."),
+    Family("autoheal_build_info", "gauge", "Version of autoheal and of the Python running it."),
+    Family("autoheal_alerts_received_total", "counter", "Alerts received in webhooks."),
+    Family("autoheal_alerts_skipped_total", "counter",
+           "Alerts skipped before reaching an action, by reason (no alertname label)."),
+    Family("autoheal_actions_total", "counter", "Decisions on allow-listed alerts, by alertname and result."),
+    Family("autoheal_action_last_timestamp", "gauge",
+           "Unix time of the last action of an alertname (dry-run included), 0 before the first."),
+    Family("autoheal_cooldown_remaining_seconds", "gauge", "Seconds until the next action of an alertname is allowed."),
+    Family("autoheal_cooldown_seconds", "gauge", "Configured cooldown of an alertname's action."),
+    Family("autoheal_action_duration_seconds", "summary", "Wall time of commands that ran, by alertname."),
+    Family("autoheal_action_budget_limit", "gauge", "Runs allowed per rolling hour across all alertnames (0: no budget)."),
+    Family("autoheal_action_budget_remaining", "gauge", "Runs left in the rolling hour's budget (NaN without a budget)."),
+    Family("autoheal_action_budget_exhausted", "gauge",
+           "1 while the hourly action budget is spent and actions are rate_limited."),
+    Family("autoheal_acks_total", "counter", "Acknowledgements through /ack, by outcome."),
+    Family("autoheal_silences_expired_total", "counter", "Silences expired through the undo of an acknowledgement."),
+    Family("autoheal_state_persistent", "gauge",
+           "1 when cooldowns and history are kept in the state file, 0 when in memory only."),
+    Family("autoheal_state_write_errors_total", "counter", "Failed commits to the state file."),
+    Family("autoheal_state_file_replaced_total", "counter",
+           "Times the state file was found moved, deleted or replaced under autoheal, and reopened."),
+    Family("autoheal_history_oldest_timestamp", "gauge",
+           "Unix time of the oldest event kept, by retention class (kept: runs, acks, changes; "
+           "routine: cooldown_skip, skipped, rate_limited); NaN while a class is empty."),
+    Family("autoheal_http_rejected_total", "counter",
+           "Requests refused with a 4xx or 5xx, by route (other: any unknown path) and status."),
+    Family("autoheal_state_commits_total", "counter",
+           "Transactions committed to the state file (records of concurrent requests share one)."),
+    Family("autoheal_event_listeners", "gauge", "Clients connected to /events."),
+    Family("autoheal_actions_running", "gauge", "Commands running now."),
+    Family("autoheal_start_time_seconds", "gauge", "Unix time autoheal started."),
+)
+
+
+class Counters:
+    """Every counter autoheal keeps, by family and label values, behind one lock (client_python's
+    habit): add under the lock, snapshot under it, format outside it."""
+
+    def __init__(self, preset: Mapping[str, List[Tuple[Any, ...]]]):
+        self._lock = threading.Lock()
+        self._families: Dict[str, Dict[Tuple[Any, ...], float]] = {
+            family: {labels: 0 for labels in keys} for family, keys in preset.items()}
+
+    def add(self, family: str, labels: Tuple[Any, ...] = (), amount: float = 1) -> None:
+        with self._lock:
+            values = self._families.setdefault(family, {})
+            values[labels] = values.get(labels, 0) + amount
+
+    def add_all(self, counts: Mapping[Tuple[str, Tuple[Any, ...]], float]) -> None:
+        """Many additions at once, under the lock once (a webhook of thousands of alerts)."""
+        with self._lock:
+            for (family, labels), amount in counts.items():
+                values = self._families.setdefault(family, {})
+                values[labels] = values.get(labels, 0) + amount
+
+    def snapshot(self) -> Dict[str, Dict[Tuple[Any, ...], float]]:
+        with self._lock:
+            return {family: dict(values) for family, values in self._families.items()}
 
 
 def log_event(event: Mapping[str, Any], stream: Any = None, lock: Optional[threading.Lock] = None) -> None:
@@ -1118,18 +1216,180 @@ def _is_sqlite_file(path: str) -> bool:
 
 
 class Store:
-    """Cooldowns and the audit history, in SQLite (WAL, group commit) or in memory only.
+    """Cooldowns and the audit history: what MemoryStore and SqliteStore share, and their methods.
+
+    record() is common: each event is serialised once, its id spliced in front under one small
+    lock (_order), and handed to _keep under that same lock, so ids are kept and published in
+    order (what /events resumes by).  The history has two retention classes (retention_class),
+    each bounded in count (max_events) and in bytes (half of max_bytes); repeats of a routine
+    decision are folded into the first one (count, last_ts) instead of becoming events of their own.
+    """
+
+    persistent = False
+
+    def __init__(self, max_events: int, max_bytes: int, on_commit: Callable[[List[Tuple[int, str]]], None],
+                 log: Callable[..., None]):
+        self.max_events = max_events
+        self.max_class_bytes = max(1, max_bytes // 2)
+        self._on_commit = on_commit
+        self._log = log
+        self._lock = threading.Lock()  # the rows in memory, or the SQLite connection
+        self._order = threading.Lock()  # ids and what is kept: in order
+        self._next_id = 1
+        self._totals = [[0, 0], [0, 0]]  # per class: [rows, bytes]
+        self.write_errors = 0
+        self.replaced = 0
+        self.commits = 0
+        self.recovered: Optional[Dict[str, str]] = None
+
+    def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None,
+               folds: Optional[List[Tuple[Dict[str, Any], float]]] = None) -> List[Tuple[int, str]]:
+        """Record events, cooldown starts and folded repeats ((event, when)); returns the events'
+        (id, JSON text) once they are durable.
+
+        Each event is serialised once, here, outside any lock: the same text goes to the
+        database, the log and the /events listeners.  Its id is spliced in front under the order
+        lock.
+        """
+        encode = _COMPACT_JSON.encode
+        bodies = []
+        for event in events:
+            body = encode(event)
+            if len(body) > MAX_EVENT_BYTES:
+                body = encode(bound_event(event))
+            bodies.append(body)
+        with self._order:
+            first = self._next_id
+            self._next_id += len(events)
+            texts = [(first + index, f'{{"id":{first + index},' + body[1:]) for index, body in enumerate(bodies)]
+            rows = [(event_id, event["ts"], event["kind"], event.get("alertname"), event.get("result"), text,
+                     retention_class(event), len(text)) for (event_id, text), event in zip(texts, events)]
+            for event, (event_id, _text) in zip(events, texts):
+                event["id"] = event_id
+            # A repeat folds into an event recorded before or in this same call (its id is known now).
+            repeats = [(event["id"], when) for event, when in folds or ()]
+            pending = self._keep(rows, texts, cooldowns or {}, repeats)
+        if pending is not None:
+            pending.done.wait()
+            if pending.error:
+                raise sqlite3.OperationalError(pending.error)
+        return texts
+
+    def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
+              repeats: List[Tuple[int, float]]) -> Optional[_Pending]:
+        """Keep records (under the order lock); a _Pending to wait for when that takes a commit."""
+        raise NotImplementedError
+
+    def last_id(self) -> int:
+        """The id of the latest event recorded (0: none yet)."""
+        with self._order:
+            return self._next_id - 1
+
+    def load_cooldowns(self) -> Dict[str, float]:
+        """Start time of each alertname's last cooldown, as recorded."""
+        return {}
+
+    def load_budget_times(self, since: float) -> List[float]:
+        """When the runs (real or dry) since then happened, for the global budget."""
+        return []
+
+    def query(self, limit: int, since: Optional[float] = None, after: Optional[int] = None,
+              **equal: Optional[str]) -> List[Tuple[int, str]]:
+        """Recorded events as (id, text): newest first, or with after, the oldest ones after that id.
+        equal filters on alertname, kind and result (None: any)."""
+        raise NotImplementedError
+
+    def get(self, event_id: int) -> Optional[Dict[str, Any]]:
+        """One recorded event by its id."""
+        raise NotImplementedError
+
+    def oldest(self) -> Dict[str, Optional[float]]:
+        """How far back each retention class reaches: the time of its oldest event (None: empty)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Commit what is queued and let go of the storage."""
+
+
+class MemoryStore(Store):
+    """The history in memory only: nothing survives a restart (AUTOHEAL_STATE_FILE empty)."""
+
+    def __init__(self, max_events: int, max_bytes: int, on_commit: Callable[[List[Tuple[int, str]]], None],
+                 log: Callable[..., None]):
+        super().__init__(max_events, max_bytes, on_commit, log)
+        # Rows [id, ts, kind, alertname, result, text, class, size, count, last_ts], by class and by id.
+        self._memory: Tuple[collections.deque, collections.deque] = (collections.deque(), collections.deque())
+        self._memory_by_id: Dict[int, List[Any]] = {}
+
+    def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
+              repeats: List[Tuple[int, float]]) -> Optional[_Pending]:
+        """Keep the rows, fold the repeats, evict the oldest of a class past its bounds."""
+        with self._lock:
+            for row in rows:
+                entry = list(row) + [1, None]
+                cls = row[6]
+                self._memory[cls].append(entry)
+                self._memory_by_id[row[0]] = entry
+                totals = self._totals[cls]
+                totals[0] += 1
+                totals[1] += row[7] + MEMORY_ROW_OVERHEAD  # what a row costs beside its text, measured
+                while totals[0] > self.max_events or totals[1] > self.max_class_bytes:
+                    old = self._memory[cls].popleft()
+                    del self._memory_by_id[old[0]]
+                    totals[0] -= 1
+                    totals[1] -= old[7] + MEMORY_ROW_OVERHEAD
+            for event_id, when in repeats:
+                entry = self._memory_by_id.get(event_id)
+                if entry is not None:
+                    entry[8] += 1
+                    entry[9] = when
+        self._on_commit(texts)
+        return None
+
+    def query(self, limit: int, since: Optional[float] = None, after: Optional[int] = None,
+              **equal: Optional[str]) -> List[Tuple[int, str]]:
+        import heapq
+
+        wanted = {name: value for name, value in equal.items() if value is not None}
+        with self._lock:
+            kept, routine = (list(rows) for rows in self._memory)
+        if after is None:  # both classes are in id order: merge them, newest first
+            snapshot = heapq.merge(reversed(kept), reversed(routine), key=lambda row: -row[0])
+        else:
+            snapshot = heapq.merge(kept, routine, key=lambda row: row[0])
+        columns = {"kind": 2, "alertname": 3, "result": 4}
+        found = []
+        for row in snapshot:
+            if (since is not None and row[1] < since) or (after is not None and row[0] <= after):
+                continue
+            if any(row[columns[name]] != value for name, value in wanted.items()):
+                continue
+            found.append((row[0], _folded(row[5], row[8], row[9])))
+            if len(found) >= limit:
+                break
+        return found
+
+    def get(self, event_id: int) -> Optional[Dict[str, Any]]:
+        with self._lock:
+            row = self._memory_by_id.get(event_id)
+        return json.loads(row[5]) if row else None
+
+    def oldest(self) -> Dict[str, Optional[float]]:
+        with self._lock:
+            return {name: (self._memory[cls][0][1] if self._memory[cls] else None)
+                    for cls, name in enumerate(RETENTION_CLASSES)}
+
+
+class SqliteStore(Store):
+    """The history and the cooldowns in a SQLite file (WAL, group commit).
 
     One writer thread owns the SQLite connection.  Requests hand it their records and wait
     until they are committed, so an answer never describes something a crash could lose; the
     writer commits whatever has queued up meanwhile in one transaction (group commit), which
-    keeps durability cheap under concurrent load.  Ids are given and records queued under one
-    small lock, so ids are committed and published in order (what /events resumes by).
-
-    The history has two retention classes (retention_class), each bounded in count
-    (max_events) and in bytes (half of max_bytes); repeats of a routine decision are folded
-    into the first one (count, last_ts) instead of becoming events of their own.
+    keeps durability cheap under concurrent load.
     """
+
+    persistent = True
 
     _SCHEMA = (
         "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL,"
@@ -1143,36 +1403,17 @@ class Store:
     _COLUMNS = (("cls", "INTEGER NOT NULL DEFAULT 0"), ("size", "INTEGER NOT NULL DEFAULT 0"),
                 ("count", "INTEGER NOT NULL DEFAULT 1"), ("last_ts", "REAL"))
 
-    def __init__(self, path: Optional[str], max_events: int, max_bytes: int,
+    def __init__(self, path: str, max_events: int, max_bytes: int,
                  on_commit: Callable[[List[Tuple[int, str]]], None], log: Callable[..., None]):
+        super().__init__(max_events, max_bytes, on_commit, log)
         self.path = path
-        self.max_events = max_events
-        self.max_class_bytes = max(1, max_bytes // 2)
-        self._on_commit = on_commit
-        self._log = log
-        self._lock = threading.Lock()  # the SQLite connection, or the memory rows
-        self._order = threading.Lock()  # ids and the queue: what is committed and published in order
-        self._next_id = 1
-        # Per class: [rows, bytes]; in memory the rows themselves, by class and by id.
-        self._totals = [[0, 0], [0, 0]]
         self._oldest: List[Optional[float]] = [None, None]
-        self._memory: Tuple[collections.deque, collections.deque] = (collections.deque(), collections.deque())
-        self._memory_by_id: Dict[int, List[Any]] = {}
         self._connection: Optional[sqlite3.Connection] = None
         self._identity: Tuple[Tuple[int, int], ...] = ()
         self._cooldowns: Dict[str, float] = {}
         self._queue: "queue.SimpleQueue[Optional[_Pending]]" = queue.SimpleQueue()
         self._writer: Optional[threading.Thread] = None
-        self.write_errors = 0
-        self.replaced = 0
-        self.commits = 0
-        self.recovered: Optional[Dict[str, str]] = None
-        if path:
-            self._open(path)
-
-    @property
-    def persistent(self) -> bool:
-        return self._connection is not None
+        self._open(path)
 
     # -- opening, damage and a vanished file ----------------------------------------------
 
@@ -1247,7 +1488,7 @@ class Store:
         found = []
         for suffix in ("", "-wal"):
             try:
-                info = os.stat(self.path + suffix)  # type: ignore[operator]
+                info = os.stat(self.path + suffix)
             except OSError:
                 if suffix:
                     continue
@@ -1271,9 +1512,9 @@ class Store:
         except sqlite3.Error:
             pass
         for suffix in ("-wal", "-shm"):
-            if not now and os.path.exists(self.path + suffix):  # type: ignore[operator]
-                os.remove(self.path + suffix)  # type: ignore[operator]
-        connection = self._connect(self.path, check=False)  # type: ignore[arg-type]
+            if not now and os.path.exists(self.path + suffix):
+                os.remove(self.path + suffix)
+        connection = self._connect(self.path, check=False)
         connection.execute("BEGIN IMMEDIATE")
         connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", self._cooldowns.items())
         connection.execute("COMMIT")
@@ -1284,14 +1525,10 @@ class Store:
     # -- reading at start -----------------------------------------------------------------
 
     def load_cooldowns(self) -> Dict[str, float]:
-        """Start time of each alertname's last cooldown, as recorded."""
         with self._lock:
             return dict(self._cooldowns)
 
     def load_budget_times(self, since: float) -> List[float]:
-        """When the runs (real or dry) of the last hour happened, for the global budget."""
-        if self._connection is None:
-            return []
         with self._lock:
             rows = self._connection.execute(
                 "SELECT ts FROM events WHERE ts >= ? AND (kind = 'run' OR (kind = 'decision' AND result = 'dry_run'))"
@@ -1302,67 +1539,14 @@ class Store:
 
     # -- recording ------------------------------------------------------------------------
 
-    def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None,
-               folds: Optional[List[Tuple[Dict[str, Any], float]]] = None) -> List[Tuple[int, str]]:
-        """Record events, cooldown starts and folded repeats ((event, when)); returns the events'
-        (id, JSON text) once they are durable.
-
-        Each event is serialised once, here, outside any lock: the same text goes to the
-        database, the log and the /events listeners.  Its id is spliced in front under the order
-        lock.
-        """
-        encode = _COMPACT_JSON.encode
-        bodies = []
-        for event in events:
-            body = encode(event)
-            if len(body) > MAX_EVENT_BYTES:
-                body = encode(bound_event(event))
-            bodies.append(body)
-        persistent = self._connection is not None
-        with self._order:
-            first = self._next_id
-            self._next_id += len(events)
-            texts = [(first + index, f'{{"id":{first + index},' + body[1:]) for index, body in enumerate(bodies)]
-            rows = [(event_id, event["ts"], event["kind"], event.get("alertname"), event.get("result"), text,
-                     retention_class(event), len(text)) for (event_id, text), event in zip(texts, events)]
-            for event, (event_id, _text) in zip(events, texts):
-                event["id"] = event_id
-            # A repeat folds into an event recorded before or in this same call (its id is known now).
-            repeats = [(event["id"], when) for event, when in folds or ()]
-            if not persistent:
-                self._remember(rows, repeats)
-                self._on_commit(texts)
-                return texts
-            if self._writer is None or not self._writer.is_alive():
-                raise sqlite3.OperationalError("state file writer is not running")
-            pending = _Pending(rows, texts, cooldowns or {}, repeats)
-            self._queue.put(pending)
-        pending.done.wait()
-        if pending.error:
-            raise sqlite3.OperationalError(pending.error)
-        return texts
-
-    def _remember(self, rows: List[Tuple[Any, ...]], folds: List[Tuple[int, float]]) -> None:
-        """Memory only: keep the rows, fold the repeats, evict the oldest of a class past its bounds."""
-        with self._lock:
-            for row in rows:
-                entry = list(row) + [1, None]
-                cls = row[6]
-                self._memory[cls].append(entry)
-                self._memory_by_id[row[0]] = entry
-                totals = self._totals[cls]
-                totals[0] += 1
-                totals[1] += row[7] + MEMORY_ROW_OVERHEAD  # what a row costs beside its text, measured
-                while totals[0] > self.max_events or totals[1] > self.max_class_bytes:
-                    old = self._memory[cls].popleft()
-                    del self._memory_by_id[old[0]]
-                    totals[0] -= 1
-                    totals[1] -= old[7] + MEMORY_ROW_OVERHEAD
-            for event_id, when in folds:
-                entry = self._memory_by_id.get(event_id)
-                if entry is not None:
-                    entry[8] += 1
-                    entry[9] = when
+    def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
+              repeats: List[Tuple[int, float]]) -> Optional[_Pending]:
+        """Queue the records for the writer; record() waits for their commit outside the lock."""
+        if self._writer is None or not self._writer.is_alive():
+            raise sqlite3.OperationalError("state file writer is not running")
+        pending = _Pending(rows, texts, cooldowns, repeats)
+        self._queue.put(pending)
+        return pending
 
     def _write_loop(self) -> None:
         stopping = False
@@ -1466,38 +1650,9 @@ class Store:
 
     # -- reading --------------------------------------------------------------------------
 
-    def last_id(self) -> int:
-        """The id of the latest event recorded (0: none yet)."""
-        with self._order:
-            return self._next_id - 1
-
     def query(self, limit: int, since: Optional[float] = None, after: Optional[int] = None,
               **equal: Optional[str]) -> List[Tuple[int, str]]:
-        """Recorded events as (id, text): newest first, or with after, the oldest ones after that id.
-
-        equal filters on alertname, kind and result (None: any).
-        """
         wanted = {name: value for name, value in equal.items() if value is not None}
-        if self._connection is None:
-            import heapq
-
-            with self._lock:
-                kept, routine = (list(rows) for rows in self._memory)
-            if after is None:  # both classes are in id order: merge them, newest first
-                snapshot = heapq.merge(reversed(kept), reversed(routine), key=lambda row: -row[0])
-            else:
-                snapshot = heapq.merge(kept, routine, key=lambda row: row[0])
-            columns = {"kind": 2, "alertname": 3, "result": 4}
-            found = []
-            for row in snapshot:
-                if (since is not None and row[1] < since) or (after is not None and row[0] <= after):
-                    continue
-                if any(row[columns[name]] != value for name, value in wanted.items()):
-                    continue
-                found.append((row[0], _folded(row[5], row[8], row[9])))
-                if len(found) >= limit:
-                    break
-            return found
         sql = "SELECT id, body, count, last_ts FROM events WHERE 1 = 1"
         parameters: List[Any] = []
         for name, value in sorted(wanted.items()):
@@ -1515,20 +1670,11 @@ class Store:
         return [(event_id, _folded(body, count, last_ts)) for event_id, body, count, last_ts in self._read(sql, parameters)]
 
     def get(self, event_id: int) -> Optional[Dict[str, Any]]:
-        """One recorded event by its id."""
-        if self._connection is None:
-            with self._lock:
-                row = self._memory_by_id.get(event_id)
-            return json.loads(row[5]) if row else None
         rows = self._read("SELECT body FROM events WHERE id = ?", [event_id])
         return json.loads(rows[0][0]) if rows else None
 
     def oldest(self) -> Dict[str, Optional[float]]:
-        """How far back each retention class reaches: the time of its oldest event (None: empty)."""
         with self._lock:
-            if self._connection is None:
-                return {name: (self._memory[cls][0][1] if self._memory[cls] else None)
-                        for cls, name in enumerate(RETENTION_CLASSES)}
             return dict(zip(RETENTION_CLASSES, self._oldest))
 
     def _read(self, sql: str, parameters: List[Any]) -> List[Tuple[Any, ...]]:
@@ -1536,7 +1682,7 @@ class Store:
         must exist: a reader never creates a stray empty one, and a vanished one is reopened first."""
         with self._lock:
             self._check_identity()
-        reader = sqlite3.connect(f"file:{urllib.parse.quote(self.path or '')}?mode=rw", uri=True,
+        reader = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=rw", uri=True,
                                  check_same_thread=False)
         try:
             reader.execute("PRAGMA busy_timeout = 5000")
@@ -1545,7 +1691,6 @@ class Store:
             reader.close()
 
     def close(self) -> None:
-        """Commit what is queued and close the database."""
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(timeout=10)
@@ -1703,8 +1848,92 @@ def cooldown_remaining(started: Optional[float], cooldown: float, now: float) ->
     return max(0.0, min(cooldown, started + cooldown - now))
 
 
+class Settings(NamedTuple):
+    """What is in force now (App.effective): the configuration today; with runtime control, the
+    configuration and its overrides.  Read once per request, so one request sees one truth."""
+
+    enabled: bool
+    dry_run: bool
+    cooldowns: Mapping[str, float]  # by alertname
+    max_actions_per_hour: int
+
+    @property
+    def executes(self) -> bool:
+        """Real actions run only when enabled and not in dry-run."""
+        return self.enabled and not self.dry_run
+
+
+class Claim(NamedTuple):
+    """The answer of a claims object: won (the action may go ahead, its cooldown has started), or
+    lost because of the cooldown (remaining seconds) or the hourly budget."""
+
+    won: bool
+    remaining: float
+    reason: Optional[str] = None  # "cooldown" or "budget" when lost
+
+
+class LocalClaims:
+    """Cooldowns and the hourly budget of one process, each claim one atomic step under one lock.
+
+    claim() is the whole interface that matters: a distributed implementation (etcd) answers the
+    same way.  Nothing else is ever done under its lock.
+    """
+
+    def __init__(self, started: Mapping[str, float], budget_times: List[float]):
+        self._lock = threading.Lock()
+        self._started: Dict[str, float] = dict(started)
+        self._budget: collections.deque = collections.deque(sorted(budget_times))
+
+    def claim(self, alertname: str, cooldown: float, budget: int, now: float) -> Claim:
+        """Start alertname's cooldown (and take a budget slot) unless either forbids it."""
+        with self._lock:
+            remaining = cooldown_remaining(self._started.get(alertname), cooldown, now)
+            if remaining > 0:
+                return Claim(False, remaining, "cooldown")
+            if budget:
+                while self._budget and self._budget[0] <= now - BUDGET_WINDOW_SEC:
+                    self._budget.popleft()
+                if len(self._budget) >= budget:
+                    return Claim(False, 0.0, "budget")
+                self._budget.append(now)
+            self._started[alertname] = now
+            return Claim(True, cooldown)
+
+    def started(self, alertname: str) -> Optional[float]:
+        """When alertname's last cooldown started (None: never)."""
+        with self._lock:
+            return self._started.get(alertname)
+
+    def budget_used(self, now: float) -> int:
+        """Runs (real or dry) within the rolling hour of the global budget."""
+        with self._lock:
+            return sum(1 for moment in self._budget if moment > now - BUDGET_WINDOW_SEC)
+
+
+def judge(alert: Mapping[str, Any], settings: Settings, actions: Mapping[str, Action]) -> "Decision":
+    """The gates that read only the alert and the settings in force, in the README's order
+    ("What happens to each alert"): resolved, opted in, allow-listed.  An alert that passes them
+    all is "pending": whether it acts is for the claims object to say."""
+    alertname = alert["labels"]["alertname"]
+    if alert["status"] == "resolved":
+        return Decision(alertname, "skipped", "resolved")
+    if (alert.get("annotations") or {}).get("autoheal") != "true":
+        return Decision(alertname, "skipped", "not_opted_in")
+    action = actions.get(alertname)
+    if action is None:
+        return Decision(alertname, "skipped", "not_allowlisted")
+    return Decision(alertname, "pending", action=action)
+
+
+def make_event(kind: str, now: float, **fields: Any) -> Dict[str, Any]:
+    """A history event: when, what kind, then its fields in the order given (None ones left out)."""
+    event: Dict[str, Any] = {"ts": round(now, 6), "kind": kind}
+    event.update((name, value) for name, value in fields.items() if value is not None)
+    return event
+
+
 class Decision:
-    """What the gates of section 3 decided for one alert; result "run" until the command ends."""
+    """What the gates decided for one alert; result "run" until the command ends."""
 
     __slots__ = ("alertname", "result", "reason", "action", "cooldown_remaining", "outcome", "event", "fold_into")
 
@@ -1740,15 +1969,21 @@ class Subscriber:
 
 
 class App:
-    """Everything autoheal knows and decides: cooldowns, counters, history, acks."""
+    """Everything autoheal knows and decides: cooldowns, counters, history, acks.
 
-    def __init__(self, config: Config, env: Optional[Mapping[str, str]] = None, log_stream: Any = None):
+    env is the environment that commands inherit (main hands it os.environ); clock gives the
+    time, so that a test moves it instead of sleeping.
+    """
+
+    def __init__(self, config: Config, env: Optional[Mapping[str, str]] = None, log_stream: Any = None,
+                 clock: Callable[[], float] = time.time):
         self.config = config
         self.actions = config.actions
         self.action_names = sorted(self.actions)
-        self.env = dict(os.environ if env is None else env)
+        self.env = dict(env or {})
+        self.clock = clock
         self.processes = ProcessRegistry()
-        self.started_at = time.time()
+        self.started_at = clock()
         self.alertmanager = AlertmanagerClient(config.alertmanager_url, config.alertmanager_timeout_sec)
         self.docker = DockerClient(config.docker_host)
         self._log_stream = log_stream
@@ -1762,34 +1997,39 @@ class App:
         self._feed_closed = False
         self._folds: "collections.OrderedDict[Tuple[str, str, str, Optional[str]], List[Any]]" = collections.OrderedDict()
         self._ack_inflight: Dict[Any, _AckCall] = {}
-        self._action_counts = {(name, result): 0 for name in self.action_names for result in ACTION_RESULTS}
-        self._skip_counts = {reason: 0 for reason in SKIP_REASONS}
-        self._ack_counts = {outcome: 0 for outcome in ACK_OUTCOMES}
-        self._alerts_received = 0
-        # Refused requests by (route, status); the likeliest exist from the start, so that
-        # increase() sees the first refusal.
-        self._rejected: Dict[Tuple[str, int], int] = {key: 0 for key in PRESET_REJECTIONS}
-        self._silences_expired = 0
-        self._duration_sum = {name: 0.0 for name in self.action_names}
-        self._duration_count = {name: 0 for name in self.action_names}
-        self._last_action = {name: 0.0 for name in self.action_names}
+        self._result_keys = [(name, result) for name in self.action_names for result in ACTION_RESULTS]
+        per_action = [(name,) for name in self.action_names]
+        # Every counter series exists from the start (at 0), so that rate() and increase() see the
+        # first event; refusals only for the likeliest routes and statuses.
+        self.counters = Counters({
+            "autoheal_alerts_received_total": [()],
+            "autoheal_alerts_skipped_total": [(reason,) for reason in SKIP_REASONS],
+            "autoheal_actions_total": self._result_keys,
+            "autoheal_action_duration_seconds_sum": per_action,
+            "autoheal_action_duration_seconds_count": per_action,
+            "autoheal_acks_total": [(outcome,) for outcome in ACK_OUTCOMES],
+            "autoheal_silences_expired_total": [()],
+            "autoheal_http_rejected_total": list(PRESET_REJECTIONS),
+        })
         # The label sets of the per-alertname series, escaped once: /metrics with 1,000 alertnames
         # must not escape 11,000 label values on every scrape.
         self._series_labels = [format_labels({"alertname": name}) for name in self.action_names]
-        self._result_keys = [(name, result) for name in self.action_names for result in ACTION_RESULTS]
         self._result_series = [f'{{alertname="{escape_label_value(name)}",result="{result}"}}'
                                for name, result in self._result_keys]
         self.store = self._open_store()
-        now = time.time()
-        self._cooldown_started = {
-            name: min(started, now) for name, started in self.store.load_cooldowns().items() if name in self.actions
-        }
-        for name, started in self._cooldown_started.items():
-            self._last_action[name] = started
-        self._budget: collections.deque = collections.deque(self.store.load_budget_times(now - BUDGET_WINDOW_SEC))
+        now = clock()
+        self.claims = LocalClaims(
+            {name: min(started, now) for name, started in self.store.load_cooldowns().items() if name in self.actions},
+            self.store.load_budget_times(now - BUDGET_WINDOW_SEC))
         self._latest_id = self.store.last_id()  # before the first event: _publish moves it on
         if self.store.recovered:
-            self.record([{"ts": round(now, 6), "kind": "state", "result": "recovered", **self.store.recovered}])
+            self.record([make_event("state", now, result="recovered", **self.store.recovered)])
+
+    def effective(self) -> Settings:
+        """The settings in force now.  Every reader (the webhook, GET /, /metrics) asks here once."""
+        config = self.config
+        return Settings(config.enabled, config.dry_run, {name: action.cooldown_sec for name, action in
+                                                         self.actions.items()}, config.max_actions_per_hour)
 
     def _open_store(self) -> Store:
         config = self.config
@@ -1798,14 +2038,16 @@ class App:
         def history_bytes(persistent: bool) -> int:
             return config.history_max_bytes or (256 << 20 if persistent else 32 << 20)
 
+        if not path:
+            return MemoryStore(config.history_max_events, history_bytes(False), self._publish, self.log)
         try:
-            store = Store(path, config.history_max_events, history_bytes(bool(path)), self._publish, self.log)
+            store: Store = SqliteStore(path, config.history_max_events, history_bytes(True), self._publish, self.log)
         except (sqlite3.Error, OSError) as exc:
             if config.state_file_explicit:
                 raise ConfigError(f"AUTOHEAL_STATE_FILE: cannot open {path!r}: {exc}") from None
             self.log({"event": "warning", "message": f"state file {path!r} unusable ({exc}); "
                       "cooldowns and history are kept in memory only"}, "warning")
-            return Store(None, config.history_max_events, history_bytes(False), self._publish, self.log)
+            return MemoryStore(config.history_max_events, history_bytes(False), self._publish, self.log)
         if store.recovered:
             self.log({"event": "warning", "message": f"state file {path!r} was damaged ({store.recovered['reason']});"
                       f" moved aside to {store.recovered['moved_to']!r}, starting with a fresh one"}, "warning")
@@ -1815,7 +2057,7 @@ class App:
 
     def log(self, event: Mapping[str, Any], level: str = "info") -> None:
         """Write one JSON log line: its event first, then time (RFC 3339 UTC) and level."""
-        log_event({"event": event.get("event"), "time": format_rfc3339(time.time()), "level": level, **event},
+        log_event({"event": event.get("event"), "time": format_rfc3339(self.clock()), "level": level, **event},
                   self._log_stream, self._log_lock)
 
     def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None,
@@ -1829,7 +2071,7 @@ class App:
             texts = [(event.get("id", 0), _COMPACT_JSON.encode(event)) for event in events]
         if texts:
             # The recorded text, with time and level in front: one serialisation per event.
-            prefix = '{"time":"' + format_rfc3339(time.time()) + '","level":"'
+            prefix = '{"time":"' + format_rfc3339(self.clock()) + '","level":"'
             lines = [prefix + _EVENT_LEVELS.get(event.get("result"), "info") + '",' + text[1:]
                      for event, (_id, text) in zip(events, texts)]
             stream = self._log_stream or sys.stdout
@@ -1899,29 +2141,40 @@ class App:
         Only the route is logged, never the query: an ack link carries its token there.
         """
         label = path or "other"
-        with self._lock:
-            self._rejected[(label, status)] = self._rejected.get((label, status), 0) + 1
+        self.counters.add("autoheal_http_rejected_total", (label, status))
         self.log({"event": "rejected", "method": method, "path": label, "status": status,
                   "reason": reason[:300], "client": client}, "error" if status >= 500 else "warning")
 
     # -- the webhook ----------------------------------------------------------------------
 
     def handle_webhook(self, alerts: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """Judge each alert by the gates of section 3; run what passes; one answer per alert."""
-        now = time.time()
+        """Judge each alert (judge), claim what passes (claims), run it; one answer per alert."""
+        now = self.clock()
+        settings = self.effective()
         decisions = []
         cooldowns: Dict[str, float] = {}
-        with self._lock:
-            # Deciding and starting the cooldown is one step under one lock, so that however
-            # many deliveries of an alert arrive at once, one of them wins the window.
-            self._alerts_received += len(alerts)
-            for alert in alerts:
-                decision = self._decide_locked(alert, now)
-                decisions.append(decision)
+        counts: Dict[Tuple[str, Tuple[Any, ...]], float] = collections.Counter()
+        counts[("autoheal_alerts_received_total", ())] += len(alerts)
+        for alert in alerts:
+            decision = judge(alert, settings, self.actions)
+            if decision.result == "pending":
+                # One atomic claim per alert: however many deliveries of an alert arrive at once,
+                # one of them wins the cooldown window.
+                cooldown = settings.cooldowns[decision.alertname]
+                self._settle(decision, self.claims.claim(decision.alertname, cooldown,
+                                                         settings.max_actions_per_hour, now), settings)
                 if decision.result in ("dry_run", "run"):
                     cooldowns[decision.alertname] = now
-                elif decision.result in ROUTINE_RESULTS:
-                    self._fold_locked(alert, decision, now)
+                if decision.result != "run":
+                    counts[("autoheal_actions_total", (decision.alertname, decision.result))] += 1
+            else:
+                counts[("autoheal_alerts_skipped_total", (decision.reason,))] += 1
+            decisions.append(decision)
+        self.counters.add_all(counts)
+        with self._lock:
+            for alert, decision in zip(alerts, decisions):
+                if decision.result in ROUTINE_RESULTS:
+                    self._fold_locked(alert, decision, now, settings)
         # Recorded in chunks, so that the events of a storm of thousands of alerts are not all in
         # memory at once; every chunk is committed before the answer, cooldowns with the first.
         for start in range(0, len(alerts), RECORD_CHUNK):
@@ -1937,44 +2190,24 @@ class App:
         runs = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "run"]
         if runs:
             self._run_all(runs)
-            self.record([self._event("decision", alert, decision, time.time()) for alert, decision in runs])
+            self.record([self._event("decision", alert, decision, self.clock()) for alert, decision in runs])
         return [self._answer(decision) for decision in decisions]
 
-    def _decide_locked(self, alert: Mapping[str, Any], now: float) -> Decision:
-        alertname = alert["labels"]["alertname"]
-        if alert["status"] == "resolved":
-            self._skip_counts["resolved"] += 1
-            return Decision(alertname, "skipped", "resolved")
-        if (alert.get("annotations") or {}).get("autoheal") != "true":
-            self._skip_counts["not_opted_in"] += 1
-            return Decision(alertname, "skipped", "not_opted_in")
-        action = self.actions.get(alertname)
-        if action is None:
-            self._skip_counts["not_allowlisted"] += 1
-            return Decision(alertname, "skipped", "not_allowlisted")
-        remaining = self._cooldown_remaining_locked(action, now)
-        if remaining > 0:
-            self._action_counts[(alertname, "cooldown_skip")] += 1
-            return Decision(alertname, "cooldown_skip", action=action, cooldown_remaining=remaining)
-        budget = self.config.max_actions_per_hour
-        if budget:
-            while self._budget and self._budget[0] <= now - BUDGET_WINDOW_SEC:
-                self._budget.popleft()
-            if len(self._budget) >= budget:
-                self._action_counts[(alertname, "rate_limited")] += 1
-                return Decision(alertname, "rate_limited", f"global budget of {budget} actions per hour is spent",
-                                action=action)
-            self._budget.append(now)
-        self._cooldown_started[alertname] = now
-        self._last_action[alertname] = now
-        if not self.config.executes:
-            self._action_counts[(alertname, "dry_run")] += 1
+    @staticmethod
+    def _settle(decision: Decision, claim: Claim, settings: Settings) -> None:
+        """What a pending decision becomes once its claim is answered."""
+        decision.cooldown_remaining = claim.remaining
+        if claim.won:
             # Why it was not run: the master switch is off, or dry-run mode is on.
-            reason = "dry_run" if self.config.enabled else "disabled"
-            return Decision(alertname, "dry_run", reason, action=action, cooldown_remaining=action.cooldown_sec)
-        return Decision(alertname, "run", action=action, cooldown_remaining=action.cooldown_sec)
+            decision.result = "run" if settings.executes else "dry_run"
+            decision.reason = None if settings.executes else ("dry_run" if settings.enabled else "disabled")
+        elif claim.reason == "cooldown":
+            decision.result = "cooldown_skip"
+        else:
+            decision.result = "rate_limited"
+            decision.reason = f"global budget of {settings.max_actions_per_hour} actions per hour is spent"
 
-    def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float) -> None:
+    def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float, settings: Settings) -> None:
         """A routine decision repeating one of the same alert (alertname and fingerprint), result
         and reason within one cooldown window folds into that one's event (count, last_ts)."""
         key = (decision.alertname, alert.get("fingerprint") or "", decision.result, decision.reason)
@@ -1983,21 +2216,13 @@ class App:
             decision.fold_into = entry[0]
             self._folds.move_to_end(key)
             return
-        action = decision.action or self.actions.get(decision.alertname)
         window = decision.cooldown_remaining if decision.result == "cooldown_skip" else (
-            action.cooldown_sec if action is not None else self.config.default_cooldown_sec)
+            settings.cooldowns.get(decision.alertname, self.config.default_cooldown_sec))
         decision.event = self._event("decision", alert, decision, now)
         if window > 0:
             self._folds[key] = [decision.event, now + window]
             if len(self._folds) > FOLD_KEYS_MAX:
                 self._folds.popitem(last=False)
-
-    def _cooldown_remaining_locked(self, action: Action, now: float) -> float:
-        return cooldown_remaining(self._cooldown_started.get(action.alertname), action.cooldown_sec, now)
-
-    def _budget_used_locked(self, now: float) -> int:
-        """Runs (real or dry) within the rolling hour of the global budget."""
-        return sum(1 for moment in self._budget if moment > now - BUDGET_WINDOW_SEC)
 
     def _run_all(self, runs: List[Tuple[Dict[str, Any], Decision]]) -> None:
         # Actions of different alertnames run side by side; at most max_concurrent_actions
@@ -2034,10 +2259,9 @@ class App:
                                       self.processes)
         decision.outcome = outcome
         decision.result = outcome.result
-        with self._lock:
-            self._action_counts[(action.alertname, outcome.result)] += 1
-            self._duration_sum[action.alertname] += outcome.duration_seconds
-            self._duration_count[action.alertname] += 1
+        self.counters.add_all({("autoheal_actions_total", (action.alertname, outcome.result)): 1,
+                               ("autoheal_action_duration_seconds_sum", (action.alertname,)): outcome.duration_seconds,
+                               ("autoheal_action_duration_seconds_count", (action.alertname,)): 1})
 
     def _event(self, kind: str, alert: Mapping[str, Any], decision: Decision, now: float) -> Dict[str, Any]:
         event: Dict[str, Any] = {"ts": round(now, 6), "kind": kind, "alertname": decision.alertname,
@@ -2080,19 +2304,17 @@ class App:
 
     def status(self) -> Dict[str, Any]:
         """The answer of GET /."""
-        now = time.time()
-        with self._lock:
-            cooldowns = {
-                name: {"cooldown_seconds": self.actions[name].cooldown_sec,
-                       "remaining_seconds": round(self._cooldown_remaining_locked(self.actions[name], now), 3)}
-                for name in self.action_names
-            }
-            budget_used = self._budget_used_locked(now)
-        limit = self.config.max_actions_per_hour
+        now = self.clock()
+        settings = self.effective()
+        cooldowns = {name: {"cooldown_seconds": settings.cooldowns[name],
+                            "remaining_seconds": round(cooldown_remaining(
+                                self.claims.started(name), settings.cooldowns[name], now), 3)}
+                     for name in self.action_names}
+        limit = settings.max_actions_per_hour
         return {
             "status": "ok",
-            "enabled": self.config.enabled,
-            "dry_run": self.config.dry_run,
+            "enabled": settings.enabled,
+            "dry_run": settings.dry_run,
             "actions": self.action_names,
             "public_base_url": self.config.public_url,
             "alertmanager_url": self.config.alertmanager_url,
@@ -2100,7 +2322,7 @@ class App:
             "version": __version__,
             "cooldowns": cooldowns,
             "max_actions_per_hour": limit,
-            "action_budget_remaining": max(0, limit - budget_used) if limit else None,
+            "action_budget_remaining": max(0, limit - self.claims.budget_used(now)) if limit else None,
             "state_persistent": self.store.persistent,
             # How far back /history reaches, per retention class (None: nothing kept yet).
             "history_oldest": {name: (format_rfc3339(ts) if ts is not None else None)
@@ -2108,113 +2330,77 @@ class App:
         }
 
     def render_metrics(self) -> str:
-        """The Prometheus text exposition (0.0.4) of every series of section 5, and more."""
-        now = time.time()
+        """The Prometheus text exposition (0.0.4): every family of METRICS, in its order."""
+        samples = self._samples(self.clock())
+        return "".join(format_family(family.name, family.kind, family.help, samples[family.name])
+                       for family in METRICS)
+
+    def _samples(self, now: float) -> Dict[str, Any]:
+        """The samples of each family of METRICS, as (suffix and labels, value) pairs."""
+        counters = self.counters.snapshot()  # one snapshot under the lock; formatting happens outside it
+        settings = self.effective()
         names = self.action_names
-        with self._lock:  # a snapshot under the lock; formatting happens outside it
-            counts = [self._action_counts[key] for key in self._result_keys]
-            skips = dict(self._skip_counts)
-            acks = dict(self._ack_counts)
-            received = self._alerts_received
-            expired = self._silences_expired
-            last = [self._last_action[name] for name in names]
-            started = [self._cooldown_started.get(name) for name in names]
-            duration_sum = [self._duration_sum[name] for name in names]
-            duration_count = [self._duration_count[name] for name in names]
-            budget_used = self._budget_used_locked(now)
-            listeners = len(self._subscribers)
-            rejected = sorted(self._rejected.items())
-        cooldowns = [self.actions[name].cooldown_sec for name in names]
-        remaining = [cooldown_remaining(begun, cooldown, now) for begun, cooldown in zip(started, cooldowns)]
-        config = self.config
         labels = self._series_labels
-        limit = config.max_actions_per_hour
-        parts = [
-            format_family("autoheal_enabled", "gauge", "1 when autoheal is enabled (AUTOHEAL_ENABLED), else 0.",
-                          [("", int(config.enabled))]),
-            format_family("autoheal_dry_run", "gauge", "1 when autoheal only logs and counts (AUTOHEAL_DRY_RUN), else 0.",
-                          [("", int(config.dry_run))]),
-            format_family("autoheal_build_info", "gauge", "Version of autoheal and of the Python running it.",
-                          [(format_labels({"version": __version__, "python_version": sys.version.split()[0]}), 1)]),
-            format_family("autoheal_alerts_received_total", "counter", "Alerts received in webhooks.", [("", received)]),
-            format_family("autoheal_alerts_skipped_total", "counter",
-                          "Alerts skipped before reaching an action, by reason (no alertname label).",
-                          [(format_labels({"reason": reason}), skips[reason]) for reason in SKIP_REASONS]),
-            format_family("autoheal_actions_total", "counter",
-                          "Decisions on allow-listed alerts, by alertname and result.",
-                          zip(self._result_series, counts)),
-            format_family("autoheal_action_last_timestamp", "gauge",
-                          "Unix time of the last action of an alertname (dry-run included), 0 before the first.",
-                          zip(labels, last)),
-            format_family("autoheal_cooldown_remaining_seconds", "gauge",
-                          "Seconds until the next action of an alertname is allowed.", zip(labels, remaining)),
-            format_family("autoheal_cooldown_seconds", "gauge", "Configured cooldown of an alertname's action.",
-                          zip(labels, cooldowns)),
-            format_family("autoheal_action_duration_seconds", "summary",
-                          "Wall time of commands that ran, by alertname.",
-                          [("_sum" + series, value) for series, value in zip(labels, duration_sum)]
-                          + [("_count" + series, value) for series, value in zip(labels, duration_count)]),
-            format_family("autoheal_action_budget_limit", "gauge",
-                          "Runs allowed per rolling hour across all alertnames (0: no budget).", [("", limit)]),
-            format_family("autoheal_action_budget_remaining", "gauge",
-                          "Runs left in the rolling hour's budget (NaN without a budget).",
-                          [("", max(0, limit - budget_used) if limit else math.nan)]),
-            format_family("autoheal_action_budget_exhausted", "gauge",
-                          "1 while the hourly action budget is spent and actions are rate_limited.",
-                          [("", int(bool(limit) and budget_used >= limit))]),
-            format_family("autoheal_acks_total", "counter", "Acknowledgements through /ack, by outcome.",
-                          [(format_labels({"outcome": outcome}), acks[outcome]) for outcome in ACK_OUTCOMES]),
-            format_family("autoheal_silences_expired_total", "counter",
-                          "Silences expired through the undo of an acknowledgement.", [("", expired)]),
-            format_family("autoheal_state_persistent", "gauge",
-                          "1 when cooldowns and history are kept in the state file, 0 when in memory only.",
-                          [("", int(self.store.persistent))]),
-            format_family("autoheal_state_write_errors_total", "counter",
-                          "Failed commits to the state file.", [("", self.store.write_errors)]),
-            format_family("autoheal_state_file_replaced_total", "counter",
-                          "Times the state file was found moved, deleted or replaced under autoheal, and reopened.",
-                          [("", self.store.replaced)]),
-            format_family("autoheal_history_oldest_timestamp", "gauge",
-                          "Unix time of the oldest event kept, by retention class (kept: runs, acks, changes; "
-                          "routine: cooldown_skip, skipped, rate_limited); NaN while a class is empty.",
-                          [(format_labels({"class": name}), math.nan if ts is None else ts)
-                           for name, ts in self.store.oldest().items()]),
-            format_family("autoheal_state_commits_total", "counter",
-                          "Transactions committed to the state file (records of concurrent requests share one).",
-                          [("", self.store.commits)]),
-            format_family("autoheal_http_rejected_total", "counter",
-                          "Requests refused with a 4xx or 5xx, by route (other: any unknown path) and status.",
-                          [(format_labels({"path": path, "status": str(status)}), count)
-                           for (path, status), count in rejected]),
-            format_family("autoheal_event_listeners", "gauge", "Clients connected to /events.", [("", listeners)]),
-            format_family("autoheal_actions_running", "gauge", "Commands running now.", [("", self.processes.count())]),
-            format_family("autoheal_start_time_seconds", "gauge", "Unix time autoheal started.", [("", self.started_at)]),
-        ]
-        return "".join(parts)
+        started = [self.claims.started(name) or 0.0 for name in names]
+        cooldowns = [settings.cooldowns[name] for name in names]
+        limit = settings.max_actions_per_hour
+        budget_used = self.claims.budget_used(now)
+        actions = counters["autoheal_actions_total"]
+        durations = counters["autoheal_action_duration_seconds_sum"]
+        runs = counters["autoheal_action_duration_seconds_count"]
+        with self._lock:
+            listeners = len(self._subscribers)
+
+        def plain(family: str) -> List[Tuple[str, float]]:
+            return [("", counters[family][()])]
+
+        def by(family: str, label: str) -> List[Tuple[str, float]]:
+            return [(format_labels({label: str(key[0])}), value) for key, value in counters[family].items()]
+
+        return {
+            "autoheal_enabled": [("", int(settings.enabled))],
+            "autoheal_dry_run": [("", int(settings.dry_run))],
+            "autoheal_build_info": [(format_labels({"version": __version__,
+                                                    "python_version": sys.version.split()[0]}), 1)],
+            "autoheal_alerts_received_total": plain("autoheal_alerts_received_total"),
+            "autoheal_alerts_skipped_total": by("autoheal_alerts_skipped_total", "reason"),
+            "autoheal_actions_total": zip(self._result_series, [actions[key] for key in self._result_keys]),
+            "autoheal_action_last_timestamp": zip(labels, started),
+            "autoheal_cooldown_remaining_seconds": zip(labels, [cooldown_remaining(begun or None, cooldown, now)
+                                                                for begun, cooldown in zip(started, cooldowns)]),
+            "autoheal_cooldown_seconds": zip(labels, cooldowns),
+            "autoheal_action_duration_seconds": [("_sum" + series, durations[(name,)]) for series, name in
+                                                 zip(labels, names)]
+                                                + [("_count" + series, runs[(name,)]) for series, name in
+                                                   zip(labels, names)],
+            "autoheal_action_budget_limit": [("", limit)],
+            "autoheal_action_budget_remaining": [("", max(0, limit - budget_used) if limit else math.nan)],
+            "autoheal_action_budget_exhausted": [("", int(bool(limit) and budget_used >= limit))],
+            "autoheal_acks_total": by("autoheal_acks_total", "outcome"),
+            "autoheal_silences_expired_total": plain("autoheal_silences_expired_total"),
+            "autoheal_state_persistent": [("", int(self.store.persistent))],
+            "autoheal_state_write_errors_total": [("", self.store.write_errors)],
+            "autoheal_state_file_replaced_total": [("", self.store.replaced)],
+            "autoheal_history_oldest_timestamp": [(format_labels({"class": name}), math.nan if ts is None else ts)
+                                                  for name, ts in self.store.oldest().items()],
+            "autoheal_http_rejected_total": [(format_labels({"path": path, "status": str(status)}), count)
+                                             for (path, status), count in
+                                             sorted(counters["autoheal_http_rejected_total"].items())],
+            "autoheal_state_commits_total": [("", self.store.commits)],
+            "autoheal_event_listeners": [("", listeners)],
+            "autoheal_actions_running": [("", self.processes.count())],
+            "autoheal_start_time_seconds": [("", self.started_at)],
+        }
 
     # -- acknowledgements -----------------------------------------------------------------
 
-    def acknowledge(self, params: Mapping[str, str], client: str, user_agent: str, preview: bool) -> Dict[str, Any]:
-        """Create (or reuse, or extend) the exact silence an /ack link asks for."""
-        labels = parse_ack_labels(params.get("labels"))
-        raw_duration = params.get("duration")
-        if not raw_duration:
-            raise HttpError(400, "duration: missing; expected a duration such as 30m, 2h or 1d")
-        try:
-            seconds = parse_duration(raw_duration)
-        except ValueError as exc:
-            raise HttpError(400, f"duration: {exc}, got {raw_duration!r}") from None
-        if seconds > self.config.ack_max_duration_sec:
-            raise HttpError(400, f"duration: {raw_duration} is longer than AUTOHEAL_ACK_MAX_DURATION "
-                                 f"({format_duration(self.config.ack_max_duration_sec)})")
-        comment = params.get("comment", "")
-        runbook = params.get("runbook", "")
-        if len(comment) > 1000 or len(runbook) > 2000:
-            raise HttpError(400, "comment: longer than 1000 characters (or runbook longer than 2000)")
-        text = "ACK!" + (f" {comment}" if comment else "") + (f" runbook: {runbook}" if runbook else "")
+    def acknowledge(self, labels: Dict[str, str], seconds: float, text: str, client: str, user_agent: str,
+                    preview: bool) -> Dict[str, Any]:
+        """Create (or reuse, or extend) the exact silence of labels for seconds; PeerError when
+        Alertmanager refuses or does not answer.  A preview creates nothing."""
         matchers = matchers_for(labels)
         if preview:
-            self._count_ack("previewed")
+            self.counters.add("autoheal_acks_total", ("previewed",))
             return {"ok": True, "preview": True, "silence_id": None, "matchers": matchers,
                     "duration": format_duration(seconds),
                     "message": "a preview creates nothing; open the link to acknowledge"}
@@ -2243,25 +2429,20 @@ class App:
                     self._ack_inflight.pop(key, None)
                 mine.done.set()
         except PeerError as exc:
-            self._count_ack("error")
-            self.record([{"ts": round(time.time(), 6), "kind": "ack", "result": "error", "reason": str(exc),
-                          "alertname": labels["alertname"], "labels": labels, "client": client,
-                          "user_agent": user_agent}])
-            raise HttpError(502, str(exc)) from None
-        self._count_ack(outcome)
-        self.record([{"ts": round(time.time(), 6), "kind": "ack", "result": outcome, "alertname": labels["alertname"],
-                      "labels": labels, "silence_id": silence_id, "ends_at": format_rfc3339(ends_at),
-                      "duration": format_duration(seconds), "comment": text, "client": client,
-                      "user_agent": user_agent}])
+            self.counters.add("autoheal_acks_total", ("error",))
+            self.record([make_event("ack", self.clock(), result="error", reason=str(exc), alertname=labels["alertname"],
+                                    labels=labels, client=client, user_agent=user_agent)])
+            raise
+        self.counters.add("autoheal_acks_total", (outcome,))
+        self.record([make_event("ack", self.clock(), result=outcome, alertname=labels["alertname"], labels=labels,
+                                silence_id=silence_id, ends_at=format_rfc3339(ends_at),
+                                duration=format_duration(seconds), comment=text, client=client,
+                                user_agent=user_agent)])
         return {"ok": True, "silence_id": silence_id, "ends_at": format_rfc3339(ends_at), "matchers": matchers,
                 "outcome": outcome, "labels": labels}
 
-    def _count_ack(self, outcome: str) -> None:
-        with self._lock:
-            self._ack_counts[outcome] += 1
-
     def _silence(self, matchers: List[Dict[str, Any]], key: Any, seconds: float, text: str) -> Tuple[str, str, float]:
-        now = time.time()
+        now = self.clock()
         ends_at = now + seconds
         existing = []
         alertname = next(value for name, value, _regex, _equal in key if name == "alertname")
@@ -2289,79 +2470,40 @@ class App:
         })
         return "created", silence_id, ends_at
 
-    def silence_of_event(self, raw_id: str) -> str:
+    def silence_of_event(self, event_id: int) -> str:
         """The silence id of an acknowledgement recorded in the history, by the event's id."""
-        try:
-            event_id = parse_int(raw_id, 1, 2**62)
-        except ValueError:
-            raise HttpError(400, f"id: expected the id of an ack event in /history, got {raw_id[:40]!r}") from None
         event = self.store.get(event_id)
         if not event or event.get("kind") != "ack" or not event.get("silence_id"):
-            raise HttpError(404, f"id: no acknowledgement with id {event_id} in the history")
+            raise Unknown(f"id: no acknowledgement with id {event_id} in the history")
         return event["silence_id"]
 
     def undo(self, silence_id: str, client: str, user_agent: str) -> Dict[str, Any]:
-        """Expire a silence, but only one that autoheal created."""
-        if not re.fullmatch(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", silence_id or ""):
-            raise HttpError(400, "silence_id: expected the id (a UUID) of a silence that autoheal created")
+        """Expire a silence, but only one that autoheal created (Forbidden otherwise)."""
         try:
             silence = self.alertmanager.get_silence(silence_id)
         except PeerError as exc:
             if exc.status in (404, 500):  # Alertmanager answers an unknown id with 404 or 500
-                raise HttpError(404, f"silence_id: Alertmanager has no silence {silence_id}") from None
-            raise HttpError(502, str(exc)) from None
+                raise Unknown(f"silence_id: Alertmanager has no silence {silence_id}") from None
+            raise
         if not isinstance(silence, dict) or silence.get("createdBy") != CREATED_BY:
-            raise HttpError(403, f"silence {silence_id} was not created by autoheal; autoheal expires only its own")
+            raise Forbidden(f"silence {silence_id} was not created by autoheal; autoheal expires only its own")
         state = (silence.get("status") or {}).get("state")
         if state != "expired":
-            try:
-                self.alertmanager.expire(silence_id)
-            except PeerError as exc:
-                raise HttpError(502, str(exc)) from None
-            with self._lock:
-                self._silences_expired += 1
+            self.alertmanager.expire(silence_id)
+            self.counters.add("autoheal_silences_expired_total")
         labels = {m.get("name", ""): m.get("value", "") for m in silence.get("matchers") or []}
-        self.record([{"ts": round(time.time(), 6), "kind": "unack", "result": "expired" if state != "expired"
-                      else "already_expired", "alertname": labels.get("alertname"), "labels": labels,
-                      "silence_id": silence_id, "client": client, "user_agent": user_agent}])
+        self.record([make_event("unack", self.clock(), result="expired" if state != "expired" else "already_expired",
+                                alertname=labels.get("alertname"), labels=labels, silence_id=silence_id,
+                                client=client, user_agent=user_agent)])
         return {"ok": True, "silence_id": silence_id, "expired": True, "labels": labels,
                 "was_already_expired": state == "expired"}
 
     # -- history --------------------------------------------------------------------------
 
-    def history(self, params: Mapping[str, str]) -> str:
-        """GET /history: the JSON of recorded events, newest first, filtered and bounded.
-
-        The events' recorded texts are joined as they are: none is parsed again.
-        """
-        unknown = sorted(set(params) - set(HISTORY_PARAMETERS))
-        if unknown:
-            raise HttpError(400, f"unknown parameter {unknown[0][:40]!r}; /history takes "
-                                 f"{', '.join(HISTORY_PARAMETERS)}")
-        limit = 100
-        if "limit" in params:
-            try:
-                limit = parse_int(params["limit"], 1, HISTORY_LIMIT_MAX)
-            except ValueError as exc:
-                raise HttpError(400, f"limit: {exc}, got {params['limit'][:40]!r}") from None
-        since = None
-        if "since" in params:
-            raw = params["since"].strip()
-            try:
-                if re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,9})?", raw):
-                    since = float(raw)
-                elif _DURATION.match(raw):
-                    since = time.time() - parse_duration(raw)  # a relative age: since=10m
-                else:
-                    since = parse_rfc3339(raw)
-            except ValueError:
-                raise HttpError(400, f"since: expected Unix time, an RFC 3339 time or an age such as 10m, "
-                                     f"got {raw[:40]!r}") from None
-        for name in ("alertname", "kind", "result"):
-            if len(params.get(name, "")) > 256:
-                raise HttpError(400, f"{name}: longer than 256 characters")
-        rows = self.store.query(limit, since, alertname=params.get("alertname") or None,
-                                kind=params.get("kind") or None, result=params.get("result") or None)
+    def history(self, limit: int, since: Optional[float] = None, **equal: Optional[str]) -> str:
+        """GET /history: the JSON of recorded events, newest first; equal filters on alertname,
+        kind and result.  The events' recorded texts are joined as they are: none is parsed again."""
+        rows = self.store.query(limit, since, **equal)
         return '{"events": [' + ", ".join(text for _id, text in rows) + "]}"
 
 
@@ -2408,13 +2550,18 @@ def render_page(title: str, paragraphs: List[str], labels: Optional[Mapping[str,
 
 
 class Route(NamedTuple):
-    """One endpoint: its handler (Handler.route_<name>), its methods, the pool that serves it
-    (see Server), and whether it changes something (then a cross-site request is refused)."""
+    """One endpoint, everything about it in one row: its handler (Handler.route_<name>), its
+    methods, the pool that serves it (see Server), whether it changes something (then a cross-site
+    request is refused), the token that guards it, whether it reads a form body, and whether
+    people read its errors (an HTML page for a browser)."""
 
     name: str
     methods: Tuple[str, ...]
     pool: str
     changes: bool = False
+    token: Optional[str] = None  # "webhook": Authorization: Bearer; "ack": token= in the query or form
+    form: bool = False
+    for_people: bool = False
 
 
 # Pools: "quick" never waits on a command or a peer (the health check and the scrape); "main"
@@ -2423,9 +2570,9 @@ class Route(NamedTuple):
 ROUTES: Dict[str, Route] = {
     "/": Route("status", ("GET",), "quick"),
     "/metrics": Route("metrics", ("GET",), "quick"),
-    "/alert": Route("alert", ("POST",), "main", changes=True),
-    "/ack": Route("ack", ("GET",), "ack", changes=True),
-    "/ack/undo": Route("undo", ("POST",), "ack", changes=True),
+    "/alert": Route("alert", ("POST",), "main", changes=True, token="webhook"),
+    "/ack": Route("ack", ("GET",), "ack", changes=True, token="ack", for_people=True),
+    "/ack/undo": Route("undo", ("POST",), "ack", changes=True, token="ack", form=True, for_people=True),
     "/history": Route("history", ("GET",), "quick"),
     "/events": Route("events", ("GET",), "quick"),
 }
@@ -2441,6 +2588,60 @@ def route_path(target: str) -> Optional[str]:
         except ValueError:
             return None
     return path if path in ROUTES else None
+
+
+_SILENCE_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def parse_ack_request(params: Mapping[str, str], max_seconds: float) -> Tuple[Dict[str, str], float, str]:
+    """An /ack link's labels, duration (seconds) and the silence's comment; HttpError 400 naming
+    what is wrong."""
+    labels = parse_ack_labels(params.get("labels"))
+    raw_duration = params.get("duration")
+    if not raw_duration:
+        raise HttpError(400, "duration: missing; expected a duration such as 30m, 2h or 1d")
+    try:
+        seconds = parse_duration(raw_duration)
+    except ValueError as exc:
+        raise HttpError(400, f"duration: {exc}, got {raw_duration[:40]!r}") from None
+    if seconds > max_seconds:
+        raise HttpError(400, f"duration: {raw_duration} is longer than AUTOHEAL_ACK_MAX_DURATION "
+                             f"({format_duration(max_seconds)})")
+    comment = params.get("comment", "")
+    runbook = params.get("runbook", "")
+    if len(comment) > 1000 or len(runbook) > 2000:
+        raise HttpError(400, "comment: longer than 1000 characters (or runbook longer than 2000)")
+    return labels, seconds, "ACK!" + (f" {comment}" if comment else "") + (f" runbook: {runbook}" if runbook else "")
+
+
+def parse_history_query(params: Mapping[str, str], now: float) -> Dict[str, Any]:
+    """/history's parameters as App.history's arguments; HttpError 400 naming a bad or unknown one."""
+    unknown = sorted(set(params) - set(HISTORY_PARAMETERS))
+    if unknown:
+        raise HttpError(400, f"unknown parameter {unknown[0][:40]!r}; /history takes {', '.join(HISTORY_PARAMETERS)}")
+    query: Dict[str, Any] = {"limit": 100}
+    if "limit" in params:
+        try:
+            query["limit"] = parse_int(params["limit"], 1, HISTORY_LIMIT_MAX)
+        except ValueError as exc:
+            raise HttpError(400, f"limit: {exc}, got {params['limit'][:40]!r}") from None
+    if "since" in params:
+        raw = params["since"].strip()
+        try:
+            if re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,9})?", raw):
+                query["since"] = float(raw)
+            elif _DURATION.match(raw):
+                query["since"] = now - parse_duration(raw)  # a relative age: since=10m
+            else:
+                query["since"] = parse_rfc3339(raw)
+        except ValueError:
+            raise HttpError(400, f"since: expected Unix time, an RFC 3339 time or an age such as 10m, "
+                                 f"got {raw[:40]!r}") from None
+    for name in ("alertname", "kind", "result"):
+        if len(params.get(name, "")) > 256:
+            raise HttpError(400, f"{name}: longer than 256 characters")
+        query[name] = params.get(name) or None
+    return query
 
 
 def parse_query(query: str) -> Dict[str, str]:
@@ -2576,10 +2777,21 @@ class Handler:
                 raise HttpError(405, f"{method[:20]} is not allowed on {path}; use {allow}", {"Allow": allow})
             if route.changes:
                 self._refuse_cross_site(method)
-            getattr(self, "route_" + route.name)(method, parse_query(query))
+            params = parse_query(query)
+            if route.form:
+                params.update(self._form())
+            self._guard(route, params)
+            try:
+                getattr(self, "route_" + route.name)(method, params)
+            except Unknown as exc:  # domain answers from App, turned into HTTP here
+                raise HttpError(404, str(exc)) from None
+            except Forbidden as exc:
+                raise HttpError(403, str(exc)) from None
+            except PeerError as exc:
+                raise HttpError(502, str(exc)) from None
         except HttpError as exc:
             self.app.rejected(method, path, exc.status, exc.message, self.request.client)
-            if path is not None and path.startswith("/ack") and self._wants_html():
+            if path is not None and ROUTES[path].for_people and self._wants_html():
                 page = render_page("autoheal: nothing was done", [exc.message])
                 self._send(exc.status, page.encode("utf-8"), "text/html; charset=utf-8", exc.headers)
             else:
@@ -2626,6 +2838,24 @@ class Handler:
         if "content-length" not in self.headers:
             raise HttpError(411, "Content-Length is required")
         return self.request.body
+
+    def _form(self) -> Dict[str, str]:
+        """The form fields of a POST body (application/x-www-form-urlencoded)."""
+        body = self._read_body()
+        try:
+            return parse_query(body.decode("utf-8")) if body else {}
+        except UnicodeDecodeError:
+            raise HttpError(400, "body is not UTF-8 form data") from None
+
+    def _guard(self, route: Route, params: Mapping[str, str]) -> None:
+        """The token a route declares: the webhook's bearer (401) or the ack token= (403)."""
+        config = self.app.config
+        if route.token == "webhook":
+            scheme, _, token = self.headers.get("authorization", "").partition(" ")
+            self._check_token(config.webhook_token, token.strip() if scheme.lower() == "bearer" else None,
+                              401, "Authorization: Bearer token")
+        elif route.token == "ack":
+            self._check_token(config.ack_token, params.get("token"), 403, "token")
 
     def _check_token(self, expected: Optional[str], given: Optional[str], status: int, what: str) -> None:
         if expected is None:
@@ -2682,19 +2912,15 @@ class Handler:
         self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     def route_alert(self, method: str, params: Mapping[str, str]) -> None:
-        authorization = self.headers.get("authorization", "")
-        scheme, _, token = authorization.partition(" ")
-        self._check_token(self.app.config.webhook_token, token.strip() if scheme.lower() == "bearer" else None,
-                          401, "Authorization: Bearer token")
         alerts = validate_webhook(parse_json_body(self._read_body()))
         self._send_json(200, {"ok": True, "results": self.app.handle_webhook(alerts)})
 
     def route_ack(self, method: str, params: Mapping[str, str]) -> None:
         config = self.app.config
-        self._check_token(config.ack_token, params.get("token"), 403, "token")
+        labels, seconds, text = parse_ack_request(params, config.ack_max_duration_sec)
         user_agent = self.headers.get("user-agent", "")
         preview = method == "HEAD" or bool(PREVIEW_AGENTS.search(user_agent)) or self._is_prefetch()
-        result = self.app.acknowledge(params, self.request.client, user_agent[:300], preview)
+        result = self.app.acknowledge(labels, seconds, text, self.request.client, user_agent[:300], preview)
         if not self._wants_html():
             self._send_json(200, result)
             return
@@ -2714,17 +2940,16 @@ class Handler:
         self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
 
     def route_undo(self, method: str, params: Mapping[str, str]) -> None:
-        form = dict(params)
-        body = self._read_body()
-        if body:
+        silence_id = params.get("silence_id", "")
+        if not silence_id and params.get("id"):
             try:
-                form.update(parse_query(body.decode("utf-8")))
-            except UnicodeDecodeError:
-                raise HttpError(400, "body is not UTF-8 form data") from None
-        self._check_token(self.app.config.ack_token, form.get("token"), 403, "token")
-        silence_id = form.get("silence_id", "")
-        if not silence_id and form.get("id"):
-            silence_id = self.app.silence_of_event(form["id"])  # an ack withdrawn by its history id
+                event_id = parse_int(params["id"], 1, 2**62)
+            except ValueError:
+                raise HttpError(400, f"id: expected the id of an ack event in /history, "
+                                     f"got {params['id'][:40]!r}") from None
+            silence_id = self.app.silence_of_event(event_id)  # an ack withdrawn by its history id
+        if not _SILENCE_ID.fullmatch(silence_id):
+            raise HttpError(400, "silence_id: expected the id (a UUID) of a silence that autoheal created")
         result = self.app.undo(silence_id, self.request.client, self.headers.get("user-agent", "")[:300])
         if self._wants_html():
             page = render_page("Silence expired", [
@@ -2735,7 +2960,8 @@ class Handler:
             self._send_json(200, result)
 
     def route_history(self, method: str, params: Mapping[str, str]) -> None:
-        self._send(200, self.app.history(params).encode("utf-8"), "application/json")
+        query = parse_history_query(params, self.app.clock())
+        self._send(200, self.app.history(**query).encode("utf-8"), "application/json")
 
     def route_events(self, method: str, params: Mapping[str, str]) -> None:
         if method == "HEAD":
@@ -3433,7 +3659,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         config = Config.from_env(os.environ)
-        app = App(config)
+        app = App(config, env=os.environ)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

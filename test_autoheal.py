@@ -174,12 +174,25 @@ class LockedStringIO(io.StringIO):
     """A log stream the tests can read while the server writes."""
 
 
+class FakeClock:
+    """A clock the test moves: App(clock=...) reads it instead of time.time, so nothing sleeps."""
+
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
 @contextlib.contextmanager
-def serving(env=None, command_env=None):
+def serving(env=None, command_env=None, clock=time.time):
     settings = {"AUTOHEAL_STATE_FILE": "", **(env or {})}
     config = Config.from_env(settings)
     log = LockedStringIO()
-    app = App(config, env=command_env or {"PATH": os.environ["PATH"]}, log_stream=log)
+    app = App(config, env=command_env or {"PATH": os.environ["PATH"]}, log_stream=log, clock=clock)
     server = make_server(app, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -589,13 +602,14 @@ def test_the_six_rules_in_order_one_result_per_alert_in_payload_order():
 
 def test_dry_run_starts_the_cooldown_and_cooldown_ends(tmp_path):
     path = actions_file(tmp_path, {"Flappy": {"command": ["true"], "cooldown_sec": 1}})
-    with serving({"AUTOHEAL_ACTIONS_FILE": path}) as running:
+    clock = FakeClock()
+    with serving({"AUTOHEAL_ACTIONS_FILE": path}, clock=clock) as running:
         results = [running.post_alert(webhook(alert("Flappy")))[1]["results"][0]["result"] for _ in range(2)]
         assert results == ["dry_run", "cooldown_skip"]
         assert 0 < running.metric('autoheal_cooldown_remaining_seconds{alertname="Flappy"}') <= 1
-        time.sleep(1.1)
+        clock.advance(1.1)
         assert running.post_alert(webhook(alert("Flappy")))[1]["results"][0]["result"] == "dry_run"
-        assert running.metric('autoheal_action_last_timestamp{alertname="Flappy"}') == pytest.approx(time.time(), abs=5)
+        assert running.metric('autoheal_action_last_timestamp{alertname="Flappy"}') == pytest.approx(clock.now, abs=0.01)
 
 
 def test_enabled_but_dry_run_and_dry_run_off_but_disabled_never_execute(tmp_path):
@@ -2468,7 +2482,8 @@ def test_a_dry_run_decision_says_why(env, reason):
 @pytest.mark.parametrize("state", ["sqlite", "memory"])
 def test_history_filters_by_kind_result_and_age_and_refuses_what_it_does_not_know(tmp_path, state):
     env = {"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db") if state == "sqlite" else ""}
-    with serving(env) as running:
+    clock = FakeClock()
+    with serving(env, clock=clock) as running:
         running.post_alert(webhook(alert(), alert(), alert(opted_in=False)))
         def history(query):
             status, body = running.json("GET", "/history?" + query)
@@ -2478,7 +2493,7 @@ def test_history_filters_by_kind_result_and_age_and_refuses_what_it_does_not_kno
         assert history("result=cooldown_skip") == [("decision", "cooldown_skip")]
         assert history("kind=ack") == []  # not everything, as it used to be
         assert len(history("since=10m")) == 3
-        time.sleep(1.1)
+        clock.advance(1.1)
         assert history("since=1s") == []
         for query, named in (("knd=ack", "'knd'"), ("limit=5&alertnam=X", "'alertnam'")):
             status, body = running.json("GET", "/history?" + query)
@@ -2628,12 +2643,13 @@ def test_a_storm_of_duplicates_evicts_neither_the_run_nor_the_ack_and_folds_into
 
 
 def test_repeats_fold_within_one_cooldown_window_only_and_never_lose_a_count():
-    with serving({"AUTOHEAL_DEFAULT_COOLDOWN_SEC": "2", "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0"}) as running:
+    clock = FakeClock()
+    with serving({"AUTOHEAL_DEFAULT_COOLDOWN_SEC": "2", "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0"}, clock=clock) as running:
         running.post_alert(webhook(alert(), alert(), alert(opted_in=False), alert(opted_in=False)))
         events = running.json("GET", "/history")[1]["events"]
         assert [(e["result"], e.get("reason"), e.get("count", 1)) for e in events] == [
             ("skipped", "not_opted_in", 2), ("cooldown_skip", None, 1), ("dry_run", "disabled", 1)]
-        time.sleep(2.1)  # the cooldown window is over: the next repeat is an event of its own
+        clock.advance(2.1)  # the cooldown window is over: the next repeat is an event of its own
         running.post_alert(webhook(alert(), alert()))
         events = running.json("GET", "/history")[1]["events"]
         assert [(e["result"], e.get("count", 1)) for e in events[:2]] == [("cooldown_skip", 1), ("dry_run", 1)]
@@ -3091,3 +3107,59 @@ def test_every_test_the_readme_security_section_cites_exists():
 def readme_block_text(start, end):
     text = (HERE / "README.md").read_text()
     return text[text.index(start):text.index(end)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The seams: one route table decides the pool, whatever form the request target takes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["origin", "absolute"])
+def test_no_request_target_form_delays_the_health_check_or_the_scrape(form):
+    with socket.socket() as silent:  # a real socket that accepts and never answers, as a hung Alertmanager
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        env = {"ALERTMANAGER_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+               "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC": "4"}
+        with serving(env) as running:
+            prefix = f"http://127.0.0.1:{running.port}" if form == "absolute" else ""
+            slow = []
+            for index in range(4):  # four acks, each waiting on the silent Alertmanager
+                sock = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+                target = prefix + ack_path({"alertname": "Slow", "n": str(index)})
+                sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                slow.append(sock)
+            time.sleep(0.3)
+            try:
+                for path in ("/", "/metrics", prefix + "/", prefix + "/metrics"):
+                    started = time.monotonic()
+                    answer = raw_exchange(running.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    assert status_of(answer) == 200
+                    assert time.monotonic() - started < 0.5, path
+            finally:
+                for sock in slow:
+                    sock.close()
+
+
+def test_the_route_table_is_the_one_place_a_request_target_is_mapped():
+    assert autoheal.route_path("http://autoheal:9009/ack?labels=x") == "/ack"
+    assert autoheal.route_path("/ack/undo") == "/ack/undo"
+    assert autoheal.route_path("/ack/") is None and autoheal.route_path("http://[bad/ack") is None
+    assert {route.pool for route in autoheal.ROUTES.values()} == {"quick", "main", "ack"}
+    assert [path for path, route in autoheal.ROUTES.items() if route.changes] == ["/alert", "/ack", "/ack/undo"]
+
+
+def test_judging_is_pure_and_claiming_is_one_atomic_step():
+    settings = autoheal.Settings(True, False, {"TcpEndpointDownFast": 60.0}, 1)
+    actions = Config.from_env({}).actions
+    assert autoheal.judge(alert(status="resolved"), settings, actions).reason == "resolved"
+    assert autoheal.judge(alert(opted_in=False), settings, actions).reason == "not_opted_in"
+    assert autoheal.judge(alert("Other"), settings, actions).reason == "not_allowlisted"
+    assert autoheal.judge(alert(), settings, actions).result == "pending"
+    claims = autoheal.LocalClaims({}, [])
+    won = [claims.claim("TcpEndpointDownFast", 60, 0, 1000.0) for _ in range(24)]
+    assert [claim.won for claim in won] == [True] + [False] * 23 and won[1] == (False, 60.0, "cooldown")
+    assert claims.claim("TcpEndpointDownFast", 60, 0, 1061.0).won  # the clock moved, no sleeping
+    assert claims.claim("Other", 60, 1, 1061.0).won  # the hour's one budget slot
+    assert claims.claim("Third", 60, 1, 1062.0) == (False, 0.0, "budget")  # spent
+    assert claims.claim("Third", 60, 1, 1061.0 + 3600.5).won  # an hour later, free again
