@@ -839,9 +839,7 @@ class Counters:
             family: {labels: 0 for labels in keys} for family, keys in preset.items()}
 
     def add(self, family: str, labels: Tuple[Any, ...] = (), amount: float = 1) -> None:
-        with self._lock:
-            values = self._families.setdefault(family, {})
-            values[labels] = values.get(labels, 0) + amount
+        self.add_all({(family, labels): amount})
 
     def add_all(self, counts: Mapping[Tuple[str, Tuple[Any, ...]], float]) -> None:
         """Many additions at once, under the lock once (a webhook of thousands of alerts)."""
