@@ -12,6 +12,8 @@ Usage:
     python3 autoheal.py --check    exit 0 if the local instance answers "status": "ok" (health check)
     python3 autoheal.py --smoke [--url URL] [--alertmanager URL] [--prometheus URL]
                                    check a live deployment, one PASS/FAIL line per check
+    python3 autoheal.py --control "<command>" [--reason TEXT] [--url URL]
+                                   send one runtime control command (token from AUTOHEAL_ADMIN_TOKEN)
     python3 autoheal.py --help     this text
     python3 autoheal.py --version
 
@@ -37,6 +39,13 @@ with exit status 2 and one line naming the variable):
                                          state file, 33554432 in memory only
     AUTOHEAL_WEBHOOK_TOKEN=unset         when set, POST /alert needs "Authorization: Bearer <token>"
     AUTOHEAL_ACK_TOKEN=unset             when set, /ack needs token=<token> in its query
+    AUTOHEAL_ADMIN_TOKEN=unset           when set, POST /control takes "Authorization: Bearer <token>";
+                                         unset, runtime control over HTTP is off (403)
+    AUTOHEAL_SLACK_SIGNING_SECRET=unset  when set, POST /slack/command verifies Slack's signature with it;
+                                         unset, the Slack door is off (403)
+    AUTOHEAL_SLACK_ADMINS=unset          Slack user ids (comma-separated) that may change settings;
+                                         anyone else in the workspace may run status and help
+    AUTOHEAL_SLACK_RESPONSE_URL_PREFIX=https://hooks.slack.com/   the only response_url answers go to
     AUTOHEAL_ACK_MAX_DURATION=7d         longest silence an ack may create
     AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC=5  bound on each call to Alertmanager
     AUTOHEAL_MAX_BODY_BYTES=1048576      larger request bodies get 413
@@ -59,6 +68,11 @@ Endpoints:
                            silence that autoheal created
     GET  /history          ?limit=N&alertname=X&kind=K&result=R&since=<unix, RFC 3339 or age such as 10m>:
                            recorded events, newest first; an unknown parameter is a 400
+    POST /control          {"command": "disable 1h", "reason": "...", "by": "..."} with the admin token:
+                           runtime control (commands: status, help, enable, disable [DURATION],
+                           dry-run on|off, cooldown NAME DURATION|default, rearm NAME,
+                           disable NAME [DURATION], enable NAME, undo [ID], reset)
+    POST /slack/command    the same commands as a Slack slash command (/autoheal <command>)
     GET  /events           Server-Sent Events: "id: <history id>" and "data: <JSON>" per new event;
                            a client reconnecting with Last-Event-ID first gets what it missed
 
@@ -150,7 +164,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Tuple
 
 if TYPE_CHECKING:
     import subprocess  # imported for real where commands run (run_command)
@@ -164,7 +178,7 @@ DEFAULT_STATE_FILE = "autoheal-state.db"
 # The results a decision can have once the alert reached its action (README: "What happens to each alert"),
 # plus rate_limited (the global budget).  Every allow-listed alertname has a counter for each.
 ACTION_RESULTS = ("executed", "failed", "dry_run", "cooldown_skip", "error", "rate_limited")
-SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted")
+SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted", "disabled")
 ACK_OUTCOMES = ("created", "existing", "extended", "previewed", "error")
 PRESET_REJECTIONS = (("/alert", 400), ("/alert", 401), ("/alert", 413), ("/ack", 400), ("/ack", 403))
 
@@ -301,6 +315,10 @@ class Config(NamedTuple):
     shutdown_grace_sec: float = 10.0
     docker_host: str = DEFAULT_DOCKER_HOST
     compose_project: Optional[str] = None
+    admin_token: Optional[str] = None
+    slack_signing_secret: Optional[str] = None
+    slack_admins: Tuple[str, ...] = ()
+    slack_response_prefix: str = "https://hooks.slack.com/"
 
     @property
     def executes(self) -> bool:
@@ -309,7 +327,7 @@ class Config(NamedTuple):
 
     def __repr__(self) -> str:
         # Tokens never reach a log line, even through a repr.
-        shown = {name: ("<set>" if value and name.endswith("_token") else value)
+        shown = {name: ("<set>" if value and name.endswith(("_token", "_secret")) else value)
                  for name, value in zip(self._fields, self) if name != "actions"}
         return f"Config({', '.join(f'{name}={value!r}' for name, value in shown.items())}, actions={sorted(self.actions)})"
 
@@ -343,6 +361,10 @@ class Config(NamedTuple):
         take("history_max_bytes", "AUTOHEAL_HISTORY_MAX_BYTES", lambda raw: parse_int(raw, 1 << 16, 1 << 40))
         take("webhook_token", "AUTOHEAL_WEBHOOK_TOKEN", parse_token)
         take("ack_token", "AUTOHEAL_ACK_TOKEN", parse_token)
+        take("admin_token", "AUTOHEAL_ADMIN_TOKEN", parse_token)
+        take("slack_signing_secret", "AUTOHEAL_SLACK_SIGNING_SECRET", parse_token)
+        take("slack_admins", "AUTOHEAL_SLACK_ADMINS", parse_slack_admins)
+        take("slack_response_prefix", "AUTOHEAL_SLACK_RESPONSE_URL_PREFIX", parse_url)
         take("ack_max_duration_sec", "AUTOHEAL_ACK_MAX_DURATION", parse_duration)
         take("alertmanager_timeout_sec", "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC", seconds_up_to(MAX_PEER_TIMEOUT_SEC))
         take("max_body_bytes", "AUTOHEAL_MAX_BODY_BYTES", lambda raw: parse_int(raw, 1, 1 << 30))
@@ -460,6 +482,15 @@ def parse_docker_host(raw: str) -> str:
     if parts.scheme == "tcp" and parts.hostname and port:
         return text
     raise ValueError("expected unix:///path/to/docker.sock or tcp://host:port")
+
+
+def parse_slack_admins(raw: str) -> Tuple[str, ...]:
+    """Slack user ids, comma-separated (U0123ABCD, W0123ABCD)."""
+    ids = tuple(word.strip() for word in raw.split(",") if word.strip())
+    for user_id in ids:
+        if not re.fullmatch(r"[UW][A-Z0-9]{2,20}", user_id):
+            raise ValueError(f"expected Slack user ids such as U024BE7LH, comma-separated; {user_id[:30]!r} is not one")
+    return ids
 
 
 def is_loopback(host: str) -> bool:
@@ -823,6 +854,10 @@ METRICS = (
            "Requests refused with a 4xx or 5xx, by route (other: any unknown path) and status."),
     Family("autoheal_state_commits_total", "counter",
            "Transactions committed to the state file (records of concurrent requests share one)."),
+    Family("autoheal_action_disabled", "gauge", "1 while an alertname's action is switched off at runtime."),
+    Family("autoheal_overrides", "gauge", "Runtime overrides in force (see GET / for who set them)."),
+    Family("autoheal_control_commands_total", "counter",
+           "Runtime control commands, by source (http, slack) and result (applied, refused, invalid)."),
     Family("autoheal_event_listeners", "gauge", "Clients connected to /events."),
     Family("autoheal_actions_running", "gauge", "Commands running now."),
     Family("autoheal_start_time_seconds", "gauge", "Unix time autoheal started."),
@@ -1156,14 +1191,15 @@ def run_docker_action(action: Action, client: DockerClient, project: Optional[st
 class _Pending:
     """Records waiting for the writer thread; done is set once they are committed."""
 
-    __slots__ = ("rows", "texts", "cooldowns", "folds", "done", "error")
+    __slots__ = ("rows", "texts", "cooldowns", "folds", "control", "done", "error")
 
     def __init__(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
-                 folds: List[Tuple[int, float]]):
+                 folds: List[Tuple[int, float]], control: Optional[str]):
         self.rows = rows
         self.texts = texts
         self.cooldowns = cooldowns
         self.folds = folds
+        self.control = control
         self.done = threading.Event()
         self.error: Optional[str] = None
 
@@ -1241,9 +1277,11 @@ class Store:
         self.recovered: Optional[Dict[str, str]] = None
 
     def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None,
-               folds: Optional[List[Tuple[Dict[str, Any], float]]] = None) -> List[Tuple[int, str]]:
+               folds: Optional[List[Tuple[Dict[str, Any], float]]] = None,
+               control: Optional[Callable[[int], str]] = None) -> List[Tuple[int, str]]:
         """Record events, cooldown starts and folded repeats ((event, when)); returns the events'
-        (id, JSON text) once they are durable.
+        (id, JSON text) once they are durable.  control, given the first event's id, returns the
+        runtime control state to keep with them, in the same commit.
 
         Each event is serialised once, here, outside any lock: the same text goes to the
         database, the log and the /events listeners.  Its id is spliced in front under the order
@@ -1266,7 +1304,7 @@ class Store:
                 event["id"] = event_id
             # A repeat folds into an event recorded before or in this same call (its id is known now).
             repeats = [(event["id"], when) for event, when in folds or ()]
-            pending = self._keep(rows, texts, cooldowns or {}, repeats)
+            pending = self._keep(rows, texts, cooldowns or {}, repeats, control(first) if control else None)
         if pending is not None:
             pending.done.wait()
             if pending.error:
@@ -1274,9 +1312,13 @@ class Store:
         return texts
 
     def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
-              repeats: List[Tuple[int, float]]) -> Optional[_Pending]:
+              repeats: List[Tuple[int, float]], control: Optional[str]) -> Optional[_Pending]:
         """Keep records (under the order lock); a _Pending to wait for when that takes a commit."""
         raise NotImplementedError
+
+    def load_control(self) -> Optional[str]:
+        """The runtime control state as last kept (JSON), or None."""
+        return None
 
     def last_id(self) -> int:
         """The id of the latest event recorded (0: none yet)."""
@@ -1320,7 +1362,7 @@ class MemoryStore(Store):
         self._memory_by_id: Dict[int, List[Any]] = {}
 
     def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
-              repeats: List[Tuple[int, float]]) -> Optional[_Pending]:
+              repeats: List[Tuple[int, float]], control: Optional[str]) -> Optional[_Pending]:
         """Keep the rows, fold the repeats, evict the oldest of a class past its bounds."""
         with self._lock:
             for row in rows:
@@ -1396,6 +1438,7 @@ class SqliteStore(Store):
         "CREATE INDEX IF NOT EXISTS events_by_alertname ON events (alertname, id)",
         "CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts)",
         "CREATE TABLE IF NOT EXISTS cooldowns (alertname TEXT PRIMARY KEY, started_at REAL NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS control (id INTEGER PRIMARY KEY CHECK (id = 1), state TEXT NOT NULL)",
     )
     # Databases written before the retention classes lack these columns.
     _COLUMNS = (("cls", "INTEGER NOT NULL DEFAULT 0"), ("size", "INTEGER NOT NULL DEFAULT 0"),
@@ -1409,6 +1452,7 @@ class SqliteStore(Store):
         self._connection: Optional[sqlite3.Connection] = None
         self._identity: Tuple[Tuple[int, int], ...] = ()
         self._cooldowns: Dict[str, float] = {}
+        self._control: Optional[str] = None
         self._queue: "queue.SimpleQueue[Optional[_Pending]]" = queue.SimpleQueue()
         self._writer: Optional[threading.Thread] = None
         self._open(path)
@@ -1433,6 +1477,8 @@ class SqliteStore(Store):
         self._load_totals(connection)
         self._next_id = connection.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0] + 1
         self._cooldowns = dict(connection.execute("SELECT alertname, started_at FROM cooldowns").fetchall())
+        row = connection.execute("SELECT state FROM control WHERE id = 1").fetchone()
+        self._control = row[0] if row else None
         self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
         self._writer.start()
 
@@ -1515,6 +1561,8 @@ class SqliteStore(Store):
         connection = self._connect(self.path, check=False)
         connection.execute("BEGIN IMMEDIATE")
         connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", self._cooldowns.items())
+        if self._control is not None:
+            connection.execute("INSERT OR REPLACE INTO control VALUES (1, ?)", (self._control,))
         connection.execute("COMMIT")
         self._load_totals(connection)
         self._connection = connection
@@ -1525,6 +1573,10 @@ class SqliteStore(Store):
     def load_cooldowns(self) -> Dict[str, float]:
         with self._lock:
             return dict(self._cooldowns)
+
+    def load_control(self) -> Optional[str]:
+        with self._lock:
+            return self._control
 
     def load_budget_times(self, since: float) -> List[float]:
         with self._lock:
@@ -1538,11 +1590,11 @@ class SqliteStore(Store):
     # -- recording ------------------------------------------------------------------------
 
     def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
-              repeats: List[Tuple[int, float]]) -> Optional[_Pending]:
+              repeats: List[Tuple[int, float]], control: Optional[str]) -> Optional[_Pending]:
         """Queue the records for the writer; record() waits for their commit outside the lock."""
         if self._writer is None or not self._writer.is_alive():
             raise sqlite3.OperationalError("state file writer is not running")
-        pending = _Pending(rows, texts, cooldowns, repeats)
+        pending = _Pending(rows, texts, cooldowns, repeats, control)
         self._queue.put(pending)
         return pending
 
@@ -1577,10 +1629,12 @@ class SqliteStore(Store):
         cooldowns: Dict[str, float] = {}
         folds: Dict[int, List[Any]] = {}
         committed: List[Tuple[int, str]] = []
+        control = None
         for pending in batch:
             rows.extend(pending.rows)
             committed.extend(pending.texts)
             cooldowns.update(pending.cooldowns)
+            control = pending.control if pending.control is not None else control
             for event_id, when in pending.folds:
                 fold = folds.setdefault(event_id, [0, when])
                 fold[0] += 1
@@ -1598,6 +1652,8 @@ class SqliteStore(Store):
                                            [(count, when, event_id) for event_id, (count, when) in folds.items()])
                 if cooldowns:
                     connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", cooldowns.items())
+                if control is not None:
+                    connection.execute("INSERT OR REPLACE INTO control VALUES (1, ?)", (control,))
                 for row in rows:
                     totals = self._totals[row[6]]
                     totals[0] += 1
@@ -1615,6 +1671,7 @@ class SqliteStore(Store):
                 self._load_totals(connection)
                 raise
             self._cooldowns.update(cooldowns)
+            self._control = control if control is not None else self._control
             self.commits += 1
             if len(self._identity) < 2:
                 self._identity = self._stat()  # the WAL exists from the first commit on
@@ -1832,6 +1889,182 @@ def validate_webhook(payload: Any) -> List[Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Runtime control: one command language for POST /control and the Slack slash command
+# ---------------------------------------------------------------------------------------------
+
+CONTROL_USAGE = (
+    "status | help | enable | disable [DURATION] | dry-run on|off | cooldown NAME DURATION | "
+    "cooldown NAME default | rearm NAME | disable NAME [DURATION] | enable NAME | undo [ID] | reset"
+)
+CONTROL_HELP = (
+    "status (or nothing): what is in force and who set it\n"
+    "help: this text\n"
+    "enable / disable [DURATION]: the master switch on / off (off for DURATION, then back by itself)\n"
+    "dry-run on / dry-run off: only log and count, or run for real\n"
+    "cooldown NAME DURATION / cooldown NAME default: the cooldown of one alertname\n"
+    "rearm NAME: end NAME's running cooldown now\n"
+    "disable NAME [DURATION] / enable NAME: one action off / on\n"
+    "undo [ID]: revert the latest change still in force, or the change with that history id\n"
+    "reset: drop every override, back to the environment\n"
+    "DURATION: 90s, 30m, 2h, 1d, 1h30m"
+)
+CONTROL_RESULTS = ("applied", "refused", "invalid")
+CONTROL_SOURCES = ("http", "slack")
+MAX_COMMAND_CHARS = 500
+SLACK_MAX_SKEW_SEC = 300  # Slack's own rule: a request more than five minutes old is a replay
+SLACK_ANSWER_SEC = 2.5  # within Slack's 3 seconds; later answers go to the request's response_url
+
+
+class CommandError(Exception):
+    """A control command that does not parse, or names what does not exist: the message says why."""
+
+
+class Command(NamedTuple):
+    """A parsed control command."""
+
+    verb: str  # status help enable disable dry-run cooldown rearm undo reset
+    alertname: Optional[str] = None
+    value: Any = None  # dry-run: bool; cooldown: seconds or None (default); undo: an id or None
+    seconds: Optional[float] = None  # how long a disable lasts
+
+    @property
+    def changes(self) -> bool:
+        return self.verb not in ("status", "help")
+
+
+class Override(NamedTuple):
+    """One runtime override in force: its history id, what it sets, to what, until when, who."""
+
+    id: int
+    setting: str  # enabled, dry_run, cooldown, action_enabled
+    alertname: Optional[str]
+    value: Any
+    until: Optional[float]
+    by: str
+    ts: float
+
+    def public(self) -> Dict[str, Any]:
+        """As GET / lists it."""
+        return {"id": self.id, "setting": self.setting, "alertname": self.alertname, "value": self.value,
+                "until": format_rfc3339(self.until) if self.until is not None else None, "by": self.by,
+                "ts": format_rfc3339(self.ts)}
+
+
+def parse_command(text: str, actions: Mapping[str, Action]) -> Command:
+    """One control command; CommandError saying why (and showing the usage) when it does not parse."""
+    if len(text) > MAX_COMMAND_CHARS:
+        raise CommandError(f"the command is longer than {MAX_COMMAND_CHARS} characters; usage: {CONTROL_USAGE}")
+    words = text.split()
+    if not words:
+        return Command("status")
+    verb = words[0].lower()
+    rest = words[1:]
+
+    def name(word: str) -> str:
+        if word not in actions:
+            raise CommandError(f"{word[:80]!r} is not an alertname of the action map "
+                               f"({', '.join(sorted(actions)[:10])}{', ...' if len(actions) > 10 else ''})")
+        return word
+
+    def duration(word: str) -> float:
+        try:
+            return parse_duration(word)
+        except ValueError as exc:
+            raise CommandError(f"{word[:40]!r}: {exc}") from None
+
+    def arity(low: int, high: int) -> None:
+        if not low <= len(rest) <= high:
+            raise CommandError(f"{verb} takes {low if low == high else f'{low} to {high}'} word(s) after it, "
+                               f"got {len(rest)}; usage: {CONTROL_USAGE}")
+
+    if verb in ("status", "help", "reset"):
+        arity(0, 0)
+        return Command(verb)
+    if verb == "enable":
+        arity(0, 1)
+        return Command("enable", name(rest[0]) if rest else None)
+    if verb == "disable":
+        arity(0, 2)
+        if not rest:
+            return Command("disable")
+        if rest[0] in actions:
+            return Command("disable", rest[0], seconds=duration(rest[1]) if len(rest) > 1 else None)
+        if len(rest) == 1 and _DURATION.match(rest[0].lower()):
+            return Command("disable", seconds=duration(rest[0].lower()))
+        name(rest[0])  # neither an alertname nor a duration: say so
+    if verb == "dry-run":
+        arity(1, 1)
+        if rest[0].lower() not in ("on", "off"):
+            raise CommandError(f"dry-run takes on or off, got {rest[0][:40]!r}")
+        return Command("dry-run", value=rest[0].lower() == "on")
+    if verb == "cooldown":
+        arity(2, 2)
+        alertname = name(rest[0])
+        if rest[1].lower() == "default":
+            return Command("cooldown", alertname, None)
+        seconds = duration(rest[1].lower())
+        if seconds > MAX_COOLDOWN_SEC:
+            raise CommandError(f"a cooldown of at most {format_duration(MAX_COOLDOWN_SEC)}")
+        return Command("cooldown", alertname, seconds)
+    if verb == "rearm":
+        arity(1, 1)
+        return Command("rearm", name(rest[0]))
+    if verb == "undo":
+        arity(0, 1)
+        if rest and not re.fullmatch(r"[0-9]{1,18}", rest[0]):
+            raise CommandError(f"undo takes the history id of a change, got {rest[0][:40]!r}")
+        return Command("undo", value=int(rest[0]) if rest else None)
+    raise CommandError(f"unknown command {verb[:40]!r}; usage: {CONTROL_USAGE}")
+
+
+def slack_signature(secret: str, timestamp: str, body: bytes) -> str:
+    """Slack's request signature: v0= and the hex HMAC-SHA256 of v0:<timestamp>:<raw body>."""
+    import hashlib
+    import hmac
+
+    return "v0=" + hmac.new(secret.encode("utf-8"), b"v0:" + timestamp.encode("ascii") + b":" + body,
+                            hashlib.sha256).hexdigest()
+
+
+def describe_settings(status: Mapping[str, Any]) -> str:
+    """The effective state, for people (the --control command line, Slack): a few lines."""
+    mode = "OFF" if not status["enabled"] else ("DRY-RUN" if status["dry_run"] else "LIVE")
+    paused = [o for o in status.get("overrides", []) if o["setting"] == "enabled" and o["until"]]
+    if paused and not status["enabled"]:
+        mode = f"PAUSED until {paused[-1]['until']}"
+    lines = [f"autoheal is {mode} (enabled={str(status['enabled']).lower()}, dry_run={str(status['dry_run']).lower()})"]
+    for name, cooldown in sorted((status.get("cooldowns") or {}).items()):
+        flag = " DISABLED" if name in (status.get("disabled_actions") or []) else ""
+        lines.append(f"  {name}: cooldown {format_duration(cooldown['cooldown_seconds'])}, "
+                     f"{format_duration(cooldown['remaining_seconds'])} left{flag}")
+    overrides = status.get("overrides") or []
+    if overrides:
+        lines.append("overrides:")
+        for o in overrides:
+            target = f" {o['alertname']}" if o["alertname"] else ""
+            until = f" until {o['until']}" if o["until"] else ""
+            lines.append(f"  #{o['id']} {o['setting']}{target} = {json.dumps(o['value'])}{until} (by {o['by']} at {o['ts']})")
+    else:
+        lines.append("no overrides: the environment is in force")
+    if not status.get("overrides_persistent", True):
+        lines.append("state is in memory only: overrides will not survive a restart")
+    return "\n".join(lines)
+
+
+def describe_change(event: Mapping[str, Any]) -> str:
+    """One recorded change, for people: who set what from what to what, until when."""
+    target = f" {event['alertname']}" if event.get("alertname") else ""
+    text = f"{event.get('by')} ran `{event.get('command')}`: {event.get('setting')}{target}"
+    if "old" in event or "new" in event:
+        text += f" {json.dumps(event.get('old'))} -> {json.dumps(event.get('new'))}"
+    if event.get("until"):
+        text += f" until {event['until']}"
+    if event.get("undoes"):
+        text += f" (undoes #{event['undoes']})"
+    return text + f" [#{event['id']}]"
+
+
+# ---------------------------------------------------------------------------------------------
 # The application state
 # ---------------------------------------------------------------------------------------------
 
@@ -1854,6 +2087,8 @@ class Settings(NamedTuple):
     dry_run: bool
     cooldowns: Mapping[str, float]  # by alertname
     max_actions_per_hour: int
+    disabled: FrozenSet[str] = frozenset()  # actions switched off at runtime
+    overrides: Tuple[Any, ...] = ()  # the runtime overrides in force (Override)
 
     @property
     def executes(self) -> bool:
@@ -1897,6 +2132,17 @@ class LocalClaims:
             self._started[alertname] = now
             return Claim(True, cooldown)
 
+    def rearm(self, alertname: str) -> None:
+        """End alertname's running cooldown now (rearm NAME)."""
+        with self._lock:
+            self._started[alertname] = 0.0
+
+    def restore(self, alertname: str, started: Optional[float]) -> None:
+        """Put back a cooldown that rearm ended (its undo), unless the alertname acted since."""
+        with self._lock:
+            if self._started.get(alertname) in (None, 0.0) and started:
+                self._started[alertname] = started
+
     def started(self, alertname: str) -> Optional[float]:
         """When alertname's last cooldown started (None: never)."""
         with self._lock:
@@ -1920,6 +2166,8 @@ def judge(alert: Mapping[str, Any], settings: Settings, actions: Mapping[str, Ac
     action = actions.get(alertname)
     if action is None:
         return Decision(alertname, "skipped", "not_allowlisted")
+    if alertname in settings.disabled:  # switched off at runtime (disable NAME)
+        return Decision(alertname, "skipped", "disabled")
     return Decision(alertname, "pending", action=action)
 
 
@@ -2008,6 +2256,8 @@ class App:
             "autoheal_acks_total": [(outcome,) for outcome in ACK_OUTCOMES],
             "autoheal_silences_expired_total": [()],
             "autoheal_http_rejected_total": list(PRESET_REJECTIONS),
+            "autoheal_control_commands_total": [(source, result) for source in CONTROL_SOURCES
+                                                for result in CONTROL_RESULTS],
         })
         # The label sets of the per-alertname series, escaped once: /metrics with 1,000 alertnames
         # must not escape 11,000 label values on every scrape.
@@ -2022,12 +2272,33 @@ class App:
         self._latest_id = self.store.last_id()  # before the first event: _publish moves it on
         if self.store.recovered:
             self.record([make_event("state", now, result="recovered", **self.store.recovered)])
+        # Runtime control: per setting a stack of overrides (the newest in force), the changes
+        # that undo can still take back, and a thread that lapses overrides with a duration.
+        self._control_lock = threading.Lock()
+        self._control_changed = threading.Condition()
+        self._control_closed = False
+        self._stacks: Dict[Tuple[str, Optional[str]], List[Override]] = {}
+        self._changes: List[Dict[str, Any]] = []
+        self._settings_until: Optional[float] = None
+        self._next_lapse: Optional[float] = None
+        self._load_control(now)
+        self._lapser = threading.Thread(target=self._lapse_loop, name="control-lapse", daemon=True)
+        self._lapser.start()
 
     def effective(self) -> Settings:
-        """The settings in force now.  Every reader (the webhook, GET /, /metrics) asks here once."""
-        config = self.config
-        return Settings(config.enabled, config.dry_run, {name: action.cooldown_sec for name, action in
-                                                         self.actions.items()}, config.max_actions_per_hour)
+        """The settings in force now.  Every reader (the webhook, GET /, /metrics) asks here once.
+
+        Built once and kept until something changes them: with 1,000 actions, building the
+        cooldowns for every webhook would cost more than judging it.  An override whose duration
+        ran out is out of force at once, even before its lapse is recorded.
+        """
+        until = self._settings_until
+        if until is not None and self.clock() >= until:
+            with self._control_lock:
+                self._build_settings(self.clock())
+            with self._control_changed:  # and the lapse is recorded now, not at the next wake
+                self._control_changed.notify_all()
+        return self._settings
 
     def _open_store(self) -> Store:
         config = self.config
@@ -2059,11 +2330,12 @@ class App:
                   self._log_stream, self._log_lock)
 
     def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None,
-               folds: Optional[List[Tuple[Dict[str, Any], float]]] = None) -> None:
+               folds: Optional[List[Tuple[Dict[str, Any], float]]] = None,
+               control: Optional[Callable[[int], str]] = None) -> None:
         """Record events durably (waiting for the commit), then log them, one line each; a folded
-        repeat only adds to the count of the event it folds into."""
+        repeat only adds to the count of the event it folds into; control as in Store.record."""
         try:
-            texts = self.store.record(events, cooldowns, folds)
+            texts = self.store.record(events, cooldowns, folds, control)
         except sqlite3.Error as exc:
             self.log({"event": "error", "message": str(exc)}, "error")
             texts = [(event.get("id", 0), _COMPACT_JSON.encode(event)) for event in events]
@@ -2129,8 +2401,12 @@ class App:
             self._feed_changed.notify_all()
 
     def close(self) -> None:
-        """Close the listeners and the state store."""
+        """Close the listeners, the lapse thread and the state store."""
         self.close_listeners()
+        with self._control_changed:
+            self._control_closed = True
+            self._control_changed.notify_all()
+        self._lapser.join(timeout=5)
         self.store.close()
 
     def rejected(self, method: str, path: Optional[str], status: int, reason: str, client: str) -> None:
@@ -2142,6 +2418,239 @@ class App:
         self.counters.add("autoheal_http_rejected_total", (label, status))
         self.log({"event": "rejected", "method": method, "path": label, "status": status,
                   "reason": reason[:300], "client": client}, "error" if status >= 500 else "warning")
+
+    # -- runtime control ------------------------------------------------------------------
+
+    def _load_control(self, now: float) -> None:
+        """The overrides and undoable changes kept in the state file; lapsed ones are dropped now."""
+        raw = self.store.load_control()
+        if raw:
+            try:
+                state = json.loads(raw)
+                for entry in state.get("overrides", []):
+                    override = Override(*entry)
+                    if override.alertname is None or override.alertname in self.actions:
+                        self._stacks.setdefault((override.setting, override.alertname), []).append(override)
+                self._changes = [change for change in state.get("changes", []) if isinstance(change, dict)]
+            except (ValueError, TypeError) as exc:
+                self.log({"event": "error", "message": f"state file: runtime overrides unreadable ({exc}); "
+                          "the environment is in force"}, "error")
+                self._stacks, self._changes = {}, []
+        self._lapse(now)
+
+    def _control_json(self, stacks: Mapping[Tuple[str, Optional[str]], List[Override]],
+                      changes: List[Dict[str, Any]]) -> str:
+        return json.dumps({"overrides": [list(o) for stack in stacks.values() for o in stack], "changes": changes})
+
+    def _build_settings(self, now: float) -> None:
+        """Settings from the configuration and the overrides in force (the newest of each setting
+        that has not lapsed), kept until the next one lapses."""
+        config = self.config
+        enabled, dry_run = config.enabled, config.dry_run
+        cooldowns = {name: action.cooldown_sec for name, action in self.actions.items()}
+        disabled = set()
+        active = []
+        next_lapse = None
+        untils = [o.until for stack in self._stacks.values() for o in stack if o.until is not None]
+        self._next_lapse = min(untils) if untils else None  # the next lapse to record, passed or not
+        for stack in self._stacks.values():
+            live = [o for o in stack if o.until is None or o.until > now]
+            for o in live:
+                if o.until is not None:
+                    next_lapse = o.until if next_lapse is None else min(next_lapse, o.until)
+            if not live:
+                continue
+            top = live[-1]
+            active.append(top)
+            if top.setting == "enabled":
+                enabled = top.value
+            elif top.setting == "dry_run":
+                dry_run = top.value
+            elif top.setting == "cooldown" and top.value is not None:
+                cooldowns[top.alertname] = top.value
+            elif top.setting == "action_enabled" and not top.value:
+                disabled.add(top.alertname)
+        self._settings = Settings(enabled, dry_run, cooldowns, config.max_actions_per_hour, frozenset(disabled),
+                                  tuple(sorted(active, key=lambda o: o.id)))
+        self._settings_until = next_lapse
+
+    def control(self, text: str, source: str, by: str, client: str, reason: Optional[str] = None,
+                may_change: bool = True, attempt_refused: Optional[str] = None
+                ) -> Tuple[str, Optional[Dict[str, Any]], str]:
+        """Run one control command: (result, the recorded change, a message for people).
+
+        result is applied, refused (not allowed, or nothing to undo) or invalid (does not parse);
+        every refused or invalid command is recorded too, with who and from where.
+        attempt_refused: the door refused the attempt (a wrong token); only recorded.
+        """
+        reason = (reason or "")[:500] or None
+        if attempt_refused is not None:
+            return self._control_refusal("refused", attempt_refused, text, source, by, client, reason)
+        try:
+            command = parse_command(text, self.actions)
+        except CommandError as exc:
+            return self._control_refusal("invalid", str(exc), text, source, by, client, reason)
+        if not command.changes:
+            return "applied", None, CONTROL_HELP if command.verb == "help" else describe_settings(self.status())
+        if not may_change:
+            return self._control_refusal("refused", f"{by} may run status and help only (not an admin)",
+                                         text, source, by, client, reason)
+        with self._control_lock:  # one change at a time, committed before it is in force
+            now = self.clock()
+            plan = self._plan(command, now)
+            if isinstance(plan, str):
+                return self._control_refusal("refused", plan, text, source, by, client, reason)
+            fields, change = plan
+            event = make_event("control", now, result="applied", source=source, by=by, client=client, command=text,
+                               reason=reason, **fields)
+            built: List[Any] = []
+
+            def after(event_id: int) -> str:  # the state once this change is in force, under its id
+                built.append(self._apply(command, change, event_id, by, now))
+                return self._control_json(*built[0])
+
+            cooldowns = {command.alertname: 0.0} if command.verb == "rearm" else None
+            if change["kind"] == "undo" and change["target"]["kind"] == "rearm" and \
+                    self.claims.started(change["alertname"]) in (None, 0.0) and change["started"]:
+                cooldowns = {change["alertname"]: change["started"]}
+            self.record([event], cooldowns, control=after)
+            self._stacks, self._changes = built[0]
+            self._build_settings(now)
+            if command.verb == "rearm":
+                self.claims.rearm(command.alertname or "")
+            elif command.verb == "undo" and change.get("kind") == "rearm":
+                self.claims.restore(change["alertname"], change["started"])
+        with self._control_changed:
+            self._control_changed.notify_all()
+        self.counters.add("autoheal_control_commands_total", (source, "applied"))
+        return "applied", event, describe_change(event)
+
+    def _control_refusal(self, result: str, why: str, text: str, source: str, by: str, client: str,
+                         reason: Optional[str]) -> Tuple[str, Optional[Dict[str, Any]], str]:
+        event = make_event("control", self.clock(), result=result, source=source, by=by, client=client,
+                           command=text[:MAX_COMMAND_CHARS], reason=reason, error=why)
+        self.record([event])
+        self.counters.add("autoheal_control_commands_total", (source, result))
+        return result, event, why
+
+    def _current(self, setting: str, alertname: Optional[str]) -> Any:
+        settings = self._settings
+        if setting == "enabled":
+            return settings.enabled
+        if setting == "dry_run":
+            return settings.dry_run
+        if setting == "cooldown":
+            return settings.cooldowns[alertname]
+        return alertname not in settings.disabled
+
+    def _plan(self, command: Command, now: float) -> Any:
+        """What a change does: (the event's fields, the undoable change), or why it is refused."""
+        setting, alertname, value = {
+            "enable": ("action_enabled" if command.alertname else "enabled", command.alertname, True),
+            "disable": ("action_enabled" if command.alertname else "enabled", command.alertname, False),
+            "dry-run": ("dry_run", None, command.value),
+            "cooldown": ("cooldown", command.alertname, command.value),
+        }.get(command.verb, (None, None, None))
+        if setting is not None:
+            until = now + command.seconds if command.seconds else None
+            new = value if not (setting == "cooldown" and value is None) else self.actions[alertname].cooldown_sec
+            return ({"setting": setting, "alertname": alertname, "old": self._current(setting, alertname), "new": new,
+                     "until": format_rfc3339(until) if until else None},
+                    {"kind": "override", "setting": setting, "alertname": alertname, "value": value, "until": until})
+        if command.verb == "rearm":
+            started = self.claims.started(command.alertname or "")
+            left = cooldown_remaining(started, self._settings.cooldowns[command.alertname], now)
+            return ({"setting": "cooldown_running", "alertname": command.alertname, "old": math.ceil(left), "new": 0},
+                    {"kind": "rearm", "alertname": command.alertname, "started": started})
+        if command.verb == "reset":
+            dropped = [list(o) for stack in self._stacks.values() for o in stack]
+            if not dropped:
+                return "nothing to reset: no override is in force, the environment is"
+            return ({"setting": "all", "old": len(dropped), "new": 0}, {"kind": "reset", "dropped": dropped})
+        # undo
+        targets = [change for change in self._changes if command.value is None or change["id"] == command.value]
+        if not targets:
+            return ("nothing to undo: no change is in force" if command.value is None
+                    else f"no change #{command.value} is in force to undo")
+        target = targets[-1]
+        if target["kind"] == "override":
+            key = (target["setting"], target["alertname"])
+            before = self._current(*key)
+            return ({"setting": target["setting"], "alertname": target["alertname"], "old": before,
+                     "undoes": target["id"]}, {"kind": "undo", "target": target})
+        if target["kind"] == "rearm":
+            return ({"setting": "cooldown_running", "alertname": target["alertname"], "undoes": target["id"]},
+                    {"kind": "undo", "target": target, "alertname": target["alertname"],
+                     "started": target["started"]})
+        return ({"setting": "all", "undoes": target["id"]}, {"kind": "undo", "target": target})
+
+    def _apply(self, command: Command, change: Dict[str, Any], event_id: int, by: str,
+               now: float) -> Tuple[Dict[Tuple[str, Optional[str]], List[Override]], List[Dict[str, Any]]]:
+        """The overrides and undoable changes once a planned change is in force (nothing mutated)."""
+        stacks = {key: list(stack) for key, stack in self._stacks.items()}
+        changes = list(self._changes)
+        kind = change["kind"]
+        if kind == "override":
+            key = (change["setting"], change["alertname"])
+            stacks.setdefault(key, []).append(Override(event_id, change["setting"], change["alertname"],
+                                                       change["value"], change["until"], by, now))
+            changes.append({"id": event_id, "kind": "override", "setting": change["setting"],
+                            "alertname": change["alertname"]})
+        elif kind == "rearm":
+            changes.append({"id": event_id, "kind": "rearm", "alertname": change["alertname"],
+                            "started": change["started"]})
+        elif kind == "reset":
+            stacks = {}
+            changes.append({"id": event_id, "kind": "reset", "dropped": change["dropped"]})
+        else:  # undo
+            target = change["target"]
+            changes = [c for c in changes if c["id"] != target["id"]]
+            if target["kind"] == "override":
+                key = (target["setting"], target["alertname"])
+                stacks[key] = [o for o in stacks.get(key, []) if o.id != target["id"]]
+            elif target["kind"] == "reset":  # what the reset dropped, under what came after it
+                for entry in target["dropped"]:
+                    override = Override(*entry)
+                    stacks.setdefault((override.setting, override.alertname), []).insert(0, override)
+        return {key: stack for key, stack in stacks.items() if stack}, changes
+
+    def _lapse(self, now: float) -> None:
+        """Drop the overrides whose duration ran out, each recorded as a lapse (also at start, for
+        those that ran out while autoheal was down)."""
+        with self._control_lock:
+            lapsed = [o for stack in self._stacks.values() for o in stack if o.until is not None and o.until <= now]
+            if lapsed:
+                stacks = {key: [o for o in stack if o not in lapsed] for key, stack in self._stacks.items()}
+                stacks = {key: stack for key, stack in stacks.items() if stack}
+                ids = {o.id for o in lapsed}
+                changes = [change for change in self._changes if change["id"] not in ids]
+                events = [make_event("control", now, result="lapsed", source="autoheal", by="autoheal",
+                                     setting=o.setting, alertname=o.alertname, old=o.value, undoes=o.id,
+                                     until=format_rfc3339(o.until)) for o in lapsed]
+                state = self._control_json(stacks, changes)
+                self.record(events, control=lambda _first: state)
+                self._stacks, self._changes = stacks, changes
+            self._build_settings(now)
+
+    def _lapse_loop(self) -> None:
+        """Wake when the next override lapses (or something changes), and lapse it."""
+        while True:
+            with self._control_changed:
+                if self._control_closed:
+                    return
+                until = self._next_lapse
+                wait = 60.0 if until is None else max(0.0, min(60.0, until - self.clock()))
+                if wait > 0:
+                    self._control_changed.wait(wait)
+                if self._control_closed:
+                    return
+            if self._next_lapse is not None and self.clock() >= self._next_lapse:
+                try:
+                    self._lapse(self.clock())
+                except Exception as exc:  # the loop must outlive a failed write; the next wake retries
+                    self.log({"event": "error", "message": f"lapsing an override: {type(exc).__name__}: {exc}"},
+                             "error")
+                    time.sleep(1)
 
     # -- the webhook ----------------------------------------------------------------------
 
@@ -2309,7 +2818,7 @@ class App:
                                 self.claims.started(name), settings.cooldowns[name], now), 3)}
                      for name in self.action_names}
         limit = settings.max_actions_per_hour
-        return {
+        answer = {
             "status": "ok",
             "enabled": settings.enabled,
             "dry_run": settings.dry_run,
@@ -2322,10 +2831,17 @@ class App:
             "max_actions_per_hour": limit,
             "action_budget_remaining": max(0, limit - self.claims.budget_used(now)) if limit else None,
             "state_persistent": self.store.persistent,
+            # Runtime control: what is switched off, and every override in force with who set it.
+            "disabled_actions": sorted(settings.disabled),
+            "overrides": [override.public() for override in settings.overrides],
+            "overrides_persistent": self.store.persistent,
             # How far back /history reaches, per retention class (None: nothing kept yet).
             "history_oldest": {name: (format_rfc3339(ts) if ts is not None else None)
                                for name, ts in self.store.oldest().items()},
         }
+        if not self.store.persistent:
+            answer["overrides_note"] = "state is in memory only: overrides will not survive a restart"
+        return answer
 
     def render_metrics(self) -> str:
         """The Prometheus text exposition (0.0.4): every family of METRICS, in its order."""
@@ -2385,6 +2901,11 @@ class App:
                                              for (path, status), count in
                                              sorted(counters["autoheal_http_rejected_total"].items())],
             "autoheal_state_commits_total": [("", self.store.commits)],
+            "autoheal_action_disabled": zip(labels, [int(name in settings.disabled) for name in names]),
+            "autoheal_overrides": [("", len(settings.overrides))],
+            "autoheal_control_commands_total": [(format_labels({"source": source, "result": result}), count)
+                                                for (source, result), count in
+                                                sorted(counters["autoheal_control_commands_total"].items())],
             "autoheal_event_listeners": [("", listeners)],
             "autoheal_actions_running": [("", self.processes.count())],
             "autoheal_start_time_seconds": [("", self.started_at)],
@@ -2564,7 +3085,7 @@ class Route(NamedTuple):
 
 # Pools: "quick" never waits on a command or a peer (the health check and the scrape); "main"
 # runs webhooks and their commands; "ack" waits on Alertmanager, so that acks can never take
-# the workers that webhooks need.
+# the workers that webhooks need; "control" keeps runtime control answering while actions run wild.
 ROUTES: Dict[str, Route] = {
     "/": Route("status", ("GET",), "quick"),
     "/metrics": Route("metrics", ("GET",), "quick"),
@@ -2573,6 +3094,8 @@ ROUTES: Dict[str, Route] = {
     "/ack/undo": Route("undo", ("POST",), "ack", changes=True, token="ack", form=True, for_people=True),
     "/history": Route("history", ("GET",), "quick"),
     "/events": Route("events", ("GET",), "quick"),
+    "/control": Route("control", ("POST",), "control", changes=True),
+    "/slack/command": Route("slack", ("POST",), "control"),
 }
 
 
@@ -2658,7 +3181,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _STATUS_PHRASES = {
     100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
-    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    409: "Conflict", 429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
     502: "Bad Gateway",
 }
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -2961,6 +3484,99 @@ class Handler:
         query = parse_history_query(params, self.app.clock())
         self._send(200, self.app.history(**query).encode("utf-8"), "application/json")
 
+    def route_control(self, method: str, params: Mapping[str, str]) -> None:
+        """POST /control: one runtime control command, with the admin token."""
+        config = self.app.config
+        if config.admin_token is None:
+            raise HttpError(403, "runtime control over HTTP is off: set AUTOHEAL_ADMIN_TOKEN to turn it on")
+        body = parse_json_body(self._read_body())
+        if not isinstance(body, dict) or not isinstance(body.get("command", ""), str):
+            raise HttpError(400, 'body must be a JSON object {"command": "<text>", "reason": "...", "by": "..."}')
+        for key in ("reason", "by"):
+            if not isinstance(body.get(key, ""), str) or len(body.get(key) or "") > 200:
+                raise HttpError(400, f"{key}: expected a string of at most 200 characters")
+        by = (body.get("by") or "admin").strip() or "admin"
+        scheme, _, token = self.headers.get("authorization", "").partition(" ")
+        try:
+            self._check_token(config.admin_token, token.strip() if scheme.lower() == "bearer" else None, 401,
+                              "Authorization: Bearer admin token")
+        except HttpError as exc:  # a refused attempt is recorded, with who and from where
+            self.app.control(body.get("command", ""), "http", by, self.request.client, body.get("reason"),
+                             may_change=False, attempt_refused=exc.message)
+            raise
+        result, change, message = self.app.control(body.get("command", ""), "http", by, self.request.client,
+                                                   body.get("reason"))
+        if result != "applied":
+            status = 400 if result == "invalid" else 409
+            raise HttpError(status, message + ("" if result == "refused" else ""))
+        self._send_json(200, {"ok": True, "change": change, "status": self.app.status(), "text": message})
+
+    def route_slack(self, method: str, params: Mapping[str, str]) -> None:
+        """POST /slack/command: a Slack slash command, verified by its signature over the raw body."""
+        config = self.app.config
+        body = self._read_body()
+        if body == b"ssl_check=1" or body.startswith(b"ssl_check=1&"):  # Slack's probe: changes nothing
+            self._send_json(200, {"ok": True})
+            return
+        secret = config.slack_signing_secret
+        if secret is None:
+            raise HttpError(403, "the Slack door is off: set AUTOHEAL_SLACK_SIGNING_SECRET to the app's signing secret")
+        import hmac
+
+        timestamp = self.headers.get("x-slack-request-timestamp", "")
+        signature = self.headers.get("x-slack-signature", "")
+        if not re.fullmatch(r"[0-9]{1,12}", timestamp) or not hmac.compare_digest(
+                signature.encode("latin-1"), slack_signature(secret, timestamp, body).encode("ascii")):
+            raise HttpError(401, "X-Slack-Signature is missing or wrong")
+        if abs(self.app.clock() - int(timestamp)) > SLACK_MAX_SKEW_SEC:
+            raise HttpError(401, "X-Slack-Request-Timestamp is more than 5 minutes from now: a replay")
+        try:
+            form = parse_query(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise HttpError(400, "body is not UTF-8 form data") from None
+        user_id = form.get("user_id", "")[:40]
+        by = f"{user_id} ({form.get('user_name', '')[:80]})" if form.get("user_name") else user_id
+        app = self.app
+        answers: "queue.SimpleQueue[Dict[str, Any]]" = queue.SimpleQueue()
+
+        def run() -> None:
+            result, change, message = app.control(form.get("text", ""), "slack", by, self.request.client,
+                                                  may_change=user_id in config.slack_admins)
+            if result == "applied" and change is not None:
+                # Said in the channel, with a mention, so that everyone sees who changed what.
+                answers.put({"response_type": "in_channel",
+                             "text": f"<@{user_id}> changed autoheal: {message}\n{describe_settings(app.status())}"})
+            else:
+                prefix = "" if result == "applied" else f"Not done ({result}): "
+                answers.put({"response_type": "ephemeral", "text": prefix + message})
+
+        # Slack waits 3 s for an answer.  A command still committing then (a slow state file)
+        # answers through the request's response_url when it is done.
+        worker = threading.Thread(target=run, name="slack-command", daemon=True)
+        worker.start()
+        try:
+            self._send_json(200, answers.get(timeout=SLACK_ANSWER_SEC))
+            return
+        except queue.Empty:
+            pass
+        response_url = form.get("response_url", "")
+        if not response_url.startswith(config.slack_response_prefix.rstrip("/") + "/"):
+            response_url = ""
+
+        def follow_up() -> None:
+            worker.join()
+            answer = answers.get()
+            if response_url:
+                try:
+                    http_request("POST", response_url, json.dumps(answer).encode("utf-8"),
+                                 {"Content-Type": "application/json"}, timeout=10)
+                except OSError as exc:
+                    app.log({"event": "warning", "message": f"Slack response_url did not answer: {exc}"}, "warning")
+
+        threading.Thread(target=follow_up, name="slack-follow-up", daemon=True).start()
+        self._send_json(200, {"response_type": "ephemeral",
+                              "text": "Working on it: the state file is slow; the answer follows here."})
+
     def route_events(self, method: str, params: Mapping[str, str]) -> None:
         if method == "HEAD":
             self._send(200, b"", "text/event-stream")
@@ -3112,7 +3728,7 @@ class Server:
         # but SQLite ("quick").  However many slow actions or silent Alertmanager calls fill the
         # first two, GET / (the health check) and /metrics are still answered by the third, and
         # acks never hold a worker that a webhook needs.
-        sizes = {"main": self.config.workers, "ack": ACK_WORKERS, "quick": QUICK_WORKERS}
+        sizes = {"main": self.config.workers, "ack": ACK_WORKERS, "quick": QUICK_WORKERS, "control": QUICK_WORKERS}
         self._pools: Dict[str, "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]"] = {
             name: queue.SimpleQueue() for name in sizes}
         self._busy = 0
@@ -3442,7 +4058,7 @@ def connection_limit(config: Config) -> Tuple[int, Optional[str]]:
 
     # Besides connections: the workers' sockets in flight, /events streams, SQLite, the pipes of
     # running commands, outgoing calls, and some to spare.
-    reserve = config.workers + ACK_WORKERS + QUICK_WORKERS + config.max_event_listeners \
+    reserve = config.workers + ACK_WORKERS + 2 * QUICK_WORKERS + config.max_event_listeners \
         + 2 * config.max_concurrent_actions + 64
     wanted = config.max_connections + reserve
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -3548,6 +4164,12 @@ def smoke(args: List[str], env: Mapping[str, str]) -> int:
 
     report(*_smoke_ack(base, alertmanager_url, env))
 
+    overrides = status.get("overrides") or []
+    report(True, "overrides", "; ".join(f"#{o['id']} {o['setting']}{' ' + o['alertname'] if o.get('alertname') else ''}"
+                                        f" = {json.dumps(o['value'])} by {o['by']}"
+                                        + (f" until {o['until']}" if o.get("until") else "") for o in overrides)
+           or "none: the environment is in force")
+
     cooldowns = status.get("cooldowns") or {}
     report(bool(cooldowns) and set(cooldowns) == set(status.get("actions") or []), "cooldowns", ", ".join(
         f"{name} {format_value(value.get('cooldown_seconds', 0))}s"
@@ -3639,6 +4261,49 @@ def _smoke_ack(base: str, alertmanager_url: Optional[str], env: Mapping[str, str
                 pass
 
 
+def control_cli(args: List[str], env: Mapping[str, str]) -> int:
+    """--control "<command>" [--reason TEXT] [--url URL]: one command to the running instance,
+    its answer printed for people; 0 when applied (or status and help), 1 when refused, 2 on misuse."""
+    words = list(args)
+    options: Dict[str, Optional[str]] = {"--reason": None, "--url": None}
+    text = None
+    while words:
+        word = words.pop(0)
+        name, equals, value = word.partition("=")
+        if name in options and (equals or words):
+            options[name] = value if equals else words.pop(0)
+        elif text is None and not word.startswith("--"):
+            text = word
+        else:
+            print(f'error: --control takes "<command>" [--reason TEXT] [--url URL]; got {word!r}', file=sys.stderr)
+            return 2
+    token = env.get("AUTOHEAL_ADMIN_TOKEN")
+    if not token:
+        print("error: set AUTOHEAL_ADMIN_TOKEN to the instance's admin token", file=sys.stderr)
+        return 2
+    base = (options["--url"] or f"http://127.0.0.1:{env.get('AUTOHEAL_PORT', str(DEFAULT_PORT)).strip()}").rstrip("/")
+    body = {"command": text or "", "by": env.get("USER") or "admin"}
+    if options["--reason"]:
+        body["reason"] = options["--reason"]
+    try:
+        status, raw = http_request("POST", base + "/control", json.dumps(body).encode("utf-8"),
+                                   {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}, timeout=10)
+    except OSError as exc:
+        print(f"error: autoheal at {base} {describe_failure(exc, 10)}", file=sys.stderr)
+        return 1
+    answer = decode_answer(raw)
+    if status != 200 or not isinstance(answer, dict):
+        why = answer.get("error") if isinstance(answer, dict) else answer
+        print(f"refused ({status}): {why}", file=sys.stderr)
+        return 1
+    if answer.get("change"):
+        print(answer.get("text", ""))
+        print(describe_settings(answer["status"]))
+    else:
+        print(answer.get("text", ""))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run autoheal; returns the process exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -3652,6 +4317,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return check(os.environ)
     if args[:1] == ["--smoke"]:
         return smoke(args[1:], os.environ)
+    if args[:1] == ["--control"]:
+        return control_cli(args[1:], os.environ)
     if args:
         print(f"error: unknown argument {args[0]!r}; see --help", file=sys.stderr)
         return 2

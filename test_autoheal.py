@@ -2303,11 +2303,13 @@ def test_smoke_passes_against_a_live_deployment_and_changes_nothing(tmp_path, al
         lines = done.stdout.splitlines()
         assert done.returncode == 0, done.stdout + done.stderr
         assert [line.split(":")[0] for line in lines[:-1]] == [
-            "PASS status", "PASS metrics", "PASS prometheus", "PASS ack", "PASS cooldowns", "PASS webhook"]
+            "PASS status", "PASS metrics", "PASS prometheus", "PASS ack", "PASS overrides", "PASS cooldowns",
+            "PASS webhook"]
         assert "enabled=False, dry_run=True, 3 actions" in lines[0]
-        assert "TcpEndpointDownFast 600s (remaining 0s)" in lines[4]
-        assert "skipped/not_allowlisted" in lines[5]
-        assert lines[-1] == "6 passed, 0 failed"
+        assert "none: the environment is in force" in lines[4]
+        assert "TcpEndpointDownFast 600s (remaining 0s)" in lines[5]
+        assert "skipped/not_allowlisted" in lines[6]
+        assert lines[-1] == "7 passed, 0 failed"
         assert smoke_silences(alertmanager) == []
         for name in ("CrmMetricsScrapeStale", "TcpEndpointDownFast", "UptimeProbeFailing"):
             assert running.metric(f'autoheal_cooldown_remaining_seconds{{alertname="{name}"}}') == 0
@@ -2328,9 +2330,9 @@ def test_smoke_with_alertmanager_stopped_fails_the_ack_check_clearly(tmp_path):
         assert done.returncode == 1
         lines = done.stdout.splitlines()
         assert [line.split(":")[0] for line in lines[:-1]] == [
-            "PASS status", "PASS metrics", "FAIL ack", "PASS cooldowns", "PASS webhook"]
+            "PASS status", "PASS metrics", "FAIL ack", "PASS overrides", "PASS cooldowns", "PASS webhook"]
         assert "/ack answered 502" in lines[2] and "refused the connection" in lines[2]
-        assert lines[-1] == "4 passed, 1 failed"
+        assert lines[-1] == "5 passed, 1 failed"
     finally:
         running.stop()
     again = start_alertmanager(tmp_path / "am", MINIMAL_ALERTMANAGER)  # same storage: nothing was left behind
@@ -3145,8 +3147,9 @@ def test_the_route_table_is_the_one_place_a_request_target_is_mapped():
     assert autoheal.route_path("http://autoheal:9009/ack?labels=x") == "/ack"
     assert autoheal.route_path("/ack/undo") == "/ack/undo"
     assert autoheal.route_path("/ack/") is None and autoheal.route_path("http://[bad/ack") is None
-    assert {route.pool for route in autoheal.ROUTES.values()} == {"quick", "main", "ack"}
-    assert [path for path, route in autoheal.ROUTES.items() if route.changes] == ["/alert", "/ack", "/ack/undo"]
+    assert {route.pool for route in autoheal.ROUTES.values()} == {"quick", "main", "ack", "control"}
+    assert [path for path, route in autoheal.ROUTES.items() if route.changes] == [
+        "/alert", "/ack", "/ack/undo", "/control"]
 
 
 def test_judging_is_pure_and_claiming_is_one_atomic_step():
@@ -3163,3 +3166,217 @@ def test_judging_is_pure_and_claiming_is_one_atomic_step():
     assert claims.claim("Other", 60, 1, 1061.0).won  # the hour's one budget slot
     assert claims.claim("Third", 60, 1, 1062.0) == (False, 0.0, "budget")  # spent
     assert claims.claim("Third", 60, 1, 1061.0 + 3600.5).won  # an hour later, free again
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime control: POST /control, the Slack slash command, --control
+# ---------------------------------------------------------------------------------------------
+
+ADMIN = {"AUTOHEAL_ADMIN_TOKEN": "admin-secret-1", "AUTOHEAL_SLACK_SIGNING_SECRET": "8f742231b10e8888abcd99yyyzzz85a5",
+         "AUTOHEAL_SLACK_ADMINS": "U0ADMIN1"}
+
+
+def control(client, command, token="admin-secret-1", **fields):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return client.json("POST", "/control", {"command": command, **fields}, headers)
+
+
+def independent_slack_signature(secret, timestamp, body):
+    """Slack's documented scheme, written apart from autoheal's: a stand-in for Slack's signer."""
+    import hashlib
+    import hmac
+
+    base = b"v0:" + str(timestamp).encode() + b":" + body
+    return "v0=" + hmac.new(secret.encode(), base, hashlib.sha256).hexdigest()
+
+
+def slack_post(client, text, user_id="U0ADMIN1", secret=ADMIN["AUTOHEAL_SLACK_SIGNING_SECRET"], timestamp=None,
+               signature=None):
+    body = urllib.parse.urlencode({"token": "legacy", "team_id": "T0001", "channel_id": "C0001",
+                                   "user_id": user_id, "user_name": "ana", "command": "/autoheal", "text": text,
+                                   "response_url": "https://hooks.slack.com/commands/T0001/1/x"}).encode()
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Slack-Request-Timestamp": str(timestamp),
+               "X-Slack-Signature": signature if signature is not None else
+               independent_slack_signature(secret, timestamp, body)}
+    return client.json("POST", "/slack/command", body, headers)
+
+
+def test_slack_signature_matches_slacks_documented_example():
+    body = (b"token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V"
+            b"&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text="
+            b"&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN"
+            b"&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c")
+    expected = "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503"
+    assert autoheal.slack_signature("8f742231b10e8888abcd99yyyzzz85a5", "1531420618", body) == expected
+    assert independent_slack_signature("8f742231b10e8888abcd99yyyzzz85a5", 1531420618, body) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("frobnicate", "unknown command 'frobnicate'"),
+    ("cooldown NoSuchAlert 5m", "'NoSuchAlert' is not an alertname of the action map"),
+    ("cooldown TcpEndpointDownFast soon", "'soon': expected a duration"),
+    ("dry-run maybe", "dry-run takes on or off"),
+    ("disable TcpEndpointDownFast 1h extra", "disable takes 0 to 2 word(s)"),
+    ("undo last", "undo takes the history id of a change"),
+    ("rearm", "rearm takes 1 word(s)"),
+    ("disable soonish", "'soonish' is not an alertname"),
+])
+def test_bad_commands_are_400_saying_why_and_recorded(text, message):
+    with serving(ADMIN) as running:
+        status, body = control(running, text)
+        assert status == 400 and message in body["error"], body
+        [event] = running.json("GET", "/history?kind=control")[1]["events"]
+        assert (event["result"], event["command"], event["source"]) == ("invalid", text, "http")
+        assert running.metric('autoheal_control_commands_total{result="invalid",source="http"}') == 1
+        assert running.metric("autoheal_overrides") == 0
+
+
+def test_each_command_changes_decisions_status_and_metrics(tmp_path):
+    clock = FakeClock()
+    with serving({**ADMIN, "AUTOHEAL_ENABLED": "true", "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")},
+                 clock=clock) as running:
+        def result(name="TcpEndpointDownFast"):
+            answer = running.post_alert(webhook(alert(name)))[1]["results"][0]
+            return answer["result"], answer.get("reason")
+        assert result() == ("dry_run", "dry_run")
+        assert result() == ("cooldown_skip", None)
+        status, body = control(running, "rearm TcpEndpointDownFast", reason="fixed by hand", by="ana")
+        assert status == 200 and body["change"]["by"] == "ana" and body["change"]["reason"] == "fixed by hand"
+        assert result() == ("dry_run", "dry_run")  # rearmed: the cooldown ended at once
+        status, body = control(running, "DISABLE 1h")  # keywords in any case
+        assert status == 200 and body["status"]["enabled"] is False
+        assert body["status"]["overrides"][0]["until"] == autoheal.format_rfc3339(clock.now + 3600)
+        assert result("CrmMetricsScrapeStale") == ("dry_run", "disabled")
+        assert running.metric("autoheal_enabled") == 0 and running.metric("autoheal_overrides") == 1
+        clock.advance(3601)  # the pause lapses by itself
+        assert running.json("GET", "/")[1]["enabled"] is True
+        wait_for(lambda: running.json("GET", "/history?kind=control&result=lapsed")[1]["events"])
+        assert control(running, "dry-run off")[0] == 200
+        assert control(running, "cooldown UptimeProbeFailing 2h")[0] == 200
+        assert running.metric('autoheal_cooldown_seconds{alertname="UptimeProbeFailing"}') == 7200
+        assert control(running, "disable UptimeProbeFailing")[0] == 200
+        assert result("UptimeProbeFailing") == ("skipped", "disabled")
+        assert running.metric('autoheal_action_disabled{alertname="UptimeProbeFailing"}') == 1
+        status = running.json("GET", "/")[1]
+        assert status["dry_run"] is False and status["disabled_actions"] == ["UptimeProbeFailing"]
+        assert [o["setting"] for o in status["overrides"]] == ["dry_run", "cooldown", "action_enabled"]
+        assert status["cooldowns"]["UptimeProbeFailing"]["cooldown_seconds"] == 7200
+        assert control(running, "enable UptimeProbeFailing")[0] == 200
+        assert running.metric('autoheal_action_disabled{alertname="UptimeProbeFailing"}') == 0
+        assert control(running, "cooldown UptimeProbeFailing default")[0] == 200
+        assert running.metric('autoheal_cooldown_seconds{alertname="UptimeProbeFailing"}') == 600
+        assert running.metric('autoheal_control_commands_total{result="applied",source="http"}') == 7
+
+
+def test_undo_by_id_and_reset_restore_exactly_what_was_in_force():
+    with serving(ADMIN) as running:
+        first = control(running, "cooldown TcpEndpointDownFast 5m")[1]["change"]
+        second = control(running, "cooldown TcpEndpointDownFast 10m")[1]["change"]
+        control(running, "dry-run off")
+        def cooldown():
+            return running.json("GET", "/")[1]["cooldowns"]["TcpEndpointDownFast"]["cooldown_seconds"]
+        assert cooldown() == 600 and running.json("GET", "/")[1]["dry_run"] is False
+        status, body = control(running, f"undo {second['id']}")
+        assert status == 200 and body["change"]["undoes"] == second["id"] and cooldown() == 300
+        assert body["status"]["dry_run"] is False  # only that change was taken back
+        status, body = control(running, "undo")  # the latest change still in force: dry-run off
+        assert status == 200 and body["status"]["dry_run"] is True and cooldown() == 300
+        status, body = control(running, "reset")
+        assert status == 200 and body["status"]["overrides"] == [] and cooldown() == 600
+        status, body = control(running, "undo")  # undoing the reset brings back what it dropped
+        assert status == 200 and cooldown() == 300 and [o["id"] for o in body["status"]["overrides"]] == [first["id"]]
+        control(running, "reset")
+        status, body = control(running, "undo 999999")
+        assert status == 409 and "no change #999999" in body["error"]
+        status, body = control(running, "reset")
+        assert status == 409 and "nothing to reset" in body["error"]
+        refused = running.json("GET", "/history?kind=control&result=refused")[1]["events"]
+        assert len(refused) == 2
+
+
+def test_the_http_door_is_off_without_a_token_and_refuses_a_wrong_one_on_the_record():
+    with serving() as running:
+        status, body = control(running, "disable")
+        assert status == 403 and "AUTOHEAL_ADMIN_TOKEN" in body["error"]
+        assert running.json("GET", "/")[1]["enabled"] is False and running.metric("autoheal_overrides") == 0
+    with serving(ADMIN) as running:
+        for token in ("guess", None):
+            status, body = control(running, "dry-run off", token=token, by="mallory")
+            assert status == 401
+        refused = running.json("GET", "/history?kind=control")[1]["events"]
+        assert [(e["result"], e["by"], e["client"]) for e in refused] == [("refused", "mallory", "127.0.0.1")] * 2
+        assert running.json("GET", "/")[1]["dry_run"] is True
+        assert not [line for line in running.log_lines() if "guess" in line or "admin-secret-1" in line]
+        status, _ = running.json("POST", "/control", {"command": "disable"},
+                                 {"Authorization": "Bearer admin-secret-1", "Origin": "https://evil.example"})
+        assert status == 403  # a cross-site page cannot use an admin's browser
+
+
+def test_the_slack_door_verifies_signatures_and_admins():
+    with serving({**ADMIN, "AUTOHEAL_ENABLED": "true"}) as running:
+        now = int(time.time())
+        for signature, timestamp in (("v0=" + "0" * 64, now), ("", now), (None, now - 301), (None, now + 301)):
+            status, body = slack_post(running, "disable", timestamp=timestamp, signature=signature)
+            assert status == 401, (signature, timestamp, body)  # wrong, missing, stale (a replay), future
+        status, body = slack_post(running, "disable", secret="not-the-secret")
+        assert status == 401
+        assert running.json("GET", "/")[1]["enabled"] is True
+        status, body = slack_post(running, "status", user_id="U0SOMEONE")  # anyone may look
+        assert status == 200 and body["response_type"] == "ephemeral" and "autoheal is DRY-RUN" in body["text"]
+        status, body = slack_post(running, "disable", user_id="U0SOMEONE")  # but not change
+        assert status == 200 and body["response_type"] == "ephemeral" and "not an admin" in body["text"]
+        status, body = slack_post(running, "disable 30m")
+        assert status == 200 and body["response_type"] == "in_channel" and body["text"].startswith("<@U0ADMIN1>")
+        assert "PAUSED until" in body["text"]
+        status, body = slack_post(running, "frob")
+        assert body["response_type"] == "ephemeral" and "unknown command" in body["text"]
+        events = running.json("GET", "/history?kind=control")[1]["events"]
+        assert [(e["result"], e["by"], e["source"]) for e in events][:3] == [
+            ("invalid", "U0ADMIN1 (ana)", "slack"), ("applied", "U0ADMIN1 (ana)", "slack"),
+            ("refused", "U0SOMEONE (ana)", "slack")]
+        assert running.json("POST", "/slack/command", b"ssl_check=1&token=x")[0] == 200
+    with serving() as running:
+        assert slack_post(running, "status")[0] == 403  # no secret, no door
+
+
+def test_overrides_survive_a_sigkill_and_a_duration_runs_on_while_down(tmp_path):
+    env = {**ADMIN, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}
+    running = AutohealProcess(env, tmp_path)
+    try:
+        assert control(running, "cooldown TcpEndpointDownFast 3h")[0] == 200
+        assert control(running, "disable 2s")[0] == 200
+    finally:
+        running.stop(signal.SIGKILL)
+    time.sleep(2.2)  # down for longer than the pause
+    running = AutohealProcess(env, tmp_path)
+    try:
+        status = running.json("GET", "/")[1]
+        assert status["cooldowns"]["TcpEndpointDownFast"]["cooldown_seconds"] == 10800
+        assert status["enabled"] is False and [o["setting"] for o in status["overrides"]] == ["cooldown"]
+        lapsed = running.json("GET", "/history?kind=control&result=lapsed")[1]["events"]
+        assert [e["setting"] for e in lapsed] == ["enabled"]
+    finally:
+        running.stop()
+    with serving(ADMIN) as memory_only:
+        assert "will not survive a restart" in memory_only.json("GET", "/")[1]["overrides_note"]
+
+
+def test_the_control_command_line_prints_the_state_for_people(tmp_path):
+    running = AutohealProcess({**ADMIN, "AUTOHEAL_STATE_FILE": ""}, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{running.port}"
+        done = run_module(["--control", "disable UptimeProbeFailing 1h", "--reason", "maintenance", "--url", url],
+                          {"AUTOHEAL_ADMIN_TOKEN": "admin-secret-1"})
+        assert done.returncode == 0, done.stderr
+        assert "autoheal is OFF" in done.stdout and "UptimeProbeFailing" in done.stdout and "DISABLED" in done.stdout
+        assert not done.stdout.lstrip().startswith("{")  # for people, not raw JSON
+        done = run_module(["--control", "cooldown Nope 1m", "--url", url], {"AUTOHEAL_ADMIN_TOKEN": "admin-secret-1"})
+        assert done.returncode == 1 and "'Nope' is not an alertname" in done.stderr
+        done = run_module(["--control", "status", "--url", url])
+        assert done.returncode == 2 and "AUTOHEAL_ADMIN_TOKEN" in done.stderr
+        done = run_module(["--smoke", "--url", url], timeout=60)  # the smoke test reports what is overridden
+        [line] = [line for line in done.stdout.splitlines() if line.startswith("PASS overrides")]
+        assert "action_enabled UptimeProbeFailing = false by" in line and "until" in line
+    finally:
+        running.stop()
