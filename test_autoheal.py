@@ -3380,3 +3380,33 @@ def test_the_control_command_line_prints_the_state_for_people(tmp_path):
         assert "action_enabled UptimeProbeFailing = false by" in line and "until" in line
     finally:
         running.stop()
+
+
+def test_a_slow_state_file_still_answers_slack_in_time_and_the_result_follows_on_response_url():
+    slack = SlackStandIn()  # Slack's response_url endpoint, which cannot run here
+    prefix = slack.url.rsplit("/services/", 1)[0]
+    try:
+        with serving({**ADMIN, "AUTOHEAL_SLACK_RESPONSE_URL_PREFIX": prefix}) as running:
+            store = running.app.store
+            original = store.record
+
+            def slow_record(events, *args, **kwargs):  # a state file on a disk that takes 4 s to commit
+                if any(event["kind"] == "control" for event in events):
+                    time.sleep(4)
+                return original(events, *args, **kwargs)
+
+            store.record = slow_record
+            body = urllib.parse.urlencode({"user_id": "U0ADMIN1", "user_name": "ana", "text": "dry-run off",
+                                           "response_url": slack.url}).encode()
+            timestamp = int(time.time())
+            headers = {"X-Slack-Request-Timestamp": str(timestamp), "X-Slack-Signature": independent_slack_signature(
+                ADMIN["AUTOHEAL_SLACK_SIGNING_SECRET"], timestamp, body)}
+            started = time.monotonic()
+            status, answer = running.json("POST", "/slack/command", body, headers)
+            assert status == 200 and time.monotonic() - started < 3.0  # within Slack's 3 seconds
+            assert answer["response_type"] == "ephemeral" and "Working on it" in answer["text"]
+            followed = slack.messages.get(timeout=10)
+            assert followed["response_type"] == "in_channel" and followed["text"].startswith("<@U0ADMIN1>")
+            assert running.json("GET", "/")[1]["dry_run"] is False
+    finally:
+        slack.close()
