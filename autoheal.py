@@ -39,6 +39,8 @@ with exit status 2 and one line naming the variable):
                                          state file, 33554432 in memory only
     AUTOHEAL_WEBHOOK_TOKEN=unset         when set, POST /alert needs "Authorization: Bearer <token>"
     AUTOHEAL_ACK_TOKEN=unset             when set, /ack needs token=<token> in its query
+    AUTOHEAL_HEAL_GRACE_SEC=600          after an action ran, how long autoheal waits for its alert to resolve
+                                         before it records that it did not heal
     AUTOHEAL_ADMIN_TOKEN=unset           when set, POST /control takes "Authorization: Bearer <token>";
                                          unset, runtime control over HTTP is off (403)
     AUTOHEAL_SLACK_SIGNING_SECRET=unset  when set, POST /slack/command verifies Slack's signature with it;
@@ -153,6 +155,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--check"]:
     raise SystemExit(check(os.environ))
 
 import collections  # noqa: E402 - after the health check's early exit, on purpose
+import contextlib
 import json
 import math
 import queue
@@ -180,6 +183,7 @@ DEFAULT_STATE_FILE = "autoheal-state.db"
 ACTION_RESULTS = ("executed", "failed", "dry_run", "cooldown_skip", "error", "rate_limited")
 SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted", "disabled")
 ACK_OUTCOMES = ("created", "existing", "extended", "previewed", "error")
+HEAL_RESULTS = ("healed", "not_healed")
 PRESET_REJECTIONS = (("/alert", 400), ("/alert", 401), ("/alert", 413), ("/ack", 400), ("/ack", 403))
 
 BUILTIN_ACTIONS = (
@@ -315,6 +319,7 @@ class Config(NamedTuple):
     shutdown_grace_sec: float = 10.0
     docker_host: str = DEFAULT_DOCKER_HOST
     compose_project: Optional[str] = None
+    heal_grace_sec: float = 600.0
     admin_token: Optional[str] = None
     slack_signing_secret: Optional[str] = None
     slack_admins: Tuple[str, ...] = ()
@@ -362,6 +367,7 @@ class Config(NamedTuple):
         take("webhook_token", "AUTOHEAL_WEBHOOK_TOKEN", parse_token)
         take("ack_token", "AUTOHEAL_ACK_TOKEN", parse_token)
         take("admin_token", "AUTOHEAL_ADMIN_TOKEN", parse_token)
+        take("heal_grace_sec", "AUTOHEAL_HEAL_GRACE_SEC", seconds_up_to(MAX_ACTION_TIMEOUT_SEC))
         take("slack_signing_secret", "AUTOHEAL_SLACK_SIGNING_SECRET", parse_token)
         take("slack_admins", "AUTOHEAL_SLACK_ADMINS", parse_slack_admins)
         take("slack_response_prefix", "AUTOHEAL_SLACK_RESPONSE_URL_PREFIX", parse_url)
@@ -854,6 +860,10 @@ METRICS = (
            "Requests refused with a 4xx or 5xx, by route (other: any unknown path) and status."),
     Family("autoheal_state_commits_total", "counter",
            "Transactions committed to the state file (records of concurrent requests share one)."),
+    Family("autoheal_heals_total", "counter",
+           "Verdicts on executed actions, by alertname: healed (the alert resolved within AUTOHEAL_HEAL_GRACE_SEC) "
+           "or not_healed."),
+    Family("autoheal_heal_duration_seconds", "summary", "Seconds from an action to the resolution of its alert."),
     Family("autoheal_action_disabled", "gauge", "1 while an alertname's action is switched off at runtime."),
     Family("autoheal_overrides", "gauge", "Runtime overrides in force (see GET / for who set them)."),
     Family("autoheal_control_commands_total", "counter",
@@ -1191,15 +1201,16 @@ def run_docker_action(action: Action, client: DockerClient, project: Optional[st
 class _Pending:
     """Records waiting for the writer thread; done is set once they are committed."""
 
-    __slots__ = ("rows", "texts", "cooldowns", "folds", "control", "done", "error")
+    __slots__ = ("rows", "texts", "cooldowns", "folds", "control", "heals", "done", "error")
 
     def __init__(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
-                 folds: List[Tuple[int, float]], control: Optional[str]):
+                 folds: List[Tuple[int, float]], control: Optional[str], heals: Mapping[str, Optional[str]]):
         self.rows = rows
         self.texts = texts
         self.cooldowns = cooldowns
         self.folds = folds
         self.control = control
+        self.heals = heals
         self.done = threading.Event()
         self.error: Optional[str] = None
 
@@ -1278,10 +1289,12 @@ class Store:
 
     def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None,
                folds: Optional[List[Tuple[Dict[str, Any], float]]] = None,
-               control: Optional[Callable[[int], str]] = None) -> List[Tuple[int, str]]:
+               control: Optional[Callable[[int], str]] = None,
+               heals: Optional[Mapping[str, Optional[str]]] = None) -> List[Tuple[int, str]]:
         """Record events, cooldown starts and folded repeats ((event, when)); returns the events'
         (id, JSON text) once they are durable.  control, given the first event's id, returns the
-        runtime control state to keep with them, in the same commit.
+        runtime control state to keep with them, in the same commit; heals are the pending heal
+        verdicts to keep (fingerprint: JSON) or drop (fingerprint: None).
 
         Each event is serialised once, here, outside any lock: the same text goes to the
         database, the log and the /events listeners.  Its id is spliced in front under the order
@@ -1304,7 +1317,8 @@ class Store:
                 event["id"] = event_id
             # A repeat folds into an event recorded before or in this same call (its id is known now).
             repeats = [(event["id"], when) for event, when in folds or ()]
-            pending = self._keep(rows, texts, cooldowns or {}, repeats, control(first) if control else None)
+            pending = self._keep(rows, texts, cooldowns or {}, repeats, control(first) if control else None,
+                                 heals or {})
         if pending is not None:
             pending.done.wait()
             if pending.error:
@@ -1312,13 +1326,18 @@ class Store:
         return texts
 
     def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
-              repeats: List[Tuple[int, float]], control: Optional[str]) -> Optional[_Pending]:
+              repeats: List[Tuple[int, float]], control: Optional[str],
+              heals: Mapping[str, Optional[str]]) -> Optional[_Pending]:
         """Keep records (under the order lock); a _Pending to wait for when that takes a commit."""
         raise NotImplementedError
 
     def load_control(self) -> Optional[str]:
         """The runtime control state as last kept (JSON), or None."""
         return None
+
+    def load_heals(self) -> Dict[str, str]:
+        """The heal verdicts still pending, by fingerprint (JSON each)."""
+        return {}
 
     def last_id(self) -> int:
         """The id of the latest event recorded (0: none yet)."""
@@ -1362,7 +1381,8 @@ class MemoryStore(Store):
         self._memory_by_id: Dict[int, List[Any]] = {}
 
     def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
-              repeats: List[Tuple[int, float]], control: Optional[str]) -> Optional[_Pending]:
+              repeats: List[Tuple[int, float]], control: Optional[str],
+              heals: Mapping[str, Optional[str]]) -> Optional[_Pending]:
         """Keep the rows, fold the repeats, evict the oldest of a class past its bounds."""
         with self._lock:
             for row in rows:
@@ -1439,6 +1459,7 @@ class SqliteStore(Store):
         "CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts)",
         "CREATE TABLE IF NOT EXISTS cooldowns (alertname TEXT PRIMARY KEY, started_at REAL NOT NULL)",
         "CREATE TABLE IF NOT EXISTS control (id INTEGER PRIMARY KEY CHECK (id = 1), state TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS heals (fingerprint TEXT PRIMARY KEY, body TEXT NOT NULL)",
     )
     # Databases written before the retention classes lack these columns.
     _COLUMNS = (("cls", "INTEGER NOT NULL DEFAULT 0"), ("size", "INTEGER NOT NULL DEFAULT 0"),
@@ -1453,6 +1474,7 @@ class SqliteStore(Store):
         self._identity: Tuple[Tuple[int, int], ...] = ()
         self._cooldowns: Dict[str, float] = {}
         self._control: Optional[str] = None
+        self._heals: Dict[str, str] = {}
         self._queue: "queue.SimpleQueue[Optional[_Pending]]" = queue.SimpleQueue()
         self._writer: Optional[threading.Thread] = None
         self._open(path)
@@ -1479,6 +1501,7 @@ class SqliteStore(Store):
         self._cooldowns = dict(connection.execute("SELECT alertname, started_at FROM cooldowns").fetchall())
         row = connection.execute("SELECT state FROM control WHERE id = 1").fetchone()
         self._control = row[0] if row else None
+        self._heals = dict(connection.execute("SELECT fingerprint, body FROM heals").fetchall())
         self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
         self._writer.start()
 
@@ -1563,6 +1586,7 @@ class SqliteStore(Store):
         connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", self._cooldowns.items())
         if self._control is not None:
             connection.execute("INSERT OR REPLACE INTO control VALUES (1, ?)", (self._control,))
+        connection.executemany("INSERT OR REPLACE INTO heals VALUES (?, ?)", self._heals.items())
         connection.execute("COMMIT")
         self._load_totals(connection)
         self._connection = connection
@@ -1578,6 +1602,10 @@ class SqliteStore(Store):
         with self._lock:
             return self._control
 
+    def load_heals(self) -> Dict[str, str]:
+        with self._lock:
+            return dict(self._heals)
+
     def load_budget_times(self, since: float) -> List[float]:
         with self._lock:
             rows = self._connection.execute(
@@ -1590,11 +1618,12 @@ class SqliteStore(Store):
     # -- recording ------------------------------------------------------------------------
 
     def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
-              repeats: List[Tuple[int, float]], control: Optional[str]) -> Optional[_Pending]:
+              repeats: List[Tuple[int, float]], control: Optional[str],
+              heals: Mapping[str, Optional[str]]) -> Optional[_Pending]:
         """Queue the records for the writer; record() waits for their commit outside the lock."""
         if self._writer is None or not self._writer.is_alive():
             raise sqlite3.OperationalError("state file writer is not running")
-        pending = _Pending(rows, texts, cooldowns, repeats, control)
+        pending = _Pending(rows, texts, cooldowns, repeats, control, heals)
         self._queue.put(pending)
         return pending
 
@@ -1630,11 +1659,13 @@ class SqliteStore(Store):
         folds: Dict[int, List[Any]] = {}
         committed: List[Tuple[int, str]] = []
         control = None
+        heals: Dict[str, Optional[str]] = {}
         for pending in batch:
             rows.extend(pending.rows)
             committed.extend(pending.texts)
             cooldowns.update(pending.cooldowns)
             control = pending.control if pending.control is not None else control
+            heals.update(pending.heals)
             for event_id, when in pending.folds:
                 fold = folds.setdefault(event_id, [0, when])
                 fold[0] += 1
@@ -1654,6 +1685,11 @@ class SqliteStore(Store):
                     connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", cooldowns.items())
                 if control is not None:
                     connection.execute("INSERT OR REPLACE INTO control VALUES (1, ?)", (control,))
+                for fingerprint, body in heals.items():
+                    if body is None:
+                        connection.execute("DELETE FROM heals WHERE fingerprint = ?", (fingerprint,))
+                    else:
+                        connection.execute("INSERT OR REPLACE INTO heals VALUES (?, ?)", (fingerprint, body))
                 for row in rows:
                     totals = self._totals[row[6]]
                     totals[0] += 1
@@ -1672,6 +1708,11 @@ class SqliteStore(Store):
                 raise
             self._cooldowns.update(cooldowns)
             self._control = control if control is not None else self._control
+            for fingerprint, body in heals.items():
+                if body is None:
+                    self._heals.pop(fingerprint, None)
+                else:
+                    self._heals[fingerprint] = body
             self.commits += 1
             if len(self._identity) < 2:
                 self._identity = self._stat()  # the WAL exists from the first commit on
@@ -2258,6 +2299,9 @@ class App:
             "autoheal_http_rejected_total": list(PRESET_REJECTIONS),
             "autoheal_control_commands_total": [(source, result) for source in CONTROL_SOURCES
                                                 for result in CONTROL_RESULTS],
+            "autoheal_heals_total": [(name, result) for name in self.action_names for result in HEAL_RESULTS],
+            "autoheal_heal_duration_seconds_sum": per_action,
+            "autoheal_heal_duration_seconds_count": per_action,
         })
         # The label sets of the per-alertname series, escaped once: /metrics with 1,000 alertnames
         # must not escape 11,000 label values on every scrape.
@@ -2281,8 +2325,13 @@ class App:
         self._changes: List[Dict[str, Any]] = []
         self._settings_until: Optional[float] = None
         self._next_lapse: Optional[float] = None
+        # Heal verdicts still pending, by the fingerprint of the alert an action ran for.
+        self._heals: Dict[str, Dict[str, Any]] = {}
+        for fingerprint, body in self.store.load_heals().items():
+            with contextlib.suppress(ValueError, TypeError):
+                self._heals[fingerprint] = dict(json.loads(body))
         self._load_control(now)
-        self._lapser = threading.Thread(target=self._lapse_loop, name="control-lapse", daemon=True)
+        self._lapser = threading.Thread(target=self._timer_loop, name="timers", daemon=True)
         self._lapser.start()
 
     def effective(self) -> Settings:
@@ -2331,11 +2380,13 @@ class App:
 
     def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None,
                folds: Optional[List[Tuple[Dict[str, Any], float]]] = None,
-               control: Optional[Callable[[int], str]] = None) -> None:
+               control: Optional[Callable[[int], str]] = None,
+               heals: Optional[Mapping[str, Optional[str]]] = None) -> None:
         """Record events durably (waiting for the commit), then log them, one line each; a folded
-        repeat only adds to the count of the event it folds into; control as in Store.record."""
+        repeat only adds to the count of the event it folds into; control and heals as in
+        Store.record."""
         try:
-            texts = self.store.record(events, cooldowns, folds, control)
+            texts = self.store.record(events, cooldowns, folds, control, heals)
         except sqlite3.Error as exc:
             self.log({"event": "error", "message": str(exc)}, "error")
             texts = [(event.get("id", 0), _COMPACT_JSON.encode(event)) for event in events]
@@ -2632,25 +2683,30 @@ class App:
                 self._stacks, self._changes = stacks, changes
             self._build_settings(now)
 
-    def _lapse_loop(self) -> None:
-        """Wake when the next override lapses (or something changes), and lapse it."""
+    def _timer_loop(self) -> None:
+        """Wake when the next override lapses or the next heal verdict is due (or something
+        changes), and record it."""
         while True:
+            heal = self.next_heal_deadline()
             with self._control_changed:
                 if self._control_closed:
                     return
-                until = self._next_lapse
-                wait = 60.0 if until is None else max(0.0, min(60.0, until - self.clock()))
+                due = [moment for moment in (self._next_lapse, heal) if moment is not None]
+                wait = 60.0 if not due else max(0.0, min(60.0, min(due) - self.clock()))
                 if wait > 0:
                     self._control_changed.wait(wait)
                 if self._control_closed:
                     return
-            if self._next_lapse is not None and self.clock() >= self._next_lapse:
-                try:
-                    self._lapse(self.clock())
-                except Exception as exc:  # the loop must outlive a failed write; the next wake retries
-                    self.log({"event": "error", "message": f"lapsing an override: {type(exc).__name__}: {exc}"},
-                             "error")
-                    time.sleep(1)
+            now = self.clock()
+            try:
+                if self._next_lapse is not None and now >= self._next_lapse:
+                    self._lapse(now)
+                heal = self.next_heal_deadline()
+                if heal is not None and now >= heal:
+                    self._overdue_heals(now)
+            except Exception as exc:  # the loop must outlive a failed write; the next wake retries
+                self.log({"event": "error", "message": f"timer: {type(exc).__name__}: {exc}"}, "error")
+                time.sleep(1)
 
     # -- the webhook ----------------------------------------------------------------------
 
@@ -2697,8 +2753,82 @@ class App:
         runs = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "run"]
         if runs:
             self._run_all(runs)
-            self.record([self._event("decision", alert, decision, self.clock()) for alert, decision in runs])
+            self.record([self._event("decision", alert, decision, self.clock()) for alert, decision in runs],
+                        heals=self._follow(runs, now))
+        if self._heals:
+            self._resolve(alerts, self.clock())
         return [self._answer(decision) for decision in decisions]
+
+    # -- did it heal? ---------------------------------------------------------------------
+
+    def _follow(self, runs: List[Tuple[Dict[str, Any], Decision]], now: float) -> Dict[str, Optional[str]]:
+        """Follow the alerts whose action ran (executed), by fingerprint, until they resolve or
+        AUTOHEAL_HEAL_GRACE_SEC runs out; the pending verdicts are kept in the state file."""
+        followed: Dict[str, Optional[str]] = {}
+        with self._lock:
+            for alert, decision in runs:
+                fingerprint = alert.get("fingerprint") or ""
+                if decision.result != "executed" or not fingerprint:
+                    continue
+                pending = {"alertname": decision.alertname, "fingerprint": fingerprint, "action_ts": now,
+                           "deadline": now + self.config.heal_grace_sec}
+                self._heals[fingerprint] = pending
+                followed[fingerprint] = json.dumps(pending)
+        if followed:
+            with self._control_changed:  # the timer wakes for the new deadline
+                self._control_changed.notify_all()
+        return followed
+
+    def _resolve(self, alerts: List[Dict[str, Any]], now: float) -> None:
+        """Resolutions of followed alerts are their verdict: healed, with the seconds from the action
+        to endsAt (when Alertmanager says it ended)."""
+        verdicts = []
+        with self._lock:
+            for alert in alerts:
+                pending = self._heals.get(alert.get("fingerprint") or "") if alert["status"] == "resolved" else None
+                if pending is None:
+                    continue
+                try:
+                    ended = parse_rfc3339(alert.get("endsAt") or "")
+                except ValueError:
+                    ended = now
+                if ended <= 0:  # 0001-01-01: Alertmanager did not say
+                    ended = now
+                if ended > pending["deadline"]:
+                    continue  # too late: the timer gives its not_healed verdict
+                del self._heals[pending["fingerprint"]]
+                verdicts.append((pending, "healed", max(0.0, ended - pending["action_ts"])))
+        self._verdicts(verdicts, now)
+
+    def _overdue_heals(self, now: float) -> None:
+        """Alerts that did not resolve within the grace: not_healed."""
+        with self._lock:
+            overdue = [pending for pending in self._heals.values() if pending["deadline"] <= now]
+            for pending in overdue:
+                del self._heals[pending["fingerprint"]]
+        self._verdicts([(pending, "not_healed", None) for pending in overdue], now)
+
+    def _verdicts(self, verdicts: List[Tuple[Dict[str, Any], str, Optional[float]]], now: float) -> None:
+        if not verdicts:
+            return
+        events = []
+        counts: Dict[Tuple[str, Tuple[Any, ...]], float] = collections.Counter()
+        for pending, result, seconds in verdicts:
+            name = pending["alertname"]
+            events.append(make_event("heal", now, alertname=name, result=result, fingerprint=pending["fingerprint"],
+                                     seconds=round(seconds, 3) if seconds is not None else None,
+                                     action_at=format_rfc3339(pending["action_ts"]),
+                                     grace_seconds=round(pending["deadline"] - pending["action_ts"], 3)))
+            counts[("autoheal_heals_total", (name, result))] += 1
+            if seconds is not None:
+                counts[("autoheal_heal_duration_seconds_sum", (name,))] += seconds
+                counts[("autoheal_heal_duration_seconds_count", (name,))] += 1
+        self.record(events, heals={pending["fingerprint"]: None for pending, _result, _seconds in verdicts})
+        self.counters.add_all(counts)
+
+    def next_heal_deadline(self) -> Optional[float]:
+        with self._lock:
+            return min((pending["deadline"] for pending in self._heals.values()), default=None)
 
     @staticmethod
     def _settle(decision: Decision, claim: Claim, settings: Settings) -> None:
@@ -2901,6 +3031,13 @@ class App:
                                              for (path, status), count in
                                              sorted(counters["autoheal_http_rejected_total"].items())],
             "autoheal_state_commits_total": [("", self.store.commits)],
+            "autoheal_heals_total": [(format_labels({"alertname": name, "result": result}), value)
+                                     for (name, result), value in counters["autoheal_heals_total"].items()],
+            "autoheal_heal_duration_seconds": [("_sum" + series, counters["autoheal_heal_duration_seconds_sum"][(name,)])
+                                               for series, name in zip(labels, names)]
+                                              + [("_count" + series,
+                                                  counters["autoheal_heal_duration_seconds_count"][(name,)])
+                                                 for series, name in zip(labels, names)],
             "autoheal_action_disabled": zip(labels, [int(name in settings.disabled) for name in names]),
             "autoheal_overrides": [("", len(settings.overrides))],
             "autoheal_control_commands_total": [(format_labels({"source": source, "result": result}), count)

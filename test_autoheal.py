@@ -3410,3 +3410,72 @@ def test_a_slow_state_file_still_answers_slack_in_time_and_the_result_follows_on
             assert running.json("GET", "/")[1]["dry_run"] is False
     finally:
         slack.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Did it heal? Verdicts on executed actions, from Alertmanager's own resolutions
+# ---------------------------------------------------------------------------------------------
+
+
+def heal_alertmanager_config(autoheal_port):
+    return f"""
+route:
+  receiver: autoheal
+  group_by: ['alertname']
+  group_wait: 1s
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+  - name: autoheal
+    webhook_configs:
+      - url: http://127.0.0.1:{autoheal_port}/alert
+        send_resolved: true
+"""
+
+
+def test_a_resolution_from_a_real_alertmanager_is_a_healed_verdict_that_survives_a_restart(tmp_path):
+    path = actions_file(tmp_path, {"DiskFull": {"command": ["true"], "cooldown_sec": 0},
+                                   "Flaky": {"command": ["true"], "cooldown_sec": 0}})
+    env = {**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"),
+           "AUTOHEAL_HEAL_GRACE_SEC": "120"}
+    running = AutohealProcess(env, tmp_path)
+    port = running.port
+    peer = start_alertmanager(tmp_path / "am", heal_alertmanager_config(port))
+    try:
+        now = time.time()
+        pushed = {"labels": {"alertname": "DiskFull", "host": "db1"}, "annotations": {"autoheal": "true"},
+                  "startsAt": autoheal.format_rfc3339(now - 60)}
+        http_json("POST", peer.url + "/api/v2/alerts", [{**pushed, "endsAt": autoheal.format_rfc3339(now + 3600)}])
+        wait_for(lambda: running.json("GET", "/history?kind=decision&result=executed")[1]["events"], timeout=30)
+    finally:
+        running.stop(signal.SIGKILL)  # the verdict is pending while autoheal is down
+    running = AutohealProcess({**env, "AUTOHEAL_PORT": str(port)}, tmp_path)
+    try:
+        # Resolved now (Alertmanager keeps a later explicit endsAt of a firing alert over a new one).
+        ended = time.time()
+        http_json("POST", peer.url + "/api/v2/alerts", [{**pushed, "endsAt": autoheal.format_rfc3339(ended)}])
+        wait_for(lambda: running.json("GET", "/history?kind=heal")[1]["events"], timeout=30)
+        [verdict] = running.json("GET", "/history?kind=heal")[1]["events"]
+        executed = running.json("GET", "/history?kind=decision&result=executed")[1]["events"][0]
+        assert (verdict["result"], verdict["alertname"], verdict["fingerprint"]) == (
+            "healed", "DiskFull", executed["fingerprint"])
+        assert verdict["seconds"] == pytest.approx(ended - executed["ts"], abs=1.5)
+        assert running.metric('autoheal_heals_total{alertname="DiskFull",result="healed"}') == 1
+        assert running.metric('autoheal_heal_duration_seconds_count{alertname="DiskFull"}') == 1
+    finally:
+        running.stop()
+        peer.stop()
+
+
+def test_an_alert_still_firing_after_the_grace_is_not_healed(tmp_path):
+    path = actions_file(tmp_path, {"Flaky": {"command": ["true"], "cooldown_sec": 0}})
+    with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_HEAL_GRACE_SEC": "1"}) as running:
+        assert running.post_alert(webhook(alert("Flaky")))[1]["results"][0]["result"] == "executed"
+        wait_for(lambda: running.json("GET", "/history?kind=heal")[1]["events"], timeout=10)
+        [verdict] = running.json("GET", "/history?kind=heal")[1]["events"]
+        assert verdict["result"] == "not_healed" and "seconds" not in verdict and verdict["grace_seconds"] == 1
+        late = dict(alert("Flaky", status="resolved"), endsAt=autoheal.format_rfc3339(time.time()))
+        running.post_alert(webhook(late))  # a resolution after the verdict changes nothing
+        assert len(running.json("GET", "/history?kind=heal")[1]["events"]) == 1
+        assert running.metric('autoheal_heals_total{alertname="Flaky",result="not_healed"}') == 1
+        assert running.metric('autoheal_heals_total{alertname="Flaky",result="healed"}') == 0
