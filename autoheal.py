@@ -23,6 +23,8 @@ with exit status 2 and one line naming the variable):
     AUTOHEAL_DRY_RUN=true                log and count, never execute
     ALERTMANAGER_URL=http://alertmanager:9093   where silences are created
     AUTOHEAL_PUBLIC_URL=http://localhost:9009   base of the ack links it reports
+    AUTOHEAL_ALERTMANAGER_PUBLIC_URL=unset   where people reach Alertmanager's UI (ack pages link
+                                         there); unset: ALERTMANAGER_URL
     AUTOHEAL_HOST=0.0.0.0                listen address
     AUTOHEAL_PORT=9009                   listen port (0: any free port, logged at start)
     AUTOHEAL_DEFAULT_COOLDOWN_SEC=600    cooldown of an action with none of its own
@@ -320,6 +322,7 @@ class Config(NamedTuple):
     docker_host: str = DEFAULT_DOCKER_HOST
     compose_project: Optional[str] = None
     heal_grace_sec: float = 600.0
+    alertmanager_public_url: Optional[str] = None
     admin_token: Optional[str] = None
     slack_signing_secret: Optional[str] = None
     slack_admins: Tuple[str, ...] = ()
@@ -368,6 +371,7 @@ class Config(NamedTuple):
         take("ack_token", "AUTOHEAL_ACK_TOKEN", parse_token)
         take("admin_token", "AUTOHEAL_ADMIN_TOKEN", parse_token)
         take("heal_grace_sec", "AUTOHEAL_HEAL_GRACE_SEC", seconds_up_to(MAX_ACTION_TIMEOUT_SEC))
+        take("alertmanager_public_url", "AUTOHEAL_ALERTMANAGER_PUBLIC_URL", parse_url)
         take("slack_signing_secret", "AUTOHEAL_SLACK_SIGNING_SECRET", parse_token)
         take("slack_admins", "AUTOHEAL_SLACK_ADMINS", parse_slack_admins)
         take("slack_response_prefix", "AUTOHEAL_SLACK_RESPONSE_URL_PREFIX", parse_url)
@@ -2973,6 +2977,16 @@ class App:
             answer["overrides_note"] = "state is in memory only: overrides will not survive a restart"
         return answer
 
+    def status_page(self) -> str:
+        """GET / for a browser: the status, the last 24 hours of decisions, verdicts and events."""
+        now = self.clock()
+
+        def events(limit: int, **query: Any) -> List[Dict[str, Any]]:
+            return [json.loads(text) for _id, text in self.store.query(limit, **query)]
+
+        return render_status_page(self.status(), events(HISTORY_LIMIT_MAX, since=now - 86400, kind="decision"),
+                                  events(100, kind="heal"), events(20), now)
+
     def render_metrics(self) -> str:
         """The Prometheus text exposition (0.0.4): every family of METRICS, in its order."""
         samples = self._samples(self.clock())
@@ -3167,23 +3181,27 @@ class App:
 # Pages for people
 # ---------------------------------------------------------------------------------------------
 
-PAGE_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; "
-               "base-uri 'none'")
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; form-action 'self'; "
+               "frame-ancestors 'none'; base-uri 'none'")
 
 _PAGE_STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:40em;margin:2em auto;padding:0 1em;color:#222}"
-    "table{border-collapse:collapse}td{border:1px solid #ccc;padding:.3em .6em;word-break:break-all}"
-    "button{font-size:1.1em;padding:.5em 1em}.muted{color:#666}"
+    "table{border-collapse:collapse;max-width:100%}td{border:1px solid #ccc;padding:.3em .6em;overflow-wrap:anywhere}"
+    "time,code{white-space:nowrap}.scroll{overflow-x:auto}"
+    "button,.button{font-size:1.1em;padding:.5em 1em;display:inline-block;margin:.2em}.muted{color:#666}"
 )
 
 
 def render_page(title: str, paragraphs: List[str], labels: Optional[Mapping[str, str]] = None,
-                undo: Optional[Mapping[str, str]] = None) -> str:
-    """A small self-contained HTML page; every text and label value is escaped here."""
-    import html  # only the ack pages need it
+                undo: Optional[Mapping[str, str]] = None, extra: str = "", script: Optional[str] = None) -> str:
+    """A small self-contained HTML page; every text and label value is escaped here.  extra is
+    markup built from escaped parts (links, times); script the relative path of page.js."""
+    import html  # only the pages need it
 
     body = [f"<h1>{html.escape(title)}</h1>"]
     body.extend(f"<p>{html.escape(text)}</p>" for text in paragraphs)
+    if extra:
+        body.append(extra)
     if labels:
         rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape(value)}</td></tr>"
                        for name, value in sorted(labels.items()))
@@ -3194,10 +3212,219 @@ def render_page(title: str, paragraphs: List[str], labels: Optional[Mapping[str,
         # Relative, so that it still works behind a reverse proxy that adds a path prefix.
         body.append(f'<form method="post" action="ack/undo">{fields}<p><button type="submit">Undo: expire this '
                     f"silence</button></p></form>")
+    tail = f'<script src="{script}"></script>' if script else ""
     return ("<!doctype html><html><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{_PAGE_STYLE}</style></head><body>"
-            + "".join(body) + "</body></html>\n")
+            + "".join(body) + tail + "</body></html>\n")
+
+
+# The status page (GET / for a browser) and its script (GET /page.js).  Everything from an alert
+# is escaped here (html.escape) or set as textContent by the script: never markup.
+STATUS_PAGE_POLICY = ("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; "
+                      "img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+_STATUS_STYLE = (
+    "*{box-sizing:border-box}body{font-family:system-ui,sans-serif;margin:0 auto;max-width:72em;padding:.8em;"
+    "color:#1b1b1b;background:#fafafa}h1{font-size:1.4em;margin:.2em 0}h2{font-size:1.1em;margin:1.2em 0 .4em}"
+    ".mode{display:inline-block;padding:.2em .6em;border-radius:.3em;font-weight:700;color:#fff;background:#555}"
+    ".mode-LIVE{background:#1a7f37}.mode-DRY-RUN{background:#9a6700}.mode-OFF,.mode-PAUSED{background:#6e7781}"
+    ".wrap{overflow-x:auto;max-width:100%}table{border-collapse:collapse;width:100%;font-size:.92em}"
+    "th,td{border-bottom:1px solid #ddd;padding:.35em .5em;text-align:left;vertical-align:top}"
+    "td.value{overflow-wrap:anywhere}time,.id{white-space:nowrap}code{font-size:.9em}"
+    "button{font-size:.95em;padding:.35em .7em;margin:.15em;cursor:pointer}"
+    "#events{list-style:none;padding:0;margin:0;max-height:24em;overflow-y:auto}"
+    "#events li{border-bottom:1px solid #eee;padding:.3em 0;overflow-wrap:anywhere}"
+    ".r-executed,.r-healed{color:#1a7f37}.r-failed,.r-error,.r-not_healed{color:#cf222e}"
+    ".r-dry_run{color:#9a6700}.r-cooldown_skip,.r-skipped,.r-rate_limited{color:#6e7781}"
+    "svg{width:100%;height:auto;display:block}.muted{color:#6e7781}.controls{margin:.5em 0}"
+    "input{font-size:1em;padding:.3em;max-width:100%}"
+)
+# Colours of the 24-hour picture, by result; the legend says them in words.
+_MARK_COLOURS = (("executed", "#1a7f37"), ("failed", "#cf222e"), ("error", "#8250df"), ("dry_run", "#d4a72c"),
+                 ("cooldown_skip", "#8c959f"), ("rate_limited", "#0969da"), ("skipped", "#d0d7de"))
+
+
+def _time_tag(timestamp: Optional[float]) -> str:
+    """A <time> the script shows in the reader's local time and relative; UTC without script."""
+    import html
+
+    if timestamp is None:
+        return '<span class="muted">never</span>'
+    text = format_rfc3339(timestamp)
+    return f'<time datetime="{text}" title="{text}">{html.escape(text)}</time>'
+
+
+def page_mode(status: Mapping[str, Any]) -> str:
+    """The mode in words: OFF, DRY-RUN, LIVE, or PAUSED until ... while a disable with a duration holds."""
+    if not status["enabled"]:
+        paused = [o for o in status.get("overrides", []) if o["setting"] == "enabled" and o["until"]]
+        return f"PAUSED until {paused[-1]['until']}" if paused else "OFF"
+    return "DRY-RUN" if status["dry_run"] else "LIVE"
+
+
+def render_timeline(names: List[str], decisions: List[Mapping[str, Any]], now: float) -> str:
+    """The last 24 hours as inline SVG: one row per action, one mark per decision, by result."""
+    import html
+
+    width, left, row = 960, 190, 22
+    height = row * max(1, len(names)) + 30
+    colours = dict(_MARK_COLOURS)
+    rows = {name: index for index, name in enumerate(names)}
+    parts = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="Decisions of the last 24 hours, '
+             f'one row per action">']
+    for name, index in rows.items():
+        y = 20 + index * row
+        parts.append(f'<text x="0" y="{y + 4}" font-size="12">{html.escape(name[:28])}</text>'
+                     f'<line x1="{left}" y1="{y}" x2="{width}" y2="{y}" stroke="#eee"/>')
+    for hours in range(0, 25, 6):
+        x = left + (width - left) * (24 - hours) / 24
+        parts.append(f'<text x="{x - 12:.0f}" y="{height - 4}" font-size="10" fill="#6e7781">-{hours}h</text>')
+    for event in decisions:
+        index = rows.get(event.get("alertname", ""))
+        if index is None or now - event["ts"] > 86400:
+            continue
+        x = left + (width - left) * (1 - (now - event["ts"]) / 86400)
+        result = event.get("result", "")
+        parts.append(f'<circle cx="{x:.1f}" cy="{20 + index * row}" r="4" fill="{colours.get(result, "#999")}">'
+                     f'<title>{html.escape(result)} at {format_rfc3339(event["ts"])}</title></circle>')
+    parts.append("</svg>")
+    legend = " ".join(f'<span style="color:{colour}">&#9679;</span> {result}' for result, colour in _MARK_COLOURS)
+    return "".join(parts) + f'<p class="muted">{legend}</p>'
+
+
+def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, Any]],
+                       heals: List[Mapping[str, Any]], events: List[Mapping[str, Any]], now: float) -> str:
+    """GET / for people: complete as of the load without script; page.js keeps it live."""
+    import html
+
+    mode = page_mode(status)
+    esc = html.escape
+    last_decision = {}
+    for event in decisions:  # newest first
+        last_decision.setdefault(event.get("alertname"), event)
+    last_heal = {}
+    for event in heals:
+        last_heal.setdefault(event.get("alertname"), event)
+    budget = status.get("max_actions_per_hour") or 0
+    budget_text = (f"{budget - (status.get('action_budget_remaining') or 0)} of {budget} actions used this hour"
+                   if budget else "no hourly budget")
+    rows = []
+    for name in status["actions"]:
+        cooldown = status["cooldowns"][name]
+        remaining = cooldown["remaining_seconds"]
+        until = now + remaining if remaining > 0 else None
+        decision = last_decision.get(name)
+        heal = last_heal.get(name)
+        disabled = name in status.get("disabled_actions", [])
+        rows.append(
+            f'<tr><td class="value"><b>{esc(name)}</b>{" <em>(disabled)</em>" if disabled else ""}'
+            f'<br><code>{esc(status["commands"][name])}</code></td>'
+            f'<td>{esc(format_duration(cooldown["cooldown_seconds"]))}</td>'
+            f'<td>{"<span class=countdown data-until=" + chr(34) + format_rfc3339(until) + chr(34) + ">" + esc(format_duration(remaining)) + "</span>" if until else "ready"}</td>'
+            f'<td>{("<span class=r-" + esc(decision["result"]) + ">" + esc(decision["result"]) + "</span> " + _time_tag(decision["ts"])) if decision else "none yet"}</td>'
+            f'<td>{("<span class=r-" + esc(heal["result"]) + ">" + esc(heal["result"].replace("_", " ")) + "</span>") if heal else "<span class=muted>no verdict</span>"}</td>'
+            f'<td><button data-command="rearm {esc(name)}">rearm</button>'
+            f'<button data-command="{"enable" if disabled else "disable"} {esc(name)}">{"enable" if disabled else "disable"}</button></td></tr>')
+    overrides = [
+        f'<li>#{o["id"]} <b>{esc(o["setting"])}</b>{" " + esc(o["alertname"]) if o["alertname"] else ""} = '
+        f'{esc(json.dumps(o["value"]))} by {esc(o["by"])}'
+        f'{" until " + _time_tag(parse_rfc3339(o["until"])) if o["until"] else ""} '
+        f'<button data-command="undo {o["id"]}">undo</button></li>' for o in status.get("overrides", [])]
+    items = [f'<li><span class="r-{esc(str(e.get("result", "")))}">{esc(str(e.get("kind", "")))} '
+             f'{esc(str(e.get("result", "")))}</span> {esc(str(e.get("alertname") or ""))} {_time_tag(e["ts"])}</li>'
+             for e in events]
+    note = f'<p class="muted">{esc(status["overrides_note"])}</p>' if status.get("overrides_note") else ""
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>autoheal: {esc(mode)}</title><style>{_STATUS_STYLE}</style></head><body>"
+        f'<h1>autoheal is <span id="mode" class="mode mode-{esc(mode.split()[0])}">{esc(mode)}</span></h1>'
+        f'<p>{esc(budget_text)}. Alertmanager: <code>{esc(status["alertmanager_url"])}</code>. '
+        f'Version {esc(status["version"])}.</p>'
+        '<h2>Actions</h2><div class="wrap"><table><thead><tr><th>action</th><th>cooldown</th><th>left</th>'
+        f'<th>last decision</th><th>healed?</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+        f'<h2>Overrides</h2>{note}<ul id="overrides">{"".join(overrides) or "<li class=muted>none: the environment is in force</li>"}</ul>'
+        '<div class="controls"><label>Admin token <input id="token" type="password" autocomplete="off" '
+        'placeholder="AUTOHEAL_ADMIN_TOKEN"></label><br>'
+        '<button data-command="disable 1h">disable 1h</button><button data-command="enable">enable</button>'
+        '<button data-command="dry-run on">dry-run on</button><button data-command="dry-run off">dry-run off</button>'
+        '<span id="answer" class="muted" role="status"></span></div>'
+        f'<h2>The last 24 hours</h2>{render_timeline(status["actions"], decisions, now)}'
+        f'<h2>Latest events</h2><ul id="events">{"".join(items)}</ul>'
+        '<script src="page.js"></script></body></html>\n')
+
+
+PAGE_SCRIPT = r"""'use strict';
+(function () {
+  var token = '';  // kept in this page's memory only: never in a URL, storage or the history
+  function local(iso) {
+    var when = new Date(iso), seconds = Math.round((when - Date.now()) / 1000), a = Math.abs(seconds);
+    var rel = a < 60 ? a + ' s' : a < 3600 ? Math.round(a / 60) + ' min' : a < 86400 ? Math.round(a / 3600) + ' h'
+      : Math.round(a / 86400) + ' d';
+    return when.toLocaleString() + ' (' + (seconds >= 0 ? 'in ' + rel : rel + ' ago') + ')';
+  }
+  function times(root) {
+    root.querySelectorAll('time[datetime]').forEach(function (t) { t.textContent = local(t.getAttribute('datetime')); });
+  }
+  function tick() {
+    document.querySelectorAll('.countdown').forEach(function (c) {
+      var left = Math.round((new Date(c.getAttribute('data-until')) - Date.now()) / 1000);
+      c.textContent = left > 0 ? Math.floor(left / 60) + 'm' + ('0' + (left % 60)).slice(-2) + 's' : 'ready';
+    });
+    times(document);
+  }
+  function show(event) {
+    var list = document.getElementById('events'), item = document.createElement('li'), span = document.createElement('span');
+    span.className = 'r-' + String(event.result || '');
+    span.textContent = String(event.kind || '') + ' ' + String(event.result || '');
+    item.appendChild(span);
+    item.appendChild(document.createTextNode(' ' + String(event.alertname || '') + ' '));
+    var t = document.createElement('time');
+    t.setAttribute('datetime', new Date(event.ts * 1000).toISOString());
+    t.title = t.getAttribute('datetime');
+    item.appendChild(t);
+    list.insertBefore(item, list.firstChild);
+    times(item);
+  }
+  function listen() {
+    var source = new EventSource('events');  // reconnects by itself, with Last-Event-ID
+    source.onmessage = function (message) {
+      var event = JSON.parse(message.data);
+      show(event);
+      if (event.kind === 'control') { refreshMode(); }
+    };
+  }
+  function refreshMode() {
+    fetch('./', {headers: {'Accept': 'application/json'}}).then(function (r) { return r.json(); }).then(function (s) {
+      var mode = !s.enabled ? 'OFF' : s.dry_run ? 'DRY-RUN' : 'LIVE';
+      var paused = (s.overrides || []).filter(function (o) { return o.setting === 'enabled' && o.until; });
+      if (!s.enabled && paused.length) { mode = 'PAUSED until ' + paused[paused.length - 1].until; }
+      var el = document.getElementById('mode');
+      el.textContent = mode;
+      el.className = 'mode mode-' + mode.split(' ')[0];
+      document.title = 'autoheal: ' + mode;
+    });
+  }
+  function send(command) {
+    var answer = document.getElementById('answer');
+    token = document.getElementById('token').value || token;
+    if (!token) { answer.textContent = 'enter the admin token first'; return; }
+    fetch('control', {method: 'POST', headers: {'Content-Type': 'application/json', 'Authorization': 'Bearer ' + token},
+                      body: JSON.stringify({command: command, by: 'status page'})})
+      .then(function (r) { return r.json(); })
+      .then(function (body) { answer.textContent = body.ok ? body.text : body.error; refreshMode(); });
+  }
+  document.addEventListener('click', function (e) {
+    var command = e.target && e.target.getAttribute && e.target.getAttribute('data-command');
+    if (command) { send(command); }
+  });
+  tick();
+  setInterval(tick, 1000);
+  if (document.getElementById('events')) { listen(); }  // the status page; the ack pages only show times
+})();
+"""
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3231,6 +3458,7 @@ ROUTES: Dict[str, Route] = {
     "/ack/undo": Route("undo", ("POST",), "ack", changes=True, token="ack", form=True, for_people=True),
     "/history": Route("history", ("GET",), "quick"),
     "/events": Route("events", ("GET",), "quick"),
+    "/page.js": Route("script", ("GET",), "quick"),
     "/control": Route("control", ("POST",), "control", changes=True),
     "/slack/command": Route("slack", ("POST",), "control"),
 }
@@ -3478,11 +3706,13 @@ class Handler:
 
     def _send(self, status: int, body: bytes, content_type: str, headers: Optional[Mapping[str, str]] = None) -> None:
         fields = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
+        headers = dict(headers or {})
         if content_type.startswith("text/html"):
             # Pages are never framed by another site (clickjacking of the undo button), and run
             # nothing but what autoheal itself serves.
-            fields += [("X-Frame-Options", "DENY"), ("Content-Security-Policy", PAGE_POLICY)]
-        fields.extend((headers or {}).items())
+            fields += [("X-Frame-Options", "DENY"),
+                       ("Content-Security-Policy", headers.pop("Content-Security-Policy", PAGE_POLICY))]
+        fields.extend(headers.items())
         # One buffer, one send: headers and body in separate sends would meet Nagle's delay.
         self.out = self._head(status, fields) + (b"" if self.command == "HEAD" else body)
 
@@ -3563,7 +3793,21 @@ class Handler:
     # -- routes ---------------------------------------------------------------------------
 
     def route_status(self, method: str, params: Mapping[str, str]) -> None:
+        if self._prefers_html():  # a browser: the page for people; everything else keeps its JSON
+            page = self.app.status_page().encode("utf-8")
+            self._send(200, page, "text/html; charset=utf-8", {"Content-Security-Policy": STATUS_PAGE_POLICY})
+            return
         self._send_json(200, self.app.status())
+
+    def route_script(self, method: str, params: Mapping[str, str]) -> None:
+        self._send(200, PAGE_SCRIPT.encode("utf-8"), "text/javascript; charset=utf-8")
+
+    def _prefers_html(self) -> bool:
+        """Whether Accept prefers text/html to JSON, as a browser's does (curl's */* does not)."""
+        accept = self.headers.get("accept", "").lower()
+        html_at = accept.find("text/html")
+        json_at = accept.find("application/json")
+        return html_at >= 0 and (json_at < 0 or html_at < json_at)
 
     def route_metrics(self, method: str, params: Mapping[str, str]) -> None:
         body = self.app.render_metrics().encode("utf-8")
@@ -3588,13 +3832,21 @@ class Handler:
                 f"Opening this link silences these labels for {result['duration']}. A preview creates nothing."],
                 labels)
         else:
+            import html
+
             undo = {"silence_id": result["silence_id"]}
             if config.ack_token:
                 undo["token"] = params.get("token", "")
             verb = {"created": "Silenced", "existing": "Already silenced", "extended": "Silence extended"}
-            page = render_page(f"{verb[result['outcome']]} until {result['ends_at']}", [
-                f"Alertmanager silence {result['silence_id']} matches exactly these labels.",
-                "Alerts with these labels notify again when it ends, or now if you undo it."], labels, undo)
+            silence = html.escape(result["silence_id"])
+            ui = html.escape((config.alertmanager_public_url or config.alertmanager_url.split(",")[0]).rstrip("/"))
+            extra = (f'<p>For <b>{html.escape(format_duration(seconds))}</b> (the duration chosen), until '
+                     f'{_time_tag(parse_rfc3339(result["ends_at"]))}.</p>'
+                     f'<p class="scroll">Silence <code>{silence}</code>: '
+                     f'<a href="{ui}/#/silences/{silence}">see it in Alertmanager</a></p>')
+            page = render_page(f"{verb[result['outcome']]} for {format_duration(seconds)}", [
+                "Alerts with exactly these labels notify again when the silence ends, or now if you undo it."],
+                labels, undo, extra, "page.js")
         self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
 
     def route_undo(self, method: str, params: Mapping[str, str]) -> None:
@@ -3610,9 +3862,19 @@ class Handler:
             raise HttpError(400, "silence_id: expected the id (a UUID) of a silence that autoheal created")
         result = self.app.undo(silence_id, self.request.client, self.headers.get("user-agent", "")[:300])
         if self._wants_html():
+            import html
+
+            # Not a dead end: the same labels can be acknowledged again, for the usual durations.
+            again = "".join(
+                f'<a class="button" href="../ack?{html.escape(urllib.parse.urlencode(query))}">Acknowledge again '
+                f"for {duration}</a>"
+                for duration in ("30m", "2h", "24h")
+                for query in [{"labels": json.dumps(result["labels"]), "duration": duration,
+                               **({"token": params["token"]} if params.get("token") else {})}])
             page = render_page("Silence expired", [
-                f"Alertmanager silence {result['silence_id']} has ended; these labels notify again."],
-                result["labels"])
+                "These labels notify again. The silence has ended in Alertmanager."],
+                result["labels"], extra=f'<p class="scroll">Silence <code>{html.escape(result["silence_id"])}</code>'
+                f"</p><p>{again}</p>", script="../page.js")
             self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
         else:
             self._send_json(200, result)

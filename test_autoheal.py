@@ -1056,8 +1056,12 @@ def test_the_page_for_people_escapes_labels_and_undo_expires_the_silence(alertma
         page = raw.decode()
         assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
         assert "<script>" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&amp;amp;" in page
-        assert "Silenced until" in page and 'method="post"' in page and "http" not in page.split("<body>")[1]
         silence_id = silences_for(alertmanager, "AckPage")[0]["id"]
+        body = page.split("<body>")[1]
+        assert "Silenced for 2h" in page and "For <b>2h</b> (the duration chosen), until <time" in page
+        assert 'method="post"' in page and 'action="ack/undo"' in page  # relative: works behind a path prefix
+        # The one absolute link is the silence in Alertmanager's own UI.
+        assert body.count("http") == 1 and f'href="{alertmanager.url}/#/silences/{silence_id}"' in body
         assert f'name="silence_id" value="{silence_id}"' in page
         # The undo button posts the form; the token rides along in it.
         form = urllib.parse.urlencode({"silence_id": silence_id, "token": "tok-1"})
@@ -1065,9 +1069,19 @@ def test_the_page_for_people_escapes_labels_and_undo_expires_the_silence(alertma
                                                {"Content-Type": "application/x-www-form-urlencoded",
                                                 "Accept": "text/html"})
         assert status == 200 and "Silence expired" in raw.decode()
+        again = [urllib.parse.parse_qs(urllib.parse.urlsplit(html_unescape(href)).query) for href in
+                 __import__("re").findall(r'href="\.\./ack\?([^"]*)"', raw.decode())]
+        assert [(q["duration"][0], json.loads(q["labels"][0]), q["token"][0]) for q in again] == [
+            (duration, labels, "tok-1") for duration in ("30m", "2h", "24h")]  # not a dead end
         assert silences_for(alertmanager, "AckPage")[0]["status"]["state"] == "expired"
         events = running.json("GET", "/history?limit=1")[1]["events"]
         assert (events[0]["kind"], events[0]["silence_id"]) == ("unack", silence_id)
+
+
+def html_unescape(text):
+    import html
+
+    return "?" + html.unescape(text)
 
 
 def test_undo_expires_only_silences_that_autoheal_created(alertmanager):
