@@ -3181,8 +3181,8 @@ class App:
 # Pages for people
 # ---------------------------------------------------------------------------------------------
 
-PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; form-action 'self'; "
-               "frame-ancestors 'none'; base-uri 'none'")
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; img-src data:; "
+               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 _PAGE_STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:40em;margin:2em auto;padding:0 1em;color:#222}"
@@ -3214,7 +3214,7 @@ def render_page(title: str, paragraphs: List[str], labels: Optional[Mapping[str,
                     f"silence</button></p></form>")
     tail = f'<script src="{script}"></script>' if script else ""
     return ("<!doctype html><html><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+            "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">" + _NO_ICON +
             f"<title>{html.escape(title)}</title><style>{_PAGE_STYLE}</style></head><body>"
             + "".join(body) + tail + "</body></html>\n")
 
@@ -3222,7 +3222,9 @@ def render_page(title: str, paragraphs: List[str], labels: Optional[Mapping[str,
 # The status page (GET / for a browser) and its script (GET /page.js).  Everything from an alert
 # is escaped here (html.escape) or set as textContent by the script: never markup.
 STATUS_PAGE_POLICY = ("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; "
-                      "img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+                      "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+# An empty icon inline, so that browsers do not ask for /favicon.ico.
+_NO_ICON = '<link rel="icon" href="data:,">'
 
 _STATUS_STYLE = (
     "*{box-sizing:border-box}body{font-family:system-ui,sans-serif;margin:0 auto;max-width:72em;padding:.8em;"
@@ -3237,8 +3239,11 @@ _STATUS_STYLE = (
     "#events li{border-bottom:1px solid #eee;padding:.3em 0;overflow-wrap:anywhere}"
     ".r-executed,.r-healed{color:#1a7f37}.r-failed,.r-error,.r-not_healed{color:#cf222e}"
     ".r-dry_run{color:#9a6700}.r-cooldown_skip,.r-skipped,.r-rate_limited{color:#6e7781}"
-    "svg{width:100%;height:auto;display:block}.muted{color:#6e7781}.controls{margin:.5em 0}"
-    "input{font-size:1em;padding:.3em;max-width:100%}"
+    "svg{width:100%;min-width:640px;height:auto;display:block}.muted{color:#6e7781}.controls{margin:.5em 0}"
+    "input{font-size:1em;padding:.3em;max-width:100%}.name{white-space:nowrap}"
+    # A phone: each action's row flows as one block instead of a table wider than the screen.
+    "@media (max-width:600px){thead{display:none}tr{display:block;border-bottom:1px solid #ddd;padding:.4em 0}"
+    "td{display:inline-block;border:0;padding:.15em .4em}.mode{font-size:.8em}}"
 )
 # Colours of the 24-hour picture, by result; the legend says them in words.
 _MARK_COLOURS = (("executed", "#1a7f37"), ("failed", "#cf222e"), ("error", "#8250df"), ("dry_run", "#d4a72c"),
@@ -3263,11 +3268,20 @@ def page_mode(status: Mapping[str, Any]) -> str:
     return "DRY-RUN" if status["dry_run"] else "LIVE"
 
 
+def _mode_markup(mode: str) -> str:
+    """The mode, its PAUSED until time as a <time> (local and relative once the script runs)."""
+    import html
+
+    if mode.startswith("PAUSED until "):
+        return "PAUSED until " + _time_tag(parse_rfc3339(mode[len("PAUSED until "):]))
+    return html.escape(mode)
+
+
 def render_timeline(names: List[str], decisions: List[Mapping[str, Any]], now: float) -> str:
     """The last 24 hours as inline SVG: one row per action, one mark per decision, by result."""
     import html
 
-    width, left, row = 960, 190, 22
+    width, left, right, row = 960, 190, 930, 22
     height = row * max(1, len(names)) + 30
     colours = dict(_MARK_COLOURS)
     rows = {name: index for index, name in enumerate(names)}
@@ -3276,21 +3290,22 @@ def render_timeline(names: List[str], decisions: List[Mapping[str, Any]], now: f
     for name, index in rows.items():
         y = 20 + index * row
         parts.append(f'<text x="0" y="{y + 4}" font-size="12">{html.escape(name[:28])}</text>'
-                     f'<line x1="{left}" y1="{y}" x2="{width}" y2="{y}" stroke="#eee"/>')
+                     f'<line x1="{left}" y1="{y}" x2="{right}" y2="{y}" stroke="#eee"/>')
     for hours in range(0, 25, 6):
-        x = left + (width - left) * (24 - hours) / 24
-        parts.append(f'<text x="{x - 12:.0f}" y="{height - 4}" font-size="10" fill="#6e7781">-{hours}h</text>')
+        x = left + (right - left) * (24 - hours) / 24
+        parts.append(f'<text x="{x - 12:.0f}" y="{height - 4}" font-size="10" fill="#6e7781">'
+                     f'{"now" if hours == 0 else f"-{hours}h"}</text>')
     for event in decisions:
         index = rows.get(event.get("alertname", ""))
         if index is None or now - event["ts"] > 86400:
             continue
-        x = left + (width - left) * (1 - (now - event["ts"]) / 86400)
+        x = left + (right - left) * (1 - (now - event["ts"]) / 86400)
         result = event.get("result", "")
         parts.append(f'<circle cx="{x:.1f}" cy="{20 + index * row}" r="4" fill="{colours.get(result, "#999")}">'
                      f'<title>{html.escape(result)} at {format_rfc3339(event["ts"])}</title></circle>')
     parts.append("</svg>")
     legend = " ".join(f'<span style="color:{colour}">&#9679;</span> {result}' for result, colour in _MARK_COLOURS)
-    return "".join(parts) + f'<p class="muted">{legend}</p>'
+    return '<div class="wrap" id="timeline">' + "".join(parts) + f'</div><p class="muted">{legend}</p>'
 
 
 def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, Any]],
@@ -3318,7 +3333,7 @@ def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, A
         heal = last_heal.get(name)
         disabled = name in status.get("disabled_actions", [])
         rows.append(
-            f'<tr><td class="value"><b>{esc(name)}</b>{" <em>(disabled)</em>" if disabled else ""}'
+            f'<tr><td class="value"><b class="name">{esc(name)}</b>{" <em>(disabled)</em>" if disabled else ""}'
             f'<br><code>{esc(status["commands"][name])}</code></td>'
             f'<td>{esc(format_duration(cooldown["cooldown_seconds"]))}</td>'
             f'<td>{"<span class=countdown data-until=" + chr(34) + format_rfc3339(until) + chr(34) + ">" + esc(format_duration(remaining)) + "</span>" if until else "ready"}</td>'
@@ -3337,9 +3352,9 @@ def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, A
     note = f'<p class="muted">{esc(status["overrides_note"])}</p>' if status.get("overrides_note") else ""
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">' + _NO_ICON +
         f"<title>autoheal: {esc(mode)}</title><style>{_STATUS_STYLE}</style></head><body>"
-        f'<h1>autoheal is <span id="mode" class="mode mode-{esc(mode.split()[0])}">{esc(mode)}</span></h1>'
+        f'<h1>autoheal is <span id="mode" class="mode mode-{esc(mode.split()[0])}">{_mode_markup(mode)}</span></h1>'
         f'<p>{esc(budget_text)}. Alertmanager: <code>{esc(status["alertmanager_url"])}</code>. '
         f'Version {esc(status["version"])}.</p>'
         '<h2>Actions</h2><div class="wrap"><table><thead><tr><th>action</th><th>cooldown</th><th>left</th>'
@@ -3362,7 +3377,7 @@ PAGE_SCRIPT = r"""'use strict';
     var when = new Date(iso), seconds = Math.round((when - Date.now()) / 1000), a = Math.abs(seconds);
     var rel = a < 60 ? a + ' s' : a < 3600 ? Math.round(a / 60) + ' min' : a < 86400 ? Math.round(a / 3600) + ' h'
       : Math.round(a / 86400) + ' d';
-    return when.toLocaleString() + ' (' + (seconds >= 0 ? 'in ' + rel : rel + ' ago') + ')';
+    return when.toLocaleString() + ' (' + (a < 5 ? 'just now' : seconds > 0 ? 'in ' + rel : rel + ' ago') + ')';
   }
   function times(root) {
     root.querySelectorAll('time[datetime]').forEach(function (t) { t.textContent = local(t.getAttribute('datetime')); });
@@ -3399,11 +3414,19 @@ PAGE_SCRIPT = r"""'use strict';
     fetch('./', {headers: {'Accept': 'application/json'}}).then(function (r) { return r.json(); }).then(function (s) {
       var mode = !s.enabled ? 'OFF' : s.dry_run ? 'DRY-RUN' : 'LIVE';
       var paused = (s.overrides || []).filter(function (o) { return o.setting === 'enabled' && o.until; });
-      if (!s.enabled && paused.length) { mode = 'PAUSED until ' + paused[paused.length - 1].until; }
       var el = document.getElementById('mode');
       el.textContent = mode;
-      el.className = 'mode mode-' + mode.split(' ')[0];
-      document.title = 'autoheal: ' + mode;
+      if (!s.enabled && paused.length) {
+        mode = 'PAUSED';
+        el.textContent = 'PAUSED until ';
+        var t = document.createElement('time');
+        t.setAttribute('datetime', paused[paused.length - 1].until);
+        t.title = paused[paused.length - 1].until;
+        el.appendChild(t);
+        times(el);
+      }
+      el.className = 'mode mode-' + mode;
+      document.title = 'autoheal: ' + el.textContent;
     });
   }
   function send(command) {
@@ -3421,6 +3444,8 @@ PAGE_SCRIPT = r"""'use strict';
   });
   tick();
   setInterval(tick, 1000);
+  var timeline = document.getElementById('timeline');
+  if (timeline) { timeline.scrollLeft = timeline.scrollWidth; }  // a narrow screen starts at "now"
   if (document.getElementById('events')) { listen(); }  // the status page; the ack pages only show times
 })();
 """

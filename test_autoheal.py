@@ -3493,3 +3493,189 @@ def test_an_alert_still_firing_after_the_grace_is_not_healed(tmp_path):
         assert len(running.json("GET", "/history?kind=heal")[1]["events"]) == 1
         assert running.metric('autoheal_heals_total{alertname="Flaky",result="not_healed"}') == 1
         assert running.metric('autoheal_heals_total{alertname="Flaky",result="healed"}') == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The page in a real browser: Chromium over the DevTools protocol on a pipe (standard library only)
+# ---------------------------------------------------------------------------------------------
+
+SCREENSHOTS = HERE / "test-screenshots"  # left behind by the test run, to be looked at
+
+
+class Chromium:
+    """Headless Chromium driven over --remote-debugging-pipe: JSON messages ending in NUL on file
+    descriptors 3 (commands in) and 4 (answers and events out)."""
+
+    def __init__(self, tmp_path):
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        if binary is None:
+            message = "chromium is not installed (.ci/run installs it)"
+            if os.environ.get("AUTOHEAL_REQUIRE_PEERS") == "1":
+                pytest.fail(message)
+            pytest.skip(message)
+        to_browser_read, self._to_browser = os.pipe()
+        self._from_browser, from_browser_write = os.pipe()
+        # Dup the ends away from 3 and 4 first: dup2 onto itself would keep close-on-exec.
+        spare_read, spare_write = os.dup(to_browser_read), os.dup(from_browser_write)
+
+        def wire():
+            os.dup2(spare_read, 3)
+            os.dup2(spare_write, 4)
+            os.set_inheritable(3, True)
+            os.set_inheritable(4, True)
+
+        self.process = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--remote-debugging-pipe", f"--user-data-dir={tmp_path / 'chromium-profile'}", "about:blank"],
+            preexec_fn=wire, pass_fds=(3, 4) if False else (), close_fds=False,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for fd in (to_browser_read, from_browser_write, spare_read, spare_write):
+            os.close(fd)
+        self._next = 0
+        self._buffer = b""
+        self.events = []
+        self.session = None
+        target = [t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page"][0]
+        self.session = self.call("Target.attachToTarget", targetId=target["targetId"], flatten=True)["sessionId"]
+        for domain in ("Page.enable", "Runtime.enable", "Log.enable"):
+            self.call(domain)
+
+    def call(self, method, timeout=30, **params):
+        self._next += 1
+        message = {"id": self._next, "method": method, "params": params}
+        if self.session and not method.startswith("Target."):
+            message["sessionId"] = self.session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.time() + timeout
+        while True:
+            answer = self._receive(deadline)
+            if answer.get("id") == self._next:
+                assert "error" not in answer, answer
+                return answer.get("result", {})
+            self.events.append(answer)
+
+    def _receive(self, deadline):
+        import select
+
+        while b"\0" not in self._buffer:
+            assert time.time() < deadline, "chromium did not answer in time"
+            ready, _, _ = select.select([self._from_browser], [], [], 0.5)
+            if ready:
+                chunk = os.read(self._from_browser, 1 << 20)
+                assert chunk, "chromium closed the pipe"
+                self._buffer += chunk
+        message, _, self._buffer = self._buffer.partition(b"\0")
+        return json.loads(message)
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def open(self, url, width=1280, height=900, mobile=False):
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=mobile)
+        self.call("Page.navigate", url=url)
+        self.wait_for("document.readyState === 'complete'")
+
+    def wait_for(self, expression, timeout=15):
+        deadline = time.time() + timeout
+        while not self.evaluate(expression):
+            assert time.time() < deadline, f"never true in the page: {expression}"
+            time.sleep(0.1)
+
+    def screenshot(self, name):
+        import base64
+
+        SCREENSHOTS.mkdir(exist_ok=True)
+        data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
+        (SCREENSHOTS / name).write_bytes(base64.b64decode(data))
+
+    def problems(self):
+        """Script errors and console errors (CSP violations among them) seen so far."""
+        self.call("Runtime.evaluate", expression="1")  # collect what is queued
+        found = [e for e in self.events if e.get("method") == "Runtime.exceptionThrown"]
+        found += [e for e in self.events if e.get("method") == "Log.entryAdded"
+                  and e["params"]["entry"]["level"] == "error"]
+        found += [e for e in self.events if e.get("method") == "Runtime.consoleAPICalled"
+                  and e["params"]["type"] == "error"]
+        return found
+
+    def close(self):
+        self.process.kill()
+        self.process.wait(10)
+        os.close(self._to_browser)
+        os.close(self._from_browser)
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    browser = Chromium(tmp_path)
+    yield browser
+    browser.close()
+
+
+def test_chromium_shows_the_status_page_live_safely_and_its_buttons_work(tmp_path, chromium):
+    hostile = "<img src=x onerror=\"window.pwned=1\">"
+    path = actions_file(tmp_path, {"TcpEndpointDownFast": {"command": ["true"], "cooldown_sec": 300},
+                                   "UptimeProbeFailing": {"command": ["false"], "cooldown_sec": 0}})
+    running = AutohealProcess({**ADMIN, **REAL, "AUTOHEAL_ACTIONS_FILE": path,
+                               "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}, tmp_path)
+    try:
+        running.post_alert(webhook(alert(instance=hostile), alert("UptimeProbeFailing"), alert("Unknown")))
+        url = f"http://127.0.0.1:{running.port}/"
+        chromium.open(url)
+        assert chromium.evaluate("document.getElementById('mode').textContent") == "LIVE"  # in words
+        assert chromium.evaluate("document.querySelectorAll('svg circle').length") >= 2  # the 24-hour picture
+        assert "executed" in chromium.evaluate("document.body.innerText")
+        # A decision made after the page loaded appears without a reload.
+        chromium.wait_for("typeof EventSource !== 'undefined' && document.querySelectorAll('#events li').length > 0")
+        time.sleep(0.5)
+        running.post_alert(webhook(alert(instance=hostile)))
+        chromium.wait_for("document.querySelector('#events li').textContent.indexOf('cooldown_skip') >= 0")
+        chromium.screenshot("status-1280.png")
+        # A hostile label value is text, never markup.
+        running.post_alert(webhook(dict(alert("UptimeProbeFailing"), labels={"alertname": hostile})))
+        history = chromium.evaluate("fetch('history?limit=50', {headers: {Accept: 'application/json'}})"
+                                    ".then(r => r.text())")
+        assert hostile.replace('"', '\\"') in history
+        assert chromium.evaluate("window.pwned === undefined && document.querySelectorAll('img').length === 0")
+        # With the admin token entered, a button changes the mode.
+        chromium.evaluate("document.getElementById('token').value = 'admin-secret-1'; "
+                          "document.querySelector('button[data-command=\"disable 1h\"]').click(); true")
+        chromium.wait_for("document.getElementById('mode').textContent.indexOf('PAUSED until') === 0")
+        status = running.json("GET", "/")[1]
+        assert status["enabled"] is False and status["overrides"][0]["by"] == "status page"
+        assert not [line for line in running.lines if "admin-secret-1" in line]  # the token is in no log
+        assert "admin-secret-1" not in json.dumps(running.json("GET", "/history?limit=100")[1])
+        # Readable at 390 px: nothing scrolls sideways.
+        chromium.open(url, width=390, height=844, mobile=True)
+        assert chromium.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        chromium.screenshot("status-390.png")
+        assert chromium.problems() == []  # no script error, no CSP violation
+    finally:
+        running.stop()
+
+
+def test_chromium_without_javascript_still_shows_the_state_as_of_the_load(tmp_path, chromium):
+    with serving({**ADMIN, "AUTOHEAL_ENABLED": "true"}) as running:
+        running.post_alert(WEBHOOK)
+        chromium.call("Emulation.setScriptExecutionDisabled", value=True)
+        chromium.open(f"http://127.0.0.1:{running.port}/")
+        text = chromium.evaluate("document.body.innerText") if False else None
+        chromium.call("Emulation.setScriptExecutionDisabled", value=False)  # to read the page, not to run it
+        text = chromium.evaluate("document.body.innerText")
+        assert "DRY-RUN" in text and "TcpEndpointDownFast" in text and "dry_run" in text
+
+
+def test_chromium_ack_page_at_390_px_keeps_dates_and_ids_whole(tmp_path, chromium, alertmanager):
+    with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
+        url = f"http://127.0.0.1:{running.port}" + ack_path({"alertname": "PhoneAck", "instance": "db-1"}, "2h")
+        chromium.open(url, width=390, height=844, mobile=True)
+        assert chromium.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        text = chromium.evaluate("document.body.innerText")
+        assert "For 2h (the duration chosen), until" in text and "in 2 h" in text  # local time, relative
+        assert chromium.evaluate("Array.from(document.querySelectorAll('time, code')).every("
+                                 "e => e.getClientRects().length === 1)")  # never wrapped mid-word
+        chromium.screenshot("ack-390.png")
+        assert chromium.problems() == []
