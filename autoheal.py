@@ -2312,6 +2312,9 @@ class App:
         self._series_labels = [format_labels({"alertname": name}) for name in self.action_names]
         self._result_series = [f'{{alertname="{escape_label_value(name)}",result="{result}"}}'
                                for name, result in self._result_keys]
+        self._heal_keys = [(name, result) for name in self.action_names for result in HEAL_RESULTS]
+        self._heal_series = [f'{{alertname="{escape_label_value(name)}",result="{result}"}}'
+                             for name, result in self._heal_keys]
         self.store = self._open_store()
         now = clock()
         self.claims = LocalClaims(
@@ -3004,6 +3007,7 @@ class App:
         limit = settings.max_actions_per_hour
         budget_used = self.claims.budget_used(now)
         actions = counters["autoheal_actions_total"]
+        heals = counters["autoheal_heals_total"]
         durations = counters["autoheal_action_duration_seconds_sum"]
         runs = counters["autoheal_action_duration_seconds_count"]
         with self._lock:
@@ -3011,6 +3015,11 @@ class App:
 
         def plain(family: str) -> List[Tuple[str, float]]:
             return [("", counters[family][()])]
+
+        def summary(sums: Mapping[Tuple[Any, ...], float], counts: Mapping[Tuple[Any, ...], float]) -> List[Any]:
+            """A per-alertname summary's _sum and _count series, on the pre-escaped label sets."""
+            return ([("_sum" + series, sums[(name,)]) for series, name in zip(labels, names)]
+                    + [("_count" + series, counts[(name,)]) for series, name in zip(labels, names)])
 
         def by(family: str, label: str) -> List[Tuple[str, float]]:
             return [(format_labels({label: str(key[0])}), value) for key, value in counters[family].items()]
@@ -3027,10 +3036,7 @@ class App:
             "autoheal_cooldown_remaining_seconds": zip(labels, [cooldown_remaining(begun or None, cooldown, now)
                                                                 for begun, cooldown in zip(started, cooldowns)]),
             "autoheal_cooldown_seconds": zip(labels, cooldowns),
-            "autoheal_action_duration_seconds": [("_sum" + series, durations[(name,)]) for series, name in
-                                                 zip(labels, names)]
-                                                + [("_count" + series, runs[(name,)]) for series, name in
-                                                   zip(labels, names)],
+            "autoheal_action_duration_seconds": summary(durations, runs),
             "autoheal_action_budget_limit": [("", limit)],
             "autoheal_action_budget_remaining": [("", max(0, limit - budget_used) if limit else math.nan)],
             "autoheal_action_budget_exhausted": [("", int(bool(limit) and budget_used >= limit))],
@@ -3045,13 +3051,9 @@ class App:
                                              for (path, status), count in
                                              sorted(counters["autoheal_http_rejected_total"].items())],
             "autoheal_state_commits_total": [("", self.store.commits)],
-            "autoheal_heals_total": [(format_labels({"alertname": name, "result": result}), value)
-                                     for (name, result), value in counters["autoheal_heals_total"].items()],
-            "autoheal_heal_duration_seconds": [("_sum" + series, counters["autoheal_heal_duration_seconds_sum"][(name,)])
-                                               for series, name in zip(labels, names)]
-                                              + [("_count" + series,
-                                                  counters["autoheal_heal_duration_seconds_count"][(name,)])
-                                                 for series, name in zip(labels, names)],
+            "autoheal_heals_total": zip(self._heal_series, [heals[key] for key in self._heal_keys]),
+            "autoheal_heal_duration_seconds": summary(counters["autoheal_heal_duration_seconds_sum"],
+                                                      counters["autoheal_heal_duration_seconds_count"]),
             "autoheal_action_disabled": zip(labels, [int(name in settings.disabled) for name in names]),
             "autoheal_overrides": [("", len(settings.overrides))],
             "autoheal_control_commands_total": [(format_labels({"source": source, "result": result}), count)
