@@ -672,11 +672,19 @@ class PeerError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
+_LAST_SECOND: List[Any] = [None, ""]  # the whole second last formatted, and its text
+
+
 def format_rfc3339(timestamp: float) -> str:
-    """Unix time as RFC 3339 in UTC with milliseconds, as Alertmanager writes it."""
+    """Unix time as RFC 3339 in UTC with milliseconds, as Alertmanager writes it.  Every log line
+    carries one, so the seconds part is formatted once per second (strftime costs microseconds)."""
     whole = math.floor(timestamp)
     milliseconds = min(999, int((timestamp - whole) * 1000))
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{milliseconds:03d}Z"
+    cached = _LAST_SECOND
+    if cached[0] != whole:
+        cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        cached[0] = whole
+    return cached[1] + f".{milliseconds:03d}Z"
 
 
 def parse_rfc3339(text: str) -> float:
@@ -2723,8 +2731,7 @@ class App:
         settings = self.effective()
         decisions = []
         cooldowns: Dict[str, float] = {}
-        counts: Dict[Tuple[str, Tuple[Any, ...]], float] = collections.Counter()
-        counts[("autoheal_alerts_received_total", ())] += len(alerts)
+        counts: Dict[Tuple[str, Tuple[Any, ...]], float] = {("autoheal_alerts_received_total", ()): len(alerts)}
         for alert in alerts:
             decision = judge(alert, settings, self.actions)
             if decision.result == "pending":
@@ -2736,14 +2743,17 @@ class App:
                 if decision.result in ("dry_run", "run"):
                     cooldowns[decision.alertname] = now
                 if decision.result != "run":
-                    counts[("autoheal_actions_total", (decision.alertname, decision.result))] += 1
+                    key = ("autoheal_actions_total", (decision.alertname, decision.result))
+                    counts[key] = counts.get(key, 0) + 1
             else:
-                counts[("autoheal_alerts_skipped_total", (decision.reason,))] += 1
+                key = ("autoheal_alerts_skipped_total", (decision.reason,))
+                counts[key] = counts.get(key, 0) + 1
             decisions.append(decision)
         self.counters.add_all(counts)
-        with self._lock:
-            for alert, decision in zip(alerts, decisions):
-                if decision.result in ROUTINE_RESULTS:
+        routine = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result in ROUTINE_RESULTS]
+        if routine:
+            with self._lock:
+                for alert, decision in routine:
                     self._fold_locked(alert, decision, now, settings)
         # Recorded in chunks, so that the events of a storm of thousands of alerts are not all in
         # memory at once; every chunk is committed before the answer, cooldowns with the first.
