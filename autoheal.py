@@ -3942,9 +3942,8 @@ class Handler:
             raise
         result, change, message = self.app.control(body.get("command", ""), "http", by, self.request.client,
                                                    body.get("reason"))
-        if result != "applied":
-            status = 400 if result == "invalid" else 409
-            raise HttpError(status, message + ("" if result == "refused" else ""))
+        if result != "applied":  # does not parse: 400; cannot apply (nothing to undo): 409
+            raise HttpError(400 if result == "invalid" else 409, message)
         self._send_json(200, {"ok": True, "change": change, "status": self.app.status(), "text": message})
 
     def route_slack(self, method: str, params: Mapping[str, str]) -> None:
