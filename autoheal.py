@@ -3280,6 +3280,9 @@ def page_mode(status: Mapping[str, Any]) -> str:
     return "DRY-RUN" if status["dry_run"] else "LIVE"
 
 
+_NO_OVERRIDES = '<li class="muted">none: the environment is in force</li>'
+
+
 def _mode_markup(mode: str) -> str:
     """The mode, its PAUSED until time as a <time> (local and relative once the script runs)."""
     import html
@@ -3340,19 +3343,21 @@ def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, A
     for name in status["actions"]:
         cooldown = status["cooldowns"][name]
         remaining = cooldown["remaining_seconds"]
-        until = now + remaining if remaining > 0 else None
+        left = (f'<span class="countdown" data-until="{format_rfc3339(now + remaining)}">'
+                f'{esc(format_duration(remaining))}</span>' if remaining > 0 else "ready")
         decision = last_decision.get(name)
+        last = (f'<span class="r-{esc(decision["result"])}">{esc(decision["result"])}</span> '
+                f'{_time_tag(decision["ts"])}' if decision else "none yet")
         heal = last_heal.get(name)
-        disabled = name in status.get("disabled_actions", [])
+        healed = (f'<span class="r-{esc(heal["result"])}">{esc(heal["result"].replace("_", " "))}</span>' if heal
+                  else '<span class="muted">no verdict</span>')
+        switch = "enable" if name in status.get("disabled_actions", []) else "disable"
         rows.append(
-            f'<tr><td class="value"><b class="name">{esc(name)}</b>{" <em>(disabled)</em>" if disabled else ""}'
+            f'<tr><td class="value"><b class="name">{esc(name)}</b>{" <em>(disabled)</em>" if switch == "enable" else ""}'
             f'<br><code>{esc(status["commands"][name])}</code></td>'
-            f'<td>{esc(format_duration(cooldown["cooldown_seconds"]))}</td>'
-            f'<td>{"<span class=countdown data-until=" + chr(34) + format_rfc3339(until) + chr(34) + ">" + esc(format_duration(remaining)) + "</span>" if until else "ready"}</td>'
-            f'<td>{("<span class=r-" + esc(decision["result"]) + ">" + esc(decision["result"]) + "</span> " + _time_tag(decision["ts"])) if decision else "none yet"}</td>'
-            f'<td>{("<span class=r-" + esc(heal["result"]) + ">" + esc(heal["result"].replace("_", " ")) + "</span>") if heal else "<span class=muted>no verdict</span>"}</td>'
-            f'<td><button data-command="rearm {esc(name)}">rearm</button>'
-            f'<button data-command="{"enable" if disabled else "disable"} {esc(name)}">{"enable" if disabled else "disable"}</button></td></tr>')
+            f'<td>{esc(format_duration(cooldown["cooldown_seconds"]))}</td><td>{left}</td><td>{last}</td>'
+            f'<td>{healed}</td><td><button data-command="rearm {esc(name)}">rearm</button>'
+            f'<button data-command="{switch} {esc(name)}">{switch}</button></td></tr>')
     overrides = [
         f'<li>#{o["id"]} <b>{esc(o["setting"])}</b>{" " + esc(o["alertname"]) if o["alertname"] else ""} = '
         f'{esc(json.dumps(o["value"]))} by {esc(o["by"])}'
@@ -3371,7 +3376,7 @@ def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, A
         f'Version {esc(status["version"])}.</p>'
         '<h2>Actions</h2><div class="wrap"><table><thead><tr><th>action</th><th>cooldown</th><th>left</th>'
         f'<th>last decision</th><th>healed?</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
-        f'<h2>Overrides</h2>{note}<ul id="overrides">{"".join(overrides) or "<li class=muted>none: the environment is in force</li>"}</ul>'
+        f'<h2>Overrides</h2>{note}<ul id="overrides">{"".join(overrides) or _NO_OVERRIDES}</ul>'
         '<div class="controls"><label>Admin token <input id="token" type="password" autocomplete="off" '
         'placeholder="AUTOHEAL_ADMIN_TOKEN"></label><br>'
         '<button data-command="disable 1h">disable 1h</button><button data-command="enable">enable</button>'
