@@ -21,7 +21,8 @@ Environment (booleans take true/false/1/0/yes/no/on/off in any case; a bad value
 with exit status 2 and one line naming the variable):
     AUTOHEAL_ENABLED=false               master switch
     AUTOHEAL_DRY_RUN=true                log and count, never execute
-    ALERTMANAGER_URL=http://alertmanager:9093   where silences are created
+    ALERTMANAGER_URL=http://alertmanager:9093   where silences are created (a cluster: its members,
+                                         comma-separated; each call goes to the first that answers)
     AUTOHEAL_PUBLIC_URL=http://localhost:9009   base of the ack links it reports
     AUTOHEAL_ALERTMANAGER_PUBLIC_URL=unset   where people reach Alertmanager's UI (ack pages link
                                          there); unset: ALERTMANAGER_URL
@@ -357,7 +358,7 @@ class Config(NamedTuple):
 
         take("enabled", "AUTOHEAL_ENABLED", parse_bool)
         take("dry_run", "AUTOHEAL_DRY_RUN", parse_bool)
-        take("alertmanager_url", "ALERTMANAGER_URL", parse_url)
+        take("alertmanager_url", "ALERTMANAGER_URL", parse_urls)
         take("public_url", "AUTOHEAL_PUBLIC_URL", parse_url)
         take("host", "AUTOHEAL_HOST", parse_host)
         take("port", "AUTOHEAL_PORT", lambda raw: parse_int(raw, 0, 65535))
@@ -469,6 +470,14 @@ def parse_url(raw: str) -> str:
     except ValueError:
         raise ValueError("expected a valid port in the URL") from None
     return text.rstrip("/")
+
+
+def parse_urls(raw: str) -> str:
+    """One URL, or the members of a cluster, comma-separated: each an http(s) URL with a host."""
+    urls = [parse_url(part) for part in raw.split(",") if part.strip()]
+    if not urls:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    return ",".join(urls)
 
 
 def parse_host(raw: str) -> str:
@@ -1813,32 +1822,50 @@ class SqliteStore(Store):
 
 
 class AlertmanagerClient:
-    """Just enough of Alertmanager's v2 API for silences, with a bounded wait on every call."""
+    """Just enough of Alertmanager's v2 API for silences, with a bounded wait on every call.
+
+    base_url may list the members of an Alertmanager cluster, comma-separated: each call goes to
+    the first that answers (they share silences by gossip), all within one timeout.
+    """
 
     def __init__(self, base_url: str, timeout: float):
         self.base_url = base_url
+        self.members = [url.strip() for url in base_url.split(",") if url.strip()]
         self.timeout = timeout
-        # After a call found nobody answering, the next ones fail at once for one timeout: a
-        # dozen taps on ack links while Alertmanager is down answer in one timeout, not a dozen.
-        self._down: Optional[Tuple[float, str]] = None
+        # After a call found a member not answering, the next ones skip it for one timeout (and
+        # fail at once when none is left): a dozen taps on ack links while Alertmanager is down
+        # answer in one timeout, not a dozen.
+        self._down: Dict[str, Tuple[float, str]] = {}
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """One request; raises PeerError with Alertmanager's own reason on refusal or silence."""
-        down = self._down
-        if down is not None and time.monotonic() < down[0]:
-            raise PeerError(down[1] + " (moments ago; it is asked again shortly)")
         headers = {"Accept": "application/json", "User-Agent": f"autoheal/{__version__}"}
         payload = None
         if body is not None:
             payload = json.dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
-        try:
-            status, raw = http_request(method, self.base_url + path, payload, headers, self.timeout, limit=4 << 20)
-        except OSError as exc:
-            message = f"Alertmanager at {self.base_url} {describe_failure(exc, self.timeout)}"
-            self._down = (time.monotonic() + self.timeout, message)
-            raise PeerError(message) from None
-        self._down = None
+        deadline = time.monotonic() + self.timeout
+        failures = []
+        for member in self.members:
+            down = self._down.get(member)
+            now = time.monotonic()
+            if down is not None and now < down[0]:
+                failures.append(down[1] + " (moments ago; it is asked again shortly)")
+                continue
+            if now >= deadline:
+                failures.append(f"Alertmanager at {member} was not asked: {format_value(self.timeout)}s had passed")
+                continue
+            try:
+                status, raw = http_request(method, member + path, payload, headers, deadline - now, limit=4 << 20)
+            except OSError as exc:
+                message = f"Alertmanager at {member} {describe_failure(exc, self.timeout)}"
+                self._down[member] = (time.monotonic() + self.timeout, message)
+                failures.append(message)
+                continue
+            self._down.pop(member, None)
+            break
+        else:
+            raise PeerError("; ".join(failures))
         data = decode_answer(raw)
         if status >= 300:
             raise PeerError(f"Alertmanager refused ({status}): {answer_reason(data)}", status)

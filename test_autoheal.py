@@ -3679,3 +3679,52 @@ def test_chromium_ack_page_at_390_px_keeps_dates_and_ids_whole(tmp_path, chromiu
                                  "e => e.getClientRects().length === 1)")  # never wrapped mid-word
         chromium.screenshot("ack-390.png")
         assert chromium.problems() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Alertmanager as a cluster: ALERTMANAGER_URL lists its members
+# ---------------------------------------------------------------------------------------------
+
+
+def start_alertmanager_member(directory, cluster_port, peer_port):
+    """One member of a two-member Alertmanager cluster, gossiping on loopback."""
+    binary = require("prometheus-alertmanager")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "alertmanager.yml").write_text(MINIMAL_ALERTMANAGER)
+    return Peer("alertmanager", lambda port: [
+        binary, f"--config.file={directory / 'alertmanager.yml'}", f"--storage.path={directory / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}", f"--cluster.listen-address=127.0.0.1:{cluster_port}",
+        f"--cluster.peer=127.0.0.1:{peer_port}", "--cluster.settle-timeout=2s", "--cluster.gossip-interval=50ms",
+        "--cluster.pushpull-interval=2s", "--log.level=warn",
+    ], "/-/ready", directory)
+
+
+def test_an_ack_through_one_member_of_an_alertmanager_cluster_is_found_again_through_the_other(tmp_path):
+    first_gossip, second_gossip = free_port(), free_port()
+    first = start_alertmanager_member(tmp_path / "am1", first_gossip, second_gossip)
+    second = start_alertmanager_member(tmp_path / "am2", second_gossip, first_gossip)
+    try:
+        wait_for(lambda: len(http_json("GET", first.url + "/api/v2/status")[1]["cluster"]["peers"]) == 2, timeout=30)
+        labels = {"alertname": "ClusterAck", "instance": "db-1"}
+        env = {"ALERTMANAGER_URL": f"{first.url},{second.url}", "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC": "2"}
+        with serving(env) as running:
+            status, created = running.json("GET", ack_path(labels))
+            assert status == 200 and created["outcome"] == "created"
+            wait_for(lambda: silences_for(second, "ClusterAck"), timeout=30)  # gossip carried it over
+            first.stop()  # the member it was created through is gone
+            status, again = running.json("GET", ack_path(labels))
+            assert status == 200 and (again["outcome"], again["silence_id"]) == ("existing", created["silence_id"])
+            assert [s["id"] for s in silences_for(second, "ClusterAck")] == [created["silence_id"]]
+            second.stop()
+            status, body = running.json("GET", ack_path(labels))
+            assert status == 502 and first.url in body["error"] and second.url in body["error"]
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_alertmanager_url_takes_the_members_of_a_cluster():
+    config = Config.from_env({"ALERTMANAGER_URL": "http://am-1:9093/, http://am-2:9093"})
+    assert config.alertmanager_url == "http://am-1:9093,http://am-2:9093"
+    with pytest.raises(ConfigError, match="ALERTMANAGER_URL"):
+        Config.from_env({"ALERTMANAGER_URL": "http://am-1:9093,am-2:9093"})
