@@ -919,6 +919,12 @@ class Counters:
             return {family: dict(values) for family, values in self._families.items()}
 
 
+def alertname_results(names: List[str], results: Tuple[str, ...]) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """The (alertname, result) keys of a per-alertname counter and their label sets, escaped."""
+    keys = [(name, result) for name in names for result in results]
+    return keys, [f'{{alertname="{escape_label_value(name)}",result="{result}"}}' for name, result in keys]
+
+
 def log_event(event: Mapping[str, Any], stream: Any = None, lock: Optional[threading.Lock] = None) -> None:
     """One JSON object per line, ASCII only: every control character (and U+2028) is escaped."""
     line = json.dumps(event, separators=(",", ":"), default=str) + "\n"
@@ -1338,18 +1344,17 @@ class Store:
                 event["id"] = event_id
             # A repeat folds into an event recorded before or in this same call (its id is known now).
             repeats = [(event["id"], when) for event, when in folds or ()]
-            pending = self._keep(rows, texts, cooldowns or {}, repeats, control(first) if control else None,
-                                 heals or {})
-        if pending is not None:
+            pending = _Pending(rows, texts, cooldowns or {}, repeats, control(first) if control else None,
+                               heals or {})
+            queued = self._keep(pending)
+        if queued:
             pending.done.wait()
             if pending.error:
                 raise sqlite3.OperationalError(pending.error)
         return texts
 
-    def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
-              repeats: List[Tuple[int, float]], control: Optional[str],
-              heals: Mapping[str, Optional[str]]) -> Optional[_Pending]:
-        """Keep records (under the order lock); a _Pending to wait for when that takes a commit."""
+    def _keep(self, pending: _Pending) -> bool:
+        """Keep records (under the order lock); True when they wait for a commit (pending.done)."""
         raise NotImplementedError
 
     def load_control(self) -> Optional[str]:
@@ -1401,12 +1406,10 @@ class MemoryStore(Store):
         self._memory: Tuple[collections.deque, collections.deque] = (collections.deque(), collections.deque())
         self._memory_by_id: Dict[int, List[Any]] = {}
 
-    def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
-              repeats: List[Tuple[int, float]], control: Optional[str],
-              heals: Mapping[str, Optional[str]]) -> Optional[_Pending]:
+    def _keep(self, pending: _Pending) -> bool:
         """Keep the rows, fold the repeats, evict the oldest of a class past its bounds."""
         with self._lock:
-            for row in rows:
+            for row in pending.rows:
                 entry = list(row) + [1, None]
                 cls = row[6]
                 self._memory[cls].append(entry)
@@ -1419,13 +1422,13 @@ class MemoryStore(Store):
                     del self._memory_by_id[old[0]]
                     totals[0] -= 1
                     totals[1] -= old[7] + MEMORY_ROW_OVERHEAD
-            for event_id, when in repeats:
+            for event_id, when in pending.folds:
                 entry = self._memory_by_id.get(event_id)
                 if entry is not None:
                     entry[8] += 1
                     entry[9] = when
-        self._on_commit(texts)
-        return None
+        self._on_commit(pending.texts)
+        return False
 
     def query(self, limit: int, since: Optional[float] = None, after: Optional[int] = None,
               **equal: Optional[str]) -> List[Tuple[int, str]]:
@@ -1604,10 +1607,7 @@ class SqliteStore(Store):
                 os.remove(self.path + suffix)
         connection = self._connect(self.path, check=False)
         connection.execute("BEGIN IMMEDIATE")
-        connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", self._cooldowns.items())
-        if self._control is not None:
-            connection.execute("INSERT OR REPLACE INTO control VALUES (1, ?)", (self._control,))
-        connection.executemany("INSERT OR REPLACE INTO heals VALUES (?, ?)", self._heals.items())
+        self._write_state(connection, self._cooldowns, self._control, self._heals)
         connection.execute("COMMIT")
         self._load_totals(connection)
         self._connection = connection
@@ -1638,15 +1638,12 @@ class SqliteStore(Store):
 
     # -- recording ------------------------------------------------------------------------
 
-    def _keep(self, rows: List[Tuple[Any, ...]], texts: List[Tuple[int, str]], cooldowns: Mapping[str, float],
-              repeats: List[Tuple[int, float]], control: Optional[str],
-              heals: Mapping[str, Optional[str]]) -> Optional[_Pending]:
+    def _keep(self, pending: _Pending) -> bool:
         """Queue the records for the writer; record() waits for their commit outside the lock."""
         if self._writer is None or not self._writer.is_alive():
             raise sqlite3.OperationalError("state file writer is not running")
-        pending = _Pending(rows, texts, cooldowns, repeats, control, heals)
         self._queue.put(pending)
-        return pending
+        return True
 
     def _write_loop(self) -> None:
         stopping = False
@@ -1702,15 +1699,7 @@ class SqliteStore(Store):
                 if folds:
                     connection.executemany("UPDATE events SET count = count + ?, last_ts = ? WHERE id = ?",
                                            [(count, when, event_id) for event_id, (count, when) in folds.items()])
-                if cooldowns:
-                    connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", cooldowns.items())
-                if control is not None:
-                    connection.execute("INSERT OR REPLACE INTO control VALUES (1, ?)", (control,))
-                for fingerprint, body in heals.items():
-                    if body is None:
-                        connection.execute("DELETE FROM heals WHERE fingerprint = ?", (fingerprint,))
-                    else:
-                        connection.execute("INSERT OR REPLACE INTO heals VALUES (?, ?)", (fingerprint, body))
+                self._write_state(connection, cooldowns, control, heals)
                 for row in rows:
                     totals = self._totals[row[6]]
                     totals[0] += 1
@@ -1740,6 +1729,21 @@ class SqliteStore(Store):
         self._on_commit(committed)
         for pending in batch:
             pending.done.set()
+
+    @staticmethod
+    def _write_state(connection: sqlite3.Connection, cooldowns: Mapping[str, float], control: Optional[str],
+                     heals: Mapping[str, Optional[str]]) -> None:
+        """Cooldown starts, the runtime control state and pending heal verdicts (None: dropped),
+        inside the caller's transaction: at each commit, and again into a reopened file."""
+        if cooldowns:  # most commits carry none of these: no statement for them on the hot path
+            connection.executemany("INSERT OR REPLACE INTO cooldowns VALUES (?, ?)", cooldowns.items())
+        if control is not None:
+            connection.execute("INSERT OR REPLACE INTO control VALUES (1, ?)", (control,))
+        for fingerprint, body in heals.items():
+            if body is None:
+                connection.execute("DELETE FROM heals WHERE fingerprint = ?", (fingerprint,))
+            else:
+                connection.execute("INSERT OR REPLACE INTO heals VALUES (?, ?)", (fingerprint, body))
 
     def _prune(self, connection: sqlite3.Connection, cls: int) -> None:
         """Past a class's bounds, delete its oldest rows down to nine tenths of them: a DELETE per
@@ -2223,6 +2227,11 @@ class LocalClaims:
             if self._started.get(alertname) in (None, 0.0) and started:
                 self._started[alertname] = started
 
+    def all_started(self) -> Dict[str, float]:
+        """When each alertname's last cooldown started, at once (status and /metrics)."""
+        with self._lock:
+            return dict(self._started)
+
     def started(self, alertname: str) -> Optional[float]:
         """When alertname's last cooldown started (None: never)."""
         with self._lock:
@@ -2323,7 +2332,10 @@ class App:
         self._feed_closed = False
         self._folds: "collections.OrderedDict[Tuple[str, str, str, Optional[str]], List[Any]]" = collections.OrderedDict()
         self._ack_inflight: Dict[Any, _AckCall] = {}
-        self._result_keys = [(name, result) for name in self.action_names for result in ACTION_RESULTS]
+        # The (alertname, result) series, keyed and escaped once: /metrics with 1,000 alertnames
+        # must not escape thousands of label values on every scrape.
+        self._result_keys, self._result_series = alertname_results(self.action_names, ACTION_RESULTS)
+        self._heal_keys, self._heal_series = alertname_results(self.action_names, HEAL_RESULTS)
         per_action = [(name,) for name in self.action_names]
         # Every counter series exists from the start (at 0), so that rate() and increase() see the
         # first event; refusals only for the likeliest routes and statuses.
@@ -2338,18 +2350,11 @@ class App:
             "autoheal_http_rejected_total": list(PRESET_REJECTIONS),
             "autoheal_control_commands_total": [(source, result) for source in CONTROL_SOURCES
                                                 for result in CONTROL_RESULTS],
-            "autoheal_heals_total": [(name, result) for name in self.action_names for result in HEAL_RESULTS],
+            "autoheal_heals_total": self._heal_keys,
             "autoheal_heal_duration_seconds_sum": per_action,
             "autoheal_heal_duration_seconds_count": per_action,
         })
-        # The label sets of the per-alertname series, escaped once: /metrics with 1,000 alertnames
-        # must not escape 11,000 label values on every scrape.
         self._series_labels = [format_labels({"alertname": name}) for name in self.action_names]
-        self._result_series = [f'{{alertname="{escape_label_value(name)}",result="{result}"}}'
-                               for name, result in self._result_keys]
-        self._heal_keys = [(name, result) for name in self.action_names for result in HEAL_RESULTS]
-        self._heal_series = [f'{{alertname="{escape_label_value(name)}",result="{result}"}}'
-                             for name, result in self._heal_keys]
         self.store = self._open_store()
         now = clock()
         self.claims = LocalClaims(
@@ -2361,7 +2366,7 @@ class App:
         # Runtime control: per setting a stack of overrides (the newest in force), the changes
         # that undo can still take back, and a thread that lapses overrides with a duration.
         self._control_lock = threading.Lock()
-        self._control_changed = threading.Condition()
+        self._timers_wake = threading.Condition()  # wakes the timers: a change, a new deadline, closing
         self._control_closed = False
         self._stacks: Dict[Tuple[str, Optional[str]], List[Override]] = {}
         self._changes: List[Dict[str, Any]] = []
@@ -2373,8 +2378,8 @@ class App:
             with contextlib.suppress(ValueError, TypeError):
                 self._heals[fingerprint] = dict(json.loads(body))
         self._load_control(now)
-        self._lapser = threading.Thread(target=self._timer_loop, name="timers", daemon=True)
-        self._lapser.start()
+        self._timers = threading.Thread(target=self._timer_loop, name="timers", daemon=True)
+        self._timers.start()
 
     def effective(self) -> Settings:
         """The settings in force now.  Every reader (the webhook, GET /, /metrics) asks here once.
@@ -2387,8 +2392,8 @@ class App:
         if until is not None and self.clock() >= until:
             with self._control_lock:
                 self._build_settings(self.clock())
-            with self._control_changed:  # and the lapse is recorded now, not at the next wake
-                self._control_changed.notify_all()
+            with self._timers_wake:  # and the lapse is recorded now, not at the next wake
+                self._timers_wake.notify_all()
         return self._settings
 
     def _open_store(self) -> Store:
@@ -2494,12 +2499,12 @@ class App:
             self._feed_changed.notify_all()
 
     def close(self) -> None:
-        """Close the listeners, the lapse thread and the state store."""
+        """Close the listeners, the timers thread and the state store."""
         self.close_listeners()
-        with self._control_changed:
+        with self._timers_wake:
             self._control_closed = True
-            self._control_changed.notify_all()
-        self._lapser.join(timeout=5)
+            self._timers_wake.notify_all()
+        self._timers.join(timeout=5)
         self.store.close()
 
     def rejected(self, method: str, path: Optional[str], status: int, reason: str, client: str) -> None:
@@ -2613,8 +2618,8 @@ class App:
                 self.claims.rearm(command.alertname or "")
             elif command.verb == "undo" and change.get("kind") == "rearm":
                 self.claims.restore(change["alertname"], change["started"])
-        with self._control_changed:
-            self._control_changed.notify_all()
+        with self._timers_wake:
+            self._timers_wake.notify_all()
         self.counters.add("autoheal_control_commands_total", (source, "applied"))
         return "applied", event, describe_change(event)
 
@@ -2730,13 +2735,13 @@ class App:
         changes), and record it."""
         while True:
             heal = self.next_heal_deadline()
-            with self._control_changed:
+            with self._timers_wake:
                 if self._control_closed:
                     return
                 due = [moment for moment in (self._next_lapse, heal) if moment is not None]
                 wait = 60.0 if not due else max(0.0, min(60.0, min(due) - self.clock()))
                 if wait > 0:
-                    self._control_changed.wait(wait)
+                    self._timers_wake.wait(wait)
                 if self._control_closed:
                     return
             now = self.clock()
@@ -2819,8 +2824,8 @@ class App:
                 self._heals[fingerprint] = pending
                 followed[fingerprint] = json.dumps(pending)
         if followed:
-            with self._control_changed:  # the timer wakes for the new deadline
-                self._control_changed.notify_all()
+            with self._timers_wake:  # the timer wakes for the new deadline
+                self._timers_wake.notify_all()
         return followed
 
     def _resolve(self, alerts: List[Dict[str, Any]], now: float) -> None:
@@ -2987,9 +2992,10 @@ class App:
         """The answer of GET /."""
         now = self.clock()
         settings = self.effective()
+        started = self.claims.all_started()
         cooldowns = {name: {"cooldown_seconds": settings.cooldowns[name],
                             "remaining_seconds": round(cooldown_remaining(
-                                self.claims.started(name), settings.cooldowns[name], now), 3)}
+                                started.get(name), settings.cooldowns[name], now), 3)}
                      for name in self.action_names}
         limit = settings.max_actions_per_hour
         answer = {
@@ -3039,7 +3045,8 @@ class App:
         settings = self.effective()
         names = self.action_names
         labels = self._series_labels
-        started = [self.claims.started(name) or 0.0 for name in names]
+        claimed = self.claims.all_started()
+        started = [claimed.get(name) or 0.0 for name in names]
         cooldowns = [settings.cooldowns[name] for name in names]
         limit = settings.max_actions_per_hour
         budget_used = self.claims.budget_used(now)
