@@ -60,6 +60,18 @@ with exit status 2 and one line naming the variable):
     AUTOHEAL_MAX_EVENT_LISTENERS=16      GET /events streams at once
     AUTOHEAL_EVENTS_HEARTBEAT_SEC=15     comment line sent to idle /events listeners
     AUTOHEAL_SHUTDOWN_GRACE_SEC=10       on SIGTERM, how long in-flight actions may finish
+    AUTOHEAL_ETCD_ENDPOINTS=unset        replicas: etcd v3 members (http:// or https://, comma-separated)
+                                         that share cooldowns, the budget and runtime control; unset:
+                                         one process, its state in AUTOHEAL_STATE_FILE
+    AUTOHEAL_ETCD_PREFIX=/autoheal/      the keys of this deployment in etcd
+    AUTOHEAL_ETCD_TIMEOUT_SEC=2          bound on each exchange with etcd, all members together; past it
+                                         (or without quorum) alerts get error/coordination_unavailable
+    AUTOHEAL_ETCD_CA_FILE=unset          CA bundle that signs the members' certificates (https://)
+    AUTOHEAL_ETCD_CERT_FILE=unset        client certificate, for etcd's --client-cert-auth
+    AUTOHEAL_ETCD_KEY_FILE=unset         its private key (unset: in the certificate file)
+    AUTOHEAL_ETCD_USER=unset             etcd user (its token is taken again when it expires)
+    AUTOHEAL_ETCD_PASSWORD=unset         that user's password
+    AUTOHEAL_REPLICA=<host name>         this replica's name, in each event of its history ("replica")
     DOCKER_HOST=unix:///var/run/docker.sock   Docker Engine API of docker_api actions (or tcp://host:port)
     COMPOSE_PROJECT_NAME=unset           docker compose restart acts within this project only
 
@@ -103,7 +115,11 @@ from __future__ import annotations
 #                       is the one place that says what is in force.
 #   a new gate          judge() when it reads only the alert and the settings; anything exclusive
 #                       (a cooldown, a budget slot) behind one claim() of the claims object
-#                       (LocalClaims; a distributed one answers the same way).
+#                       (LocalClaims in one process; EtcdClaims for replicas, which answer the
+#                       same way, or raise CoordinationUnavailable: the alert fails closed).
+#   shared state        replicas share through etcd only what must agree (claims, the control
+#                       state under compare-and-swap, App._shared_control); the rest stays per
+#                       replica in its Store.
 #   a new metric        one row in METRICS and its samples in App._samples; a counter's values in
 #                       App.counters (Counters), added to wherever it happens.
 #   a new event kind    make_event(kind, now, ...) and App.record; retention_class says if a storm
@@ -159,6 +175,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--check"]:
 
 import collections  # noqa: E402 - after the health check's early exit, on purpose
 import contextlib
+import itertools
 import json
 import math
 import queue
@@ -218,6 +235,8 @@ FOLD_KEYS_MAX = 4096  # routine decisions whose repeats are being folded, at mos
 FEED_EVENTS = 4096  # recent events kept for /events listeners; one further behind reads the history
 RECORD_CHUNK = 500
 BUDGET_WINDOW_SEC = 3600  # the global action budget counts runs in a rolling hour
+COORDINATION_POLL_SEC = 0.25  # replicas: how often each reads the shared state in etcd
+CONTROL_CAS_ATTEMPTS = 5  # replicas: a change planned again when another replica's landed first
 QUICK_WORKERS = 2  # the pool of requests that never wait on a command or a peer (see Server)
 ACK_WORKERS = 4  # the pool of acks, which wait on Alertmanager
 
@@ -328,6 +347,16 @@ class Config(NamedTuple):
     slack_signing_secret: Optional[str] = None
     slack_admins: Tuple[str, ...] = ()
     slack_response_prefix: str = "https://hooks.slack.com/"
+    # Replicas (section "Running more than one"): empty endpoints is one process on its own.
+    etcd_endpoints: Tuple[str, ...] = ()
+    etcd_prefix: str = "/autoheal/"
+    etcd_timeout_sec: float = 2.0
+    etcd_ca_file: Optional[str] = None
+    etcd_cert_file: Optional[str] = None
+    etcd_key_file: Optional[str] = None
+    etcd_user: Optional[str] = None
+    etcd_password: Optional[str] = None
+    replica: str = ""  # "" until from_env: the host name
 
     @property
     def executes(self) -> bool:
@@ -336,7 +365,7 @@ class Config(NamedTuple):
 
     def __repr__(self) -> str:
         # Tokens never reach a log line, even through a repr.
-        shown = {name: ("<set>" if value and name.endswith(("_token", "_secret")) else value)
+        shown = {name: ("<set>" if value and name.endswith(("_token", "_secret", "_password")) else value)
                  for name, value in zip(self._fields, self) if name != "actions"}
         return f"Config({', '.join(f'{name}={value!r}' for name, value in shown.items())}, actions={sorted(self.actions)})"
 
@@ -386,6 +415,19 @@ class Config(NamedTuple):
         take("events_heartbeat_sec", "AUTOHEAL_EVENTS_HEARTBEAT_SEC", seconds_up_to(MAX_PEER_TIMEOUT_SEC))
         take("shutdown_grace_sec", "AUTOHEAL_SHUTDOWN_GRACE_SEC", seconds_up_to(MAX_PEER_TIMEOUT_SEC, positive=False))
         take("docker_host", "DOCKER_HOST", parse_docker_host)
+        take("etcd_endpoints", "AUTOHEAL_ETCD_ENDPOINTS", parse_etcd_endpoints)
+        take("etcd_prefix", "AUTOHEAL_ETCD_PREFIX", parse_etcd_prefix)
+        take("etcd_timeout_sec", "AUTOHEAL_ETCD_TIMEOUT_SEC", seconds_up_to(MAX_PEER_TIMEOUT_SEC))
+        for key, name in (("etcd_ca_file", "AUTOHEAL_ETCD_CA_FILE"), ("etcd_cert_file", "AUTOHEAL_ETCD_CERT_FILE"),
+                          ("etcd_key_file", "AUTOHEAL_ETCD_KEY_FILE")):
+            take(key, name, parse_readable_file)
+        take("etcd_user", "AUTOHEAL_ETCD_USER", parse_token)
+        take("etcd_password", "AUTOHEAL_ETCD_PASSWORD", parse_token)
+        values["replica"] = (env.get("AUTOHEAL_REPLICA") or "").strip()[:100] or socket.gethostname()
+        if values.get("etcd_key_file") and not values.get("etcd_cert_file"):
+            problems.append("AUTOHEAL_ETCD_KEY_FILE: set AUTOHEAL_ETCD_CERT_FILE too (the key belongs to a certificate)")
+        if bool(values.get("etcd_user")) != bool(values.get("etcd_password")):
+            problems.append("AUTOHEAL_ETCD_USER and AUTOHEAL_ETCD_PASSWORD: set both or neither")
         values["compose_project"] = env.get("COMPOSE_PROJECT_NAME") or None
         if "AUTOHEAL_STATE_FILE" in env:
             values["state_file"] = env["AUTOHEAL_STATE_FILE"]
@@ -478,6 +520,38 @@ def parse_urls(raw: str) -> str:
     if not urls:
         raise ValueError("expected an http:// or https:// URL with a host")
     return ",".join(urls)
+
+
+def parse_etcd_endpoints(raw: str) -> Tuple[str, ...]:
+    """etcd members, comma-separated http(s) URLs; never with a password in them (it would be in
+    every log line that names a member): AUTOHEAL_ETCD_USER and AUTOHEAL_ETCD_PASSWORD say it."""
+    if not raw.strip():
+        return ()
+    urls = tuple(parse_urls(raw).split(","))
+    if any("@" in urllib.parse.urlsplit(url).netloc for url in urls):
+        raise ValueError("expected URLs without user:password@ (set AUTOHEAL_ETCD_USER and AUTOHEAL_ETCD_PASSWORD)")
+    return urls
+
+
+def parse_etcd_prefix(raw: str) -> str:
+    """A key prefix in etcd: starts and ends with "/" (one is added), printable ASCII."""
+    text = raw.strip()
+    if not text or not (text.isascii() and text.isprintable()) or len(text) > 200:
+        raise ValueError("expected a key prefix such as /autoheal/ (printable ASCII, at most 200 characters)")
+    return ("/" + text.strip("/") + "/").replace("//", "/")
+
+
+def parse_readable_file(raw: str) -> Optional[str]:
+    """The path of a file autoheal can read (a certificate, a key); empty means unset."""
+    path = raw.strip()
+    if not path:
+        return None
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read it ({exc.strerror or exc})") from None
+    return path
 
 
 def parse_host(raw: str) -> str:
@@ -889,6 +963,8 @@ METRICS = (
     Family("autoheal_overrides", "gauge", "Runtime overrides in force (see GET / for who set them)."),
     Family("autoheal_control_commands_total", "counter",
            "Runtime control commands, by source (http, slack) and result (applied, refused, invalid)."),
+    Family("autoheal_coordination_up", "gauge",
+           "1 while etcd answers (replicas: AUTOHEAL_ETCD_ENDPOINTS); 0 while actions fail closed. Absent without etcd."),
     Family("autoheal_event_listeners", "gauge", "Clients connected to /events."),
     Family("autoheal_actions_running", "gauge", "Commands running now."),
     Family("autoheal_start_time_seconds", "gauge", "Unix time autoheal started."),
@@ -1075,11 +1151,13 @@ def docker_plan(argv: Tuple[str, ...]) -> Tuple[str, Tuple[str, ...]]:
 
 
 def http_request(method: str, url: str, body: Optional[bytes] = None, headers: Optional[Mapping[str, str]] = None,
-                 timeout: float = 5.0, unix_path: Optional[str] = None, limit: int = 8 << 20) -> Tuple[int, bytes]:
-    """One exchange with a peer (Alertmanager, Docker, Prometheus, autoheal): (status, body).
+                 timeout: float = 5.0, unix_path: Optional[str] = None, limit: int = 8 << 20,
+                 context: Any = None) -> Tuple[int, bytes]:
+    """One exchange with a peer (Alertmanager, Docker, Prometheus, etcd, autoheal): (status, body).
 
     OSError when nothing answers within timeout, or what answers is not HTTP.  With unix_path
-    the request goes over that Unix socket (the Docker socket) whatever the URL's host.
+    the request goes over that Unix socket (the Docker socket) whatever the URL's host; context
+    is the ssl.SSLContext of an https URL (default: the system's CAs).
     """
     import http.client  # outgoing calls only: the server itself never needs it (see Handler)
 
@@ -1088,7 +1166,7 @@ def http_request(method: str, url: str, body: Optional[bytes] = None, headers: O
         import ssl  # only deployments that use https pay for importing ssl
 
         connection: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname or "", parts.port, timeout=timeout, context=ssl.create_default_context())
+            parts.hostname or "", parts.port, timeout=timeout, context=context or ssl.create_default_context())
     else:
         connection = http.client.HTTPConnection(parts.hostname or "localhost", parts.port, timeout=timeout)
     try:
@@ -1298,6 +1376,7 @@ class Store:
     """
 
     persistent = False
+    tag = ""  # replicas: '"replica":"<name>",', spliced into every event after its id
 
     def __init__(self, max_events: int, max_bytes: int, on_commit: Callable[[List[Tuple[int, str]]], None],
                  log: Callable[..., None]):
@@ -1337,7 +1416,8 @@ class Store:
         with self._order:
             first = self._next_id
             self._next_id += len(events)
-            texts = [(first + index, f'{{"id":{first + index},' + body[1:]) for index, body in enumerate(bodies)]
+            tag = self.tag
+            texts = [(first + index, f'{{"id":{first + index},{tag}' + body[1:]) for index, body in enumerate(bodies)]
             rows = [(event_id, event["ts"], event["kind"], event.get("alertname"), event.get("result"), text,
                      retention_class(event), len(text)) for (event_id, text), event in zip(texts, events)]
             for event, (event_id, _text) in zip(events, texts):
@@ -2145,7 +2225,7 @@ def describe_change(event: Mapping[str, Any]) -> str:
         text += f" until {event['until']}"
     if event.get("undoes"):
         text += f" (undoes #{event['undoes']})"
-    return text + f" [#{event['id']}]"
+    return text + f" [#{event.get('change_id') or event['id']}]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2189,20 +2269,39 @@ class Claim(NamedTuple):
     reason: Optional[str] = None  # "cooldown" or "budget" when lost
 
 
-class LocalClaims:
+class Claims:
+    """What every claims object keeps for readers: when each alertname's cooldown started."""
+
+    def __init__(self, started: Mapping[str, float]):
+        self._lock = threading.Lock()
+        self._started: Dict[str, float] = dict(started)
+
+    def all_started(self) -> Dict[str, float]:
+        """When each alertname's last cooldown started, at once (status and /metrics)."""
+        with self._lock:
+            return dict(self._started)
+
+    def started(self, alertname: str) -> Optional[float]:
+        """When alertname's last cooldown started (None: never)."""
+        with self._lock:
+            return self._started.get(alertname)
+
+
+class LocalClaims(Claims):
     """Cooldowns and the hourly budget of one process, each claim one atomic step under one lock.
 
-    claim() is the whole interface that matters: a distributed implementation (etcd) answers the
+    claim() is the whole interface that matters: the distributed one (EtcdClaims) answers the
     same way.  Nothing else is ever done under its lock.
     """
 
     def __init__(self, started: Mapping[str, float], budget_times: List[float]):
-        self._lock = threading.Lock()
-        self._started: Dict[str, float] = dict(started)
+        super().__init__(started)
         self._budget: collections.deque = collections.deque(sorted(budget_times))
 
-    def claim(self, alertname: str, cooldown: float, budget: int, now: float) -> Claim:
-        """Start alertname's cooldown (and take a budget slot) unless either forbids it."""
+    def claim(self, alertname: str, cooldown: float, budget: int, now: float,
+              deadline: Optional[float] = None) -> Claim:
+        """Start alertname's cooldown (and take a budget slot) unless either forbids it (deadline:
+        for claims that wait on a peer; this one never waits)."""
         with self._lock:
             remaining = cooldown_remaining(self._started.get(alertname), cooldown, now)
             if remaining > 0:
@@ -2227,20 +2326,307 @@ class LocalClaims:
             if self._started.get(alertname) in (None, 0.0) and started:
                 self._started[alertname] = started
 
-    def all_started(self) -> Dict[str, float]:
-        """When each alertname's last cooldown started, at once (status and /metrics)."""
-        with self._lock:
-            return dict(self._started)
-
-    def started(self, alertname: str) -> Optional[float]:
-        """When alertname's last cooldown started (None: never)."""
-        with self._lock:
-            return self._started.get(alertname)
-
     def budget_used(self, now: float) -> int:
         """Runs (real or dry) within the rolling hour of the global budget."""
         with self._lock:
             return sum(1 for moment in self._budget if moment > now - BUDGET_WINDOW_SEC)
+
+
+class CoordinationUnavailable(Exception):
+    """etcd gave no answer in time (no member answered, or the cluster has no quorum): autoheal
+    fails closed, and the message says why."""
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _unb64(text: str) -> str:
+    import base64
+
+    return base64.b64decode(text).decode("utf-8")
+
+
+def _prefix_end(prefix: str) -> str:
+    """The range_end that covers every key starting with prefix (its last byte plus one)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+class EtcdClient:
+    """etcd's v3 JSON gateway over urllib's http.client: each call goes to the member that last
+    answered, then to the others, all within one deadline (AUTOHEAL_ETCD_TIMEOUT_SEC), however
+    many members are down.  A member that does not answer goes to the back of the line.
+
+    With a user, etcd's authentication token (/v3/auth/authenticate) is sent with each call and
+    taken anew when etcd says it expired.  The password never leaves this object.
+    """
+
+    def __init__(self, endpoints: Tuple[str, ...], timeout: float, context: Any = None,
+                 user: Optional[str] = None, password: Optional[str] = None):
+        self.timeout = timeout
+        self._order = list(endpoints)
+        self._context = context
+        self._user = user
+        self._password = password
+        self._tokens: Dict[str, str] = {}  # by member: a simple token is known to the member that gave it
+        self._lock = threading.Lock()
+
+    def call(self, path: str, body: Mapping[str, Any], deadline: Optional[float] = None) -> Dict[str, Any]:
+        """POST body to /v3/<path>; the answer, or CoordinationUnavailable by the deadline."""
+        end = time.monotonic() + self.timeout
+        if deadline is not None:
+            end = min(end, deadline)
+        with self._lock:
+            order = list(self._order)
+        failures = []
+        for index, endpoint in enumerate(order):
+            left = end - time.monotonic()
+            if left <= 0.01:
+                break
+            try:
+                answer = self._exchange(endpoint, path, body, left / (len(order) - index))
+            except OSError as exc:
+                failures.append(f"{endpoint} {describe_failure(exc, left / (len(order) - index))}")
+                continue
+            except _EtcdRefused as exc:  # an answer, and a final one: no other member would say otherwise
+                raise CoordinationUnavailable(f"{endpoint}: {exc}") from None
+            with self._lock:
+                if self._order[0] != endpoint:
+                    self._order.remove(endpoint)
+                    self._order.insert(0, endpoint)
+            return answer
+        raise CoordinationUnavailable("; ".join(failures) or f"no etcd member answered within {format_value(self.timeout)}s")
+
+    def _exchange(self, endpoint: str, path: str, body: Mapping[str, Any], timeout: float,
+                  retried: bool = False) -> Dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self._user:
+            token = self._tokens.get(endpoint) or self._authenticate(endpoint, timeout)
+            headers["Authorization"] = token
+        status, raw = http_request("POST", f"{endpoint}/v3/{path}", json.dumps(body).encode("utf-8"), headers,
+                                   timeout=timeout, context=self._context)
+        answer = decode_answer(raw)
+        if status == 200 and isinstance(answer, dict):
+            return answer
+        message = answer_reason(answer) if answer else f"HTTP {status}"
+        if self._user and not retried and (status == 401 or "auth store is old" in str(message)):
+            # The token expired, or the member forgot it, or users changed since: a new one, once.
+            self._tokens.pop(endpoint, None)
+            return self._exchange(endpoint, path, body, timeout, retried=True)
+        if status >= 500 or status == 200:  # no leader, no quorum, a member shutting down: try the next
+            raise OSError(f"answered HTTP {status}: {str(message)[:200]}")
+        raise _EtcdRefused(f"HTTP {status}: {str(message)[:200]}")
+
+    def _authenticate(self, endpoint: str, timeout: float) -> str:
+        status, raw = http_request("POST", f"{endpoint}/v3/auth/authenticate",
+                                   json.dumps({"name": self._user, "password": self._password}).encode("utf-8"),
+                                   {"Content-Type": "application/json"}, timeout=timeout, context=self._context)
+        answer = decode_answer(raw)
+        if status != 200 or not isinstance(answer, dict) or not answer.get("token"):
+            message = answer_reason(answer) if answer else f"HTTP {status}"
+            if status >= 500:
+                raise OSError(f"answered HTTP {status}: {str(message)[:200]}")
+            raise _EtcdRefused(f"authentication as {self._user!r} refused: {str(message)[:200]}")
+        self._tokens[endpoint] = answer["token"]
+        return answer["token"]
+
+
+class _EtcdRefused(Exception):
+    """etcd answered, and refused (permission, authentication, a malformed request)."""
+
+
+def etcd_ssl_context(config: Config) -> Any:
+    """The TLS context for https:// members: AUTOHEAL_ETCD_CA_FILE (else the system's CAs), and
+    the client certificate etcd's --client-cert-auth asks for.  None for plain http."""
+    if not any(url.startswith("https://") for url in config.etcd_endpoints):
+        return None
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=config.etcd_ca_file)
+        if config.etcd_cert_file:
+            context.load_cert_chain(config.etcd_cert_file, config.etcd_key_file)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"AUTOHEAL_ETCD_CA_FILE/CERT_FILE/KEY_FILE: cannot be used for TLS: {exc}") from None
+    return context
+
+
+class EtcdClaims(Claims):
+    """Cooldowns and the hourly budget shared by every replica, in etcd: the same answers as
+    LocalClaims, each claim one compare-and-swap transaction.
+
+    <prefix>cooldown/<alertname> holds when that cooldown started (JSON: the replica, its clock's
+    start, offset).  Its age is measured by etcd, not by any replica's clock: the key carries a
+    lease granted for MAX_COOLDOWN_SEC, and age = offset + granted TTL - TTL left (+1 s: etcd
+    counts whole seconds, rounded down, so a cooldown may end a second late, never early).
+    <prefix>budget/<n> (n below the budget) are the hourly budget's slots, each with a one-hour
+    lease: etcd deletes them itself, also after a replica that died.
+
+    The status page and /metrics read what the last poll (sync) saw; they never wait on etcd.
+    """
+
+    def __init__(self, client: EtcdClient, prefix: str, replica: str):
+        super().__init__({})  # as the last poll (or claim) saw them, in the claimers' clocks
+        self.client = client
+        self.prefix = prefix
+        self.replica = replica
+        self._budget_used = 0
+        self.up = False
+        self.error: Optional[str] = None
+
+    def _key(self, alertname: str) -> str:
+        return f"{self.prefix}cooldown/{alertname}"
+
+    def _call(self, path: str, body: Mapping[str, Any], deadline: Optional[float]) -> Dict[str, Any]:
+        try:
+            answer = self.client.call(path, body, deadline)
+        except CoordinationUnavailable as exc:
+            self.up, self.error = False, str(exc)
+            raise
+        self.up, self.error = True, None
+        return answer
+
+    def _age(self, kv: Mapping[str, Any], deadline: Optional[float]) -> float:
+        """How long ago a cooldown key's cooldown started, by etcd's lease clock (inf: over)."""
+        try:
+            offset = float(json.loads(_unb64(kv.get("value", ""))).get("offset", 0))
+        except (ValueError, TypeError, AttributeError):
+            offset = 0.0
+        lease = kv.get("lease")
+        if not lease or lease == "0":
+            return math.inf
+        alive = self._call("lease/timetolive", {"ID": lease}, deadline)
+        left, granted = int(alive.get("TTL", -1)), int(alive.get("grantedTTL", 0))
+        if left < 0:
+            return math.inf
+        return max(0.0, offset + granted - left - 1)
+
+    def claim(self, alertname: str, cooldown: float, budget: int, now: float,
+              deadline: Optional[float] = None) -> Claim:
+        """Start alertname's cooldown (and take a budget slot) unless either forbids it: one
+        transaction compares the key as read (and the slot as free) and writes both, so of any
+        number of replicas at once, one wins; the others read again and see its cooldown."""
+        import random
+
+        key = self._key(alertname)
+        budget_prefix = f"{self.prefix}budget/"
+        if deadline is None:
+            deadline = time.monotonic() + self.client.timeout
+        while True:
+            reads = [{"request_range": {"key": _b64(key)}}]
+            if budget:
+                reads.append({"request_range": {"key": _b64(budget_prefix), "range_end": _b64(_prefix_end(budget_prefix)),
+                                                "keys_only": True}})
+            answer = self._call("kv/txn", {"success": reads}, deadline)
+            responses = [r.get("response_range", {}) for r in answer.get("responses", [])]
+            kvs = responses[0].get("kvs") or []
+            current = kvs[0] if kvs else None
+            if current is not None:
+                remaining = cooldown - self._age(current, deadline)
+                if remaining > 0:
+                    return Claim(False, min(cooldown, remaining), "cooldown")
+            compare = [{"key": _b64(key), "target": "MOD", "mod_revision": current["mod_revision"]} if current
+                       else {"key": _b64(key), "target": "CREATE", "create_revision": "0"}]
+            writes = []
+            slot_lease = None
+            if budget:
+                taken = {_unb64(kv["key"])[len(budget_prefix):] for kv in responses[1].get("kvs") or []}
+                with self._lock:
+                    self._budget_used = len(taken)
+                if len(taken) >= budget:  # slots of a larger budget before a change count too
+                    return Claim(False, 0.0, "budget")
+                # A few free slots to pick from at random, so that replicas at once rarely collide.
+                free = list(itertools.islice((n for n in range(budget) if str(n) not in taken), 64))
+                slot = f"{budget_prefix}{random.choice(free)}"
+                slot_lease = self._call("lease/grant", {"TTL": BUDGET_WINDOW_SEC}, deadline)["ID"]
+                compare.append({"key": _b64(slot), "target": "CREATE", "create_revision": "0"})
+                writes.append({"request_put": {"key": _b64(slot), "value": _b64(self.replica), "lease": slot_lease}})
+            lease = self._call("lease/grant", {"TTL": int(MAX_COOLDOWN_SEC)}, deadline)["ID"]
+            value = json.dumps({"replica": self.replica, "started": now, "offset": 0})
+            writes.append({"request_put": {"key": _b64(key), "value": _b64(value), "lease": lease}})
+            answer = self._call("kv/txn", {"compare": compare, "success": writes}, deadline)
+            if answer.get("succeeded"):
+                with self._lock:
+                    self._started[alertname] = now
+                    if budget:
+                        self._budget_used += 1
+                if current is not None:  # the cooldown it replaced: its lease is of no more use
+                    self._forget(current.get("lease"), deadline)
+                return Claim(True, cooldown)
+            # Another replica was first (or took the slot): give back the leases, read again.
+            for unused in (lease, slot_lease):
+                self._forget(unused, deadline)
+
+    def _forget(self, lease: Optional[str], deadline: Optional[float]) -> None:
+        if lease and lease != "0":
+            with contextlib.suppress(CoordinationUnavailable, KeyError):
+                self._call("lease/revoke", {"ID": lease}, deadline)
+
+    def rearm(self, alertname: str) -> None:
+        """End alertname's running cooldown now, on every replica: the key goes."""
+        self._call("kv/deleterange", {"key": _b64(self._key(alertname))}, None)
+        with self._lock:
+            self._started[alertname] = 0.0
+
+    def restore(self, alertname: str, started: Optional[float]) -> None:
+        """Put back a cooldown that rearm ended (its undo), unless the alertname acted since.  Its
+        age is carried over as an offset measured by this replica's clock (the one place where a
+        replica's clock counts: taking back a rearm)."""
+        if not started:
+            return
+        key = self._key(alertname)
+        lease = self._call("lease/grant", {"TTL": int(MAX_COOLDOWN_SEC)}, None)["ID"]
+        value = json.dumps({"replica": self.replica, "started": started, "offset": max(0.0, time.time() - started)})
+        answer = self._call("kv/txn", {"compare": [{"key": _b64(key), "target": "CREATE", "create_revision": "0"}],
+                                       "success": [{"request_put": {"key": _b64(key), "value": _b64(value),
+                                                                    "lease": lease}}]}, None)
+        if answer.get("succeeded"):
+            with self._lock:
+                self._started[alertname] = started
+        else:
+            self._forget(lease, None)
+
+    def budget_used(self, now: float) -> int:
+        with self._lock:
+            return self._budget_used
+
+    # -- the shared runtime control state ------------------------------------------------------
+
+    def sync(self) -> Tuple[Optional[str], int]:
+        """Poll what every replica shares: the runtime control state (its text and revision, 0:
+        none yet), the cooldowns and the budget slots in use (kept for the status page)."""
+        cooldowns, budget = f"{self.prefix}cooldown/", f"{self.prefix}budget/"
+        answer = self._call("kv/txn", {"success": [
+            {"request_range": {"key": _b64(f"{self.prefix}control")}},
+            {"request_range": {"key": _b64(cooldowns), "range_end": _b64(_prefix_end(cooldowns))}},
+            {"request_range": {"key": _b64(budget), "range_end": _b64(_prefix_end(budget)), "count_only": True}},
+        ]}, None)
+        control, running, slots = [r.get("response_range", {}) for r in answer.get("responses", [])]
+        started: Dict[str, float] = {}
+        for kv in running.get("kvs") or []:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                started[_unb64(kv["key"])[len(cooldowns):]] = float(json.loads(_unb64(kv.get("value", "")))["started"])
+        with self._lock:
+            for name in self._started:  # a cooldown whose key went (rearm) has ended
+                self._started[name] = started.get(name, 0.0)
+            self._started.update(started)
+            self._budget_used = int(slots.get("count", 0))
+        kvs = control.get("kvs") or []
+        if not kvs:
+            return None, 0
+        return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])
+
+    def put_control(self, text: str, revision: int, deadline: Optional[float] = None) -> bool:
+        """Write the runtime control state if nobody changed it since revision (0: never written)."""
+        key = _b64(f"{self.prefix}control")
+        compare = ({"key": key, "target": "MOD", "mod_revision": str(revision)} if revision
+                   else {"key": key, "target": "CREATE", "create_revision": "0"})
+        answer = self._call("kv/txn", {"compare": [compare], "success": [{"request_put": {"key": key,
+                                                                                          "value": _b64(text)}}]},
+                            deadline)
+        return bool(answer.get("succeeded"))
 
 
 def judge(alert: Mapping[str, Any], settings: Settings, actions: Mapping[str, Action]) -> "Decision":
@@ -2357,9 +2743,20 @@ class App:
         self._series_labels = [format_labels({"alertname": name}) for name in self.action_names]
         self.store = self._open_store()
         now = clock()
-        self.claims = LocalClaims(
-            {name: min(started, now) for name, started in self.store.load_cooldowns().items() if name in self.actions},
-            self.store.load_budget_times(now - BUDGET_WINDOW_SEC))
+        # Replicas share cooldowns, the budget and runtime control in etcd; one process keeps them
+        # itself (and in its state file).
+        self.coordination: Optional[EtcdClaims] = None
+        self.claims: Any
+        if config.etcd_endpoints:
+            client = EtcdClient(config.etcd_endpoints, config.etcd_timeout_sec, etcd_ssl_context(config),
+                                config.etcd_user, config.etcd_password)
+            self.claims = self.coordination = EtcdClaims(client, config.etcd_prefix, config.replica)
+            self.store.tag = f'"replica":{json.dumps(config.replica)},'
+        else:
+            self.claims = LocalClaims(
+                {name: min(started, now) for name, started in self.store.load_cooldowns().items()
+                 if name in self.actions},
+                self.store.load_budget_times(now - BUDGET_WINDOW_SEC))
         self._latest_id = self.store.last_id()  # before the first event: _publish moves it on
         if self.store.recovered:
             self.record([make_event("state", now, result="recovered", **self.store.recovered)])
@@ -2370,6 +2767,8 @@ class App:
         self._control_closed = False
         self._stacks: Dict[Tuple[str, Optional[str]], List[Override]] = {}
         self._changes: List[Dict[str, Any]] = []
+        self._seq = 0  # replicas: the last change id given out (ids are shared, events are not)
+        self._control_revision = 0  # replicas: the etcd revision of the control state in force
         self._settings_until: Optional[float] = None
         self._next_lapse: Optional[float] = None
         # Heal verdicts still pending, by the fingerprint of the alert an action ran for.
@@ -2377,9 +2776,12 @@ class App:
         for fingerprint, body in self.store.load_heals().items():
             with contextlib.suppress(ValueError, TypeError):
                 self._heals[fingerprint] = dict(json.loads(body))
+        self._coordinated = threading.Event()  # set on closing: the poll stops
         self._load_control(now)
         self._timers = threading.Thread(target=self._timer_loop, name="timers", daemon=True)
         self._timers.start()
+        if self.coordination is not None:
+            threading.Thread(target=self._coordinate_loop, name="coordination", daemon=True).start()
 
     def effective(self) -> Settings:
         """The settings in force now.  Every reader (the webhook, GET /, /metrics) asks here once.
@@ -2501,6 +2903,7 @@ class App:
     def close(self) -> None:
         """Close the listeners, the timers thread and the state store."""
         self.close_listeners()
+        self._coordinated.set()
         with self._timers_wake:
             self._control_closed = True
             self._timers_wake.notify_all()
@@ -2520,25 +2923,77 @@ class App:
     # -- runtime control ------------------------------------------------------------------
 
     def _load_control(self, now: float) -> None:
-        """The overrides and undoable changes kept in the state file; lapsed ones are dropped now."""
+        """The overrides and undoable changes kept in the state file (replicas: in etcd); lapsed
+        ones are dropped now."""
+        if self.coordination is not None:
+            try:
+                self._adopt_control(*self.coordination.sync(), now)
+            except CoordinationUnavailable as exc:
+                self.log({"event": "error", "message": f"etcd does not answer ({exc}); until it does, no action "
+                          "runs and the environment's settings are shown"}, "error")
+            with self._control_lock:
+                self._build_settings(now)
+            return
         raw = self.store.load_control()
         if raw:
-            try:
-                state = json.loads(raw)
-                for entry in state.get("overrides", []):
-                    override = Override(*entry)
-                    if override.alertname is None or override.alertname in self.actions:
-                        self._stacks.setdefault((override.setting, override.alertname), []).append(override)
-                self._changes = [change for change in state.get("changes", []) if isinstance(change, dict)]
-            except (ValueError, TypeError) as exc:
-                self.log({"event": "error", "message": f"state file: runtime overrides unreadable ({exc}); "
-                          "the environment is in force"}, "error")
-                self._stacks, self._changes = {}, []
+            self._stacks, self._changes, self._seq = self._parse_control(raw, "state file")
         self._lapse(now)
 
+    def _parse_control(self, raw: str, where: str) -> Tuple[Dict[Tuple[str, Optional[str]], List[Override]],
+                                                            List[Dict[str, Any]], int]:
+        """The overrides, undoable changes and last change id of a control state's text."""
+        stacks: Dict[Tuple[str, Optional[str]], List[Override]] = {}
+        try:
+            state = json.loads(raw)
+            for entry in state.get("overrides", []):
+                override = Override(*entry)
+                if override.alertname is None or override.alertname in self.actions:
+                    stacks.setdefault((override.setting, override.alertname), []).append(override)
+            changes = [change for change in state.get("changes", []) if isinstance(change, dict)]
+            return stacks, changes, int(state.get("seq", 0))
+        except (ValueError, TypeError, AttributeError) as exc:
+            self.log({"event": "error", "message": f"{where}: runtime overrides unreadable ({exc}); "
+                      "the environment is in force"}, "error")
+            return {}, [], 0
+
+    def _adopt_control(self, raw: Optional[str], revision: int, now: float) -> None:
+        """Replicas: take the shared control state that etcd holds (another replica's change)."""
+        with self._control_lock:
+            if revision == self._control_revision:
+                return
+            self._stacks, self._changes, self._seq = self._parse_control(raw, "etcd") if raw else ({}, [], 0)
+            self._control_revision = revision
+            self._build_settings(now)
+        with self._timers_wake:
+            self._timers_wake.notify_all()
+
+    def _coordinate_loop(self) -> None:
+        """Replicas: poll etcd (COORDINATION_POLL_SEC) for the shared control state, the cooldowns
+        and the budget in use; log when etcd stops answering and when it answers again."""
+        coordination = self.coordination
+        assert coordination is not None
+        reported: Optional[bool] = coordination.up or None
+        while not self._coordinated.wait(COORDINATION_POLL_SEC):
+            try:
+                raw, revision = coordination.sync()
+            except CoordinationUnavailable as exc:
+                if reported is not False:
+                    self.log({"event": "error", "message": f"etcd does not answer ({exc}): no action runs until it "
+                              "does (coordination_unavailable)"}, "error")
+                    reported = False
+                continue
+            except Exception as exc:  # the poll must outlive a malformed answer
+                self.log({"event": "error", "message": f"coordination: {type(exc).__name__}: {exc}"}, "error")
+                continue
+            if reported is False:
+                self.log({"event": "coordination", "message": "etcd answers again: actions are judged normally"})
+            reported = True
+            self._adopt_control(raw, revision, self.clock())
+
     def _control_json(self, stacks: Mapping[Tuple[str, Optional[str]], List[Override]],
-                      changes: List[Dict[str, Any]]) -> str:
-        return json.dumps({"overrides": [list(o) for stack in stacks.values() for o in stack], "changes": changes})
+                      changes: List[Dict[str, Any]], seq: int = 0) -> str:
+        return json.dumps({"overrides": [list(o) for stack in stacks.values() for o in stack], "changes": changes,
+                           "seq": seq})
 
     def _build_settings(self, now: float) -> None:
         """Settings from the configuration and the overrides in force (the newest of each setting
@@ -2593,6 +3048,12 @@ class App:
         if not may_change:
             return self._control_refusal("refused", f"{by} may run status and help only (not an admin)",
                                          text, source, by, client, reason)
+        if self.coordination is not None:
+            try:
+                return self._shared_control(command, text, source, by, client, reason)
+            except CoordinationUnavailable as exc:
+                why = f"etcd does not answer, so no replica can change settings now ({exc})"
+                return ("unavailable",) + self._control_refusal("refused", why, text, source, by, client, reason)[1:]
         with self._control_lock:  # one change at a time, committed before it is in force
             now = self.clock()
             plan = self._plan(command, now)
@@ -2622,6 +3083,48 @@ class App:
             self._timers_wake.notify_all()
         self.counters.add("autoheal_control_commands_total", (source, "applied"))
         return "applied", event, describe_change(event)
+
+    def _shared_control(self, command: Command, text: str, source: str, by: str, client: str,
+                        reason: Optional[str]) -> Tuple[str, Optional[Dict[str, Any]], str]:
+        """Replicas: a change is planned on the shared state as etcd holds it now, and written
+        only if no replica changed it meanwhile (compare-and-swap on its revision); it is in
+        force here at once and on every replica by their next poll."""
+        coordination = self.coordination
+        assert coordination is not None
+        for _attempt in range(CONTROL_CAS_ATTEMPTS):
+            self._adopt_control(*coordination.sync(), self.clock())
+            with self._control_lock:
+                now = self.clock()
+                plan = self._plan(command, now)
+                if isinstance(plan, str):
+                    break
+                fields, change = plan
+                change_id = self._seq + 1
+                stacks, changes = self._apply(command, change, change_id, by, now)
+                revision = coordination.put_control(self._control_json(stacks, changes, change_id),
+                                                    self._control_revision)
+                if not revision:
+                    continue  # another replica changed them first: plan again on what it wrote
+                self._stacks, self._changes, self._seq, self._control_revision = stacks, changes, change_id, revision
+                self._build_settings(now)
+            event = make_event("control", now, result="applied", source=source, by=by, client=client, command=text,
+                               reason=reason, change_id=change_id, **fields)
+            self.record([event])
+            try:
+                if command.verb == "rearm":
+                    coordination.rearm(command.alertname or "")
+                elif command.verb == "undo" and change.get("kind") == "rearm":
+                    coordination.restore(change["alertname"], change["started"])
+            except CoordinationUnavailable as exc:
+                self.log({"event": "error", "message": f"change #{change_id} is recorded, but etcd stopped answering "
+                          f"before the running cooldown was changed ({exc})"}, "error")
+            with self._timers_wake:
+                self._timers_wake.notify_all()
+            self.counters.add("autoheal_control_commands_total", (source, "applied"))
+            return "applied", event, describe_change(event)
+        else:
+            plan = f"the shared settings changed {CONTROL_CAS_ATTEMPTS} times while this change was planned; try again"
+        return self._control_refusal("refused", plan, text, source, by, client, reason)
 
     def _control_refusal(self, result: str, why: str, text: str, source: str, by: str, client: str,
                          reason: Optional[str]) -> Tuple[str, Optional[Dict[str, Any]], str]:
@@ -2725,10 +3228,20 @@ class App:
                 events = [make_event("control", now, result="lapsed", source="autoheal", by="autoheal",
                                      setting=o.setting, alertname=o.alertname, old=o.value, undoes=o.id,
                                      until=format_rfc3339(o.until)) for o in lapsed]
-                state = self._control_json(stacks, changes)
-                self.record(events, control=lambda _first: state)
-                self._stacks, self._changes = stacks, changes
+                state = self._control_json(stacks, changes, self._seq)
+                if self.coordination is None:
+                    self.record(events, control=lambda _first: state)
+                    self._stacks, self._changes = stacks, changes
+                else:  # replicas: the one whose write lands records the lapse; the others adopt it
+                    revision = 0
+                    with contextlib.suppress(CoordinationUnavailable):
+                        revision = self.coordination.put_control(state, self._control_revision)
+                    if revision:
+                        self.record(events)
+                        self._stacks, self._changes, self._control_revision = stacks, changes, revision
             self._build_settings(now)
+            if lapsed and self.coordination is not None and self._stacks is not stacks:
+                self._next_lapse = now + 1  # not written (etcd silent, or changed first): again in a second
 
     def _timer_loop(self) -> None:
         """Wake when the next override lapses or the next heal verdict is due (or something
@@ -2764,14 +3277,26 @@ class App:
         decisions = []
         cooldowns: Dict[str, float] = {}
         counts: Dict[Tuple[str, Tuple[Any, ...]], float] = {("autoheal_alerts_received_total", ()): len(alerts)}
+        # Replicas: every claim of one webhook shares one deadline; once etcd has not answered,
+        # the rest fail closed at once, so a webhook never waits longer than AUTOHEAL_ETCD_TIMEOUT_SEC.
+        deadline = None if self.coordination is None else time.monotonic() + self.config.etcd_timeout_sec
+        unavailable = False
         for alert in alerts:
             decision = judge(alert, settings, self.actions)
             if decision.result == "pending":
                 # One atomic claim per alert: however many deliveries of an alert arrive at once,
                 # one of them wins the cooldown window.
                 cooldown = settings.cooldowns[decision.alertname]
-                self._settle(decision, self.claims.claim(decision.alertname, cooldown,
-                                                         settings.max_actions_per_hour, now), settings)
+                try:
+                    if unavailable:
+                        raise CoordinationUnavailable("etcd did not answer this webhook's first claim")
+                    claim = self.claims.claim(decision.alertname, cooldown, settings.max_actions_per_hour, now,
+                                              deadline)
+                except CoordinationUnavailable:
+                    unavailable = True
+                    decision.result, decision.reason = "error", "coordination_unavailable"
+                else:
+                    self._settle(decision, claim, settings)
                 if decision.result in ("dry_run", "run"):
                     cooldowns[decision.alertname] = now
                 if decision.result != "run":
@@ -3014,13 +3539,16 @@ class App:
             # Runtime control: what is switched off, and every override in force with who set it.
             "disabled_actions": sorted(settings.disabled),
             "overrides": [override.public() for override in settings.overrides],
-            "overrides_persistent": self.store.persistent,
+            "overrides_persistent": self.store.persistent or self.coordination is not None,
             # How far back /history reaches, per retention class (None: nothing kept yet).
             "history_oldest": {name: (format_rfc3339(ts) if ts is not None else None)
                                for name, ts in self.store.oldest().items()},
         }
-        if not self.store.persistent:
+        if not answer["overrides_persistent"]:
             answer["overrides_note"] = "state is in memory only: overrides will not survive a restart"
+        if self.coordination is not None:
+            answer["coordination"] = {"replica": self.config.replica, "up": self.coordination.up,
+                                      "error": self.coordination.error, "prefix": self.config.etcd_prefix}
         return answer
 
     def status_page(self) -> str:
@@ -3037,7 +3565,7 @@ class App:
         """The Prometheus text exposition (0.0.4): every family of METRICS, in its order."""
         samples = self._samples(self.clock())
         return "".join(format_family(family.name, family.kind, family.help, samples[family.name])
-                       for family in METRICS)
+                       for family in METRICS if samples[family.name] is not None)
 
     def _samples(self, now: float) -> Dict[str, Any]:
         """The samples of each family of METRICS, as (suffix and labels, value) pairs."""
@@ -3103,6 +3631,7 @@ class App:
             "autoheal_control_commands_total": [(format_labels({"source": source, "result": result}), count)
                                                 for (source, result), count in
                                                 sorted(counters["autoheal_control_commands_total"].items())],
+            "autoheal_coordination_up": None if self.coordination is None else [("", int(self.coordination.up))],
             "autoheal_event_listeners": [("", listeners)],
             "autoheal_actions_running": [("", self.processes.count())],
             "autoheal_start_time_seconds": [("", self.started_at)],
@@ -3401,13 +3930,19 @@ def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, A
              f'{esc(str(e.get("result", "")))}</span> {esc(str(e.get("alertname") or ""))} {_time_tag(e["ts"])}</li>'
              for e in events]
     note = f'<p class="muted">{esc(status["overrides_note"])}</p>' if status.get("overrides_note") else ""
+    coordination = status.get("coordination")
+    replica = ""
+    if coordination:  # replicas: which one this is, and whether etcd answers (else nothing runs)
+        replica = (f'<p>Replica <code>{esc(coordination["replica"])}</code>, coordinated through etcd: ' + (
+            "answering.</p>" if coordination["up"] else
+            f'<strong>NOT ANSWERING: no action runs</strong> ({esc(coordination["error"] or "")}).</p>'))
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">' + _NO_ICON +
         f"<title>autoheal: {esc(mode)}</title><style>{_STATUS_STYLE}</style></head><body>"
         f'<h1>autoheal is <span id="mode" class="mode mode-{esc(mode.split()[0])}">{_mode_markup(mode)}</span></h1>'
         f'<p>{esc(budget_text)}. Alertmanager: <code>{esc(status["alertmanager_url"])}</code>. '
-        f'Version {esc(status["version"])}.</p>'
+        f'Version {esc(status["version"])}.</p>{replica}'
         '<h2>Actions</h2><div class="wrap"><table><thead><tr><th>action</th><th>cooldown</th><th>left</th>'
         f'<th>last decision</th><th>healed?</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
         f'<h2>Overrides</h2>{note}<ul id="overrides">{"".join(overrides) or _NO_OVERRIDES}</ul>'
@@ -3981,8 +4516,8 @@ class Handler:
             raise
         result, change, message = self.app.control(body.get("command", ""), "http", by, self.request.client,
                                                    body.get("reason"))
-        if result != "applied":  # does not parse: 400; cannot apply (nothing to undo): 409
-            raise HttpError(400 if result == "invalid" else 409, message)
+        if result != "applied":  # does not parse: 400; cannot apply (nothing to undo): 409; etcd silent: 503
+            raise HttpError({"invalid": 400, "unavailable": 503}.get(result, 409), message)
         self._send_json(200, {"ok": True, "change": change, "status": self.app.status(), "text": message})
 
     def route_slack(self, method: str, params: Mapping[str, str]) -> None:
@@ -4821,6 +5356,11 @@ def main(argv: Optional[List[str]] = None) -> int:
              "public_url": config.public_url, "webhook_token_set": config.webhook_token is not None,
              "ack_token_set": config.ack_token is not None,
              "state_file": config.state_file if app.store.persistent else None,
+             "etcd": {"endpoints": list(config.etcd_endpoints), "prefix": config.etcd_prefix, "replica": config.replica,
+                      "user": config.etcd_user, "password_set": config.etcd_password is not None,
+                      "ca_file": config.etcd_ca_file, "cert_file": config.etcd_cert_file,
+                      "coordination_up": app.coordination.up if app.coordination else None}
+             if config.etcd_endpoints else None,
              "actions": [{"alertname": action.alertname, "command": action.display,
                           "cooldown_seconds": action.cooldown_sec} for action in app.actions.values()]})
     if server.fd_warning:

@@ -468,6 +468,8 @@ def test_help_lists_every_variable_with_its_default(capsys):
         ("AUTOHEAL_MAX_ACTIONS_PER_HOUR", "20"), ("AUTOHEAL_ACK_MAX_DURATION", "7d"),
         ("AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC", "5"), ("AUTOHEAL_HISTORY_MAX_EVENTS", "100000"),
         ("AUTOHEAL_REQUEST_TIMEOUT_SEC", "10"), ("AUTOHEAL_SHUTDOWN_GRACE_SEC", "10"),
+        ("AUTOHEAL_ETCD_ENDPOINTS", "unset"), ("AUTOHEAL_ETCD_PREFIX", "/autoheal/"),
+        ("AUTOHEAL_ETCD_TIMEOUT_SEC", "2"), ("AUTOHEAL_REPLICA", "<host name>"),
     ]:
         assert f"{variable}={default}" in out, variable
 
@@ -1576,12 +1578,12 @@ def test_rules_pass_promtool_check_and_their_unit_tests():
         assert name in rules
 
 
-def compose_mounts():
-    """{service: [(source, target)]} of the bind mounts of files in docker-compose.yml."""
+def compose_mounts(compose_file="docker-compose.yml"):
+    """{service: [(source, target)]} of the bind mounts of files in a compose file."""
     import re
 
     mounts, service, in_services = {}, None, False
-    for line in (HERE / "docker-compose.yml").read_text().splitlines():
+    for line in (HERE / compose_file).read_text().splitlines():
         if re.match(r"^\S", line):
             in_services = line.startswith("services:")
             continue
@@ -1595,9 +1597,9 @@ def compose_mounts():
     return mounts
 
 
-def container_layout(tmp_path, service):
+def container_layout(tmp_path, service, compose_file="docker-compose.yml"):
     """The files a service sees, laid out under tmp_path as the compose file mounts them."""
-    for source, target in compose_mounts()[service]:
+    for source, target in compose_mounts(compose_file)[service]:
         assert source.exists(), f"{service} mounts a missing file {source}"
         place = tmp_path / target.lstrip("/")
         place.parent.mkdir(parents=True, exist_ok=True)
@@ -3728,3 +3730,450 @@ def test_alertmanager_url_takes_the_members_of_a_cluster():
     assert config.alertmanager_url == "http://am-1:9093,http://am-2:9093"
     with pytest.raises(ConfigError, match="ALERTMANAGER_URL"):
         Config.from_env({"ALERTMANAGER_URL": "http://am-1:9093,am-2:9093"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Replicas: a real three-member etcd cluster on loopback (Debian etcd-server)
+# ---------------------------------------------------------------------------------------------
+
+
+class EtcdCluster:
+    """Members of a real etcd cluster on loopback, each its own process; stop() and resume() send
+    SIGSTOP and SIGCONT, which takes a member away (and quorum, with two of three) and gives it back."""
+
+    def __init__(self, directory, members=3, extra=(), scheme="http"):
+        binary = require("etcd")
+        self.directory = directory
+        for _attempt in range(3):
+            client_ports = [free_port() for _ in range(members)]
+            peer_ports = [free_port() for _ in range(members)]
+            self.urls = [f"{scheme}://127.0.0.1:{port}" for port in client_ports]
+            cluster = ",".join(f"e{i}=http://127.0.0.1:{port}" for i, port in enumerate(peer_ports))
+            self.argvs = [[
+                binary, "--name", f"e{i}", "--data-dir", str(directory / f"e{i}-{client_ports[i]}"),
+                "--listen-client-urls", self.urls[i], "--advertise-client-urls", self.urls[i],
+                "--listen-peer-urls", f"http://127.0.0.1:{peer_ports[i]}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_ports[i]}",
+                "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                "--initial-cluster-token", f"t{client_ports[0]}", "--heartbeat-interval", "50",
+                "--election-timeout", "500", *extra] for i in range(members)]
+            self.processes = [self._spawn(i) for i in range(members)]
+            if self.wait_healthy(30):
+                return
+            self.close()
+        pytest.fail(f"etcd did not start: {(directory / 'e0.log').read_text()[-2000:]}")
+
+    def _spawn(self, index):
+        with open(self.directory / f"e{index}.log", "ab") as sink:
+            return subprocess.Popen(self.argvs[index], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def restart(self, index):
+        """Stop member index and start it again on its data: what it kept only in memory is gone."""
+        self.processes[index].terminate()
+        self.processes[index].wait(10)
+        self.processes[index] = self._spawn(index)
+        assert self.wait_healthy(), (self.directory / f"e{index}.log").read_text()[-2000:]
+
+    @property
+    def endpoints(self):
+        return ",".join(self.urls)
+
+    context = None  # the ssl context of a TLS cluster's clients
+
+    def call(self, path, body, index=None, headers=None, timeout=3):
+        """One JSON gateway call (to the first member that answers, or to member index)."""
+        for url in ([self.urls[index]] if index is not None else self.urls):
+            try:
+                status, raw = autoheal.http_request("POST", f"{url}/v3/{path}", json.dumps(body).encode(),
+                                                    headers or {}, timeout=timeout, context=self.context)
+            except OSError:
+                continue
+            if status == 200:
+                return json.loads(raw)
+        return None
+
+    def wait_healthy(self, timeout=20, members=None):
+        """Every member (of members) answers and knows a leader; with members, one of them leads."""
+        deadline = time.time() + timeout
+        indexes = range(len(self.urls)) if members is None else members
+        while time.time() < deadline:
+            statuses = [self.call("maintenance/status", {}, index=i, timeout=1) for i in indexes]
+            if members is not None and all(statuses) and not any(
+                    s.get("leader") == s["header"]["member_id"] for s in statuses):
+                time.sleep(0.1)
+                continue
+            if all(p.poll() is None for p in self.processes) and all(
+                    status and status.get("leader", "0") != "0" for status in statuses):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def keys(self, prefix):
+        answer = self.call("kv/range", {"key": autoheal._b64(prefix), "range_end": autoheal._b64(autoheal._prefix_end(prefix))})
+        return {autoheal._unb64(kv["key"]): autoheal._unb64(kv.get("value", "")) for kv in answer.get("kvs", [])}
+
+    def leader(self):
+        """The index of the member that leads now."""
+        for i, url in enumerate(self.urls):
+            status = self.call("maintenance/status", {}, index=i, timeout=1)
+            if status and status.get("leader") == status["header"]["member_id"]:
+                return i
+        return None
+
+    def stop(self, *indexes):
+        for i in indexes:
+            os.kill(self.processes[i].pid, signal.SIGSTOP)
+
+    def resume(self):
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGCONT)
+
+    def close(self):
+        self.resume()
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+    yield cluster
+    cluster.close()
+
+
+@contextlib.contextmanager
+def replicas(tmp_path, etcd_cluster, actions, count=2, **env):
+    """count autoheal processes coordinated through etcd_cluster, each with its own state file,
+    under a prefix of their own (so that tests sharing the cluster share nothing else)."""
+    shared = {"AUTOHEAL_ETCD_ENDPOINTS": etcd_cluster.endpoints, "AUTOHEAL_ETCD_PREFIX": f"/t{random.getrandbits(40)}/",
+              "AUTOHEAL_ENABLED": "true", "AUTOHEAL_DRY_RUN": "false", "AUTOHEAL_ETCD_TIMEOUT_SEC": "1",
+              "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, actions), "AUTOHEAL_ADMIN_TOKEN": "admin-secret-1", **env}
+    started = []
+    try:
+        for index in range(count):
+            name = "ab"[index] if index < 2 else f"r{index}"
+            started.append(AutohealProcess({**shared, "AUTOHEAL_REPLICA": name,
+                                            "AUTOHEAL_STATE_FILE": str(tmp_path / f"{name}.db")}, tmp_path))
+        yield started
+    finally:
+        for process in started:
+            process.stop(signal.SIGKILL)
+
+
+def deliver_at_once(targets, payload):
+    """POST payload to each target (an autoheal Client) at the same moment: the answers' results."""
+    barrier = threading.Barrier(len(targets))
+    results = []
+
+    def one(target):
+        barrier.wait()
+        status, body = target.post_alert(payload)
+        results.append((status, body["results"][0] if status == 200 else body))
+
+    threads = [threading.Thread(target=one, args=(target,)) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert all(status == 200 for status, _ in results), results
+    return [result for _, result in results]
+
+
+def appending(path):
+    """An action that appends one line to path: how many times it ran is how many lines there are."""
+    return {"command": ["sh", "-c", f"echo ran >> {path}"], "cooldown_sec": 300}
+
+
+def test_deliveries_to_two_replicas_at_once_run_the_action_exactly_once(tmp_path, etcd):
+    ran = tmp_path / "ran.txt"
+    with replicas(tmp_path, etcd, {"Boom": appending(ran)}) as (a, b):
+        for _round in range(2):  # and again while the first cooldown runs
+            results = deliver_at_once([a, b] * 12, webhook(alert("Boom")))
+            assert sorted(r["result"] for r in results).count("executed") == (1 if _round == 0 else 0), results
+            assert all(r["result"] in ("executed", "cooldown_skip") for r in results), results
+            skipped = [r["cooldown_remaining_seconds"] for r in results if r["result"] == "cooldown_skip"]
+            assert skipped and all(0 < left <= 300 for left in skipped), results
+        assert ran.read_text() == "ran\n"
+        # Each replica keeps its own history, every event naming the replica.
+        for replica, name in ((a, "a"), (b, "b")):
+            events = replica.json("GET", "/history?kind=decision")[1]["events"]
+            assert events and all(event["replica"] == name for event in events)
+        assert {key.rsplit("/", 1)[1] for key in etcd.keys(a_prefix(a))} >= {"Boom"}
+
+
+def a_prefix(replica):
+    """The cooldown prefix of a replica's key space, from its start line."""
+    started = next(e for e in replica.events() if e.get("event") == "started")
+    return started["etcd"]["prefix"] + "cooldown/"
+
+
+def test_the_hourly_budget_is_shared_by_the_replicas(tmp_path, etcd):
+    names = [f"Budget{i}" for i in range(6)]
+    with replicas(tmp_path, etcd, {name: appending(tmp_path / f"{name}.txt") for name in names},
+                  AUTOHEAL_MAX_ACTIONS_PER_HOUR="3") as (a, b):
+        results = []
+        for index, name in enumerate(names):  # alternately, so that neither alone sees the budget spent
+            results.append((a, b)[index % 2].post_alert(webhook(alert(name)))[1]["results"][0]["result"])
+        assert results.count("executed") == 3 and results.count("rate_limited") == 3, results
+        assert sum((tmp_path / f"{name}.txt").exists() for name in names) == 3
+        wait_for(lambda: a.metric("autoheal_action_budget_remaining") == 0
+                 and b.metric("autoheal_action_budget_remaining") == 0, timeout=5)
+
+
+def test_runtime_changes_on_one_replica_are_in_force_on_the_other_within_a_second(tmp_path, etcd):
+    ran = tmp_path / "ran.txt"
+    with replicas(tmp_path, etcd, {"Boom": appending(ran)}) as (a, b):
+        status, body = control(a, "cooldown Boom 2h", by="ops")
+        assert status == 200, body
+        started = time.time()
+        wait_for(lambda: b.json("GET", "/")[1]["cooldowns"]["Boom"]["cooldown_seconds"] == 7200, timeout=1)
+        assert time.time() - started < 1
+        override = b.json("GET", "/")[1]["overrides"][0]
+        assert (override["setting"], override["value"], override["by"]) == ("cooldown", 7200, "ops")
+
+        assert control(b, "disable Boom", by="ops")[0] == 200
+        wait_for(lambda: "Boom" in a.json("GET", "/")[1]["disabled_actions"], timeout=1)
+        assert a.post_alert(webhook(alert("Boom")))[1]["results"][0]["reason"] == "disabled"
+        undo = control(a, "undo", by="ops")  # takes back b's change: ids are shared
+        assert undo[0] == 200 and "undoes #2" in undo[1]["text"], undo
+        wait_for(lambda: "Boom" not in b.json("GET", "/")[1]["disabled_actions"], timeout=1)
+
+        assert b.post_alert(webhook(alert("Boom")))[1]["results"][0]["result"] == "executed"
+        assert a.post_alert(webhook(alert("Boom")))[1]["results"][0]["result"] == "cooldown_skip"
+        assert control(a, "rearm Boom", by="ops")[0] == 200  # on a, after b acted: the next delivery to b acts
+        assert b.post_alert(webhook(alert("Boom")))[1]["results"][0]["result"] == "executed"
+        assert ran.read_text() == "ran\nran\n"
+        # Who changed what is in the history of the replica that took the command.
+        changes = [e for e in a.json("GET", "/history?kind=control")[1]["events"] if e["result"] == "applied"]
+        assert [e["command"] for e in changes] == ["rearm Boom", "undo", "cooldown Boom 2h"]
+
+
+def test_with_one_member_stopped_coordination_still_works(tmp_path, etcd):
+    ran = tmp_path / "ran.txt"
+    with replicas(tmp_path, etcd, {"Boom": appending(ran)}, AUTOHEAL_ETCD_TIMEOUT_SEC="2") as (a, b):
+        leader = etcd.leader()
+        assert leader is not None
+        follower = next(i for i in range(3) if i != leader)
+        # A follower stopped: nothing changes, whichever endpoint the replicas try first.
+        etcd.stop(follower)
+        try:
+            results = deliver_at_once([a, b] * 4, webhook(alert("Boom")))
+            assert sorted(r["result"] for r in results) == ["cooldown_skip"] * 7 + ["executed"], results
+        finally:
+            etcd.resume()
+        assert etcd.wait_healthy()
+        # The leader stopped: once the other two have elected one, coordination works again.
+        assert control(a, "rearm Boom", by="ops")[0] == 200
+        leader = etcd.leader()
+        etcd.stop(leader)
+        try:
+            assert etcd.wait_healthy(members=[i for i in range(3) if i != leader])
+            results = deliver_at_once([a, b] * 4, webhook(alert("Boom")))
+            assert sorted(r["result"] for r in results) == ["cooldown_skip"] * 7 + ["executed"], results
+        finally:
+            etcd.resume()
+        assert etcd.wait_healthy()
+        assert ran.read_text() == "ran\nran\n"
+
+
+def test_without_quorum_nothing_runs_within_the_time_bound_and_it_recovers(tmp_path, etcd, alertmanager):
+    ran = tmp_path / "ran.txt"
+    with replicas(tmp_path, etcd, {"Boom": appending(ran)}, ALERTMANAGER_URL=alertmanager.url) as (a, b):
+        assert a.metric("autoheal_coordination_up") == 1
+        etcd.stop(0, 1)  # two of three: the third has no quorum
+        try:
+            for replica in (a, b):
+                started = time.time()
+                status, body = replica.post_alert(webhook(alert("Boom"), alert("Boom", instance="x")))
+                took = time.time() - started
+                assert status == 200 and took < 1 + 1.0, took  # AUTOHEAL_ETCD_TIMEOUT_SEC=1, a small constant
+                assert [(r["result"], r["reason"]) for r in body["results"]] == [("error", "coordination_unavailable")] * 2
+            assert not ran.exists()
+            # Everything that does not need etcd keeps answering; the metric carries the outage.
+            assert a.json("GET", "/")[0] == 200 and a.json("GET", "/history")[0] == 200
+            assert run_module(["--check"], env={"AUTOHEAL_PORT": str(a.port)}).returncode == 0
+            status, ack = a.json("GET", ack_path({"alertname": "DuringOutage"}))
+            assert status == 200 and ack["outcome"] == "created"
+            wait_for(lambda: a.metric("autoheal_coordination_up") == 0, timeout=5)
+            assert a.json("GET", "/")[1]["coordination"]["up"] is False
+            page = a.request("GET", "/", headers={"Accept": "text/html"})[2].decode()
+            assert "Replica <code>a</code>" in page and "NOT ANSWERING: no action runs" in page
+            status, body = control(b, "disable", by="ops")
+            assert status == 503 and "etcd" in body["error"]
+            errors = [e for e in a.json("GET", "/history?result=error")[1]["events"]]
+            assert errors and all(e["reason"] == "coordination_unavailable" for e in errors)
+            assert any("etcd does not answer" in (e.get("message") or "") for e in a.events())
+        finally:
+            etcd.resume()
+        assert etcd.wait_healthy()
+        wait_for(lambda: a.metric("autoheal_coordination_up") == 1 and b.metric("autoheal_coordination_up") == 1,
+                 timeout=10)
+        assert b.post_alert(webhook(alert("Boom")))[1]["results"][0]["result"] == "executed"
+        assert ran.read_text() == "ran\n"
+
+
+def test_a_killed_replica_leaves_its_cooldown_held_for_the_other(tmp_path, etcd):
+    ran = tmp_path / "ran.txt"
+    with replicas(tmp_path, etcd, {"Boom": appending(ran)}) as (a, b):
+        assert a.post_alert(webhook(alert("Boom")))[1]["results"][0]["result"] == "executed"
+        a.stop(signal.SIGKILL)
+        result = b.post_alert(webhook(alert("Boom")))[1]["results"][0]
+        assert result["result"] == "cooldown_skip" and 290 <= result["cooldown_remaining_seconds"] <= 300, result
+        assert ran.read_text() == "ran\n"
+
+
+def test_etcd_user_and_password_the_token_taken_again_and_never_shown(tmp_path):
+    cluster = EtcdCluster(tmp_path, members=1)
+    try:
+        b64 = autoheal._b64
+        for path, body in (("auth/user/add", {"name": "root", "password": "root-pw"}),
+                           ("auth/user/grant", {"user": "root", "role": "root"}),
+                           ("auth/role/add", {"name": "autoheal"}),
+                           ("auth/role/grant", {"name": "autoheal", "perm": {
+                               "permType": "READWRITE", "key": b64("/ah/"), "range_end": b64("/ah0")}}),
+                           ("auth/user/add", {"name": "healer", "password": "S3cret-pw-42"}),
+                           ("auth/user/grant", {"user": "healer", "role": "autoheal"}),
+                           ("auth/enable", {})):
+            assert cluster.call(path, body) is not None, path
+        env = {"AUTOHEAL_ETCD_ENDPOINTS": cluster.endpoints, "AUTOHEAL_ETCD_PREFIX": "/ah/",
+               "AUTOHEAL_ETCD_USER": "healer", "AUTOHEAL_ETCD_PASSWORD": "S3cret-pw-42", "AUTOHEAL_ETCD_TIMEOUT_SEC": "2"}
+        with serving(env) as running:
+            assert running.post_alert(webhook(alert("TcpEndpointDownFast")))[1]["results"][0]["result"] == "dry_run"
+            cluster.restart(0)  # the member forgot every token it gave: autoheal takes a new one
+            wait_for(lambda: running.metric("autoheal_coordination_up") == 1, timeout=10)
+            assert running.post_alert(webhook(alert("UptimeProbeFailing")))[1]["results"][0]["result"] == "dry_run"
+            history = running.request("GET", "/history")[2].decode()
+            assert "S3cret" not in running.log.getvalue() and "S3cret" not in history
+        # A wrong password: etcd refuses, autoheal fails closed and says so, without the password.
+        with serving({**env, "AUTOHEAL_ETCD_PASSWORD": "wrong-pw-17"}) as running:
+            result = running.post_alert(webhook(alert("TcpEndpointDownFast")))[1]["results"][0]
+            assert (result["result"], result["reason"]) == ("error", "coordination_unavailable")
+            log = running.log.getvalue()
+            assert "authentication as 'healer' refused" in log and "wrong-pw-17" not in log
+        assert "S3cret" not in repr(Config.from_env(env))
+    finally:
+        cluster.close()
+
+
+def make_certificates(directory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, with openssl."""
+    openssl = require("openssl")
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args):
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=autoheal test CA")
+    # The server's certificate is also a client's: etcd's JSON gateway dials etcd itself with it.
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
+                            ("client", "extendedKeyUsage=clientAuth")):
+        (directory / f"{name}.ext").write_text(extension.replace("\\n", "\n") + "\n")
+        run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {name: str(directory / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_etcd_over_tls_with_a_client_certificate(tmp_path):
+    import ssl
+
+    files = make_certificates(tmp_path)
+    context = ssl.create_default_context(cafile=files["ca.pem"])
+    context.load_cert_chain(files["client.pem"], files["client.key"])
+    EtcdCluster.context = context
+    try:
+        cluster = EtcdCluster(tmp_path, members=1, scheme="https", extra=(
+            "--cert-file", files["server.pem"], "--key-file", files["server.key"], "--client-cert-auth",
+            "--trusted-ca-file", files["ca.pem"]))
+    finally:
+        EtcdCluster.context = None
+    try:
+        env = {"AUTOHEAL_ETCD_ENDPOINTS": cluster.endpoints, "AUTOHEAL_ETCD_CA_FILE": files["ca.pem"],
+               "AUTOHEAL_ETCD_CERT_FILE": files["client.pem"], "AUTOHEAL_ETCD_KEY_FILE": files["client.key"],
+               "AUTOHEAL_ETCD_TIMEOUT_SEC": "2"}
+        with serving(env) as running:
+            assert running.post_alert(webhook(alert("TcpEndpointDownFast")))[1]["results"][0]["result"] == "dry_run"
+            assert running.metric("autoheal_coordination_up") == 1
+        # Without the client certificate etcd refuses the handshake; without the CA autoheal
+        # refuses etcd's certificate: either way nothing runs.
+        for missing in (("AUTOHEAL_ETCD_CERT_FILE", "AUTOHEAL_ETCD_KEY_FILE"), ("AUTOHEAL_ETCD_CA_FILE",)):
+            with serving({k: v for k, v in env.items() if k not in missing}) as running:
+                result = running.post_alert(webhook(alert("TcpEndpointDownFast")))[1]["results"][0]
+                assert (result["result"], result["reason"]) == ("error", "coordination_unavailable"), missing
+                assert running.metric("autoheal_coordination_up") == 0
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("AUTOHEAL_ETCD_ENDPOINTS", "etcd-1:2379", "expected an http:// or https:// URL"),
+    ("AUTOHEAL_ETCD_ENDPOINTS", "http://healer:pw@etcd-1:2379", "without user:password@"),
+    ("AUTOHEAL_ETCD_TIMEOUT_SEC", "0", "AUTOHEAL_ETCD_TIMEOUT_SEC"),
+    ("AUTOHEAL_ETCD_CA_FILE", "/nonexistent/ca.pem", "cannot read it"),
+    ("AUTOHEAL_ETCD_KEY_FILE", "/etc/hostname", "set AUTOHEAL_ETCD_CERT_FILE too"),
+    ("AUTOHEAL_ETCD_USER", "healer", "set both or neither"),
+    ("AUTOHEAL_ETCD_PREFIX", "/ah\x00/", "key prefix"),
+])
+def test_bad_etcd_settings_name_the_variable(name, value, expected):
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({name: value})
+    assert name in str(caught.value) and expected in str(caught.value)
+
+
+def test_etcd_settings_and_their_defaults():
+    config = Config.from_env({"AUTOHEAL_ETCD_ENDPOINTS": "http://e1:2379, https://e2:2379/", "AUTOHEAL_ETCD_PREFIX": "ah"})
+    assert config.etcd_endpoints == ("http://e1:2379", "https://e2:2379") and config.etcd_prefix == "/ah/"
+    defaults = Config.from_env({})
+    assert (defaults.etcd_endpoints, defaults.etcd_prefix, defaults.etcd_timeout_sec) == ((), "/autoheal/", 2.0)
+    assert defaults.replica == socket.gethostname()
+    assert Config.from_env({"AUTOHEAL_REPLICA": "west-1"}).replica == "west-1"
+
+
+def test_without_etcd_nothing_changes_no_replica_key_no_coordination_series():
+    with serving() as running:
+        running.post_alert(webhook(alert()))
+        event = running.json("GET", "/history?limit=1")[1]["events"][0]
+        assert "replica" not in event
+        assert running.metric("autoheal_coordination_up") is None
+
+
+def test_the_replicated_compose_stack_runs_three_etcd_members_and_two_replicas_behind_alertmanager(tmp_path):
+    compose = require("docker-compose")
+    done = subprocess.run([compose, "-f", str(HERE / "docker-compose.ha.yml"), "config"], capture_output=True,
+                          text=True, cwd=HERE, env={**os.environ, "AUTOHEAL_WEBHOOK_TOKEN": "from-the-environment"})
+    assert done.returncode == 0, done.stderr
+    resolved = done.stdout
+    for member in ("etcd-1", "etcd-2", "etcd-3"):
+        assert f"ETCD_NAME: {member}" in resolved and f"{member}=http://{member}:2380" in resolved
+    assert resolved.count("AUTOHEAL_ETCD_ENDPOINTS: http://etcd-1:2379,http://etcd-2:2379,http://etcd-3:2379") == 2
+    assert "AUTOHEAL_REPLICA: autoheal-1" in resolved and "AUTOHEAL_REPLICA: autoheal-2" in resolved
+    amtool = require("amtool")
+    root = container_layout(tmp_path / "am", "alertmanager", "docker-compose.ha.yml")
+    config = root / "etc/alertmanager/alertmanager.yml"
+    done = subprocess.run([amtool, "check-config", str(config)], capture_output=True, text=True)
+    assert done.returncode == 0 and "1 templates" in done.stdout, done.stdout + done.stderr
+    text = config.read_text()
+    assert "url: http://autoheal-1:9009/alert" in text and "url: http://autoheal-2:9009/alert" in text
+    promtool = require("promtool")
+    root = container_layout(tmp_path / "prom", "prometheus", "docker-compose.ha.yml")
+    done = subprocess.run([promtool, "check", "config", str(root / "etc/prometheus/prometheus.yml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "'autoheal-1:9009', 'autoheal-2:9009'" in (root / "etc/prometheus/prometheus.yml").read_text()
+
+
+def test_a_budget_of_a_billion_is_claimed_at_once(etcd):
+    env = {"AUTOHEAL_ETCD_ENDPOINTS": etcd.endpoints, "AUTOHEAL_ETCD_PREFIX": f"/t{random.getrandbits(40)}/",
+           "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "1000000000"}
+    with serving(env) as running:
+        started = time.time()
+        results = running.post_alert(webhook(alert("TcpEndpointDownFast"), alert("UptimeProbeFailing")))[1]["results"]
+        assert [r["result"] for r in results] == ["dry_run", "dry_run"] and time.time() - started < 2
+        assert running.json("GET", "/")[1]["action_budget_remaining"] == 1000000000 - 2
