@@ -4720,6 +4720,7 @@ class Server:
         self._accept_paused_until = 0.0
         self.max_connections, self.fd_warning = connection_limit(self.config)
         self._stop_requested = threading.Event()
+        self.served = 0  # requests served, so far
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ, "accept")
         self._wake_read, self._wake_write = socket.socketpair()
@@ -4755,6 +4756,7 @@ class Server:
     def serve_forever(self) -> None:
         """Accept and read until stop() is called."""
         next_sweep = time.monotonic() + 0.5
+        threading.Thread(target=self._release_memory, name="memory", daemon=True).start()
         try:
             while not self._stop_requested.is_set():
                 for key, _mask in self._selector.select(timeout=0.1 if self._accept_paused_until else 0.5):
@@ -4950,6 +4952,8 @@ class Server:
                     connection.sock.close()
             elif verdict != "detached":
                 connection.sock.close()
+            # An idle worker must not keep its last request alive: a storm's is megabytes.
+            del task, connection, request
             with self._busy_changed:
                 self._busy -= 1
                 self._busy_changed.notify_all()
@@ -4964,7 +4968,28 @@ class Server:
     def _client(connection: _Connection) -> str:
         return str(connection.address[0]) if isinstance(connection.address, tuple) else ""
 
+    def _release_memory(self) -> None:
+        """Give the heap that requests freed back to the system once they are done (0.1 s quiet).
+
+        glibc keeps freed memory for reuse; after compiling this module at start, a storm of
+        thousands of alerts or a scrape of 1,000 alertnames, most of it would stay resident for
+        good (about 18 MiB after the compile alone).  malloc_trim(0) returns it.  Elsewhere
+        (musl, macOS, no ctypes) this does nothing.
+        """
+        trim = heap_trimmer()
+        if trim is None:
+            return
+        seen, trimmed = self.served, -1
+        while not self._stop_requested.wait(0.1):
+            served = self.served
+            if served != seen:  # still busy: wait for a quiet moment
+                seen = served
+            elif served != trimmed:
+                trim()
+                trimmed = served
+
     def _serve(self, connection: _Connection, raw: bytes) -> str:
+        self.served += 1  # for _release_memory; a lost increment under a race only delays a trim
         client = self._client(connection)
         try:
             request = parse_request(raw, client)
@@ -5058,6 +5083,35 @@ class Server:
         self._selector.close()
         self._wake_read.close()
         self._wake_write.close()
+
+
+_HEAP: List[Optional[Callable[[], Any]]] = []
+
+
+def heap_trimmer() -> Optional[Callable[[], Any]]:
+    """glibc's malloc_trim(0), through ctypes, once glibc is told to keep at most two malloc
+    arenas (M_ARENA_MAX): by default each new thread gets one of its own, up to 8 per core, and
+    each keeps what it once held (MALLOC_ARENA_MAX=2 from outside did the same, for the image
+    only).  glibc reads the limit once, at the first thread's first malloc, so main asks here
+    before any thread starts.  None where there is no glibc (musl, macOS) or no ctypes."""
+    if not _HEAP:
+        _HEAP.append(_heap_trimmer())
+    return _HEAP[0]
+
+
+def _heap_trimmer() -> Optional[Callable[[], Any]]:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        trim, mallopt = libc.malloc_trim, libc.mallopt
+    except (ImportError, OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(-8, 2)  # M_ARENA_MAX, from malloc.h
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
 
 
 def connection_limit(config: Config) -> Tuple[int, Optional[str]]:
@@ -5313,8 +5367,9 @@ def control_cli(args: List[str], env: Mapping[str, str]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run autoheal; returns the process exit status."""
+def main(argv: Optional[List[str]] = None, detach: bool = False) -> Optional[int]:
+    """Run autoheal; returns the process exit status.  detach (python3 autoheal.py): serve from a
+    thread of its own and return None at once, once the server is listening."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] in (["--help"], ["-h"]):
         print(__doc__)
@@ -5331,6 +5386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args:
         print(f"error: unknown argument {args[0]!r}; see --help", file=sys.stderr)
         return 2
+    heap_trimmer()  # before the first thread: see there
     try:
         config = Config.from_env(os.environ)
         app = App(config, env=os.environ)
@@ -5368,12 +5424,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     if config.webhook_token is None and not is_loopback(config.host):
         app.log({"event": "warning", "message": f"listening on {config.host} beyond loopback without "
                  "AUTOHEAL_WEBHOOK_TOKEN: anyone who reaches this port can post alerts"}, "warning")
-    server.serve_forever()
-    server.drain(config.shutdown_grace_sec)
-    app.close()
-    app.log({"event": "stopped"})
-    return 0
+
+    def serve() -> None:
+        server.serve_forever()
+        server.drain(config.shutdown_grace_sec)
+        app.close()
+        app.log({"event": "stopped"})
+
+    if not detach:
+        serve()
+        return 0
+
+    def serve_then_exit() -> None:  # what an exception in serve() would have done in the main thread
+        try:
+            serve()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            sys.stdout.flush()
+            os._exit(1)
+
+    threading.Thread(target=serve_then_exit, name="serve").start()
+    return None
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run as a script, CPython keeps the file's whole syntax tree (about 11 MiB here) until the
+    # script's code returns.  So the server runs from a thread, and the script returns at once;
+    # the interpreter waits for that thread before it exits, and signals still reach the main
+    # thread while it waits.  (python3 -m autoheal frees the tree after compiling; it loses nothing.)
+    status = main(detach=True)
+    if status is not None:
+        raise SystemExit(status)
