@@ -1515,6 +1515,18 @@ def recorded_rows(path):
         return db.execute("SELECT kind, result, body FROM events ORDER BY id").fetchall()
 
 
+def test_two_signals_at_once_stop_the_script_every_time(tmp_path):
+    """python3 autoheal.py serves after its script has returned (to free the file's syntax tree):
+    a signal that the kernel hands to another thread must still stop it."""
+    for attempt in range(5):
+        running = AutohealProcess({"AUTOHEAL_STATE_FILE": str(tmp_path / f"s{attempt}.db")}, tmp_path)
+        running.process.send_signal(signal.SIGINT)
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(10) == 0
+        running.reader.join(5)
+        assert json.loads(running.lines[-1])["event"] == "stopped"
+
+
 def test_sigterm_lets_an_in_flight_action_finish(tmp_path):
     running, poster, answers = action_in_flight(tmp_path, f"sleep 1; touch {tmp_path / 'finished'}", grace=10)
     assert running.stop(signal.SIGTERM) == 0
