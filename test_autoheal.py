@@ -4189,3 +4189,27 @@ def test_a_budget_of_a_billion_is_claimed_at_once(etcd):
         results = running.post_alert(webhook(alert("TcpEndpointDownFast"), alert("UptimeProbeFailing")))[1]["results"]
         assert [r["result"] for r in results] == ["dry_run", "dry_run"] and time.time() - started < 2
         assert running.json("GET", "/")[1]["action_budget_remaining"] == 1000000000 - 2
+
+
+def test_a_scrape_shows_what_changed_since_the_last_one_and_nothing_else():
+    """/metrics keeps each per-alertname family's text between scrapes and formats it again only
+    when a value in it changed: the next scrape must still show every change."""
+    clock = FakeClock()
+    with serving({"AUTOHEAL_DEFAULT_COOLDOWN_SEC": "60"}, clock=clock) as running:
+        first = running.request("GET", "/metrics")[2].decode()
+        assert running.request("GET", "/metrics")[2].decode() == first
+        series = 'autoheal_actions_total{alertname="TcpEndpointDownFast",result="dry_run"}'
+        assert f"{series} 0\n" in first
+        running.post_alert(webhook(alert("TcpEndpointDownFast")))
+        after = running.request("GET", "/metrics")[2].decode()
+        assert f"{series} 1\n" in after
+        assert 'autoheal_cooldown_remaining_seconds{alertname="TcpEndpointDownFast"} 60\n' in after
+        assert 'autoheal_cooldown_remaining_seconds{alertname="UptimeProbeFailing"} 0\n' in after
+        clock.advance(15)
+        assert 'autoheal_cooldown_remaining_seconds{alertname="TcpEndpointDownFast"} 45\n' in (
+            running.request("GET", "/metrics")[2].decode())
+        changed = {line for line in after.splitlines()} - {line for line in first.splitlines()}
+        assert all(line.startswith(("autoheal_actions_total", "autoheal_alerts_received_total",
+                                    "autoheal_action_last_timestamp", "autoheal_cooldown_remaining_seconds",
+                                    "autoheal_state_commits_total", "autoheal_action_budget_remaining",
+                                    "autoheal_history_oldest_timestamp")) for line in changed), changed
