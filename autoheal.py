@@ -995,10 +995,16 @@ class Counters:
             return {family: dict(values) for family, values in self._families.items()}
 
 
-def alertname_results(names: List[str], results: Tuple[str, ...]) -> Tuple[List[Tuple[str, str]], List[str]]:
-    """The (alertname, result) keys of a per-alertname counter and their label sets, escaped."""
-    keys = [(name, result) for name in names for result in results]
-    return keys, [f'{{alertname="{escape_label_value(name)}",result="{result}"}}' for name, result in keys]
+def per_alertname_values(counts: Mapping[Tuple[Any, ...], float], names: List[str],
+                         results: Tuple[str, ...] = ()) -> List[float]:
+    """A per-alertname counter's values in series order (by alertname, then result), 0 for a
+    series that never counted: the counters keep only what happened."""
+    if not counts:
+        return [0] * (len(names) * max(1, len(results)))
+    get = counts.get
+    if not results:
+        return [get((name,), 0) for name in names]
+    return [get((name, result), 0) for name in names for result in results]
 
 
 def log_event(event: Mapping[str, Any], stream: Any = None, lock: Optional[threading.Lock] = None) -> None:
@@ -2718,32 +2724,29 @@ class App:
         self._feed_closed = False
         self._folds: "collections.OrderedDict[Tuple[str, str, str, Optional[str]], List[Any]]" = collections.OrderedDict()
         self._ack_inflight: Dict[Any, _AckCall] = {}
-        # The (alertname, result) series, keyed and escaped once: /metrics with 1,000 alertnames
-        # must not escape thousands of label values on every scrape.
-        self._result_keys, self._result_series = alertname_results(self.action_names, ACTION_RESULTS)
-        self._heal_keys, self._heal_series = alertname_results(self.action_names, HEAL_RESULTS)
-        per_action = [(name,) for name in self.action_names]
         # Every counter series exists from the start (at 0), so that rate() and increase() see the
-        # first event; refusals only for the likeliest routes and statuses.
+        # first event; refusals only for the likeliest routes and statuses.  Per-alertname
+        # families start empty: their zeros come from per_alertname_values (with 1,000 actions,
+        # 14,000 preset zeros were half a MiB of an idle autoheal, copied at every scrape).
         self.counters = Counters({
             "autoheal_alerts_received_total": [()],
             "autoheal_alerts_skipped_total": [(reason,) for reason in SKIP_REASONS],
-            "autoheal_actions_total": self._result_keys,
-            "autoheal_action_duration_seconds_sum": per_action,
-            "autoheal_action_duration_seconds_count": per_action,
+            "autoheal_actions_total": [],
+            "autoheal_action_duration_seconds_sum": [],
+            "autoheal_action_duration_seconds_count": [],
             "autoheal_acks_total": [(outcome,) for outcome in ACK_OUTCOMES],
             "autoheal_silences_expired_total": [()],
             "autoheal_http_rejected_total": list(PRESET_REJECTIONS),
             "autoheal_control_commands_total": [(source, result) for source in CONTROL_SOURCES
                                                 for result in CONTROL_RESULTS],
-            "autoheal_heals_total": self._heal_keys,
-            "autoheal_heal_duration_seconds_sum": per_action,
-            "autoheal_heal_duration_seconds_count": per_action,
+            "autoheal_heals_total": [],
+            "autoheal_heal_duration_seconds_sum": [],
+            "autoheal_heal_duration_seconds_count": [],
         })
+        # Each alertname's label set, escaped once: /metrics must not escape 1,000 label values
+        # at every scrape.  The (alertname, result) label sets are built from them when a family
+        # is formatted again (App._per_alertname_text), not kept: 8,000 strings, 0.8 MiB.
         self._series_labels = [format_labels({"alertname": name}) for name in self.action_names]
-        self._per_action = per_action
-        self._summary_series = ["_sum" + label for label in self._series_labels] + [
-            "_count" + label for label in self._series_labels]
         # The text of each per-alertname family at the last scrape (App._per_alertname_text).
         self._exposition: Dict[str, Tuple[Any, ...]] = {}
         self._exposition_lock = threading.Lock()
@@ -3580,16 +3583,21 @@ class App:
                     parts.append(format_family(family.name, family.kind, family.help, given))
         return "".join(parts)
 
-    def _per_alertname_text(self, family: Family, series: List[str], values: List[float]) -> str:
-        """A family with a series per alertname, formatted again only when its values changed
-        since the last scrape: with 1,000 alertnames, formatting 16,000 numbers was most of the
-        time of a scrape, and between two scrapes most families do not change at all."""
+    def _per_alertname_text(self, family: Family, series: Callable[[], List[str]], values: List[float]) -> str:
+        """A family with a series per alertname (series() gives their label sets), formatted
+        again only when its values changed since the last scrape: with 1,000 alertnames,
+        formatting 16,000 numbers was most of the time of a scrape, and between two scrapes most
+        families do not change at all."""
         kept = self._exposition.get(family.name)
-        if kept is not None and kept[0] is series and kept[1] == values:
-            return kept[2]
-        text = format_family(family.name, family.kind, family.help, zip(series, values))
-        self._exposition[family.name] = (series, values, text)
+        if kept is not None and kept[0] == values:
+            return kept[1]
+        text = format_family(family.name, family.kind, family.help, zip(series(), values))
+        self._exposition[family.name] = (values, text)
         return text
+
+    def _result_series(self, results: Tuple[str, ...]) -> List[str]:
+        """The label sets of a per-(alertname, result) family, in per_alertname_values' order."""
+        return [f'{label[:-1]},result="{result}"}}' for label in self._series_labels for result in results]
 
     def _samples(self, now: float) -> Dict[str, Any]:
         """The samples of each family of METRICS: (suffix and labels, value) pairs, or for the
@@ -3610,12 +3618,16 @@ class App:
         with self._lock:
             listeners = len(self._subscribers)
 
+        def plain_labels() -> List[str]:
+            return labels
+
         def plain(family: str) -> List[Tuple[str, float]]:
             return [("", counters[family][()])]
 
         def summary(sums: Mapping[Tuple[Any, ...], float], counts: Mapping[Tuple[Any, ...], float]) -> Any:
             """A per-alertname summary's _sum and _count series, on the pre-escaped label sets."""
-            return self._summary_series, [sums[key] for key in self._per_action] + [counts[key] for key in self._per_action]
+            return (lambda: ["_sum" + label for label in labels] + ["_count" + label for label in labels],
+                    per_alertname_values(sums, names) + per_alertname_values(counts, names))
 
         def by(family: str, label: str) -> List[Tuple[str, float]]:
             return [(format_labels({label: str(key[0])}), value) for key, value in counters[family].items()]
@@ -3627,11 +3639,12 @@ class App:
                                                     "python_version": sys.version.split()[0]}), 1)],
             "autoheal_alerts_received_total": plain("autoheal_alerts_received_total"),
             "autoheal_alerts_skipped_total": by("autoheal_alerts_skipped_total", "reason"),
-            "autoheal_actions_total": (self._result_series, [actions[key] for key in self._result_keys]),
-            "autoheal_action_last_timestamp": (labels, started),
-            "autoheal_cooldown_remaining_seconds": (labels, [cooldown_remaining(begun or None, cooldown, now)
-                                                             for begun, cooldown in zip(started, cooldowns)]),
-            "autoheal_cooldown_seconds": (labels, cooldowns),
+            "autoheal_actions_total": (lambda: self._result_series(ACTION_RESULTS),
+                                       per_alertname_values(actions, names, ACTION_RESULTS)),
+            "autoheal_action_last_timestamp": (plain_labels, started),
+            "autoheal_cooldown_remaining_seconds": (plain_labels, [cooldown_remaining(begun or None, cooldown, now)
+                                                                   for begun, cooldown in zip(started, cooldowns)]),
+            "autoheal_cooldown_seconds": (plain_labels, cooldowns),
             "autoheal_action_duration_seconds": summary(durations, runs),
             "autoheal_action_budget_limit": [("", limit)],
             "autoheal_action_budget_remaining": [("", max(0, limit - budget_used) if limit else math.nan)],
@@ -3647,10 +3660,11 @@ class App:
                                              for (path, status), count in
                                              sorted(counters["autoheal_http_rejected_total"].items())],
             "autoheal_state_commits_total": [("", self.store.commits)],
-            "autoheal_heals_total": (self._heal_series, [heals[key] for key in self._heal_keys]),
+            "autoheal_heals_total": (lambda: self._result_series(HEAL_RESULTS),
+                                     per_alertname_values(heals, names, HEAL_RESULTS)),
             "autoheal_heal_duration_seconds": summary(counters["autoheal_heal_duration_seconds_sum"],
                                                       counters["autoheal_heal_duration_seconds_count"]),
-            "autoheal_action_disabled": (labels, [int(name in settings.disabled) for name in names]),
+            "autoheal_action_disabled": (plain_labels, [int(name in settings.disabled) for name in names]),
             "autoheal_overrides": [("", len(settings.overrides))],
             "autoheal_control_commands_total": [(format_labels({"source": source, "result": result}), count)
                                                 for (source, result), count in
