@@ -7,11 +7,9 @@ FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="autoheal" \
       org.opencontainers.image.description="Self-healing companion for Prometheus and Alertmanager"
 
-# MALLOC_ARENA_MAX: glibc gives each busy thread an arena of its own and keeps what it held;
-# two arenas keep the resident memory of the worker pool flat (measured in bench/).
+# No MALLOC_ARENA_MAX here: autoheal limits glibc's malloc arenas itself, however it is started.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    MALLOC_ARENA_MAX=2 \
     AUTOHEAL_STATE_FILE=/data/autoheal-state.db
 
 WORKDIR /app
