@@ -2627,15 +2627,16 @@ class EtcdClaims(Claims):
             return None, 0
         return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])
 
-    def put_control(self, text: str, revision: int, deadline: Optional[float] = None) -> bool:
-        """Write the runtime control state if nobody changed it since revision (0: never written)."""
+    def put_control(self, text: str, revision: int, deadline: Optional[float] = None) -> int:
+        """Write the runtime control state if nobody changed it since revision (0: never written);
+        its new revision, or 0 when another replica's change came first."""
         key = _b64(f"{self.prefix}control")
         compare = ({"key": key, "target": "MOD", "mod_revision": str(revision)} if revision
                    else {"key": key, "target": "CREATE", "create_revision": "0"})
         answer = self._call("kv/txn", {"compare": [compare], "success": [{"request_put": {"key": key,
                                                                                           "value": _b64(text)}}]},
                             deadline)
-        return bool(answer.get("succeeded"))
+        return int(answer["header"]["revision"]) if answer.get("succeeded") else 0
 
 
 def judge(alert: Mapping[str, Any], settings: Settings, actions: Mapping[str, Action]) -> "Decision":
@@ -3612,7 +3613,7 @@ class App:
 
     def _samples(self, now: float) -> Dict[str, Any]:
         """The samples of each family of METRICS: (suffix and labels, value) pairs, or for the
-        families with a series per alertname, (the pre-escaped series, their values)."""
+        families with a series per alertname, (a function giving their label sets, their values)."""
         counters = self.counters.snapshot()  # one snapshot under the lock; formatting happens outside it
         settings = self.effective()
         names = self.action_names
@@ -5142,8 +5143,8 @@ def heap_trimmer() -> Optional[Callable[[], Any]]:
     """glibc's malloc_trim(0), through ctypes, once glibc is told to keep at most two malloc
     arenas (M_ARENA_MAX): by default each new thread gets one of its own, up to 8 per core, and
     each keeps what it once held (MALLOC_ARENA_MAX=2 from outside did the same, for the image
-    only).  glibc reads the limit once, at the first thread's first malloc, so main asks here
-    before any thread starts.  None where there is no glibc (musl, macOS) or no ctypes."""
+    only).  glibc fixes its limit while the first threads make their arenas, so main asks here
+    before any thread starts (asked later, it changed nothing: measured).  None where there is no glibc (musl, macOS) or no ctypes."""
     if not _HEAP:
         _HEAP.append(_heap_trimmer())
     return _HEAP[0]

@@ -4213,3 +4213,20 @@ def test_a_scrape_shows_what_changed_since_the_last_one_and_nothing_else():
                                     "autoheal_action_last_timestamp", "autoheal_cooldown_remaining_seconds",
                                     "autoheal_state_commits_total", "autoheal_action_budget_remaining",
                                     "autoheal_history_oldest_timestamp")) for line in changed), changed
+
+
+def test_an_override_with_a_duration_lapses_on_every_replica_and_is_recorded_once(tmp_path, etcd):
+    with replicas(tmp_path, etcd, {"Boom": appending(tmp_path / "ran.txt")}) as (a, b):
+        assert control(a, "disable Boom 2s", by="ops")[0] == 200
+        wait_for(lambda: "Boom" in b.json("GET", "/")[1]["disabled_actions"], timeout=1)
+        wait_for(lambda: not a.json("GET", "/")[1]["disabled_actions"]
+                 and not b.json("GET", "/")[1]["disabled_actions"], timeout=5)
+        assert b.post_alert(webhook(alert("Boom")))[1]["results"][0]["result"] == "executed"
+
+        def lapses(replica):
+            return [e for e in replica.json("GET", "/history?kind=control")[1]["events"] if e["result"] == "lapsed"]
+
+        wait_for(lambda: len(lapses(a)) + len(lapses(b)) == 1, timeout=5)
+        time.sleep(1.5)  # and no second replica records it later
+        assert len(lapses(a)) + len(lapses(b)) == 1
+        assert etcd.keys(a_prefix(a).replace("cooldown/", "control"))  # the shared state is in etcd
