@@ -2770,6 +2770,26 @@ def test_a_damaged_state_file_is_moved_aside_and_a_fresh_one_started(tmp_path, e
         assert running.stop() == 0
 
 
+def test_a_clean_stop_marks_the_state_file_and_only_the_next_start_trusts_the_mark(tmp_path):
+    """A start skips the full-file check only for the file exactly as a clean stop left it (the
+    test above damages a cleanly stopped file: the check still finds it)."""
+    env = {"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}
+    mark = tmp_path / "s.db.clean"
+    running = AutohealProcess(env, tmp_path)
+    running.post_alert(webhook(alert("CrmMetricsScrapeStale")))
+    assert not mark.exists()
+    assert running.stop() == 0
+    assert mark.exists() and not (tmp_path / "s.db-wal").exists()
+    running = AutohealProcess(env, tmp_path)
+    try:
+        assert not mark.exists()  # taken at start: a crash of this run leaves no mark behind
+        [event] = running.json("GET", "/history?kind=decision")[1]["events"]
+        assert event["alertname"] == "CrmMetricsScrapeStale"
+    finally:
+        running.stop(signal.SIGKILL)
+    assert not mark.exists()
+
+
 @pytest.mark.parametrize("how", ["moved", "wal-deleted"])
 def test_a_state_file_that_vanishes_under_a_running_instance_is_noticed_and_recreated(tmp_path, how):
     env = {"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}
