@@ -4252,3 +4252,19 @@ def test_an_override_with_a_duration_lapses_on_every_replica_and_is_recorded_onc
         time.sleep(1.5)  # and no second replica records it later
         assert len(lapses(a)) + len(lapses(b)) == 1
         assert etcd.keys(a_prefix(a).replace("cooldown/", "control"))  # the shared state is in etcd
+
+
+def test_the_history_bound_holds_across_a_clean_restart_that_skipped_the_full_read(tmp_path):
+    """A start after a clean stop takes the history's totals from the stop's mark instead of
+    counting the file: the bound must hold as if it had counted."""
+    path = actions_file(tmp_path, {f"Bound{i}": {"command": ["true"], "cooldown_sec": 0} for i in range(8)})
+    env = {"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"),
+           "AUTOHEAL_HISTORY_MAX_EVENTS": "5", "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0"}
+    with serving(env) as running:
+        running.post_alert(webhook(*[alert(f"Bound{i}") for i in range(4)]))
+    assert (tmp_path / "s.db.clean").exists()
+    with serving(env) as running:
+        assert not (tmp_path / "s.db.clean").exists()
+        running.post_alert(webhook(*[alert(f"Bound{i}") for i in range(4, 8)]))
+        events = running.json("GET", "/history?kind=decision")[1]["events"]
+        assert [e["alertname"] for e in events] == [f"Bound{i}" for i in range(7, 2, -1)]
