@@ -425,7 +425,8 @@ class Config(NamedTuple):
         take("etcd_password", "AUTOHEAL_ETCD_PASSWORD", parse_token)
         values["replica"] = (env.get("AUTOHEAL_REPLICA") or "").strip()[:100] or socket.gethostname()
         if values.get("etcd_key_file") and not values.get("etcd_cert_file"):
-            problems.append("AUTOHEAL_ETCD_KEY_FILE: set AUTOHEAL_ETCD_CERT_FILE too (the key belongs to a certificate)")
+            problems.append("AUTOHEAL_ETCD_KEY_FILE: set AUTOHEAL_ETCD_CERT_FILE too "
+                            "(the key belongs to a certificate)")
         if bool(values.get("etcd_user")) != bool(values.get("etcd_password")):
             problems.append("AUTOHEAL_ETCD_USER and AUTOHEAL_ETCD_PASSWORD: set both or neither")
         values["compose_project"] = env.get("COMPOSE_PROJECT_NAME") or None
@@ -964,7 +965,8 @@ METRICS = (
     Family("autoheal_control_commands_total", "counter",
            "Runtime control commands, by source (http, slack) and result (applied, refused, invalid)."),
     Family("autoheal_coordination_up", "gauge",
-           "1 while etcd answers (replicas: AUTOHEAL_ETCD_ENDPOINTS); 0 while actions fail closed. Absent without etcd."),
+           "1 while etcd answers (replicas: AUTOHEAL_ETCD_ENDPOINTS); 0 while actions fail closed. "
+           "Absent without etcd."),
     Family("autoheal_event_listeners", "gauge", "Clients connected to /events."),
     Family("autoheal_actions_running", "gauge", "Commands running now."),
     Family("autoheal_start_time_seconds", "gauge", "Unix time autoheal started."),
@@ -1923,8 +1925,9 @@ class SqliteStore(Store):
         """After a clean close (the WAL checkpointed away, no failed write), leave the file's
         size, modification time and inode beside it in <file>.clean, with the history's totals.
         The next start finds the file as it was left and skips reading all of it twice: the
-        quick_check (about 40 ms for 48 MB here, and it grows with the file) and the totals.  Anything that touched the file since (damage, another program)
-        changes its time; a crash leaves no mark at all (the start removes it): the check runs."""
+        quick_check (about 40 ms for 48 MB here, and it grows with the file) and the totals.
+        Anything that touched the file since (damage, another program) changes its time; a
+        crash leaves no mark at all (the start removes it): the check runs."""
         if self.write_errors or os.path.exists(self.path + "-wal"):
             return
         try:
@@ -2453,7 +2456,8 @@ class EtcdClient:
                     self._order.remove(endpoint)
                     self._order.insert(0, endpoint)
             return answer
-        raise CoordinationUnavailable("; ".join(failures) or f"no etcd member answered within {format_value(self.timeout)}s")
+        raise CoordinationUnavailable("; ".join(failures)
+                                      or f"no etcd member answered within {format_value(self.timeout)}s")
 
     def _exchange(self, endpoint: str, path: str, body: Mapping[str, Any], timeout: float,
                   retried: bool = False) -> Dict[str, Any]:
@@ -2573,8 +2577,8 @@ class EtcdClaims(Claims):
         while True:
             reads = [{"request_range": {"key": _b64(key)}}]
             if budget:
-                reads.append({"request_range": {"key": _b64(budget_prefix), "range_end": _b64(_prefix_end(budget_prefix)),
-                                                "keys_only": True}})
+                reads.append({"request_range": {"key": _b64(budget_prefix),
+                                                "range_end": _b64(_prefix_end(budget_prefix)), "keys_only": True}})
             answer = self._call("kv/txn", {"success": reads}, deadline)
             responses = [r.get("response_range", {}) for r in answer.get("responses", [])]
             kvs = responses[0].get("kvs") or []
@@ -5191,7 +5195,8 @@ def heap_trimmer() -> Optional[Callable[[], Any]]:
     arenas (M_ARENA_MAX): by default each new thread gets one of its own, up to 8 per core, and
     each keeps what it once held (MALLOC_ARENA_MAX=2 from outside did the same, for the image
     only).  glibc fixes its limit while the first threads make their arenas, so main asks here
-    before any thread starts (asked later, it changed nothing: measured).  None where there is no glibc (musl, macOS) or no ctypes."""
+    before any thread starts (asked later, it changed nothing: measured).  None where there is
+    no glibc (musl, macOS) or no ctypes."""
     if not _HEAP:
         _HEAP.append(_heap_trimmer())
     return _HEAP[0]

@@ -3841,7 +3841,8 @@ class EtcdCluster:
         return False
 
     def keys(self, prefix):
-        answer = self.call("kv/range", {"key": autoheal._b64(prefix), "range_end": autoheal._b64(autoheal._prefix_end(prefix))})
+        answer = self.call("kv/range", {"key": autoheal._b64(prefix),
+                                        "range_end": autoheal._b64(autoheal._prefix_end(prefix))})
         return {autoheal._unb64(kv["key"]): autoheal._unb64(kv.get("value", "")) for kv in answer.get("kvs", [])}
 
     def leader(self):
@@ -4026,7 +4027,8 @@ def test_without_quorum_nothing_runs_within_the_time_bound_and_it_recovers(tmp_p
                 status, body = replica.post_alert(webhook(alert("Boom"), alert("Boom", instance="x")))
                 took = time.time() - started
                 assert status == 200 and took < 1 + 1.0, took  # AUTOHEAL_ETCD_TIMEOUT_SEC=1, a small constant
-                assert [(r["result"], r["reason"]) for r in body["results"]] == [("error", "coordination_unavailable")] * 2
+                assert [(r["result"], r["reason"]) for r in body["results"]] == [
+                    ("error", "coordination_unavailable")] * 2
             assert not ran.exists()
             # Everything that does not need etcd keeps answering; the metric carries the outage.
             assert a.json("GET", "/")[0] == 200 and a.json("GET", "/history")[0] == 200
@@ -4075,7 +4077,8 @@ def test_etcd_user_and_password_the_token_taken_again_and_never_shown(tmp_path):
                            ("auth/enable", {})):
             assert cluster.call(path, body) is not None, path
         env = {"AUTOHEAL_ETCD_ENDPOINTS": cluster.endpoints, "AUTOHEAL_ETCD_PREFIX": "/ah/",
-               "AUTOHEAL_ETCD_USER": "healer", "AUTOHEAL_ETCD_PASSWORD": "S3cret-pw-42", "AUTOHEAL_ETCD_TIMEOUT_SEC": "2"}
+               "AUTOHEAL_ETCD_USER": "healer", "AUTOHEAL_ETCD_PASSWORD": "S3cret-pw-42",
+               "AUTOHEAL_ETCD_TIMEOUT_SEC": "2"}
         with serving(env) as running:
             assert running.post_alert(webhook(alert("TcpEndpointDownFast")))[1]["results"][0]["result"] == "dry_run"
             cluster.restart(0)  # the member forgot every token it gave: autoheal takes a new one
@@ -4162,7 +4165,8 @@ def test_bad_etcd_settings_name_the_variable(name, value, expected):
 
 
 def test_etcd_settings_and_their_defaults():
-    config = Config.from_env({"AUTOHEAL_ETCD_ENDPOINTS": "http://e1:2379, https://e2:2379/", "AUTOHEAL_ETCD_PREFIX": "ah"})
+    config = Config.from_env({"AUTOHEAL_ETCD_ENDPOINTS": "http://e1:2379, https://e2:2379/",
+                              "AUTOHEAL_ETCD_PREFIX": "ah"})
     assert config.etcd_endpoints == ("http://e1:2379", "https://e2:2379") and config.etcd_prefix == "/ah/"
     defaults = Config.from_env({})
     assert (defaults.etcd_endpoints, defaults.etcd_prefix, defaults.etcd_timeout_sec) == ((), "/autoheal/", 2.0)
