@@ -2777,6 +2777,7 @@ class App:
         self._feed: collections.deque = collections.deque(maxlen=FEED_EVENTS)
         self._feed_changed = threading.Condition()
         self._feed_closed = False
+        self._compacted = 0  # the newest event id in the feed when compact() last copied it
         self._folds: "collections.OrderedDict[Tuple[str, str, str, Optional[str]], List[Any]]" = collections.OrderedDict()
         self._ack_inflight: Dict[Any, _AckCall] = {}
         # Every counter series exists from the start (at 0), so that rate() and increase() see the
@@ -2918,8 +2919,12 @@ class App:
         the storm's temporary objects, its entries would keep most of the memory the storm used
         from ever going back to the system (1 MiB pymalloc arenas are freed only when empty)."""
         with self._feed_changed:
+            newest = self._feed[-1][0] if self._feed else 0
+            if newest == self._compacted:  # nothing new since the last copy (a scrape, a health check)
+                return
             self._feed = collections.deque(((event_id + 0, text.encode().decode()) for event_id, text in self._feed),
                                            maxlen=FEED_EVENTS)
+            self._compacted = newest
 
     def _publish(self, texts: List[Tuple[int, str]]) -> None:
         """Committed events, in id order, for the /events subscribers."""
