@@ -2461,36 +2461,39 @@ class EtcdClient:
 
     def _exchange(self, endpoint: str, path: str, body: Mapping[str, Any], timeout: float,
                   retried: bool = False) -> Dict[str, Any]:
+        token = (self._tokens.get(endpoint) or self._authenticate(endpoint, timeout)) if self._user else None
+        status, answer, message = self._post(endpoint, path, body, timeout, token)
+        if status == 200 and isinstance(answer, dict):
+            return answer
+        if self._user and not retried and (status == 401 or "auth store is old" in message):
+            # The token expired, or the member forgot it, or users changed since: a new one, once.
+            self._tokens.pop(endpoint, None)
+            return self._exchange(endpoint, path, body, timeout, retried=True)
+        raise _EtcdRefused(f"HTTP {status}: {message}")
+
+    def _authenticate(self, endpoint: str, timeout: float) -> str:
+        status, answer, message = self._post(endpoint, "auth/authenticate",
+                                             {"name": self._user, "password": self._password}, timeout)
+        if status != 200 or not isinstance(answer, dict) or not answer.get("token"):
+            raise _EtcdRefused(f"authentication as {self._user!r} refused: {message}")
+        self._tokens[endpoint] = answer["token"]
+        return answer["token"]
+
+    def _post(self, endpoint: str, path: str, body: Mapping[str, Any], timeout: float,
+              token: Optional[str] = None) -> Tuple[int, Any, str]:
+        """One POST to a member: (status, the decoded answer, its message in words).  OSError when
+        the member does not answer, or answers that it cannot now (5xx: no leader, no quorum,
+        shutting down; a 200 that is not JSON): the caller tries the next."""
         headers = {"Content-Type": "application/json"}
-        if self._user:
-            token = self._tokens.get(endpoint) or self._authenticate(endpoint, timeout)
+        if token:
             headers["Authorization"] = token
         status, raw = http_request("POST", f"{endpoint}/v3/{path}", json.dumps(body).encode("utf-8"), headers,
                                    timeout=timeout, context=self._context)
         answer = decode_answer(raw)
-        if status == 200 and isinstance(answer, dict):
-            return answer
-        message = answer_reason(answer) if answer else f"HTTP {status}"
-        if self._user and not retried and (status == 401 or "auth store is old" in str(message)):
-            # The token expired, or the member forgot it, or users changed since: a new one, once.
-            self._tokens.pop(endpoint, None)
-            return self._exchange(endpoint, path, body, timeout, retried=True)
-        if status >= 500 or status == 200:  # no leader, no quorum, a member shutting down: try the next
-            raise OSError(f"answered HTTP {status}: {str(message)[:200]}")
-        raise _EtcdRefused(f"HTTP {status}: {str(message)[:200]}")
-
-    def _authenticate(self, endpoint: str, timeout: float) -> str:
-        status, raw = http_request("POST", f"{endpoint}/v3/auth/authenticate",
-                                   json.dumps({"name": self._user, "password": self._password}).encode("utf-8"),
-                                   {"Content-Type": "application/json"}, timeout=timeout, context=self._context)
-        answer = decode_answer(raw)
-        if status != 200 or not isinstance(answer, dict) or not answer.get("token"):
-            message = answer_reason(answer) if answer else f"HTTP {status}"
-            if status >= 500:
-                raise OSError(f"answered HTTP {status}: {str(message)[:200]}")
-            raise _EtcdRefused(f"authentication as {self._user!r} refused: {str(message)[:200]}")
-        self._tokens[endpoint] = answer["token"]
-        return answer["token"]
+        message = str(answer_reason(answer) if answer else f"HTTP {status}")[:200]
+        if status >= 500 or (status == 200 and not isinstance(answer, dict)):
+            raise OSError(f"answered HTTP {status}: {message}")
+        return status, answer, message
 
 
 class _EtcdRefused(Exception):
@@ -3364,13 +3367,14 @@ class App:
                 # One atomic claim per alert: however many deliveries of an alert arrive at once,
                 # one of them wins the cooldown window.
                 cooldown = settings.cooldowns[decision.alertname]
-                try:
-                    if unavailable:
-                        raise CoordinationUnavailable("etcd did not answer this webhook's first claim")
-                    claim = self.claims.claim(decision.alertname, cooldown, settings.max_actions_per_hour, now,
-                                              deadline)
-                except CoordinationUnavailable:
-                    unavailable = True
+                claim = None
+                if not unavailable:
+                    try:
+                        claim = self.claims.claim(decision.alertname, cooldown, settings.max_actions_per_hour, now,
+                                                  deadline)
+                    except CoordinationUnavailable:
+                        unavailable = True
+                if claim is None:
                     decision.result, decision.reason = "error", "coordination_unavailable"
                 else:
                     self._settle(decision, claim, settings)
