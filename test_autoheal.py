@@ -1409,6 +1409,80 @@ def test_concurrent_writers_all_recorded_without_lock_errors(tmp_path):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_pipelined_webhooks_are_answered_in_order_and_a_client_that_does_not_read_holds_up_nobody(tmp_path):
+    # Dry-run webhooks are answered by the server's selector thread itself (Server._answer_round):
+    # an answer the client's socket does not take must not stop that thread.
+    names = [f"P{i}" for i in range(10)]
+    path = actions_file(tmp_path, {name: {"command": ["true"], "cooldown_sec": 0} for name in names})
+    with serving({"AUTOHEAL_STATE_FILE": str(tmp_path / "state.db"), "AUTOHEAL_ACTIONS_FILE": path,
+                  "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0"}) as running:
+        # 1,200 answers of 30 results each: 5 MB, more than the kernel holds for an unread socket.
+        sent = [names[index % 10] for index in range(1200)]
+        stream = b"".join(b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d"
+                          b"\r\n\r\n%s" % (len(body), body)
+                          for body in (json.dumps({"alerts": [{"status": "firing", "labels": {"alertname": name},
+                                                               "annotations": {"autoheal": "true"}}] * 30}).encode()
+                                       for name in sent))
+        greedy = socket.socket()
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        greedy.connect(("127.0.0.1", running.port))
+        sender = threading.Thread(target=greedy.sendall, args=(stream,), daemon=True)
+        sender.start()
+        time.sleep(1.5)  # its answers pile up unread: about 800 of them fill what the kernel holds
+        started = time.monotonic()
+        assert running.json("GET", "/")[0] == 200
+        assert running.post_alert(webhook(alert("P0")))[1]["results"][0]["result"] == "dry_run"
+        assert time.monotonic() - started < 1.0
+        received, answers = b"", []
+        greedy.settimeout(10)
+        while len(answers) < len(sent):
+            chunk = greedy.recv(1 << 20)
+            assert chunk, "the server closed the connection"
+            received += chunk
+            while b"\r\n\r\n" in received:
+                head, _, rest = received.partition(b"\r\n\r\n")
+                length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
+                if len(rest) < length:
+                    break
+                assert head.startswith(b"HTTP/1.1 200 ")
+                answers.append(json.loads(rest[:length]))
+                received = rest[length:]
+        sender.join(5)
+        greedy.close()
+        assert [answer["results"][0]["alertname"] for answer in answers] == sent
+        assert {result["result"] for answer in answers for result in answer["results"]} == {"dry_run"}
+        assert running.metric("autoheal_state_write_errors_total") == 0
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 30 * len(sent) + 1
+
+
+def test_the_state_file_itself_catches_up_with_its_wal_while_webhooks_keep_coming(tmp_path):
+    # Checkpoints run beside the commits (SqliteStore._checkpoint_loop); a copy of the file alone,
+    # as a backup that forgets the -wal file would take, holds what was recorded.
+    names = [f"C{i}" for i in range(50)]
+    path = actions_file(tmp_path, {name: {"command": ["true"], "cooldown_sec": 0} for name in names})
+    state = tmp_path / "state.db"
+    with serving({"AUTOHEAL_STATE_FILE": str(state), "AUTOHEAL_ACTIONS_FILE": path,
+                  "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0"}) as running:
+        for round_ in range(40):
+            running.post_alert(webhook(*(alert(name, instance=f"host-{round_}-{'x' * 200}") for name in names)))
+        deadline = time.monotonic() + 10
+        while True:
+            copy = tmp_path / "copy.db"
+            shutil.copyfile(state, copy)
+            with contextlib.closing(sqlite3.connect(copy)) as db:
+                try:
+                    kept = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+                except sqlite3.OperationalError:  # not even the schema is in the file yet
+                    kept = 0
+            copy.unlink()
+            if kept >= 1500 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert kept >= 1500, kept
+        assert os.path.getsize(str(state) + "-wal") < 16 << 20
+
+
 @pytest.mark.parametrize("state", ["memory", "sqlite"])
 def test_history_filters_and_bounds(tmp_path, state):
     path = actions_file(tmp_path, {"A": {"command": ["true"], "cooldown_sec": 0},
