@@ -235,6 +235,7 @@ FOLD_KEYS_MAX = 4096  # routine decisions whose repeats are being folded, at mos
 FEED_EVENTS = 4096  # recent events kept for /events listeners; one further behind reads the history
 RECORD_CHUNK = 500
 CHECKPOINT_BYTES = 1 << 18  # history committed to the WAL that starts a checkpoint (SqliteStore)
+TRIM_AFTER_BYTES = 1 << 20  # a request this large gives its memory back once answered (Server._work)
 INLINE_MAX_BYTES = 65536  # a dry-run webhook up to this size is answered by the selector thread (Server)
 BUDGET_WINDOW_SEC = 3600  # the global action budget counts runs in a rolling hour
 COORDINATION_POLL_SEC = 0.25  # replicas: how often each reads the shared state in etcd
@@ -1789,6 +1790,7 @@ class SqliteStore(Store):
                 return
             while not pending.done:
                 self._commit_queued()
+            del pending  # an idle writer keeps no records alive: a storm's are megabytes
 
     def _checkpoint_loop(self) -> None:
         """Copy the WAL's new pages back into the file (a passive checkpoint) after each
@@ -3038,9 +3040,14 @@ class App:
             self._compacted = newest
 
     def _publish(self, texts: List[Tuple[int, str]]) -> None:
-        """Committed events, in id order, for the /events subscribers."""
+        """Committed events, in id order, for the /events subscribers.  Kept only while there are
+        any: one that comes later reads what it missed from the history (events_after), and a
+        storm's events in the feed would hold megabytes that nobody reads."""
         with self._feed_changed:
-            self._feed.extend(texts)
+            if self._subscribers:
+                self._feed.extend(texts)
+            elif self._feed:
+                self._feed.clear()
             if texts:
                 self._latest_id = texts[-1][0]
             self._feed_changed.notify_all()
@@ -3066,20 +3073,19 @@ class App:
         only one that stops reading (its socket times out) is ever dropped."""
         cursor = subscriber.cursor
         with self._feed_changed:
-            feed = self._feed
-            if not self._feed_closed and (not feed or feed[-1][0] <= cursor):
+            if not self._feed_closed and self._latest_id <= cursor:
                 self._feed_changed.wait(wait)
             if self._feed_closed:
                 return None
-            if not feed or feed[-1][0] <= cursor:
+            if self._latest_id <= cursor:
                 return []
             newer = []
-            for item in reversed(feed):
+            for item in reversed(self._feed):
                 if item[0] <= cursor:
                     break
                 newer.append(item)
             newer.reverse()
-            if feed[0][0] <= cursor + 1:
+            if newer and newer[0][0] == cursor + 1:
                 return newer
         return self.store.query(HISTORY_LIMIT_MAX, after=cursor) or newer
 
@@ -4950,7 +4956,7 @@ class Server:
         self._accept_paused_until = 0.0
         self.max_connections, self.fd_warning = connection_limit(self.config)
         self._stop_requested = threading.Event()
-        self.served = 0  # requests served, so far
+        self.served = 0  # counts each request begun, and each a worker ended: what _release_memory watches
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ, "accept")
         self._wake_read, self._wake_write = socket.socketpair()
@@ -5219,6 +5225,7 @@ class Server:
             if task is None:
                 return
             connection, request = task
+            large = len(request) >= TRIM_AFTER_BYTES
             try:
                 verdict = self._serve(connection, request) if request else self._finish(connection)
             except Exception as exc:  # a worker must survive whatever one request does
@@ -5240,6 +5247,11 @@ class Server:
                 connection.sock.close()
             # An idle worker must not keep its last request alive: a storm's is megabytes.
             del task, connection, request
+            self.served += 1  # ended: a quiet moment counts from here, not from its start
+            if large:  # a storm of alerts: its memory goes back now, not after the next quiet moment
+                trim = heap_trimmer()
+                if trim is not None:
+                    trim()
             with self._busy_changed:
                 self._busy -= 1
                 self._busy_changed.notify_all()
