@@ -4315,6 +4315,31 @@ def test_a_scrape_shows_what_changed_since_the_last_one_and_nothing_else():
                                     "autoheal_history_oldest_timestamp")) for line in changed), changed
 
 
+def test_a_large_scrape_is_whole_and_the_connection_goes_on(tmp_path):
+    """The exposition goes out as one part per family (send_parts): its length must be the sum,
+    a HEAD must say the same length and send nothing, and the keep-alive connection must go on."""
+    names = [f"Many{i:04d}" for i in range(1000)]
+    path = actions_file(tmp_path, {name: {"command": ["true"], "cooldown_sec": 0} for name in names})
+    with serving({"AUTOHEAL_ACTIONS_FILE": path}) as running:
+        running.post_alert(webhook(*(alert(name) for name in names[:10])))
+        connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+        try:
+            bodies = []
+            for method in ("GET", "HEAD", "GET"):
+                connection.request(method, "/metrics")
+                response = connection.getresponse()
+                bodies.append((int(response.getheader("Content-Length")), response.read()))
+            connection.request("GET", "/")
+            assert connection.getresponse().status == 200
+        finally:
+            connection.close()
+        (length, body), (head_length, head_body), (_, again) = bodies
+        assert length == len(body) > 500_000 and head_length == length and head_body == b""
+        assert body.decode() == running.app.render_metrics() == again.decode()
+        assert 'autoheal_actions_total{alertname="Many0009",result="dry_run"} 1\n' in body.decode()
+        assert 'autoheal_action_disabled{alertname="Many0999"} 0\n' in body.decode()
+
+
 def test_an_override_with_a_duration_lapses_on_every_replica_and_is_recorded_once(tmp_path, etcd):
     with replicas(tmp_path, etcd, {"Boom": appending(tmp_path / "ran.txt")}) as (a, b):
         assert control(a, "disable Boom 2s", by="ops")[0] == 200
