@@ -235,6 +235,7 @@ FOLD_KEYS_MAX = 4096  # routine decisions whose repeats are being folded, at mos
 FEED_EVENTS = 4096  # recent events kept for /events listeners; one further behind reads the history
 RECORD_CHUNK = 500
 CHECKPOINT_BYTES = 1 << 17  # history committed to the WAL that starts a checkpoint (SqliteStore)
+CHECKPOINT_BULK_ROWS = 100  # a commit of this many events starts none (SqliteStore._commit)
 TRIM_AFTER_BYTES = 1 << 20  # a request this large gives its memory back once answered (Server._work)
 INLINE_MAX_BYTES = 65536  # a dry-run webhook up to this size is answered by the selector thread (Server)
 BUDGET_WINDOW_SEC = 3600  # the global action budget counts runs in a rolling hour
@@ -1902,7 +1903,11 @@ class SqliteStore(Store):
             if len(self._identity) < 2:
                 self._identity = self._stat()  # the WAL exists from the first commit on
             self._written += sum(row[7] for row in rows) + 8192  # and an index page or two per commit
-            if self._written >= CHECKPOINT_BYTES:
+            # A storm commits hundreds of events at a time, each touching an index page of its own:
+            # checkpointed after every such commit, the same pages were copied again and again
+            # (a storm of 5,000: 180 ms against 160).  Its pages wait for the next small commit,
+            # or for the WAL's bound inside a commit.
+            if self._written >= CHECKPOINT_BYTES and len(rows) < CHECKPOINT_BULK_ROWS:
                 self._written = 0
                 self._checkpoint_due.set()
         self._on_commit(committed)
