@@ -1483,6 +1483,29 @@ def test_the_state_file_itself_catches_up_with_its_wal_while_webhooks_keep_comin
         assert os.path.getsize(str(state) + "-wal") < 16 << 20
 
 
+def test_a_history_near_its_bound_is_pruned_when_requests_pause(tmp_path):
+    # SqliteStore.tidy: past nineteen twentieths of its bound a class is pruned to nine tenths in
+    # a quiet moment, so that the webhook reaching the bound does not wait for the DELETE.
+    names = [f"T{i}" for i in range(8)]
+    path = actions_file(tmp_path, {name: {"command": ["true"], "cooldown_sec": 0} for name in names})
+    with serving({"AUTOHEAL_STATE_FILE": str(tmp_path / "state.db"), "AUTOHEAL_ACTIONS_FILE": path,
+                  "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0", "AUTOHEAL_HISTORY_MAX_EVENTS": "100"}) as running:
+
+        def history_after_a_pause():  # every request, these included, starts the quiet moment over
+            time.sleep(0.3)
+            return running.json("GET", "/history?limit=1000")[1]["events"]
+
+        for _ in range(11):
+            running.post_alert(webhook(*(alert(name) for name in names)))
+        assert len(history_after_a_pause()) == 88  # 88 of 100: left alone
+        running.post_alert(webhook(*(alert(name) for name in names)))
+        assert len(running.json("GET", "/history?limit=1000")[1]["events"]) == 96  # at once: still 96
+        events = history_after_a_pause()
+        assert len(events) == 90
+        assert events[0]["id"] == 96 and events[-1]["id"] == 7  # the six oldest went
+        assert running.metric("autoheal_state_write_errors_total") == 0
+
+
 @pytest.mark.parametrize("state", ["memory", "sqlite"])
 def test_history_filters_and_bounds(tmp_path, state):
     path = actions_file(tmp_path, {"A": {"command": ["true"], "cooldown_sec": 0},
