@@ -1814,8 +1814,10 @@ class SqliteStore(Store):
                 connection = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=rw", uri=True,
                                              check_same_thread=False)
                 try:
-                    # Again while commits came in meanwhile: once it has caught up, the next commit
-                    # can start the WAL over, which keeps it small.
+                    # Again while commits came in meanwhile, so that little is left for the commit
+                    # that reaches the WAL's bound.  (Only a checkpoint by the committing connection
+                    # lets SQLite start the WAL over, measured: so the WAL grows to that bound, and
+                    # the commit there finds almost nothing left to copy.)
                     for _ in range(4):
                         _busy, frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]
                         if frames == copied:
@@ -1832,7 +1834,7 @@ class SqliteStore(Store):
         wait for every other time."""
         with self._committing, self._lock:
             connection = self._connection
-            if connection is None or self._closing:
+            if connection is None or self._closing or not any(self._near_bounds(cls) for cls in (KEPT, ROUTINE)):
                 return
             try:
                 self._check_identity()
@@ -1953,13 +1955,19 @@ class SqliteStore(Store):
             else:
                 connection.execute("INSERT OR REPLACE INTO heals VALUES (?, ?)", (fingerprint, body))
 
+    def _near_bounds(self, cls: int, early: bool = True) -> bool:
+        """Whether a class is past its bounds (early: past nineteen twentieths of them)."""
+        totals = self._totals[cls]
+        count, size = self.max_events, self.max_class_bytes
+        if early:
+            count, size = count - count // 20, size - size // 20
+        return totals[0] > count or totals[1] > size
+
     def _prune(self, connection: sqlite3.Connection, cls: int, early: bool = False) -> None:
         """Past a class's bounds (early: past nineteen twentieths of them), delete its oldest rows
         down to nine tenths of them: a DELETE per tenth of the bound, not per commit."""
         totals = self._totals[cls]
-        slack = 20 if early else 0
-        if totals[0] <= self.max_events - (self.max_events // slack if slack else 0) and (
-                totals[1] <= self.max_class_bytes - (self.max_class_bytes // slack if slack else 0)):
+        if not self._near_bounds(cls, early):
             return
         count_goal = self.max_events - self.max_events // 10
         bytes_goal = self.max_class_bytes - self.max_class_bytes // 10
