@@ -1480,7 +1480,6 @@ def test_the_state_file_itself_catches_up_with_its_wal_while_webhooks_keep_comin
                 break
             time.sleep(0.1)
         assert kept >= 1500, kept
-        assert os.path.getsize(str(state) + "-wal") < 16 << 20
 
 
 def test_a_history_near_its_bound_is_pruned_when_requests_pause(tmp_path):
