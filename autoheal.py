@@ -5181,7 +5181,11 @@ class Server:
                 connection.buffer = buffer[length:]
                 if not self._round:
                     self.app.hold_records()
-                answer, handler = self._respond(connection, request, settings)
+                try:
+                    answer, handler = self._respond(connection, request, settings)
+                except Exception as exc:  # the selector thread must survive whatever one request does
+                    self.app.log({"event": "error", "message": f"selector: {type(exc).__name__}: {exc}"}, "error")
+                    answer, handler = simple_response(500, "internal error; autoheal's log has the details"), None
                 if not isinstance(answer, bytes):
                     answer = b"".join(answer)
                 self._round.append((connection, answer, handler is None or handler.close_connection))
@@ -5204,7 +5208,14 @@ class Server:
         committed (one commit for all of them).  An answer the socket does not take at once is
         finished by a worker; a pipelined request already read starts the next round."""
         answered, self._round = self._round, []
-        self.app.release_records()
+        try:
+            self.app.release_records()
+        except Exception as exc:  # no answer without its commit: the round's connections are dropped
+            for connection, _answer, _close in answered:
+                self._close(connection)
+            with contextlib.suppress(Exception):
+                self.app.log({"event": "error", "message": f"selector: {type(exc).__name__}: {exc}"}, "error")
+            return
         now = time.monotonic()
         for connection, answer, close in answered:
             if connection.sock.fileno() < 0:

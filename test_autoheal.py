@@ -1456,6 +1456,25 @@ def test_pipelined_webhooks_are_answered_in_order_and_a_client_that_does_not_rea
         assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 30 * len(sent) + 1
 
 
+def test_a_webhook_that_breaks_the_selector_thread_is_a_500_and_the_server_goes_on(tmp_path, monkeypatch):
+    # The selector thread answers dry-run webhooks itself: whatever one of them raises must not
+    # stop it (a worker always survived its request; now the selector must too).
+    parse = autoheal.parse_request
+
+    def breaking(raw, client):
+        if b"Breaks" in raw:
+            raise RuntimeError("a bug reached by one request")
+        return parse(raw, client)
+
+    monkeypatch.setattr(autoheal, "parse_request", breaking)
+    with serving({"AUTOHEAL_STATE_FILE": str(tmp_path / "state.db")}) as running:
+        status, body = running.post_alert(webhook(alert("Breaks")))
+        assert status == 500 and "internal error" in body["error"] and "Traceback" not in json.dumps(body)
+        assert running.post_alert(webhook(alert()))[1]["results"][0]["result"] == "dry_run"
+        assert running.json("GET", "/")[0] == 200
+        assert any("RuntimeError" in line for line in running.log_lines())
+
+
 def test_the_state_file_itself_catches_up_with_its_wal_while_webhooks_keep_coming(tmp_path):
     # Checkpoints run beside the commits (SqliteStore._checkpoint_loop); a copy of the file alone,
     # as a backup that forgets the -wal file would take, holds what was recorded.
