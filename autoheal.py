@@ -187,7 +187,8 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple, Optional,
+                    Tuple, Union)
 
 if TYPE_CHECKING:
     import subprocess  # imported for real where commands run (run_command)
@@ -1465,6 +1466,9 @@ class Store:
         """The runtime control state as last kept (JSON), or None."""
         return None
 
+    def tidy(self) -> None:
+        """Housekeeping for a quiet moment; in memory, pruning happens as records are kept."""
+
     def load_heals(self) -> Dict[str, str]:
         """The heal verdicts still pending, by fingerprint (JSON each)."""
         return {}
@@ -1845,17 +1849,29 @@ class SqliteStore(Store):
             if connection is None or self._closing or not any(self._near_bounds(cls) for cls in (KEPT, ROUTINE)):
                 return
             try:
-                self._check_identity()
-                connection = self._connection
-                connection.execute("BEGIN IMMEDIATE")
-                for cls in (KEPT, ROUTINE):
-                    self._prune(connection, cls, early=True)
-                connection.execute("COMMIT")
+                with self._transaction() as connection:
+                    for cls in (KEPT, ROUTINE):
+                        self._prune(connection, cls, early=True)
             except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    connection.execute("ROLLBACK")
-                self._load_totals(connection)
                 self._log({"event": "error", "message": f"state file: pruning the history failed: {exc}"}, "error")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the state file (the caller holds _lock), reopened first if it
+        was replaced; rolled back on any failure, and the history's totals read again from the file."""
+        if self._connection is None:
+            raise sqlite3.OperationalError("the state file is closed")
+        self._check_identity()
+        connection = self._connection
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+            connection.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            self._load_totals(connection)
+            raise
 
     def _commit_queued(self) -> None:
         """Commit what is queued (up to 1,024 records) in one transaction: nothing when another
@@ -1895,13 +1911,7 @@ class SqliteStore(Store):
                 fold[0] += 1
                 fold[1] = max(fold[1], when)
         with self._lock:
-            connection = self._connection
-            if connection is None:
-                raise sqlite3.OperationalError("the state file is closed")
-            self._check_identity()
-            connection = self._connection
-            try:
-                connection.execute("BEGIN IMMEDIATE")
+            with self._transaction() as connection:
                 connection.executemany("INSERT INTO events (id, ts, kind, alertname, result, body, cls, size)"
                                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 if folds:
@@ -1916,14 +1926,6 @@ class SqliteStore(Store):
                         self._oldest[row[6]] = row[1]
                 for cls in (KEPT, ROUTINE):
                     self._prune(connection, cls)
-                connection.execute("COMMIT")
-            except BaseException:
-                try:
-                    connection.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                self._load_totals(connection)
-                raise
             self._cooldowns.update(cooldowns)
             self._control = control if control is not None else self._control
             for fingerprint, body in heals.items():
@@ -3077,8 +3079,7 @@ class App:
 
     def quiet(self) -> None:
         """Requests paused: the history's pruning, when it is near its bounds (SqliteStore.tidy)."""
-        if isinstance(self.store, SqliteStore):
-            self.store.tidy()
+        self.store.tidy()
 
     def compact(self) -> None:
         """Copy the /events feed, the one thing a storm of alerts leaves alive: allocated among
