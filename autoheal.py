@@ -186,7 +186,6 @@ import signal
 import sqlite3
 import threading
 import time
-import urllib.parse
 
 TYPE_CHECKING = False  # importing typing costs every start 2 ms and 0.6 MiB: type checkers only
 if TYPE_CHECKING:
@@ -525,6 +524,8 @@ def seconds_up_to(high: float, positive: bool = True) -> Callable[[str], float]:
 
 def parse_url(raw: str) -> str:
     """An http(s) URL with a host; the trailing slash is dropped."""
+    import urllib.parse  # where needed (0.4 MiB with ipaddress): the default settings never need it
+
     text = raw.strip()
     parts = urllib.parse.urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
@@ -547,6 +548,8 @@ def parse_urls(raw: str) -> str:
 def parse_etcd_endpoints(raw: str) -> Tuple[str, ...]:
     """etcd members, comma-separated http(s) URLs; never with a password in them (it would be in
     every log line that names a member): AUTOHEAL_ETCD_USER and AUTOHEAL_ETCD_PASSWORD say it."""
+    import urllib.parse
+
     if not raw.strip():
         return ()
     urls = tuple(parse_urls(raw).split(","))
@@ -586,6 +589,8 @@ def parse_host(raw: str) -> str:
 
 def parse_docker_host(raw: str) -> str:
     """DOCKER_HOST as the docker CLI takes it: unix:///path or tcp://host:port."""
+    import urllib.parse
+
     text = raw.strip() or DEFAULT_DOCKER_HOST
     parts = urllib.parse.urlsplit(text)
     try:
@@ -1191,6 +1196,7 @@ def http_request(method: str, url: str, body: Optional[bytes] = None, headers: O
     is the ssl.SSLContext of an https URL (default: the system's CAs).
     """
     import http.client  # outgoing calls only: the server itself never needs it (see Handler)
+    import urllib.parse
 
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "https":
@@ -1262,14 +1268,16 @@ class DockerClient:
 
     def __init__(self, docker_host: str):
         self.docker_host = docker_host
-        parts = urllib.parse.urlsplit(docker_host)
-        self._unix_path = parts.path if parts.scheme == "unix" else None
-        self._base = "http://docker" if self._unix_path else f"http://{parts.netloc}"
 
     def call(self, method: str, path: str, timeout: float) -> Any:
         """One API call; DockerRefused on an error answer, OSError when the daemon does not answer."""
-        status, raw = http_request(method, f"{self._base}/v{DOCKER_API_VERSION}{path}", timeout=timeout,
-                                   unix_path=self._unix_path)
+        import urllib.parse  # here: a start that never calls Docker does not import it
+
+        parts = urllib.parse.urlsplit(self.docker_host)
+        unix_path = parts.path if parts.scheme == "unix" else None
+        base = "http://docker" if unix_path else f"http://{parts.netloc}"
+        status, raw = http_request(method, f"{base}/v{DOCKER_API_VERSION}{path}", timeout=timeout,
+                                   unix_path=unix_path)
         data = decode_answer(raw)
         if status >= 400:
             raise DockerRefused(f"Error response from daemon: {answer_reason(data)}")
@@ -1277,6 +1285,8 @@ class DockerClient:
 
     def service_containers(self, service: str, project: Optional[str], timeout: float) -> List[str]:
         """Names of the containers of a compose service (within a project when given)."""
+        import urllib.parse
+
         labels = [f"com.docker.compose.service={service}"]
         if project:
             labels.append(f"com.docker.compose.project={project}")
@@ -1285,6 +1295,8 @@ class DockerClient:
         return sorted(c["Names"][0].lstrip("/") if c.get("Names") else c["Id"] for c in containers)
 
     def restart(self, name: str, stop_timeout: int, timeout: float) -> None:
+        import urllib.parse
+
         self.call("POST", f"/containers/{urllib.parse.quote(name, safe='')}/restart?t={stop_timeout}", timeout)
 
 
@@ -1728,6 +1740,12 @@ class SqliteStore(Store):
         row = connection.execute("SELECT ts FROM events WHERE cls = ? ORDER BY id LIMIT 1", (cls,)).fetchone()
         return row[0] if row else None
 
+    def _existing_file(self) -> str:
+        """The state file as an SQLite URI that never creates it (mode=rw)."""
+        import urllib.parse  # here, not at the top: a start with the default settings never needs it
+
+        return f"file:{urllib.parse.quote(self.path)}?mode=rw"
+
     def _stat(self) -> Tuple[Tuple[int, int], ...]:
         """Device and inode of the state file (and its WAL, once there is one); () if gone."""
         found = []
@@ -1843,8 +1861,7 @@ class SqliteStore(Store):
                     if connection is not None:
                         connection.close()
                     connection, replaced = None, self.replaced
-                    connection = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=rw", uri=True,
-                                                 check_same_thread=False)
+                    connection = sqlite3.connect(self._existing_file(), uri=True, check_same_thread=False)
                 # Again while commits came in meanwhile, so that little is left for the commit
                 # that reaches the WAL's bound.  (Only a checkpoint by the committing connection
                 # lets SQLite start the WAL over, measured: so the WAL grows to that bound, and
@@ -2053,7 +2070,7 @@ class SqliteStore(Store):
         must exist: a reader never creates a stray empty one, and a vanished one is reopened first."""
         with self._lock:
             self._check_identity()
-        reader = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=rw", uri=True,
+        reader = sqlite3.connect(self._existing_file(), uri=True,
                                  check_same_thread=False)
         try:
             reader.execute("PRAGMA busy_timeout = 5000")
@@ -2173,6 +2190,8 @@ class AlertmanagerClient:
     def silences(self, alertname: str) -> List[Dict[str, Any]]:
         """The silences whose alertname matcher is alertname: Alertmanager filters them, so the
         answer stays small however many silences it holds (the caller compares every matcher)."""
+        import urllib.parse
+
         data = self.call("GET", "/api/v2/silences?" + urllib.parse.urlencode({"filter": matcher_text(
             "alertname", alertname)}))
         if not isinstance(data, list):
@@ -2180,6 +2199,8 @@ class AlertmanagerClient:
         return data
 
     def get_silence(self, silence_id: str) -> Dict[str, Any]:
+        import urllib.parse
+
         return self.call("GET", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
 
     def post_silence(self, silence: Mapping[str, Any]) -> str:
@@ -2189,6 +2210,8 @@ class AlertmanagerClient:
         return data["silenceID"]
 
     def expire(self, silence_id: str) -> None:
+        import urllib.parse
+
         self.call("DELETE", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
 
 
@@ -4392,6 +4415,8 @@ def route_path(target: str) -> Optional[str]:
     for anything else.  Dispatch, the choice of worker pool and the metric labels all use it."""
     path = target.partition("?")[0]
     if "://" in path:
+        import urllib.parse
+
         try:
             path = urllib.parse.urlsplit(target).path or "/"
         except ValueError:
@@ -4455,6 +4480,10 @@ def parse_history_query(params: Mapping[str, str], now: float) -> Dict[str, Any]
 
 def parse_query(query: str) -> Dict[str, str]:
     """Query or form parameters; the first of a repeated name wins."""
+    if not query:
+        return {}
+    import urllib.parse
+
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=64)
     except ValueError as exc:
@@ -4712,6 +4741,8 @@ class Handler:
 
     def _same_origin(self, origin: str) -> bool:
         """Whether an Origin header names this server: its Host, or AUTOHEAL_PUBLIC_URL."""
+        import urllib.parse
+
         try:
             netloc = urllib.parse.urlsplit(origin).netloc.lower()
         except ValueError:
@@ -4783,6 +4814,8 @@ class Handler:
         self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
 
     def route_undo(self, method: str, params: Mapping[str, str]) -> None:
+        import urllib.parse
+
         silence_id = params.get("silence_id", "")
         if not silence_id and params.get("id"):
             try:
@@ -5602,6 +5635,8 @@ def smoke(args: List[str], env: Mapping[str, str]) -> int:
     It never runs an action nor touches a cooldown: its webhook carries an alertname that is not
     in the action map, and its silence is for a label set of its own, expired before it ends.
     """
+    import urllib.parse
+
     options = {"--url": None, "--alertmanager": None, "--prometheus": None}
     words = list(args)
     while words:
@@ -5722,6 +5757,8 @@ def _smoke_ack(base: str, alertmanager_url: Optional[str], env: Mapping[str, str
     expired = False
 
     def ack() -> Dict[str, Any]:
+        import urllib.parse
+
         code, raw = http_request("GET", base + "/ack?" + urllib.parse.urlencode({**query, **token}),
                                  headers={"User-Agent": "autoheal-smoke"})
         answer = decode_answer(raw)
@@ -5732,6 +5769,8 @@ def _smoke_ack(base: str, alertmanager_url: Optional[str], env: Mapping[str, str
         return answer
 
     def undo() -> int:
+        import urllib.parse
+
         code, _raw = http_request("POST", base + "/ack/undo", urllib.parse.urlencode(
             {"silence_id": silence_id, **token}).encode("ascii"), {"Content-Type": "application/x-www-form-urlencoded"})
         return code
