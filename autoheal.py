@@ -2070,8 +2070,7 @@ class SqliteStore(Store):
         must exist: a reader never creates a stray empty one, and a vanished one is reopened first."""
         with self._lock:
             self._check_identity()
-        reader = sqlite3.connect(self._existing_file(), uri=True,
-                                 check_same_thread=False)
+        reader = sqlite3.connect(self._existing_file(), uri=True, check_same_thread=False)
         try:
             reader.execute("PRAGMA busy_timeout = 5000")
             return reader.execute(sql, parameters).fetchall()
@@ -5750,6 +5749,8 @@ def _smoke_ack(base: str, alertmanager_url: Optional[str], env: Mapping[str, str
     read the silence there.  The undo goes through the instance, which knows its Alertmanager,
     so the silence is expired whatever failed on the way.
     """
+    import urllib.parse
+
     labels = {"alertname": SMOKE_ALERTNAME, "smoke_run": os.urandom(6).hex()}
     query = {"labels": json.dumps(labels), "duration": "5m", "comment": "autoheal --smoke round trip"}
     token = {"token": env["AUTOHEAL_ACK_TOKEN"]} if env.get("AUTOHEAL_ACK_TOKEN") else {}
@@ -5757,8 +5758,6 @@ def _smoke_ack(base: str, alertmanager_url: Optional[str], env: Mapping[str, str
     expired = False
 
     def ack() -> Dict[str, Any]:
-        import urllib.parse
-
         code, raw = http_request("GET", base + "/ack?" + urllib.parse.urlencode({**query, **token}),
                                  headers={"User-Agent": "autoheal-smoke"})
         answer = decode_answer(raw)
@@ -5769,8 +5768,6 @@ def _smoke_ack(base: str, alertmanager_url: Optional[str], env: Mapping[str, str
         return answer
 
     def undo() -> int:
-        import urllib.parse
-
         code, _raw = http_request("POST", base + "/ack/undo", urllib.parse.urlencode(
             {"silence_id": silence_id, **token}).encode("ascii"), {"Content-Type": "application/x-www-form-urlencoded"})
         return code
