@@ -267,7 +267,7 @@ def test_booleans(raw, value):
 
 
 def test_rfc3339_with_nine_digits_and_z_as_alertmanager_writes_it():
-    assert autoheal.parse_rfc3339("2026-11-28T16:47:26.913968975Z") == pytest.approx(1795884446.913969)
+    assert autoheal.parse_rfc3339("2026-11-28T16:47:26.913968975Z") == pytest.approx(1795884446.913969, abs=1e-6)
     assert autoheal.parse_rfc3339("2026-11-28T17:47:26+01:00") == 1795884446
     assert autoheal.format_rfc3339(1795884446.9139) == "2026-11-28T16:47:26.913Z"
 
@@ -1345,6 +1345,26 @@ def test_an_action_that_ran_a_minute_before_the_kill_is_still_in_cooldown(tmp_pa
         assert result["result"] == "cooldown_skip" and 530 <= result["cooldown_remaining_seconds"] <= 540
     finally:
         second.stop()
+
+
+def test_the_file_keeps_the_latest_cooldown_start_of_each_alertname(tmp_path):
+    """Starts are updated in place (an upsert, not a delete and insert): one row per alertname,
+    the latest start, which is what a restart goes by."""
+    clock = FakeClock()
+    first = clock.now
+    state = tmp_path / "s.db"
+    with serving({"AUTOHEAL_STATE_FILE": str(state)}, clock=clock) as running:
+        def result(name):
+            return running.post_alert(webhook(alert(name)))[1]["results"][0]["result"]
+        assert result("TcpEndpointDownFast") == "dry_run"
+        clock.advance(10)
+        assert result("CrmMetricsScrapeStale") == "dry_run"
+        clock.advance(600)  # TcpEndpointDownFast's cooldown is over: it starts again
+        assert result("TcpEndpointDownFast") == "dry_run"
+    with sqlite3.connect(state) as db:
+        kept = dict(db.execute("SELECT alertname, started_at FROM cooldowns"))
+    assert kept == {"TcpEndpointDownFast": pytest.approx(first + 610, abs=0.01),
+                    "CrmMetricsScrapeStale": pytest.approx(first + 10, abs=0.01)}
 
 
 def test_explicit_state_file_that_cannot_be_opened_stops_the_start(tmp_path):
