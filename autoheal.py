@@ -219,6 +219,8 @@ SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted", "disabled")
 ACK_OUTCOMES = ("created", "existing", "extended", "previewed", "error")
 HEAL_RESULTS = ("healed", "not_healed")
 PRESET_REJECTIONS = (("/alert", 400), ("/alert", 401), ("/alert", 413), ("/ack", 400), ("/ack", 403))
+CONTROL_RESULTS = ("applied", "refused", "invalid")
+CONTROL_SOURCES = ("http", "slack")
 
 BUILTIN_ACTIONS = (
     # alertname, command, environment variable holding its cooldown
@@ -948,18 +950,27 @@ class Family:
     name: str
     kind: str
     help: str
+    labels: Tuple[str, ...] = ()  # a counter's label names, in the order of its label values
+    preset: Tuple[Tuple[Any, ...], ...] = ()  # a counter's series that exist (at 0) from the start
 
 
-# Every family autoheal exposes, in the order of the exposition.  Adding one is a row here and its
-# samples in App._samples; a counter's values live in App.counters under the family's name.
+# Every family autoheal exposes, in the order of the exposition.  Adding one is a row here; a
+# counter's values live in App.counters (Counters) under the family's name, and its samples come
+# from there by its labels; any other family's samples are named in Exposition._samples.  Every
+# series of preset exists from the start (at 0), so that rate() and increase() see the first
+# event; refusals only for the likeliest routes and statuses.  Per-alertname families start
+# empty: their zeros come from per_alertname_values (with 1,000 actions, 14,000 preset zeros were
+# half a MiB of an idle autoheal, copied at every scrape).
 METRICS = (
     Family("autoheal_enabled", "gauge", "1 when autoheal is enabled (AUTOHEAL_ENABLED), else 0."),
     Family("autoheal_dry_run", "gauge", "1 when autoheal only logs and counts (AUTOHEAL_DRY_RUN), else 0."),
     Family("autoheal_build_info", "gauge", "Version of autoheal and of the Python running it."),
-    Family("autoheal_alerts_received_total", "counter", "Alerts received in webhooks."),
+    Family("autoheal_alerts_received_total", "counter", "Alerts received in webhooks.", preset=((),)),
     Family("autoheal_alerts_skipped_total", "counter",
-           "Alerts skipped before reaching an action, by reason (no alertname label)."),
-    Family("autoheal_actions_total", "counter", "Decisions on allow-listed alerts, by alertname and result."),
+           "Alerts skipped before reaching an action, by reason (no alertname label).", ("reason",),
+           tuple((reason,) for reason in SKIP_REASONS)),
+    Family("autoheal_actions_total", "counter", "Decisions on allow-listed alerts, by alertname and result.",
+           ("alertname", "result")),
     Family("autoheal_action_last_timestamp", "gauge",
            "Unix time of the last action of an alertname (dry-run included), 0 before the first."),
     Family("autoheal_cooldown_remaining_seconds", "gauge", "Seconds until the next action of an alertname is allowed."),
@@ -969,8 +980,10 @@ METRICS = (
     Family("autoheal_action_budget_remaining", "gauge", "Runs left in the rolling hour's budget (NaN without a budget)."),
     Family("autoheal_action_budget_exhausted", "gauge",
            "1 while the hourly action budget is spent and actions are rate_limited."),
-    Family("autoheal_acks_total", "counter", "Acknowledgements through /ack, by outcome."),
-    Family("autoheal_silences_expired_total", "counter", "Silences expired through the undo of an acknowledgement."),
+    Family("autoheal_acks_total", "counter", "Acknowledgements through /ack, by outcome.", ("outcome",),
+           tuple((outcome,) for outcome in ACK_OUTCOMES)),
+    Family("autoheal_silences_expired_total", "counter", "Silences expired through the undo of an acknowledgement.",
+           preset=((),)),
     Family("autoheal_state_persistent", "gauge",
            "1 when cooldowns and history are kept in the state file, 0 when in memory only."),
     Family("autoheal_state_write_errors_total", "counter", "Failed commits to the state file."),
@@ -980,17 +993,19 @@ METRICS = (
            "Unix time of the oldest event kept, by retention class (kept: runs, acks, changes; "
            "routine: cooldown_skip, skipped, rate_limited); NaN while a class is empty."),
     Family("autoheal_http_rejected_total", "counter",
-           "Requests refused with a 4xx or 5xx, by route (other: any unknown path) and status."),
+           "Requests refused with a 4xx or 5xx, by route (other: any unknown path) and status.", ("path", "status"),
+           PRESET_REJECTIONS),
     Family("autoheal_state_commits_total", "counter",
            "Transactions committed to the state file (records of concurrent requests share one)."),
     Family("autoheal_heals_total", "counter",
            "Verdicts on executed actions, by alertname: healed (the alert resolved within AUTOHEAL_HEAL_GRACE_SEC) "
-           "or not_healed."),
+           "or not_healed.", ("alertname", "result")),
     Family("autoheal_heal_duration_seconds", "summary", "Seconds from an action to the resolution of its alert."),
     Family("autoheal_action_disabled", "gauge", "1 while an alertname's action is switched off at runtime."),
     Family("autoheal_overrides", "gauge", "Runtime overrides in force (see GET / for who set them)."),
     Family("autoheal_control_commands_total", "counter",
-           "Runtime control commands, by source (http, slack) and result (applied, refused, invalid)."),
+           "Runtime control commands, by source (http, slack) and result (applied, refused, invalid).",
+           ("source", "result"), tuple((source, result) for source in CONTROL_SOURCES for result in CONTROL_RESULTS)),
     Family("autoheal_coordination_up", "gauge",
            "1 while etcd answers (replicas: AUTOHEAL_ETCD_ENDPOINTS); 0 while actions fail closed. "
            "Absent without etcd."),
@@ -1004,10 +1019,17 @@ class Counters:
     """Every counter autoheal keeps, by family and label values, behind one lock (client_python's
     habit): add under the lock, snapshot under it, format outside it."""
 
-    def __init__(self, preset: Mapping[str, List[Tuple[Any, ...]]]):
+    def __init__(self, families: Tuple[Family, ...]):
+        """A counter for each counter family (its preset series at 0), a _sum and a _count for
+        each summary."""
         self._lock = threading.Lock()
-        self._families: Dict[str, Dict[Tuple[Any, ...], float]] = {
-            family: {labels: 0 for labels in keys} for family, keys in preset.items()}
+        self._families: Dict[str, Dict[Tuple[Any, ...], float]] = {}
+        for family in families:
+            if family.kind == "counter":
+                self._families[family.name] = {labels: 0 for labels in family.preset}
+            elif family.kind == "summary":
+                self._families[family.name + "_sum"] = {}
+                self._families[family.name + "_count"] = {}
 
     def add(self, family: str, labels: Tuple[Any, ...] = (), amount: float = 1) -> None:
         self.add_all({(family, labels): amount})
@@ -1034,6 +1056,118 @@ def per_alertname_values(counts: Mapping[Tuple[Any, ...], float], names: List[st
     if not results:
         return [get((name,), 0) for name in names]
     return [get((name, result), 0) for name in names for result in results]
+
+
+class Exposition:
+    """What /metrics answers: the samples of every family of METRICS, read from the app's parts
+    at each scrape (one snapshot of the counters under their lock) and formatted outside every
+    lock.  A counter family's samples come from the counters by its label names; the others are
+    named in _samples.  A family with a series per alertname is formatted again only when its
+    values changed since the last scrape: with 1,000 alertnames, formatting 16,000 numbers was
+    most of the time of a scrape, and between two scrapes most families do not change at all."""
+
+    def __init__(self, app: "App"):
+        self.app = app
+        # Each alertname's label set, escaped once: /metrics must not escape 1,000 label values at
+        # every scrape.  The (alertname, result) label sets are built from them when a family is
+        # formatted again (_per_alertname_text), not kept: 8,000 strings, 0.8 MiB.
+        self._series_labels = [format_labels({"alertname": name}) for name in app.action_names]
+        self._texts: Dict[str, Tuple[Any, ...]] = {}  # each per-alertname family's last text
+        self._lock = threading.Lock()
+
+    def parts(self) -> List[bytes]:
+        """The exposition as the UTF-8 text of each family: sent as it is (one sendmsg), a scrape
+        of 1,000 alertnames copies no megabyte into another."""
+        samples = self._samples(self.app.clock())
+        parts = []
+        with self._lock:
+            for family in METRICS:
+                given = samples[family.name]
+                if type(given) is tuple:
+                    parts.append(self._per_alertname_text(family, *given))
+                elif given is not None:
+                    parts.append(format_family(family.name, family.kind, family.help, given).encode("utf-8"))
+        return parts
+
+    def _per_alertname_text(self, family: Family, series: Callable[[], List[str]], values: List[float]) -> bytes:
+        kept = self._texts.get(family.name)
+        if kept is not None and kept[0] == values:
+            return kept[1]
+        text = format_family(family.name, family.kind, family.help, zip(series(), values)).encode("utf-8")
+        self._texts[family.name] = (values, text)
+        return text
+
+    def _result_series(self, results: Tuple[str, ...]) -> Callable[[], List[str]]:
+        """The label sets of a per-(alertname, result) family, in per_alertname_values' order."""
+        return lambda: [f'{label[:-1]},result="{result}"}}' for label in self._series_labels for result in results]
+
+    def _samples(self, now: float) -> Dict[str, Any]:
+        """The samples of each family: (suffix and labels, value) pairs, or for the families with
+        a series per alertname, (a function giving their label sets, their values)."""
+        app = self.app
+        counters = app.counters.snapshot()  # one snapshot under the lock; formatting happens outside it
+        settings = app.effective()
+        limit = settings.max_actions_per_hour
+        budget_used = app.claims.budget_used(now)
+        store = app.store
+        samples: Dict[str, Any] = {
+            family.name: [(format_labels(dict(zip(family.labels, map(str, key)))), value)
+                          for key, value in sorted(counters[family.name].items())]
+            for family in METRICS if family.kind == "counter"}
+        samples.update(self._per_alertname(counters, settings, now))
+        samples.update({
+            "autoheal_enabled": [("", int(settings.enabled))],
+            "autoheal_dry_run": [("", int(settings.dry_run))],
+            "autoheal_build_info": [(format_labels({"version": __version__,
+                                                    "python_version": sys.version.split()[0]}), 1)],
+            "autoheal_action_budget_limit": [("", limit)],
+            "autoheal_action_budget_remaining": [("", max(0, limit - budget_used) if limit else math.nan)],
+            "autoheal_action_budget_exhausted": [("", int(bool(limit) and budget_used >= limit))],
+            "autoheal_state_persistent": [("", int(store.persistent))],
+            "autoheal_state_write_errors_total": [("", store.write_errors)],
+            "autoheal_state_file_replaced_total": [("", store.replaced)],
+            "autoheal_history_oldest_timestamp": [(format_labels({"class": name}), math.nan if ts is None else ts)
+                                                  for name, ts in store.oldest().items()],
+            "autoheal_state_commits_total": [("", store.commits)],
+            "autoheal_overrides": [("", len(settings.overrides))],
+            "autoheal_coordination_up": None if app.coordination is None else [("", int(app.coordination.up))],
+            "autoheal_event_listeners": [("", app.feed.listeners())],
+            "autoheal_actions_running": [("", app.processes.count())],
+            "autoheal_start_time_seconds": [("", app.started_at)],
+        })
+        return samples
+
+    def _per_alertname(self, counters: Mapping[str, Mapping[Tuple[Any, ...], float]], settings: Settings,
+                       now: float) -> Dict[str, Any]:
+        """The families with a series per alertname, on the pre-escaped label sets."""
+        names = self.app.action_names
+        labels = self._series_labels
+        claimed = self.app.claims.all_started()
+        started = [claimed.get(name) or 0.0 for name in names]
+        cooldowns = [settings.cooldowns[name] for name in names]
+
+        def plain_labels() -> List[str]:
+            return labels
+
+        def summary(family: str) -> Any:
+            """A summary's _sum and _count series."""
+            return (lambda: ["_sum" + label for label in labels] + ["_count" + label for label in labels],
+                    per_alertname_values(counters[family + "_sum"], names)
+                    + per_alertname_values(counters[family + "_count"], names))
+
+        return {
+            "autoheal_actions_total": (self._result_series(ACTION_RESULTS),
+                                       per_alertname_values(counters["autoheal_actions_total"], names, ACTION_RESULTS)),
+            "autoheal_action_last_timestamp": (plain_labels, started),
+            "autoheal_cooldown_remaining_seconds": (plain_labels, [cooldown_remaining(begun or None, cooldown, now)
+                                                                   for begun, cooldown in zip(started, cooldowns)]),
+            "autoheal_cooldown_seconds": (plain_labels, cooldowns),
+            "autoheal_action_duration_seconds": summary("autoheal_action_duration_seconds"),
+            "autoheal_heals_total": (self._result_series(HEAL_RESULTS),
+                                     per_alertname_values(counters["autoheal_heals_total"], names, HEAL_RESULTS)),
+            "autoheal_heal_duration_seconds": summary("autoheal_heal_duration_seconds"),
+            "autoheal_action_disabled": (plain_labels, [int(name in settings.disabled) for name in names]),
+        }
 
 
 def log_event(event: Mapping[str, Any], stream: Any = None, lock: Optional[threading.Lock] = None) -> None:
@@ -2324,8 +2458,6 @@ CONTROL_HELP = (
     "reset: drop every override, back to the environment\n"
     "DURATION: 90s, 30m, 2h, 1d, 1h30m"
 )
-CONTROL_RESULTS = ("applied", "refused", "invalid")
-CONTROL_SOURCES = ("http", "slack")
 MAX_COMMAND_CHARS = 500
 SLACK_MAX_SKEW_SEC = 300  # Slack's own rule: a request more than five minutes old is a replay
 SLACK_ANSWER_SEC = 2.5  # within Slack's 3 seconds; later answers go to the request's response_url
@@ -2483,7 +2615,7 @@ def describe_change(event: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The application state
+# Claims: cooldowns and the hourly budget
 # ---------------------------------------------------------------------------------------------
 
 CREATED_BY = "autoheal"
@@ -2499,8 +2631,8 @@ def cooldown_remaining(started: Optional[float], cooldown: float, now: float) ->
 
 @record_type
 class Settings:
-    """What is in force now (App.effective): the configuration today; with runtime control, the
-    configuration and its overrides.  Read once per request, so one request sees one truth."""
+    """What is in force now (Control.effective): the configuration today; with runtime control,
+    the configuration and its overrides.  Read once per request, so one request sees one truth."""
 
     enabled: bool
     dry_run: bool
@@ -2514,6 +2646,21 @@ class Settings:
         """Real actions run only when enabled and not in dry-run."""
         return self.enabled and not self.dry_run
 
+    def mode(self, halted: bool = False) -> Tuple[str, Optional[str]]:
+        """The one mode everything shows (GET / "mode", the page's badge, the status command):
+        halted (replicas without etcd: nothing can run), off, paused (off until a time: the newest
+        "enabled" override has a duration), dry_run or live; and when a pause ends (RFC 3339)."""
+        if halted:
+            return "halted", None
+        if not self.enabled:
+            pause = next((o for o in self.overrides if o.setting == "enabled" and o.until is not None), None)
+            return ("paused", format_rfc3339(pause.until)) if pause is not None else ("off", None)
+        return ("dry_run" if self.dry_run else "live"), None
+
+
+# The words people read for each mode (the page's badge, the status command).
+MODE_WORDS = {"off": "OFF", "dry_run": "DRY-RUN", "live": "LIVE", "paused": "PAUSED", "halted": "HALTED"}
+
 
 @record_type
 class Claim:
@@ -2522,7 +2669,10 @@ class Claim:
 
     won: bool
     remaining: float
-    reason: Optional[str] = None  # "cooldown" or "budget" when lost
+    reason: Optional[str] = None  # one of CLAIM_REASONS when lost
+
+
+CLAIM_REASONS = ("cooldown", "budget")
 
 
 class Claims:
@@ -2587,6 +2737,10 @@ class LocalClaims(Claims):
         with self._lock:
             return sum(1 for moment in self._budget if moment > now - BUDGET_WINDOW_SEC)
 
+
+# ---------------------------------------------------------------------------------------------
+# Coordination in etcd: replicas share cooldowns, the budget and runtime control
+# ---------------------------------------------------------------------------------------------
 
 class CoordinationUnavailable(Exception):
     """etcd gave no answer in time (no member answered, or the cluster has no quorum): autoheal
@@ -2890,6 +3044,11 @@ class EtcdClaims(Claims):
         return int(answer["header"]["revision"]) if answer.get("succeeded") else 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Judging and recording: decisions, events, the journal, the /events feed
+# ---------------------------------------------------------------------------------------------
+
+
 def judge(alert: Mapping[str, Any], settings: Settings, actions: Mapping[str, Action]) -> "Decision":
     """The gates that read only the alert and the settings in force, in the README's order
     ("What happens to each alert"): resolved, opted in, allow-listed.  An alert that passes them
@@ -2907,8 +3066,25 @@ def judge(alert: Mapping[str, Any], settings: Settings, actions: Mapping[str, Ac
     return Decision(alertname, "pending", action=action)
 
 
+# Every kind of event the history holds, with the results it can have (/history?kind=&result=
+# names them when given anything else); retention_class says which of them a storm may evict.
+EVENT_KINDS: Dict[str, Tuple[str, ...]] = {
+    "decision": ACTION_RESULTS + ("skipped",),  # what became of one alert of a webhook
+    "run": ("started",),  # an action's command started (its decision follows when it ends)
+    "heal": HEAL_RESULTS,  # the verdict on a run: did its alert resolve?
+    "ack": ("created", "existing", "extended", "error"),  # an /ack link clicked
+    "unack": ("expired", "already_expired"),  # an acknowledgement undone
+    "control": CONTROL_RESULTS + ("lapsed",),  # a runtime control command, or an override's lapse
+    "state": ("recovered",),  # the state file was damaged and replaced
+}
+EVENT_RESULTS = tuple(sorted({result for results in EVENT_KINDS.values() for result in results}))
+
+
 def make_event(kind: str, now: float, **fields: Any) -> Dict[str, Any]:
-    """A history event: when, what kind, then its fields in the order given (None ones left out)."""
+    """A history event: when, what kind (one of EVENT_KINDS), then its fields in the order given
+    (None ones left out)."""
+    if kind not in EVENT_KINDS:
+        raise ValueError(f"unknown event kind {kind!r}: add it to EVENT_KINDS")
     event: Dict[str, Any] = {"ts": round(now, 6), "kind": kind}
     event.update((name, value) for name, value in fields.items() if value is not None)
     return event
@@ -2930,168 +3106,72 @@ class Decision:
         self.event: Optional[Dict[str, Any]] = None  # a routine decision's event, built when first seen
         self.fold_into: Optional[Dict[str, Any]] = None  # the event a repeat folds into
 
+    def settle(self, claim: Claim, settings: Settings) -> None:
+        """What a pending decision becomes once its claim is answered."""
+        self.cooldown_remaining = claim.remaining
+        if claim.won:
+            # Why it was not run: the master switch is off, or dry-run mode is on.
+            self.result = "run" if settings.executes else "dry_run"
+            self.reason = None if settings.executes else ("dry_run" if settings.enabled else "disabled")
+        elif claim.reason == "cooldown":
+            self.result = "cooldown_skip"
+        elif claim.reason == "budget":
+            self.result = "rate_limited"
+            self.reason = f"global budget of {settings.max_actions_per_hour} actions per hour is spent"
+        else:  # a claims object that answers with a reason nobody maps would be mislabelled
+            raise ValueError(f"claim lost for an unknown reason {claim.reason!r}; expected one of {CLAIM_REASONS}")
 
-class _AckCall:
-    """An acknowledgement talking to Alertmanager; taps on the same link wait for it."""
+    def event_of(self, kind: str, alert: Mapping[str, Any], now: float) -> Dict[str, Any]:
+        """Its history event: a run starting (kind "run") or the decision."""
+        action = self.action
+        event = make_event(kind, now, alertname=self.alertname, result="started" if kind == "run" else self.result,
+                           reason=self.reason or None, action=action.display if action is not None else None,
+                           cooldown_remaining_seconds=math.ceil(self.cooldown_remaining) if action is not None
+                           else None, labels=alert["labels"], fingerprint=alert.get("fingerprint", ""),
+                           starts_at=alert.get("startsAt", ""))
+        outcome = self.outcome
+        if outcome is not None and kind == "decision":
+            event["exit_status"] = outcome.exit_status  # null when it did not start: said, not left out
+            event["duration_seconds"] = round(outcome.duration_seconds, 6)
+            event["output_tail"] = outcome.output_tail
+            if outcome.error:
+                event["error"] = outcome.error
+        return event
 
-    __slots__ = ("done", "error")
+    def answer(self) -> Dict[str, Any]:
+        """Its part of the webhook's answer."""
+        if self.result == "skipped":
+            return {"alertname": self.alertname, "result": "skipped", "reason": self.reason}
+        answer: Dict[str, Any] = {"alertname": self.alertname, "result": self.result,
+                                  "action": self.action.display if self.action else None,
+                                  "cooldown_remaining_seconds": math.ceil(self.cooldown_remaining)}
+        if self.reason:
+            answer["reason"] = self.reason
+        outcome = self.outcome
+        if outcome is not None:
+            answer["exit_status"] = outcome.exit_status
+            answer["duration_seconds"] = round(outcome.duration_seconds, 3)
+            if outcome.error:
+                answer["error"] = outcome.error
+        return answer
 
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.error: Optional[str] = None
 
+class Journal:
+    """Logging and recording: one JSON log line per event, and events kept durably in the store
+    (committed) before they are logged.  Every part that records (the webhook, control, heal
+    verdicts, acks) records through it."""
 
-class Subscriber:
-    """One GET /events client: the id of the last event it was sent."""
-
-    __slots__ = ("cursor",)
-
-    def __init__(self, cursor: int):
-        self.cursor = cursor
-
-
-class App:
-    """Everything autoheal knows and decides: cooldowns, counters, history, acks.
-
-    env is the environment that commands inherit (main hands it os.environ); clock gives the
-    time, so that a test moves it instead of sleeping.
-    """
-
-    def __init__(self, config: Config, env: Optional[Mapping[str, str]] = None, log_stream: Any = None,
-                 clock: Callable[[], float] = time.time):
-        self.config = config
-        self.actions = config.actions
-        self.action_names = sorted(self.actions)
-        self.env = dict(env or {})
+    def __init__(self, clock: Callable[[], float], log_stream: Any = None):
         self.clock = clock
-        self.processes = ProcessRegistry()
-        self.started_at = clock()
-        self.alertmanager = AlertmanagerClient(config.alertmanager_url, config.alertmanager_timeout_sec)
-        self.docker = DockerClient(config.docker_host)
-        self._log_stream = log_stream
-        self._log_lock = threading.Lock()
-        self._held = threading.local()  # .records: what this thread recorded and holds (hold_records)
+        self.store: Store  # set by App once the store is open (the store logs through this too)
+        self._stream = log_stream
         self._lock = threading.Lock()
-        self._action_slots = threading.BoundedSemaphore(config.max_concurrent_actions)
-        self._subscribers: List[Subscriber] = []
-        # The latest events for /events, in id order, and who waits for them.
-        self._feed: collections.deque = collections.deque(maxlen=FEED_EVENTS)
-        self._feed_changed = threading.Condition()
-        self._feed_closed = False
-        self._compacted = 0  # the newest event id in the feed when compact() last copied it
-        self._folds: "collections.OrderedDict[Tuple[str, str, str, Optional[str]], List[Any]]" = collections.OrderedDict()
-        self._ack_inflight: Dict[Any, _AckCall] = {}
-        # Every counter series exists from the start (at 0), so that rate() and increase() see the
-        # first event; refusals only for the likeliest routes and statuses.  Per-alertname
-        # families start empty: their zeros come from per_alertname_values (with 1,000 actions,
-        # 14,000 preset zeros were half a MiB of an idle autoheal, copied at every scrape).
-        self.counters = Counters({
-            "autoheal_alerts_received_total": [()],
-            "autoheal_alerts_skipped_total": [(reason,) for reason in SKIP_REASONS],
-            "autoheal_actions_total": [],
-            "autoheal_action_duration_seconds_sum": [],
-            "autoheal_action_duration_seconds_count": [],
-            "autoheal_acks_total": [(outcome,) for outcome in ACK_OUTCOMES],
-            "autoheal_silences_expired_total": [()],
-            "autoheal_http_rejected_total": list(PRESET_REJECTIONS),
-            "autoheal_control_commands_total": [(source, result) for source in CONTROL_SOURCES
-                                                for result in CONTROL_RESULTS],
-            "autoheal_heals_total": [],
-            "autoheal_heal_duration_seconds_sum": [],
-            "autoheal_heal_duration_seconds_count": [],
-        })
-        # Each alertname's label set, escaped once: /metrics must not escape 1,000 label values
-        # at every scrape.  The (alertname, result) label sets are built from them when a family
-        # is formatted again (App._per_alertname_text), not kept: 8,000 strings, 0.8 MiB.
-        self._series_labels = [format_labels({"alertname": name}) for name in self.action_names]
-        # The text of each per-alertname family at the last scrape (App._per_alertname_text).
-        self._exposition: Dict[str, Tuple[Any, ...]] = {}
-        self._exposition_lock = threading.Lock()
-        self.store = self._open_store()
-        now = clock()
-        # Replicas share cooldowns, the budget and runtime control in etcd; one process keeps them
-        # itself (and in its state file).
-        self.coordination: Optional[EtcdClaims] = None
-        self.claims: Any
-        if config.etcd_endpoints:
-            client = EtcdClient(config.etcd_endpoints, config.etcd_timeout_sec, etcd_ssl_context(config),
-                                config.etcd_user, config.etcd_password)
-            self.claims = self.coordination = EtcdClaims(client, config.etcd_prefix, config.replica)
-            self.store.tag = f'"replica":{json.dumps(config.replica)},'
-        else:
-            self.claims = LocalClaims(
-                {name: min(started, now) for name, started in self.store.load_cooldowns().items()
-                 if name in self.actions},
-                self.store.load_budget_times(now - BUDGET_WINDOW_SEC, config.max_actions_per_hour))
-        self._latest_id = self.store.last_id()  # before the first event: _publish moves it on
-        if self.store.recovered:
-            self.record([make_event("state", now, result="recovered", **self.store.recovered)])
-        # Runtime control: per setting a stack of overrides (the newest in force), the changes
-        # that undo can still take back, and a thread that lapses overrides with a duration.
-        self._control_lock = threading.Lock()
-        self._timers_wake = threading.Condition()  # wakes the timers: a change, a new deadline, closing
-        self._control_closed = False
-        self._stacks: Dict[Tuple[str, Optional[str]], List[Override]] = {}
-        self._changes: List[Dict[str, Any]] = []
-        self._seq = 0  # replicas: the last change id given out (ids are shared, events are not)
-        self._control_revision = 0  # replicas: the etcd revision of the control state in force
-        self._settings_until: Optional[float] = None
-        self._next_lapse: Optional[float] = None
-        # Heal verdicts still pending, by the fingerprint of the alert an action ran for.
-        self._heals: Dict[str, Dict[str, Any]] = {}
-        for fingerprint, body in self.store.load_heals().items():
-            with contextlib.suppress(ValueError, TypeError):
-                self._heals[fingerprint] = dict(json.loads(body))
-        self._coordinated = threading.Event()  # set on closing: the poll stops
-        self._load_control(now)
-        self._timers = threading.Thread(target=self._timer_loop, name="timers", daemon=True)
-        self._timers.start()
-        if self.coordination is not None:
-            threading.Thread(target=self._coordinate_loop, name="coordination", daemon=True).start()
-
-    def effective(self) -> Settings:
-        """The settings in force now.  Every reader (the webhook, GET /, /metrics) asks here once.
-
-        Built once and kept until something changes them: with 1,000 actions, building the
-        cooldowns for every webhook would cost more than judging it.  An override whose duration
-        ran out is out of force at once, even before its lapse is recorded.
-        """
-        until = self._settings_until
-        if until is not None and self.clock() >= until:
-            with self._control_lock:
-                self._build_settings(self.clock())
-            with self._timers_wake:  # and the lapse is recorded now, not at the next wake
-                self._timers_wake.notify_all()
-        return self._settings
-
-    def _open_store(self) -> Store:
-        config = self.config
-        path = config.state_file or None
-
-        def history_bytes(persistent: bool) -> int:
-            return config.history_max_bytes or (256 << 20 if persistent else 32 << 20)
-
-        if not path:
-            return MemoryStore(config.history_max_events, history_bytes(False), self._publish, self.log)
-        try:
-            store: Store = SqliteStore(path, config.history_max_events, history_bytes(True), self._publish, self.log)
-        except (sqlite3.Error, OSError) as exc:
-            if config.state_file_explicit:
-                raise ConfigError(f"AUTOHEAL_STATE_FILE: cannot open {path!r}: {exc}") from None
-            self.log({"event": "warning", "message": f"state file {path!r} unusable ({exc}); "
-                      "cooldowns and history are kept in memory only"}, "warning")
-            return MemoryStore(config.history_max_events, history_bytes(False), self._publish, self.log)
-        if store.recovered:
-            self.log({"event": "warning", "message": f"state file {path!r} was damaged ({store.recovered['reason']});"
-                      f" moved aside to {store.recovered['moved_to']!r}, starting with a fresh one"}, "warning")
-        return store
-
-    # -- logging and recording ------------------------------------------------------------
+        self._held = threading.local()  # .records: what this thread recorded and holds (hold)
 
     def log(self, event: Mapping[str, Any], level: str = "info") -> None:
         """Write one JSON log line: its event first, then time (RFC 3339 UTC) and level."""
         log_event({"event": event.get("event"), "time": format_rfc3339(self.clock()), "level": level, **event},
-                  self._log_stream, self._log_lock)
+                  self._stream, self._lock)
 
     def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None,
                folds: Optional[List[Tuple[Dict[str, Any], float]]] = None,
@@ -3099,7 +3179,7 @@ class App:
                heals: Optional[Mapping[str, Optional[str]]] = None) -> None:
         """Record events durably (waiting for the commit), then log them, one line each; a folded
         repeat only adds to the count of the event it folds into; control and heals as in
-        Store.record.  A thread that holds its records (hold_records) waits and logs later."""
+        Store.record.  A thread that holds its records (hold) waits and logs later."""
         held = getattr(self._held, "records", None)
         pending: Optional[List[_Pending]] = None if held is None else []
         try:
@@ -3112,13 +3192,13 @@ class App:
         else:
             self._log_recorded(events, texts)
 
-    def hold_records(self) -> None:
-        """From now on this thread's records are not waited for one by one: release_records waits
-        for all of them at once (one commit), before the thread answers any of its requests."""
+    def hold(self) -> None:
+        """From now on this thread's records are not waited for one by one: release waits for all
+        of them at once (one commit), before the thread answers any of its requests."""
         self._held.records = []
 
-    def release_records(self) -> None:
-        """Wait for the commit of everything recorded since hold_records, then log it (one write)."""
+    def release(self) -> None:
+        """Wait for the commit of everything recorded since hold, then log it (one write)."""
         held, self._held.records = self._held.records, None
         for _events, _texts, pending in held:
             for one in pending:
@@ -3135,20 +3215,54 @@ class App:
             prefix = '{"time":"' + format_rfc3339(self.clock()) + '","level":"'
             lines = [prefix + _EVENT_LEVELS.get(event.get("result"), "info") + '",' + text[1:]
                      for event, (_id, text) in zip(events, texts)]
-            stream = self._log_stream or sys.stdout
-            with self._log_lock:
+            stream = self._stream or sys.stdout
+            with self._lock:
                 stream.write("\n".join(lines) + "\n")  # one write for the whole request, or round
                 stream.flush()
 
-    def quiet(self) -> None:
-        """Requests paused: the history's pruning, when it is near its bounds (SqliteStore.tidy)."""
-        self.store.tidy()
+
+class Subscriber:
+    """One GET /events client: the id of the last event it was sent."""
+
+    __slots__ = ("cursor",)
+
+    def __init__(self, cursor: int):
+        self.cursor = cursor
+
+
+class EventFeed:
+    """The /events feed: committed events in id order (publish, the store's on_commit), who
+    listens, and what each listener has not seen yet.  One lock (a Condition) guards it all."""
+
+    def __init__(self, max_listeners: int):
+        self.max_listeners = max_listeners
+        self.store: Store  # set by App once the store is open: a listener behind the feed reads it
+        self.latest_id = 0
+        self._subscribers: List[Subscriber] = []
+        # The latest events, in id order, and who waits for them.
+        self._feed: collections.deque = collections.deque(maxlen=FEED_EVENTS)
+        self._changed = threading.Condition()
+        self._closed = False
+        self._compacted = 0  # the newest event id in the feed when compact() last copied it
+
+    def publish(self, texts: List[Tuple[int, str]]) -> None:
+        """Committed events, in id order, for the subscribers.  Kept only while there are any: one
+        that comes later reads what it missed from the history (events_after), and a storm's
+        events in the feed would hold megabytes that nobody reads."""
+        with self._changed:
+            if self._subscribers:
+                self._feed.extend(texts)
+            elif self._feed:
+                self._feed.clear()
+            if texts:
+                self.latest_id = texts[-1][0]
+            self._changed.notify_all()
 
     def compact(self) -> None:
-        """Copy the /events feed, the one thing a storm of alerts leaves alive: allocated among
-        the storm's temporary objects, its entries would keep most of the memory the storm used
-        from ever going back to the system (1 MiB pymalloc arenas are freed only when empty)."""
-        with self._feed_changed:
+        """Copy the feed, the one thing a storm of alerts leaves alive: allocated among the
+        storm's temporary objects, its entries would keep most of the memory the storm used from
+        ever going back to the system (1 MiB pymalloc arenas are freed only when empty)."""
+        with self._changed:
             newest = self._feed[-1][0] if self._feed else 0
             if newest == self._compacted:  # nothing new since the last copy (a scrape, a health check)
                 return
@@ -3156,45 +3270,36 @@ class App:
                                            maxlen=FEED_EVENTS)
             self._compacted = newest
 
-    def _publish(self, texts: List[Tuple[int, str]]) -> None:
-        """Committed events, in id order, for the /events subscribers.  Kept only while there are
-        any: one that comes later reads what it missed from the history (events_after), and a
-        storm's events in the feed would hold megabytes that nobody reads."""
-        with self._feed_changed:
-            if self._subscribers:
-                self._feed.extend(texts)
-            elif self._feed:
-                self._feed.clear()
-            if texts:
-                self._latest_id = texts[-1][0]
-            self._feed_changed.notify_all()
-
     def subscribe(self, last_event_id: Optional[int]) -> Optional[Subscriber]:
-        """A new /events subscriber, or None when every slot is taken.  It gets what comes after
+        """A new subscriber, or None when every slot is taken.  It gets what comes after
         last_event_id (SSE's Last-Event-ID), or, without one, what comes from now on."""
-        with self._lock:
-            if len(self._subscribers) >= self.config.max_event_listeners:
+        with self._changed:
+            if len(self._subscribers) >= self.max_listeners:
                 return None
-            subscriber = Subscriber(self._latest_id if last_event_id is None else last_event_id)
+            subscriber = Subscriber(self.latest_id if last_event_id is None else last_event_id)
             self._subscribers.append(subscriber)
             return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        with self._lock:
+        with self._changed:
             if subscriber in self._subscribers:
                 self._subscribers.remove(subscriber)
+
+    def listeners(self) -> int:
+        with self._changed:
+            return len(self._subscribers)
 
     def events_after(self, subscriber: Subscriber, wait: float) -> Optional[List[Tuple[int, str]]]:
         """The (id, text) of events after the subscriber's cursor, waiting up to wait seconds for
         one; None once autoheal is closing.  A subscriber behind the feed reads the history, so
         only one that stops reading (its socket times out) is ever dropped."""
         cursor = subscriber.cursor
-        with self._feed_changed:
-            if not self._feed_closed and self._latest_id <= cursor:
-                self._feed_changed.wait(wait)
-            if self._feed_closed:
+        with self._changed:
+            if not self._closed and self.latest_id <= cursor:
+                self._changed.wait(wait)
+            if self._closed:
                 return None
-            if self._latest_id <= cursor:
+            if self.latest_id <= cursor:
                 return []
             newer = []
             for item in reversed(self._feed):
@@ -3206,242 +3311,128 @@ class App:
                 return newer
         return self.store.query(HISTORY_LIMIT_MAX, after=cursor) or newer
 
-    def close_listeners(self) -> None:
-        with self._feed_changed:
-            self._feed_closed = True
-            self._feed_changed.notify_all()
-
     def close(self) -> None:
-        """Close the listeners, the timers thread and the state store."""
-        self.close_listeners()
-        self._coordinated.set()
-        with self._timers_wake:
-            self._control_closed = True
-            self._timers_wake.notify_all()
-        self._timers.join(timeout=5)
-        self.store.close()
+        """Wake every listener: autoheal is closing."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
-    def rejected(self, method: str, path: Optional[str], status: int, reason: str, client: str) -> None:
-        """Count and log one refused request (4xx, 5xx); path is a route of ROUTES or None.
 
-        Only the route is logged, never the query: an ack link carries its token there.
+# ---------------------------------------------------------------------------------------------
+# Runtime control: overrides, undo, lapses
+# ---------------------------------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    Stacks = Dict[Tuple[str, Optional[str]], List[Override]]  # per (setting, alertname), the newest last
+
+
+class Control:
+    """Runtime control: per setting a stack of overrides (the newest in force), the changes undo
+    can still take back, their lapse, and what each command of the command language does.
+
+    One interface, two homes for the state: LocalControl keeps it in the state file, with the
+    events that changed it (one commit); SharedControl keeps it in etcd, where every replica reads
+    it and a change lands by compare-and-swap.  They differ only in _change (how a planned change
+    is made to last), _keep_lapse and load; the rest, the planning and its effects, is here.
+    """
+
+    shared = False
+
+    def __init__(self, config: Config, journal: Journal, claims: Any, counters: Counters,
+                 wake: threading.Condition, clock: Callable[[], float], status: Callable[[], Mapping[str, Any]]):
+        self.config = config
+        self.actions = config.actions
+        self.journal = journal
+        self.claims = claims
+        self.counters = counters
+        self.wake = wake  # the timers' condition: a change, a new deadline
+        self.clock = clock
+        self.status = status  # GET /'s answer, for the status command
+        self._lock = threading.Lock()  # one change at a time, committed before it is in force
+        self._stacks: Stacks = {}
+        self._changes: List[Dict[str, Any]] = []
+        self._seq = 0  # replicas: the last change id given out (ids are shared, events are not)
+        self._settings_until: Optional[float] = None
+        self.next_lapse: Optional[float] = None  # the next lapse to record, passed or not
+        self._build_settings(clock())
+
+    def effective(self) -> Settings:
+        """The settings in force now.  Every reader (the webhook, GET /, /metrics) asks here once.
+
+        Built once and kept until something changes them: with 1,000 actions, building the
+        cooldowns for every webhook would cost more than judging it.  An override whose duration
+        ran out is out of force at once, even before its lapse is recorded.
         """
-        label = path or "other"
-        self.counters.add("autoheal_http_rejected_total", (label, status))
-        self.log({"event": "rejected", "method": method, "path": label, "status": status,
-                  "reason": reason[:300], "client": client}, "error" if status >= 500 else "warning")
+        until = self._settings_until
+        if until is not None and self.clock() >= until:
+            with self._lock:
+                self._build_settings(self.clock())
+            with self.wake:  # and the lapse is recorded now, not at the next wake
+                self.wake.notify_all()
+        return self._settings
 
-    # -- runtime control ------------------------------------------------------------------
+    @property
+    def persistent(self) -> bool:
+        """Whether overrides survive a restart."""
+        return self.journal.store.persistent
 
-    def _load_control(self, now: float) -> None:
-        """The overrides and undoable changes kept in the state file (replicas: in etcd); lapsed
-        ones are dropped now."""
-        if self.coordination is not None:
-            try:
-                self._adopt_control(*self.coordination.sync(), now)
-            except CoordinationUnavailable as exc:
-                self.log({"event": "error", "message": f"etcd does not answer ({exc}); until it does, no action "
-                          "runs and the environment's settings are shown"}, "error")
-            with self._control_lock:
-                self._build_settings(now)
-            return
-        raw = self.store.load_control()
-        if raw:
-            self._stacks, self._changes, self._seq = self._parse_control(raw, "state file")
-        self._lapse(now)
-
-    def _parse_control(self, raw: str, where: str) -> Tuple[Dict[Tuple[str, Optional[str]], List[Override]],
-                                                            List[Dict[str, Any]], int]:
-        """The overrides, undoable changes and last change id of a control state's text."""
-        stacks: Dict[Tuple[str, Optional[str]], List[Override]] = {}
-        try:
-            state = json.loads(raw)
-            for entry in state.get("overrides", []):
-                override = Override(*entry)
-                if override.alertname is None or override.alertname in self.actions:
-                    stacks.setdefault((override.setting, override.alertname), []).append(override)
-            changes = [change for change in state.get("changes", []) if isinstance(change, dict)]
-            return stacks, changes, int(state.get("seq", 0))
-        except (ValueError, TypeError, AttributeError) as exc:
-            self.log({"event": "error", "message": f"{where}: runtime overrides unreadable ({exc}); "
-                      "the environment is in force"}, "error")
-            return {}, [], 0
-
-    def _adopt_control(self, raw: Optional[str], revision: int, now: float) -> None:
-        """Replicas: take the shared control state that etcd holds (another replica's change)."""
-        with self._control_lock:
-            if revision == self._control_revision:
-                return
-            self._stacks, self._changes, self._seq = self._parse_control(raw, "etcd") if raw else ({}, [], 0)
-            self._control_revision = revision
-            self._build_settings(now)
-        with self._timers_wake:
-            self._timers_wake.notify_all()
-
-    def _coordinate_loop(self) -> None:
-        """Replicas: poll etcd (COORDINATION_POLL_SEC) for the shared control state, the cooldowns
-        and the budget in use; log when etcd stops answering and when it answers again."""
-        coordination = self.coordination
-        assert coordination is not None
-        reported: Optional[bool] = coordination.up or None
-        while not self._coordinated.wait(COORDINATION_POLL_SEC):
-            try:
-                raw, revision = coordination.sync()
-            except CoordinationUnavailable as exc:
-                if reported is not False:
-                    self.log({"event": "error", "message": f"etcd does not answer ({exc}): no action runs until it "
-                              "does (coordination_unavailable)"}, "error")
-                    reported = False
-                continue
-            except Exception as exc:  # the poll must outlive a malformed answer
-                self.log({"event": "error", "message": f"coordination: {type(exc).__name__}: {exc}"}, "error")
-                continue
-            if reported is False:
-                self.log({"event": "coordination", "message": "etcd answers again: actions are judged normally"})
-            reported = True
-            self._adopt_control(raw, revision, self.clock())
-
-    def _control_json(self, stacks: Mapping[Tuple[str, Optional[str]], List[Override]],
-                      changes: List[Dict[str, Any]], seq: int = 0) -> str:
-        return json.dumps({"overrides": [list(o) for stack in stacks.values() for o in stack], "changes": changes,
-                           "seq": seq})
-
-    def _build_settings(self, now: float) -> None:
-        """Settings from the configuration and the overrides in force (the newest of each setting
-        that has not lapsed), kept until the next one lapses."""
-        config = self.config
-        enabled, dry_run = config.enabled, config.dry_run
-        cooldowns = {name: action.cooldown_sec for name, action in self.actions.items()}
-        disabled = set()
-        active = []
-        next_lapse = None
-        untils = [o.until for stack in self._stacks.values() for o in stack if o.until is not None]
-        self._next_lapse = min(untils) if untils else None  # the next lapse to record, passed or not
-        for stack in self._stacks.values():
-            live = [o for o in stack if o.until is None or o.until > now]
-            for o in live:
-                if o.until is not None:
-                    next_lapse = o.until if next_lapse is None else min(next_lapse, o.until)
-            if not live:
-                continue
-            top = live[-1]
-            active.append(top)
-            if top.setting == "enabled":
-                enabled = top.value
-            elif top.setting == "dry_run":
-                dry_run = top.value
-            elif top.setting == "cooldown" and top.value is not None:
-                cooldowns[top.alertname] = top.value
-            elif top.setting == "action_enabled" and not top.value:
-                disabled.add(top.alertname)
-        self._settings = Settings(enabled, dry_run, cooldowns, config.max_actions_per_hour, frozenset(disabled),
-                                  tuple(sorted(active, key=lambda o: o.id)))
-        self._settings_until = next_lapse
-
-    def control(self, text: str, source: str, by: str, client: str, reason: Optional[str] = None,
-                may_change: bool = True, attempt_refused: Optional[str] = None
-                ) -> Tuple[str, Optional[Dict[str, Any]], str]:
+    def run(self, text: str, source: str, by: str, client: str, reason: Optional[str] = None,
+            may_change: bool = True, attempt_refused: Optional[str] = None) -> Tuple[str, Optional[Dict[str, Any]], str]:
         """Run one control command: (result, the recorded change, a message for people).
 
-        result is applied, refused (not allowed, or nothing to undo) or invalid (does not parse);
-        every refused or invalid command is recorded too, with who and from where.
-        attempt_refused: the door refused the attempt (a wrong token); only recorded.
+        result is applied, refused (not allowed, or nothing to undo), invalid (does not parse) or
+        unavailable (etcd does not answer); every refused or invalid command is recorded too,
+        with who and from where.  attempt_refused: the door refused the attempt (a wrong token);
+        only recorded.
         """
         reason = (reason or "")[:500] or None
         if attempt_refused is not None:
-            return self._control_refusal("refused", attempt_refused, text, source, by, client, reason)
+            return self._refusal("refused", attempt_refused, text, source, by, client, reason)
         try:
             command = parse_command(text, self.actions)
         except CommandError as exc:
-            return self._control_refusal("invalid", str(exc), text, source, by, client, reason)
+            return self._refusal("invalid", str(exc), text, source, by, client, reason)
         if not command.changes:
             return "applied", None, CONTROL_HELP if command.verb == "help" else describe_settings(self.status())
         if not may_change:
-            return self._control_refusal("refused", f"{by} may run status and help only (not an admin)",
-                                         text, source, by, client, reason)
-        if self.coordination is not None:
-            try:
-                return self._shared_control(command, text, source, by, client, reason)
-            except CoordinationUnavailable as exc:
-                why = f"etcd does not answer, so no replica can change settings now ({exc})"
-                return ("unavailable",) + self._control_refusal("refused", why, text, source, by, client, reason)[1:]
-        with self._control_lock:  # one change at a time, committed before it is in force
-            now = self.clock()
-            plan = self._plan(command, now)
-            if isinstance(plan, str):
-                return self._control_refusal("refused", plan, text, source, by, client, reason)
-            fields, change = plan
-            event = make_event("control", now, result="applied", source=source, by=by, client=client, command=text,
-                               reason=reason, **fields)
-            built: List[Any] = []
+            return self._refusal("refused", f"{by} may run status and help only (not an admin)",
+                                 text, source, by, client, reason)
+        fields = {"source": source, "by": by, "client": client, "command": text, "reason": reason}
+        try:
+            done = self._change(command, fields)
+        except CoordinationUnavailable as exc:
+            why = f"etcd does not answer, so no replica can change settings now ({exc})"
+            return ("unavailable",) + self._refusal("refused", why, text, source, by, client, reason)[1:]
+        if isinstance(done, str):
+            return self._refusal("refused", done, text, source, by, client, reason)
+        event, change = done
+        self._change_running_cooldown(command, change, event)
+        with self.wake:
+            self.wake.notify_all()
+        self.counters.add("autoheal_control_commands_total", (source, "applied"))
+        return "applied", event, describe_change(event)
 
-            def after(event_id: int) -> str:  # the state once this change is in force, under its id
-                built.append(self._apply(command, change, event_id, by, now))
-                return self._control_json(*built[0])
+    def _change(self, command: Command, fields: Dict[str, Any]) -> Any:
+        """Plan a change and make it last: (its event, the change), or why it is refused."""
+        raise NotImplementedError
 
-            cooldowns = {command.alertname: 0.0} if command.verb == "rearm" else None
-            if change["kind"] == "undo" and change["target"]["kind"] == "rearm" and \
-                    self.claims.started(change["alertname"]) in (None, 0.0) and change["started"]:
-                cooldowns = {change["alertname"]: change["started"]}
-            self.record([event], cooldowns, control=after)
-            self._stacks, self._changes = built[0]
-            self._build_settings(now)
+    def _change_running_cooldown(self, command: Command, change: Mapping[str, Any], event: Mapping[str, Any]) -> None:
+        """rearm ends a running cooldown; its undo puts it back."""
+        try:
             if command.verb == "rearm":
                 self.claims.rearm(command.alertname or "")
             elif command.verb == "undo" and change.get("kind") == "rearm":
                 self.claims.restore(change["alertname"], change["started"])
-        with self._timers_wake:
-            self._timers_wake.notify_all()
-        self.counters.add("autoheal_control_commands_total", (source, "applied"))
-        return "applied", event, describe_change(event)
+        except CoordinationUnavailable as exc:
+            self.journal.log({"event": "error", "message": f"change #{event.get('change_id') or event.get('id')} is "
+                              f"recorded, but etcd stopped answering before the running cooldown was changed ({exc})"},
+                             "error")
 
-    def _shared_control(self, command: Command, text: str, source: str, by: str, client: str,
-                        reason: Optional[str]) -> Tuple[str, Optional[Dict[str, Any]], str]:
-        """Replicas: a change is planned on the shared state as etcd holds it now, and written
-        only if no replica changed it meanwhile (compare-and-swap on its revision); it is in
-        force here at once and on every replica by their next poll."""
-        coordination = self.coordination
-        assert coordination is not None
-        for _attempt in range(CONTROL_CAS_ATTEMPTS):
-            self._adopt_control(*coordination.sync(), self.clock())
-            with self._control_lock:
-                now = self.clock()
-                plan = self._plan(command, now)
-                if isinstance(plan, str):
-                    break
-                fields, change = plan
-                change_id = self._seq + 1
-                stacks, changes = self._apply(command, change, change_id, by, now)
-                revision = coordination.put_control(self._control_json(stacks, changes, change_id),
-                                                    self._control_revision)
-                if not revision:
-                    continue  # another replica changed them first: plan again on what it wrote
-                self._stacks, self._changes, self._seq, self._control_revision = stacks, changes, change_id, revision
-                self._build_settings(now)
-            event = make_event("control", now, result="applied", source=source, by=by, client=client, command=text,
-                               reason=reason, change_id=change_id, **fields)
-            self.record([event])
-            try:
-                if command.verb == "rearm":
-                    coordination.rearm(command.alertname or "")
-                elif command.verb == "undo" and change.get("kind") == "rearm":
-                    coordination.restore(change["alertname"], change["started"])
-            except CoordinationUnavailable as exc:
-                self.log({"event": "error", "message": f"change #{change_id} is recorded, but etcd stopped answering "
-                          f"before the running cooldown was changed ({exc})"}, "error")
-            with self._timers_wake:
-                self._timers_wake.notify_all()
-            self.counters.add("autoheal_control_commands_total", (source, "applied"))
-            return "applied", event, describe_change(event)
-        else:
-            plan = f"the shared settings changed {CONTROL_CAS_ATTEMPTS} times while this change was planned; try again"
-        return self._control_refusal("refused", plan, text, source, by, client, reason)
-
-    def _control_refusal(self, result: str, why: str, text: str, source: str, by: str, client: str,
-                         reason: Optional[str]) -> Tuple[str, Optional[Dict[str, Any]], str]:
+    def _refusal(self, result: str, why: str, text: str, source: str, by: str, client: str,
+                 reason: Optional[str]) -> Tuple[str, Optional[Dict[str, Any]], str]:
         event = make_event("control", self.clock(), result=result, source=source, by=by, client=client,
                            command=text[:MAX_COMMAND_CHARS], reason=reason, error=why)
-        self.record([event])
+        self.journal.record([event])
         self.counters.add("autoheal_control_commands_total", (source, result))
         return result, event, why
 
@@ -3479,7 +3470,9 @@ class App:
             if not dropped:
                 return "nothing to reset: no override is in force, the environment is"
             return ({"setting": "all", "old": len(dropped), "new": 0}, {"kind": "reset", "dropped": dropped})
-        # undo
+        return self._plan_undo(command)
+
+    def _plan_undo(self, command: Command) -> Any:
         targets = [change for change in self._changes if command.value is None or change["id"] == command.value]
         if not targets:
             return ("nothing to undo: no change is in force" if command.value is None
@@ -3496,8 +3489,7 @@ class App:
                      "started": target["started"]})
         return ({"setting": "all", "undoes": target["id"]}, {"kind": "undo", "target": target})
 
-    def _apply(self, command: Command, change: Dict[str, Any], event_id: int, by: str,
-               now: float) -> Tuple[Dict[Tuple[str, Optional[str]], List[Override]], List[Dict[str, Any]]]:
+    def _apply(self, change: Dict[str, Any], event_id: int, by: str, now: float) -> Tuple[Stacks, List[Dict[str, Any]]]:
         """The overrides and undoable changes once a planned change is in force (nothing mutated)."""
         stacks = {key: list(stack) for key, stack in self._stacks.items()}
         changes = list(self._changes)
@@ -3526,11 +3518,12 @@ class App:
                     stacks.setdefault((override.setting, override.alertname), []).insert(0, override)
         return {key: stack for key, stack in stacks.items() if stack}, changes
 
-    def _lapse(self, now: float) -> None:
+    def lapse(self, now: float) -> None:
         """Drop the overrides whose duration ran out, each recorded as a lapse (also at start, for
         those that ran out while autoheal was down)."""
-        with self._control_lock:
+        with self._lock:
             lapsed = [o for stack in self._stacks.values() for o in stack if o.until is not None and o.until <= now]
+            kept = True
             if lapsed:
                 stacks = {key: [o for o in stack if o not in lapsed] for key, stack in self._stacks.items()}
                 stacks = {key: stack for key, stack in stacks.items() if stack}
@@ -3539,119 +3532,242 @@ class App:
                 events = [make_event("control", now, result="lapsed", source="autoheal", by="autoheal",
                                      setting=o.setting, alertname=o.alertname, old=o.value, undoes=o.id,
                                      until=format_rfc3339(o.until)) for o in lapsed]
-                state = self._control_json(stacks, changes, self._seq)
-                if self.coordination is None:
-                    self.record(events, control=lambda _first: state)
+                kept = self._keep_lapse(events, stacks, changes)
+                if kept:
                     self._stacks, self._changes = stacks, changes
-                else:  # replicas: the one whose write lands records the lapse; the others adopt it
-                    revision = 0
-                    with contextlib.suppress(CoordinationUnavailable):
-                        revision = self.coordination.put_control(state, self._control_revision)
-                    if revision:
-                        self.record(events)
-                        self._stacks, self._changes, self._control_revision = stacks, changes, revision
             self._build_settings(now)
-            if lapsed and self.coordination is not None and self._stacks is not stacks:
-                self._next_lapse = now + 1  # not written (etcd silent, or changed first): again in a second
+            if not kept:
+                self.next_lapse = now + 1  # not written (etcd silent, or changed first): again in a second
 
-    def _timer_loop(self) -> None:
-        """Wake when the next override lapses or the next heal verdict is due (or something
-        changes), and record it."""
-        while True:
-            heal = self.next_heal_deadline()
-            with self._timers_wake:
-                if self._control_closed:
-                    return
-                due = [moment for moment in (self._next_lapse, heal) if moment is not None]
-                wait = 60.0 if not due else max(0.0, min(60.0, min(due) - self.clock()))
-                if wait > 0:
-                    self._timers_wake.wait(wait)
-                if self._control_closed:
-                    return
+    def _keep_lapse(self, events: List[Dict[str, Any]], stacks: Stacks, changes: List[Dict[str, Any]]) -> bool:
+        """Make a lapse last and record it; False when it could not be written (try again)."""
+        raise NotImplementedError
+
+    def load(self, now: float) -> None:
+        """The overrides and undoable changes kept (state file, or etcd); lapsed ones drop now."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop whatever thread keeps the state current."""
+
+    def _parse(self, raw: str, where: str) -> Tuple[Stacks, List[Dict[str, Any]], int]:
+        """The overrides, undoable changes and last change id of a control state's text."""
+        stacks: Stacks = {}
+        try:
+            state = json.loads(raw)
+            for entry in state.get("overrides", []):
+                override = Override(*entry)
+                if override.alertname is None or override.alertname in self.actions:
+                    stacks.setdefault((override.setting, override.alertname), []).append(override)
+            changes = [change for change in state.get("changes", []) if isinstance(change, dict)]
+            return stacks, changes, int(state.get("seq", 0))
+        except (ValueError, TypeError, AttributeError) as exc:
+            self.journal.log({"event": "error", "message": f"{where}: runtime overrides unreadable ({exc}); "
+                              "the environment is in force"}, "error")
+            return {}, [], 0
+
+    @staticmethod
+    def _text(stacks: Stacks, changes: List[Dict[str, Any]], seq: int = 0) -> str:
+        """The control state as kept: JSON."""
+        return json.dumps({"overrides": [list(o) for stack in stacks.values() for o in stack], "changes": changes,
+                           "seq": seq})
+
+    def _build_settings(self, now: float) -> None:
+        """Settings from the configuration and the overrides in force (the newest of each setting
+        that has not lapsed), kept until the next one lapses."""
+        config = self.config
+        enabled, dry_run = config.enabled, config.dry_run
+        cooldowns = {name: action.cooldown_sec for name, action in self.actions.items()}
+        disabled = set()
+        active = []
+        untils = [o.until for stack in self._stacks.values() for o in stack if o.until is not None]
+        self.next_lapse = min(untils) if untils else None
+        for stack in self._stacks.values():
+            live = [o for o in stack if o.until is None or o.until > now]
+            if not live:
+                continue
+            top = live[-1]
+            active.append(top)
+            if top.setting == "enabled":
+                enabled = top.value
+            elif top.setting == "dry_run":
+                dry_run = top.value
+            elif top.setting == "cooldown" and top.value is not None:
+                cooldowns[top.alertname] = top.value
+            elif top.setting == "action_enabled" and not top.value:
+                disabled.add(top.alertname)
+        self._settings = Settings(enabled, dry_run, cooldowns, config.max_actions_per_hour, frozenset(disabled),
+                                  tuple(sorted(active, key=lambda o: o.id)))
+        live_untils = [until for until in untils if until > now]
+        self._settings_until = min(live_untils) if live_untils else None
+
+
+class LocalControl(Control):
+    """Runtime control of one process: its state is kept in the state file, committed with the
+    event that changed it."""
+
+    def _change(self, command: Command, fields: Dict[str, Any]) -> Any:
+        with self._lock:
             now = self.clock()
-            try:
-                if self._next_lapse is not None and now >= self._next_lapse:
-                    self._lapse(now)
-                heal = self.next_heal_deadline()
-                if heal is not None and now >= heal:
-                    self._overdue_heals(now)
-            except Exception as exc:  # the loop must outlive a failed write; the next wake retries
-                self.log({"event": "error", "message": f"timer: {type(exc).__name__}: {exc}"}, "error")
-                time.sleep(1)
+            plan = self._plan(command, now)
+            if isinstance(plan, str):
+                return plan
+            planned, change = plan
+            event = make_event("control", now, result="applied", **fields, **planned)
+            built: List[Any] = []
 
-    # -- the webhook ----------------------------------------------------------------------
+            def after(event_id: int) -> str:  # the state once this change is in force, under its id
+                built.append(self._apply(change, event_id, fields["by"], now))
+                return self._text(*built[0])
 
-    def handle_webhook(self, alerts: List[Dict[str, Any]], settings: Optional[Settings] = None) -> List[Dict[str, Any]]:
-        """Judge each alert (judge), claim what passes (claims), run it; one answer per alert.
-        settings: those in force, when the caller looked already (the server, to know that
-        nothing will run)."""
-        now = self.clock()
-        settings = settings or self.effective()
-        decisions = []
-        cooldowns: Dict[str, float] = {}
-        counts: Dict[Tuple[str, Tuple[Any, ...]], float] = {("autoheal_alerts_received_total", ()): len(alerts)}
-        # Replicas: every claim of one webhook shares one deadline; once etcd has not answered,
-        # the rest fail closed at once, so a webhook never waits longer than AUTOHEAL_ETCD_TIMEOUT_SEC.
-        deadline = None if self.coordination is None else time.monotonic() + self.config.etcd_timeout_sec
-        unavailable = False
-        for alert in alerts:
-            decision = judge(alert, settings, self.actions)
-            if decision.result == "pending":
-                # One atomic claim per alert: however many deliveries of an alert arrive at once,
-                # one of them wins the cooldown window.
-                cooldown = settings.cooldowns[decision.alertname]
-                claim = None
-                if not unavailable:
-                    try:
-                        claim = self.claims.claim(decision.alertname, cooldown, settings.max_actions_per_hour, now,
-                                                  deadline)
-                    except CoordinationUnavailable:
-                        unavailable = True
-                if claim is None:
-                    decision.result, decision.reason = "error", "coordination_unavailable"
-                else:
-                    self._settle(decision, claim, settings)
-                if decision.result in ("dry_run", "run"):
-                    cooldowns[decision.alertname] = now
-                if decision.result != "run":
-                    key = ("autoheal_actions_total", (decision.alertname, decision.result))
-                    counts[key] = counts.get(key, 0) + 1
-            else:
-                key = ("autoheal_alerts_skipped_total", (decision.reason,))
-                counts[key] = counts.get(key, 0) + 1
-            decisions.append(decision)
-        self.counters.add_all(counts)
-        routine = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result in ROUTINE_RESULTS]
-        if routine:
+            cooldowns = {command.alertname: 0.0} if command.verb == "rearm" else None
+            if change["kind"] == "undo" and change["target"]["kind"] == "rearm" and \
+                    self.claims.started(change["alertname"]) in (None, 0.0) and change["started"]:
+                cooldowns = {change["alertname"]: change["started"]}
+            self.journal.record([event], cooldowns, control=after)
+            self._stacks, self._changes = built[0]
+            self._build_settings(now)
+        return event, change
+
+    def _keep_lapse(self, events: List[Dict[str, Any]], stacks: Stacks, changes: List[Dict[str, Any]]) -> bool:
+        state = self._text(stacks, changes, self._seq)
+        self.journal.record(events, control=lambda _first: state)
+        return True
+
+    def load(self, now: float) -> None:
+        raw = self.journal.store.load_control()
+        if raw:
+            self._stacks, self._changes, self._seq = self._parse(raw, "state file")
+        self.lapse(now)
+
+
+class SharedControl(Control):
+    """Runtime control shared by every replica through etcd: a change is planned on the state as
+    etcd holds it now, and written only if no replica changed it meanwhile (compare-and-swap on
+    its revision); it is in force here at once and on every replica by their next poll
+    (COORDINATION_POLL_SEC), which also keeps the claims' view of cooldowns and budget current."""
+
+    shared = True
+
+    def __init__(self, config: Config, journal: Journal, claims: EtcdClaims, counters: Counters,
+                 wake: threading.Condition, clock: Callable[[], float], status: Callable[[], Mapping[str, Any]]):
+        super().__init__(config, journal, claims, counters, wake, clock, status)
+        self.coordination = claims
+        self._revision = 0  # the etcd revision of the control state in force
+        self._stop = threading.Event()
+
+    @property
+    def persistent(self) -> bool:
+        return True
+
+    def _change(self, command: Command, fields: Dict[str, Any]) -> Any:
+        coordination = self.coordination
+        for _attempt in range(CONTROL_CAS_ATTEMPTS):
+            self._adopt(*coordination.sync(), self.clock())
             with self._lock:
-                for alert, decision in routine:
-                    self._fold_locked(alert, decision, now, settings)
-        # Recorded in chunks, so that the events of a storm of thousands of alerts are not all in
-        # memory at once; every chunk is committed before the answer, cooldowns with the first.
-        for start in range(0, len(alerts), RECORD_CHUNK):
-            events = []
-            folds = []
-            for alert, decision in zip(alerts[start:start + RECORD_CHUNK], decisions[start:start + RECORD_CHUNK]):
-                if decision.fold_into is not None:
-                    folds.append((decision.fold_into, now))
-                else:
-                    events.append(decision.event or self._event("run" if decision.result == "run" else "decision",
-                                                                alert, decision, now))
-            self.record(events, cooldowns if start == 0 else None, folds)
-        runs = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "run"]
-        if runs:
-            self._run_all(runs)
-            self.record([self._event("decision", alert, decision, self.clock()) for alert, decision in runs],
-                        heals=self._follow(runs, now))
-        if self._heals:
-            self._resolve(alerts, self.clock())
-        return [self._answer(decision) for decision in decisions]
+                now = self.clock()
+                plan = self._plan(command, now)
+                if isinstance(plan, str):
+                    return plan
+                planned, change = plan
+                change_id = self._seq + 1
+                stacks, changes = self._apply(change, change_id, fields["by"], now)
+                revision = coordination.put_control(self._text(stacks, changes, change_id), self._revision)
+                if not revision:
+                    continue  # another replica changed them first: plan again on what it wrote
+                self._stacks, self._changes, self._seq, self._revision = stacks, changes, change_id, revision
+                self._build_settings(now)
+            event = make_event("control", now, result="applied", **fields, change_id=change_id, **planned)
+            self.journal.record([event])
+            return event, change
+        return f"the shared settings changed {CONTROL_CAS_ATTEMPTS} times while this change was planned; try again"
 
-    # -- did it heal? ---------------------------------------------------------------------
+    def _keep_lapse(self, events: List[Dict[str, Any]], stacks: Stacks, changes: List[Dict[str, Any]]) -> bool:
+        # The replica whose write lands records the lapse; the others adopt it.
+        revision = 0
+        with contextlib.suppress(CoordinationUnavailable):
+            revision = self.coordination.put_control(self._text(stacks, changes, self._seq), self._revision)
+        if revision:
+            self.journal.record(events)
+            self._revision = revision
+        return bool(revision)
 
-    def _follow(self, runs: List[Tuple[Dict[str, Any], Decision]], now: float) -> Dict[str, Optional[str]]:
-        """Follow the alerts whose action ran (executed), by fingerprint, until they resolve or
-        AUTOHEAL_HEAL_GRACE_SEC runs out; the pending verdicts are kept in the state file."""
+    def load(self, now: float) -> None:
+        try:
+            self._adopt(*self.coordination.sync(), now)
+        except CoordinationUnavailable as exc:
+            self.journal.log({"event": "error", "message": f"etcd does not answer ({exc}); until it does, no action "
+                              "runs and the environment's settings are shown"}, "error")
+        with self._lock:
+            self._build_settings(now)
+        threading.Thread(target=self._poll, name="coordination", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _adopt(self, raw: Optional[str], revision: int, now: float) -> None:
+        """Take the shared control state that etcd holds (another replica's change)."""
+        with self._lock:
+            if revision == self._revision:
+                return
+            self._stacks, self._changes, self._seq = self._parse(raw, "etcd") if raw else ({}, [], 0)
+            self._revision = revision
+            self._build_settings(now)
+        with self.wake:
+            self.wake.notify_all()
+
+    def _poll(self) -> None:
+        """Poll etcd for the shared control state, the cooldowns and the budget in use; log when
+        etcd stops answering and when it answers again."""
+        coordination = self.coordination
+        reported: Optional[bool] = coordination.up or None
+        while not self._stop.wait(COORDINATION_POLL_SEC):
+            try:
+                raw, revision = coordination.sync()
+            except CoordinationUnavailable as exc:
+                if reported is not False:
+                    self.journal.log({"event": "error", "message": f"etcd does not answer ({exc}): no action runs "
+                                      "until it does (coordination_unavailable)"}, "error")
+                    reported = False
+                continue
+            except Exception as exc:  # the poll must outlive a malformed answer
+                self.journal.log({"event": "error", "message": f"coordination: {type(exc).__name__}: {exc}"}, "error")
+                continue
+            if reported is False:
+                self.journal.log({"event": "coordination", "message": "etcd answers again: actions are judged normally"})
+            reported = True
+            self._adopt(raw, revision, self.clock())
+
+
+# ---------------------------------------------------------------------------------------------
+# Did it heal? Verdicts on runs
+# ---------------------------------------------------------------------------------------------
+
+
+class HealTracker:
+    """Follows the alerts whose action ran (executed), by fingerprint, until they resolve or
+    AUTOHEAL_HEAL_GRACE_SEC runs out: a verdict each (healed, not_healed).  The pending verdicts
+    are kept in the state file, so a restart does not forget them."""
+
+    def __init__(self, config: Config, journal: Journal, counters: Counters, wake: threading.Condition,
+                 kept: Mapping[str, str]):
+        self.grace = config.heal_grace_sec
+        self.journal = journal
+        self.counters = counters
+        self.wake = wake
+        self._lock = threading.Lock()
+        self._pending: Dict[str, Dict[str, Any]] = {}
+        for fingerprint, body in kept.items():
+            with contextlib.suppress(ValueError, TypeError):
+                self._pending[fingerprint] = dict(json.loads(body))
+
+    @property
+    def following(self) -> bool:
+        """Whether any verdict is pending (a webhook's resolutions need looking at)."""
+        return bool(self._pending)
+
+    def follow(self, runs: List[Tuple[Dict[str, Any], Decision]], now: float) -> Dict[str, Optional[str]]:
+        """Start following the alerts of runs that executed; what to keep in the state file."""
         followed: Dict[str, Optional[str]] = {}
         with self._lock:
             for alert, decision in runs:
@@ -3659,21 +3775,21 @@ class App:
                 if decision.result != "executed" or not fingerprint:
                     continue
                 pending = {"alertname": decision.alertname, "fingerprint": fingerprint, "action_ts": now,
-                           "deadline": now + self.config.heal_grace_sec}
-                self._heals[fingerprint] = pending
+                           "deadline": now + self.grace}
+                self._pending[fingerprint] = pending
                 followed[fingerprint] = json.dumps(pending)
         if followed:
-            with self._timers_wake:  # the timer wakes for the new deadline
-                self._timers_wake.notify_all()
+            with self.wake:  # the timer wakes for the new deadline
+                self.wake.notify_all()
         return followed
 
-    def _resolve(self, alerts: List[Dict[str, Any]], now: float) -> None:
-        """Resolutions of followed alerts are their verdict: healed, with the seconds from the action
-        to endsAt (when Alertmanager says it ended)."""
+    def resolve(self, alerts: List[Dict[str, Any]], now: float) -> None:
+        """Resolutions of followed alerts are their verdict: healed, with the seconds from the
+        action to endsAt (when Alertmanager says it ended)."""
         verdicts = []
         with self._lock:
             for alert in alerts:
-                pending = self._heals.get(alert.get("fingerprint") or "") if alert["status"] == "resolved" else None
+                pending = self._pending.get(alert.get("fingerprint") or "") if alert["status"] == "resolved" else None
                 if pending is None:
                     continue
                 try:
@@ -3684,19 +3800,23 @@ class App:
                     ended = now
                 if ended > pending["deadline"]:
                     continue  # too late: the timer gives its not_healed verdict
-                del self._heals[pending["fingerprint"]]
+                del self._pending[pending["fingerprint"]]
                 verdicts.append((pending, "healed", max(0.0, ended - pending["action_ts"])))
-        self._verdicts(verdicts, now)
+        self._record(verdicts, now)
 
-    def _overdue_heals(self, now: float) -> None:
+    def overdue(self, now: float) -> None:
         """Alerts that did not resolve within the grace: not_healed."""
         with self._lock:
-            overdue = [pending for pending in self._heals.values() if pending["deadline"] <= now]
+            overdue = [pending for pending in self._pending.values() if pending["deadline"] <= now]
             for pending in overdue:
-                del self._heals[pending["fingerprint"]]
-        self._verdicts([(pending, "not_healed", None) for pending in overdue], now)
+                del self._pending[pending["fingerprint"]]
+        self._record([(pending, "not_healed", None) for pending in overdue], now)
 
-    def _verdicts(self, verdicts: List[Tuple[Dict[str, Any], str, Optional[float]]], now: float) -> None:
+    def next_deadline(self) -> Optional[float]:
+        with self._lock:
+            return min((pending["deadline"] for pending in self._pending.values()), default=None)
+
+    def _record(self, verdicts: List[Tuple[Dict[str, Any], str, Optional[float]]], now: float) -> None:
         if not verdicts:
             return
         events = []
@@ -3711,26 +3831,366 @@ class App:
             if seconds is not None:
                 counts[("autoheal_heal_duration_seconds_sum", (name,))] += seconds
                 counts[("autoheal_heal_duration_seconds_count", (name,))] += 1
-        self.record(events, heals={pending["fingerprint"]: None for pending, _result, _seconds in verdicts})
+        self.journal.record(events, heals={pending["fingerprint"]: None for pending, _result, _seconds in verdicts})
         self.counters.add_all(counts)
 
-    def next_heal_deadline(self) -> Optional[float]:
-        with self._lock:
-            return min((pending["deadline"] for pending in self._heals.values()), default=None)
 
-    @staticmethod
-    def _settle(decision: Decision, claim: Claim, settings: Settings) -> None:
-        """What a pending decision becomes once its claim is answered."""
-        decision.cooldown_remaining = claim.remaining
-        if claim.won:
-            # Why it was not run: the master switch is off, or dry-run mode is on.
-            decision.result = "run" if settings.executes else "dry_run"
-            decision.reason = None if settings.executes else ("dry_run" if settings.enabled else "disabled")
-        elif claim.reason == "cooldown":
-            decision.result = "cooldown_skip"
-        else:
-            decision.result = "rate_limited"
-            decision.reason = f"global budget of {settings.max_actions_per_hour} actions per hour is spent"
+# ---------------------------------------------------------------------------------------------
+# Acknowledgements: silences in Alertmanager
+# ---------------------------------------------------------------------------------------------
+
+
+class _AckCall:
+    """An acknowledgement talking to Alertmanager; taps on the same link wait for it."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: Optional[str] = None
+
+
+class Acknowledgements:
+    """/ack and its undo: exact silences in Alertmanager, created (or reused, or extended) and
+    expired, each recorded and counted."""
+
+    def __init__(self, config: Config, alertmanager: AlertmanagerClient, journal: Journal, counters: Counters,
+                 clock: Callable[[], float]):
+        self.timeout = config.alertmanager_timeout_sec
+        self.alertmanager = alertmanager
+        self.journal = journal
+        self.counters = counters
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._inflight: Dict[Any, _AckCall] = {}
+
+    def acknowledge(self, labels: Dict[str, str], seconds: float, text: str, client: str, user_agent: str,
+                    preview: bool) -> Dict[str, Any]:
+        """Create (or reuse, or extend) the exact silence of labels for seconds; PeerError when
+        Alertmanager refuses or does not answer.  A preview creates nothing."""
+        matchers = matchers_for(labels)
+        if preview:
+            self.counters.add("autoheal_acks_total", ("previewed",))
+            return {"ok": True, "preview": True, "silence_id": None, "matchers": matchers,
+                    "duration": format_duration(seconds),
+                    "message": "a preview creates nothing; open the link to acknowledge"}
+        try:
+            outcome, silence_id, ends_at = self._one_at_a_time(matchers, seconds, text)
+        except PeerError as exc:
+            self.counters.add("autoheal_acks_total", ("error",))
+            self.journal.record([make_event("ack", self.clock(), result="error", reason=str(exc),
+                                            alertname=labels["alertname"], labels=labels, client=client,
+                                            user_agent=user_agent)])
+            raise
+        self.counters.add("autoheal_acks_total", (outcome,))
+        self.journal.record([make_event("ack", self.clock(), result=outcome, alertname=labels["alertname"],
+                                        labels=labels, silence_id=silence_id, ends_at=format_rfc3339(ends_at),
+                                        duration=format_duration(seconds), comment=text, client=client,
+                                        user_agent=user_agent)])
+        return {"ok": True, "silence_id": silence_id, "ends_at": format_rfc3339(ends_at), "matchers": matchers,
+                "outcome": outcome, "labels": labels}
+
+    def _one_at_a_time(self, matchers: List[Dict[str, Any]], seconds: float, text: str) -> Tuple[str, str, float]:
+        """One click at a time per label set (a double tap must not stack two silences); the wait
+        is on an Event, so no lock is held while Alertmanager answers.  A tap behind one that
+        failed fails with it: taps never queue one timeout after another."""
+        key = matcher_key(matchers)
+        mine = _AckCall()
+        while True:
+            with self._lock:
+                other = self._inflight.get(key)
+                if other is None:
+                    self._inflight[key] = mine
+                    break
+            other.done.wait(self.timeout * 4)
+            if other.error is not None:
+                raise PeerError(other.error)
+        try:
+            return self._silence(matchers, key, seconds, text)
+        except PeerError as exc:
+            mine.error = str(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+            mine.done.set()
+
+    def _silence(self, matchers: List[Dict[str, Any]], key: Any, seconds: float, text: str) -> Tuple[str, str, float]:
+        now = self.clock()
+        ends_at = now + seconds
+        existing = []
+        alertname = next(value for name, value, _regex, _equal in key if name == "alertname")
+        for silence in self.alertmanager.silences(alertname):
+            if (silence.get("createdBy") == CREATED_BY and (silence.get("status") or {}).get("state") == "active"
+                    and matcher_key(silence.get("matchers") or []) == key):
+                try:
+                    existing.append((parse_rfc3339(silence.get("endsAt", "")), silence))
+                except ValueError:
+                    continue
+        if existing:
+            current_end, current = max(existing, key=lambda pair: pair[0])
+            if ends_at <= current_end + 1:
+                return "existing", current["id"], current_end
+            # Keeping startsAt lets Alertmanager update the active silence in place; when it
+            # cannot, it expires the old one and answers with a new id, which is the one we report.
+            silence_id = self.alertmanager.post_silence({
+                "id": current["id"], "matchers": matchers, "startsAt": current["startsAt"],
+                "endsAt": format_rfc3339(ends_at), "createdBy": CREATED_BY, "comment": text,
+            })
+            return "extended", silence_id, ends_at
+        silence_id = self.alertmanager.post_silence({
+            "matchers": matchers, "startsAt": format_rfc3339(now), "endsAt": format_rfc3339(ends_at),
+            "createdBy": CREATED_BY, "comment": text,
+        })
+        return "created", silence_id, ends_at
+
+    def silence_of_event(self, event_id: int) -> str:
+        """The silence id of an acknowledgement recorded in the history, by the event's id."""
+        event = self.journal.store.get(event_id)
+        if not event or event.get("kind") != "ack" or not event.get("silence_id"):
+            raise Unknown(f"id: no acknowledgement with id {event_id} in the history")
+        return event["silence_id"]
+
+    def undo(self, silence_id: str, client: str, user_agent: str) -> Dict[str, Any]:
+        """Expire a silence, but only one that autoheal created (Forbidden otherwise)."""
+        try:
+            silence = self.alertmanager.get_silence(silence_id)
+        except PeerError as exc:
+            if exc.status in (404, 500):  # Alertmanager answers an unknown id with 404 or 500
+                raise Unknown(f"silence_id: Alertmanager has no silence {silence_id}") from None
+            raise
+        if not isinstance(silence, dict) or silence.get("createdBy") != CREATED_BY:
+            raise Forbidden(f"silence {silence_id} was not created by autoheal; autoheal expires only its own")
+        state = (silence.get("status") or {}).get("state")
+        if state != "expired":
+            self.alertmanager.expire(silence_id)
+            self.counters.add("autoheal_silences_expired_total")
+        labels = {m.get("name", ""): m.get("value", "") for m in silence.get("matchers") or []}
+        self.journal.record([make_event("unack", self.clock(),
+                                        result="expired" if state != "expired" else "already_expired",
+                                        alertname=labels.get("alertname"), labels=labels, silence_id=silence_id,
+                                        client=client, user_agent=user_agent)])
+        return {"ok": True, "silence_id": silence_id, "expired": True, "labels": labels,
+                "was_already_expired": state == "expired"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The application: the parts, wired together, and the webhook's path through them
+# ---------------------------------------------------------------------------------------------
+
+
+class App:
+    """Everything autoheal knows and decides, composed of parts with one job each: the journal
+    (log and history), the /events feed, the claims (cooldowns and budget), runtime control, heal
+    verdicts, acknowledgements and the exposition.  App itself judges webhooks and answers GET /.
+
+    env is the environment that commands inherit (main hands it os.environ); clock gives the
+    time, so that a test moves it instead of sleeping.
+    """
+
+    def __init__(self, config: Config, env: Optional[Mapping[str, str]] = None, log_stream: Any = None,
+                 clock: Callable[[], float] = time.time):
+        self.config = config
+        self.actions = config.actions
+        self.action_names = sorted(self.actions)
+        self.env = dict(env or {})
+        self.clock = clock
+        self.processes = ProcessRegistry()
+        self.started_at = clock()
+        self.alertmanager = AlertmanagerClient(config.alertmanager_url, config.alertmanager_timeout_sec)
+        self.docker = DockerClient(config.docker_host)
+        self.journal = Journal(clock, log_stream)
+        self.log = self.journal.log
+        self.feed = EventFeed(config.max_event_listeners)
+        self.store = self.journal.store = self.feed.store = self._open_store()
+        self.counters = Counters(METRICS)
+        now = clock()
+        self.claims = self._open_claims(now)
+        self.coordination: Optional[EtcdClaims] = self.claims if isinstance(self.claims, EtcdClaims) else None
+        self.feed.latest_id = self.store.last_id()  # before the first event: publish moves it on
+        if self.store.recovered:
+            self.journal.record([make_event("state", now, result="recovered", **self.store.recovered)])
+        self.wake = threading.Condition()  # wakes the timers: a change, a new deadline, closing
+        self._closed = False
+        parts = (config, self.journal, self.claims, self.counters, self.wake, clock, self.status)
+        self.control: Control = SharedControl(*parts) if self.coordination else LocalControl(*parts)
+        self.heals = HealTracker(config, self.journal, self.counters, self.wake, self.store.load_heals())
+        self.acks = Acknowledgements(config, self.alertmanager, self.journal, self.counters, clock)
+        self.exposition = Exposition(self)
+        self._lock = threading.Lock()
+        self._action_slots = threading.BoundedSemaphore(config.max_concurrent_actions)
+        self._folds: "collections.OrderedDict[Tuple[str, str, str, Optional[str]], List[Any]]" = collections.OrderedDict()
+        self.control.load(now)
+        self._timers = threading.Thread(target=self._timer_loop, name="timers", daemon=True)
+        self._timers.start()
+
+    def _open_store(self) -> Store:
+        config = self.config
+        path = config.state_file or None
+
+        def history_bytes(persistent: bool) -> int:
+            return config.history_max_bytes or (256 << 20 if persistent else 32 << 20)
+
+        publish = self.feed.publish
+        if not path:
+            return MemoryStore(config.history_max_events, history_bytes(False), publish, self.log)
+        try:
+            store: Store = SqliteStore(path, config.history_max_events, history_bytes(True), publish, self.log)
+        except (sqlite3.Error, OSError) as exc:
+            if config.state_file_explicit:
+                raise ConfigError(f"AUTOHEAL_STATE_FILE: cannot open {path!r}: {exc}") from None
+            self.log({"event": "warning", "message": f"state file {path!r} unusable ({exc}); "
+                      "cooldowns and history are kept in memory only"}, "warning")
+            return MemoryStore(config.history_max_events, history_bytes(False), publish, self.log)
+        if store.recovered:
+            self.log({"event": "warning", "message": f"state file {path!r} was damaged ({store.recovered['reason']});"
+                      f" moved aside to {store.recovered['moved_to']!r}, starting with a fresh one"}, "warning")
+        return store
+
+    def _open_claims(self, now: float) -> Any:
+        """Replicas share cooldowns, the budget and runtime control in etcd; one process keeps
+        them itself (and in its state file)."""
+        config = self.config
+        if config.etcd_endpoints:
+            client = EtcdClient(config.etcd_endpoints, config.etcd_timeout_sec, etcd_ssl_context(config),
+                                config.etcd_user, config.etcd_password)
+            self.store.tag = f'"replica":{json.dumps(config.replica)},'
+            return EtcdClaims(client, config.etcd_prefix, config.replica)
+        return LocalClaims(
+            {name: min(started, now) for name, started in self.store.load_cooldowns().items() if name in self.actions},
+            self.store.load_budget_times(now - BUDGET_WINDOW_SEC, config.max_actions_per_hour))
+
+    def effective(self) -> Settings:
+        """The settings in force now (Control.effective)."""
+        return self.control.effective()
+
+    def _timer_loop(self) -> None:
+        """Wake when the next override lapses or the next heal verdict is due (or something
+        changes), and record it."""
+        while True:
+            heal = self.heals.next_deadline()
+            with self.wake:
+                if self._closed:
+                    return
+                due = [moment for moment in (self.control.next_lapse, heal) if moment is not None]
+                wait = 60.0 if not due else max(0.0, min(60.0, min(due) - self.clock()))
+                if wait > 0:
+                    self.wake.wait(wait)
+                if self._closed:
+                    return
+            now = self.clock()
+            try:
+                lapse = self.control.next_lapse
+                if lapse is not None and now >= lapse:
+                    self.control.lapse(now)
+                heal = self.heals.next_deadline()
+                if heal is not None and now >= heal:
+                    self.heals.overdue(now)
+            except Exception as exc:  # the loop must outlive a failed write; the next wake retries
+                self.log({"event": "error", "message": f"timer: {type(exc).__name__}: {exc}"}, "error")
+                time.sleep(1)
+
+    def quiet(self) -> None:
+        """Requests paused: the history's pruning, when it is near its bounds (SqliteStore.tidy)."""
+        self.store.tidy()
+
+    def close(self) -> None:
+        """Close the listeners, the timers and control threads and the state store."""
+        self.feed.close()
+        self.control.close()
+        with self.wake:
+            self._closed = True
+            self.wake.notify_all()
+        self._timers.join(timeout=5)
+        self.store.close()
+
+    def rejected(self, method: str, path: Optional[str], status: int, reason: str, client: str) -> None:
+        """Count and log one refused request (4xx, 5xx); path is a route of ROUTES or None.
+
+        Only the route is logged, never the query: an ack link carries its token there.
+        """
+        label = path or "other"
+        self.counters.add("autoheal_http_rejected_total", (label, status))
+        self.log({"event": "rejected", "method": method, "path": label, "status": status,
+                  "reason": reason[:300], "client": client}, "error" if status >= 500 else "warning")
+
+    # -- the webhook ----------------------------------------------------------------------
+
+    def handle_webhook(self, alerts: List[Dict[str, Any]], settings: Optional[Settings] = None) -> List[Dict[str, Any]]:
+        """Judge each alert (judge), claim what passes (claims), run it; one answer per alert.
+        settings: those in force, when the caller looked already (the server, to know that
+        nothing will run)."""
+        now = self.clock()
+        settings = settings or self.effective()
+        decisions, cooldowns = self._judge_all(alerts, settings, now)
+        self._record_decisions(alerts, decisions, cooldowns, settings, now)
+        runs = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "run"]
+        if runs:
+            self._run_all(runs)
+            self.journal.record([decision.event_of("decision", alert, self.clock()) for alert, decision in runs],
+                                heals=self.heals.follow(runs, now))
+        if self.heals.following:
+            self.heals.resolve(alerts, self.clock())
+        return [decision.answer() for decision in decisions]
+
+    def _judge_all(self, alerts: List[Dict[str, Any]], settings: Settings,
+                   now: float) -> Tuple[List[Decision], Dict[str, float]]:
+        """Each alert's decision, its claim made; and the cooldowns that started."""
+        decisions = []
+        cooldowns: Dict[str, float] = {}
+        counts: Dict[Tuple[str, Tuple[Any, ...]], float] = {("autoheal_alerts_received_total", ()): len(alerts)}
+        # Replicas: every claim of one webhook shares one deadline; once etcd has not answered,
+        # the rest fail closed at once, so a webhook never waits longer than AUTOHEAL_ETCD_TIMEOUT_SEC.
+        deadline = None if self.coordination is None else time.monotonic() + self.config.etcd_timeout_sec
+        unavailable = False
+        for alert in alerts:
+            decision = judge(alert, settings, self.actions)
+            if decision.result == "pending":
+                # One atomic claim per alert: however many deliveries of an alert arrive at once,
+                # one of them wins the cooldown window.
+                claim = None
+                if not unavailable:
+                    try:
+                        claim = self.claims.claim(decision.alertname, settings.cooldowns[decision.alertname],
+                                                  settings.max_actions_per_hour, now, deadline)
+                    except CoordinationUnavailable:
+                        unavailable = True
+                if claim is None:
+                    decision.result, decision.reason = "error", "coordination_unavailable"
+                else:
+                    decision.settle(claim, settings)
+                if decision.result in ("dry_run", "run"):
+                    cooldowns[decision.alertname] = now
+                if decision.result != "run":
+                    key = ("autoheal_actions_total", (decision.alertname, decision.result))
+                    counts[key] = counts.get(key, 0) + 1
+            else:
+                key = ("autoheal_alerts_skipped_total", (decision.reason,))
+                counts[key] = counts.get(key, 0) + 1
+            decisions.append(decision)
+        self.counters.add_all(counts)
+        return decisions, cooldowns
+
+    def _record_decisions(self, alerts: List[Dict[str, Any]], decisions: List[Decision],
+                          cooldowns: Dict[str, float], settings: Settings, now: float) -> None:
+        """Record each decision (a routine repeat folds into its first); runs as "run" events."""
+        routine = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result in ROUTINE_RESULTS]
+        if routine:
+            with self._lock:
+                for alert, decision in routine:
+                    self._fold_locked(alert, decision, now, settings)
+        # Recorded in chunks, so that the events of a storm of thousands of alerts are not all in
+        # memory at once; every chunk is committed before the answer, cooldowns with the first.
+        for start in range(0, len(alerts), RECORD_CHUNK):
+            events = []
+            folds = []
+            for alert, decision in zip(alerts[start:start + RECORD_CHUNK], decisions[start:start + RECORD_CHUNK]):
+                if decision.fold_into is not None:
+                    folds.append((decision.fold_into, now))
+                else:
+                    events.append(decision.event or decision.event_of(
+                        "run" if decision.result == "run" else "decision", alert, now))
+            self.journal.record(events, cooldowns if start == 0 else None, folds)
 
     def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float, settings: Settings) -> None:
         """A routine decision repeating one of the same alert (alertname and fingerprint), result
@@ -3743,7 +4203,7 @@ class App:
             return
         window = decision.cooldown_remaining if decision.result == "cooldown_skip" else (
             settings.cooldowns.get(decision.alertname, self.config.default_cooldown_sec))
-        decision.event = self._event("decision", alert, decision, now)
+        decision.event = decision.event_of("decision", alert, now)
         if window > 0:
             self._folds[key] = [decision.event, now + window]
             if len(self._folds) > FOLD_KEYS_MAX:
@@ -3788,44 +4248,7 @@ class App:
                                ("autoheal_action_duration_seconds_sum", (action.alertname,)): outcome.duration_seconds,
                                ("autoheal_action_duration_seconds_count", (action.alertname,)): 1})
 
-    def _event(self, kind: str, alert: Mapping[str, Any], decision: Decision, now: float) -> Dict[str, Any]:
-        event: Dict[str, Any] = {"ts": round(now, 6), "kind": kind, "alertname": decision.alertname,
-                                 "result": "started" if kind == "run" else decision.result}
-        if decision.reason:
-            event["reason"] = decision.reason
-        if decision.action is not None:
-            event["action"] = decision.action.display
-            event["cooldown_remaining_seconds"] = math.ceil(decision.cooldown_remaining)
-        event["labels"] = alert["labels"]
-        event["fingerprint"] = alert.get("fingerprint", "")
-        event["starts_at"] = alert.get("startsAt", "")
-        outcome = decision.outcome
-        if outcome is not None and kind == "decision":
-            event["exit_status"] = outcome.exit_status
-            event["duration_seconds"] = round(outcome.duration_seconds, 6)
-            event["output_tail"] = outcome.output_tail
-            if outcome.error:
-                event["error"] = outcome.error
-        return event
-
-    @staticmethod
-    def _answer(decision: Decision) -> Dict[str, Any]:
-        if decision.result == "skipped":
-            return {"alertname": decision.alertname, "result": "skipped", "reason": decision.reason}
-        answer: Dict[str, Any] = {"alertname": decision.alertname, "result": decision.result,
-                                  "action": decision.action.display if decision.action else None,
-                                  "cooldown_remaining_seconds": math.ceil(decision.cooldown_remaining)}
-        if decision.reason:
-            answer["reason"] = decision.reason
-        outcome = decision.outcome
-        if outcome is not None:
-            answer["exit_status"] = outcome.exit_status
-            answer["duration_seconds"] = round(outcome.duration_seconds, 3)
-            if outcome.error:
-                answer["error"] = outcome.error
-        return answer
-
-    # -- status and metrics ---------------------------------------------------------------
+    # -- what people and scrapers read ----------------------------------------------------
 
     def status(self) -> Dict[str, Any]:
         """The answer of GET /."""
@@ -3837,8 +4260,11 @@ class App:
                                 started.get(name), settings.cooldowns[name], now), 3)}
                      for name in self.action_names}
         limit = settings.max_actions_per_hour
+        mode, paused_until = settings.mode(halted=self.coordination is not None and not self.coordination.up)
         answer = {
             "status": "ok",
+            "mode": mode,
+            "paused_until": paused_until,
             "enabled": settings.enabled,
             "dry_run": settings.dry_run,
             "actions": self.action_names,
@@ -3853,7 +4279,7 @@ class App:
             # Runtime control: what is switched off, and every override in force with who set it.
             "disabled_actions": sorted(settings.disabled),
             "overrides": [override.public() for override in settings.overrides],
-            "overrides_persistent": self.store.persistent or self.coordination is not None,
+            "overrides_persistent": self.control.persistent,
             # How far back /history reaches, per retention class (None: nothing kept yet).
             "history_oldest": {name: (format_rfc3339(ts) if ts is not None else None)
                                for name, ts in self.store.oldest().items()},
@@ -3877,221 +4303,7 @@ class App:
 
     def render_metrics(self) -> str:
         """The Prometheus text exposition (0.0.4): every family of METRICS, in its order."""
-        return b"".join(self.metrics_exposition()).decode("utf-8")
-
-    def metrics_exposition(self) -> List[bytes]:
-        """The exposition as the UTF-8 text of each family: sent as it is (one sendmsg), a scrape
-        of 1,000 alertnames copies no megabyte into another."""
-        samples = self._samples(self.clock())
-        parts = []
-        with self._exposition_lock:
-            for family in METRICS:
-                given = samples[family.name]
-                if type(given) is tuple:
-                    parts.append(self._per_alertname_text(family, *given))
-                elif given is not None:
-                    parts.append(format_family(family.name, family.kind, family.help, given).encode("utf-8"))
-        return parts
-
-    def _per_alertname_text(self, family: Family, series: Callable[[], List[str]], values: List[float]) -> bytes:
-        """A family with a series per alertname (series() gives their label sets), formatted
-        again only when its values changed since the last scrape: with 1,000 alertnames,
-        formatting 16,000 numbers was most of the time of a scrape, and between two scrapes most
-        families do not change at all."""
-        kept = self._exposition.get(family.name)
-        if kept is not None and kept[0] == values:
-            return kept[1]
-        text = format_family(family.name, family.kind, family.help, zip(series(), values)).encode("utf-8")
-        self._exposition[family.name] = (values, text)
-        return text
-
-    def _result_series(self, results: Tuple[str, ...]) -> List[str]:
-        """The label sets of a per-(alertname, result) family, in per_alertname_values' order."""
-        return [f'{label[:-1]},result="{result}"}}' for label in self._series_labels for result in results]
-
-    def _samples(self, now: float) -> Dict[str, Any]:
-        """The samples of each family of METRICS: (suffix and labels, value) pairs, or for the
-        families with a series per alertname, (a function giving their label sets, their values)."""
-        counters = self.counters.snapshot()  # one snapshot under the lock; formatting happens outside it
-        settings = self.effective()
-        names = self.action_names
-        labels = self._series_labels
-        claimed = self.claims.all_started()
-        started = [claimed.get(name) or 0.0 for name in names]
-        cooldowns = [settings.cooldowns[name] for name in names]
-        limit = settings.max_actions_per_hour
-        budget_used = self.claims.budget_used(now)
-        actions = counters["autoheal_actions_total"]
-        heals = counters["autoheal_heals_total"]
-        durations = counters["autoheal_action_duration_seconds_sum"]
-        runs = counters["autoheal_action_duration_seconds_count"]
-        with self._lock:
-            listeners = len(self._subscribers)
-
-        def plain_labels() -> List[str]:
-            return labels
-
-        def plain(family: str) -> List[Tuple[str, float]]:
-            return [("", counters[family][()])]
-
-        def summary(sums: Mapping[Tuple[Any, ...], float], counts: Mapping[Tuple[Any, ...], float]) -> Any:
-            """A per-alertname summary's _sum and _count series, on the pre-escaped label sets."""
-            return (lambda: ["_sum" + label for label in labels] + ["_count" + label for label in labels],
-                    per_alertname_values(sums, names) + per_alertname_values(counts, names))
-
-        def by(family: str, label: str) -> List[Tuple[str, float]]:
-            return [(format_labels({label: str(key[0])}), value) for key, value in counters[family].items()]
-
-        return {
-            "autoheal_enabled": [("", int(settings.enabled))],
-            "autoheal_dry_run": [("", int(settings.dry_run))],
-            "autoheal_build_info": [(format_labels({"version": __version__,
-                                                    "python_version": sys.version.split()[0]}), 1)],
-            "autoheal_alerts_received_total": plain("autoheal_alerts_received_total"),
-            "autoheal_alerts_skipped_total": by("autoheal_alerts_skipped_total", "reason"),
-            "autoheal_actions_total": (lambda: self._result_series(ACTION_RESULTS),
-                                       per_alertname_values(actions, names, ACTION_RESULTS)),
-            "autoheal_action_last_timestamp": (plain_labels, started),
-            "autoheal_cooldown_remaining_seconds": (plain_labels, [cooldown_remaining(begun or None, cooldown, now)
-                                                                   for begun, cooldown in zip(started, cooldowns)]),
-            "autoheal_cooldown_seconds": (plain_labels, cooldowns),
-            "autoheal_action_duration_seconds": summary(durations, runs),
-            "autoheal_action_budget_limit": [("", limit)],
-            "autoheal_action_budget_remaining": [("", max(0, limit - budget_used) if limit else math.nan)],
-            "autoheal_action_budget_exhausted": [("", int(bool(limit) and budget_used >= limit))],
-            "autoheal_acks_total": by("autoheal_acks_total", "outcome"),
-            "autoheal_silences_expired_total": plain("autoheal_silences_expired_total"),
-            "autoheal_state_persistent": [("", int(self.store.persistent))],
-            "autoheal_state_write_errors_total": [("", self.store.write_errors)],
-            "autoheal_state_file_replaced_total": [("", self.store.replaced)],
-            "autoheal_history_oldest_timestamp": [(format_labels({"class": name}), math.nan if ts is None else ts)
-                                                  for name, ts in self.store.oldest().items()],
-            "autoheal_http_rejected_total": [(format_labels({"path": path, "status": str(status)}), count)
-                                             for (path, status), count in
-                                             sorted(counters["autoheal_http_rejected_total"].items())],
-            "autoheal_state_commits_total": [("", self.store.commits)],
-            "autoheal_heals_total": (lambda: self._result_series(HEAL_RESULTS),
-                                     per_alertname_values(heals, names, HEAL_RESULTS)),
-            "autoheal_heal_duration_seconds": summary(counters["autoheal_heal_duration_seconds_sum"],
-                                                      counters["autoheal_heal_duration_seconds_count"]),
-            "autoheal_action_disabled": (plain_labels, [int(name in settings.disabled) for name in names]),
-            "autoheal_overrides": [("", len(settings.overrides))],
-            "autoheal_control_commands_total": [(format_labels({"source": source, "result": result}), count)
-                                                for (source, result), count in
-                                                sorted(counters["autoheal_control_commands_total"].items())],
-            "autoheal_coordination_up": None if self.coordination is None else [("", int(self.coordination.up))],
-            "autoheal_event_listeners": [("", listeners)],
-            "autoheal_actions_running": [("", self.processes.count())],
-            "autoheal_start_time_seconds": [("", self.started_at)],
-        }
-
-    # -- acknowledgements -----------------------------------------------------------------
-
-    def acknowledge(self, labels: Dict[str, str], seconds: float, text: str, client: str, user_agent: str,
-                    preview: bool) -> Dict[str, Any]:
-        """Create (or reuse, or extend) the exact silence of labels for seconds; PeerError when
-        Alertmanager refuses or does not answer.  A preview creates nothing."""
-        matchers = matchers_for(labels)
-        if preview:
-            self.counters.add("autoheal_acks_total", ("previewed",))
-            return {"ok": True, "preview": True, "silence_id": None, "matchers": matchers,
-                    "duration": format_duration(seconds),
-                    "message": "a preview creates nothing; open the link to acknowledge"}
-        key = matcher_key(matchers)
-        mine = _AckCall()
-        try:
-            while True:
-                # One click at a time per label set (a double tap must not stack two silences);
-                # the wait is on an Event, so no lock is held while Alertmanager answers.  A tap
-                # behind one that failed fails with it: taps never queue one timeout after another.
-                with self._lock:
-                    other = self._ack_inflight.get(key)
-                    if other is None:
-                        self._ack_inflight[key] = mine
-                        break
-                other.done.wait(self.config.alertmanager_timeout_sec * 4)
-                if other.error is not None:
-                    raise PeerError(other.error)
-            try:
-                outcome, silence_id, ends_at = self._silence(matchers, key, seconds, text)
-            except PeerError as exc:
-                mine.error = str(exc)
-                raise
-            finally:
-                with self._lock:
-                    self._ack_inflight.pop(key, None)
-                mine.done.set()
-        except PeerError as exc:
-            self.counters.add("autoheal_acks_total", ("error",))
-            self.record([make_event("ack", self.clock(), result="error", reason=str(exc), alertname=labels["alertname"],
-                                    labels=labels, client=client, user_agent=user_agent)])
-            raise
-        self.counters.add("autoheal_acks_total", (outcome,))
-        self.record([make_event("ack", self.clock(), result=outcome, alertname=labels["alertname"], labels=labels,
-                                silence_id=silence_id, ends_at=format_rfc3339(ends_at),
-                                duration=format_duration(seconds), comment=text, client=client,
-                                user_agent=user_agent)])
-        return {"ok": True, "silence_id": silence_id, "ends_at": format_rfc3339(ends_at), "matchers": matchers,
-                "outcome": outcome, "labels": labels}
-
-    def _silence(self, matchers: List[Dict[str, Any]], key: Any, seconds: float, text: str) -> Tuple[str, str, float]:
-        now = self.clock()
-        ends_at = now + seconds
-        existing = []
-        alertname = next(value for name, value, _regex, _equal in key if name == "alertname")
-        for silence in self.alertmanager.silences(alertname):
-            if (silence.get("createdBy") == CREATED_BY and (silence.get("status") or {}).get("state") == "active"
-                    and matcher_key(silence.get("matchers") or []) == key):
-                try:
-                    existing.append((parse_rfc3339(silence.get("endsAt", "")), silence))
-                except ValueError:
-                    continue
-        if existing:
-            current_end, current = max(existing, key=lambda pair: pair[0])
-            if ends_at <= current_end + 1:
-                return "existing", current["id"], current_end
-            # Keeping startsAt lets Alertmanager update the active silence in place; when it
-            # cannot, it expires the old one and answers with a new id, which is the one we report.
-            silence_id = self.alertmanager.post_silence({
-                "id": current["id"], "matchers": matchers, "startsAt": current["startsAt"],
-                "endsAt": format_rfc3339(ends_at), "createdBy": CREATED_BY, "comment": text,
-            })
-            return "extended", silence_id, ends_at
-        silence_id = self.alertmanager.post_silence({
-            "matchers": matchers, "startsAt": format_rfc3339(now), "endsAt": format_rfc3339(ends_at),
-            "createdBy": CREATED_BY, "comment": text,
-        })
-        return "created", silence_id, ends_at
-
-    def silence_of_event(self, event_id: int) -> str:
-        """The silence id of an acknowledgement recorded in the history, by the event's id."""
-        event = self.store.get(event_id)
-        if not event or event.get("kind") != "ack" or not event.get("silence_id"):
-            raise Unknown(f"id: no acknowledgement with id {event_id} in the history")
-        return event["silence_id"]
-
-    def undo(self, silence_id: str, client: str, user_agent: str) -> Dict[str, Any]:
-        """Expire a silence, but only one that autoheal created (Forbidden otherwise)."""
-        try:
-            silence = self.alertmanager.get_silence(silence_id)
-        except PeerError as exc:
-            if exc.status in (404, 500):  # Alertmanager answers an unknown id with 404 or 500
-                raise Unknown(f"silence_id: Alertmanager has no silence {silence_id}") from None
-            raise
-        if not isinstance(silence, dict) or silence.get("createdBy") != CREATED_BY:
-            raise Forbidden(f"silence {silence_id} was not created by autoheal; autoheal expires only its own")
-        state = (silence.get("status") or {}).get("state")
-        if state != "expired":
-            self.alertmanager.expire(silence_id)
-            self.counters.add("autoheal_silences_expired_total")
-        labels = {m.get("name", ""): m.get("value", "") for m in silence.get("matchers") or []}
-        self.record([make_event("unack", self.clock(), result="expired" if state != "expired" else "already_expired",
-                                alertname=labels.get("alertname"), labels=labels, silence_id=silence_id,
-                                client=client, user_agent=user_agent)])
-        return {"ok": True, "silence_id": silence_id, "expired": True, "labels": labels,
-                "was_already_expired": state == "expired"}
-
-    # -- history --------------------------------------------------------------------------
+        return b"".join(self.exposition.parts()).decode("utf-8")
 
     def history(self, limit: int, since: Optional[float] = None, **equal: Optional[str]) -> str:
         """GET /history: the JSON of recorded events, newest first; equal filters on alertname,
@@ -4789,7 +5001,7 @@ class Handler:
         return html_at >= 0 and (json_at < 0 or html_at < json_at)
 
     def route_metrics(self, method: str, params: Mapping[str, str]) -> None:
-        self._send(200, self.app.metrics_exposition(), "text/plain; version=0.0.4; charset=utf-8")
+        self._send(200, self.app.exposition.parts(), "text/plain; version=0.0.4; charset=utf-8")
 
     def route_alert(self, method: str, params: Mapping[str, str]) -> None:
         alerts = validate_webhook(parse_json_body(self._read_body()))
@@ -4800,7 +5012,7 @@ class Handler:
         labels, seconds, text = parse_ack_request(params, config.ack_max_duration_sec)
         user_agent = self.headers.get("user-agent", "")
         preview = method == "HEAD" or bool(PREVIEW_AGENTS.search(user_agent)) or self._is_prefetch()
-        result = self.app.acknowledge(labels, seconds, text, self.request.client, user_agent[:300], preview)
+        result = self.app.acks.acknowledge(labels, seconds, text, self.request.client, user_agent[:300], preview)
         if not self._wants_html():
             self._send_json(200, result)
             return
@@ -4837,10 +5049,10 @@ class Handler:
             except ValueError:
                 raise HttpError(400, f"id: expected the id of an ack event in /history, "
                                      f"got {params['id'][:40]!r}") from None
-            silence_id = self.app.silence_of_event(event_id)  # an ack withdrawn by its history id
+            silence_id = self.app.acks.silence_of_event(event_id)  # an ack withdrawn by its history id
         if not _SILENCE_ID.fullmatch(silence_id):
             raise HttpError(400, "silence_id: expected the id (a UUID) of a silence that autoheal created")
-        result = self.app.undo(silence_id, self.request.client, self.headers.get("user-agent", "")[:300])
+        result = self.app.acks.undo(silence_id, self.request.client, self.headers.get("user-agent", "")[:300])
         if self._wants_html():
             import html
 
@@ -4880,10 +5092,10 @@ class Handler:
             self._check_token(config.admin_token, token.strip() if scheme.lower() == "bearer" else None, 401,
                               "Authorization: Bearer admin token")
         except HttpError as exc:  # a refused attempt is recorded, with who and from where
-            self.app.control(body.get("command", ""), "http", by, self.request.client, body.get("reason"),
+            self.app.control.run(body.get("command", ""), "http", by, self.request.client, body.get("reason"),
                              may_change=False, attempt_refused=exc.message)
             raise
-        result, change, message = self.app.control(body.get("command", ""), "http", by, self.request.client,
+        result, change, message = self.app.control.run(body.get("command", ""), "http", by, self.request.client,
                                                    body.get("reason"))
         if result != "applied":  # does not parse: 400; cannot apply (nothing to undo): 409; etcd silent: 503
             raise HttpError({"invalid": 400, "unavailable": 503}.get(result, 409), message)
@@ -4918,7 +5130,7 @@ class Handler:
         answers: "queue.SimpleQueue[Dict[str, Any]]" = queue.SimpleQueue()
 
         def run() -> None:
-            result, change, message = app.control(form.get("text", ""), "slack", by, self.request.client,
+            result, change, message = app.control.run(form.get("text", ""), "slack", by, self.request.client,
                                                   may_change=user_id in config.slack_admins)
             if result == "applied" and change is not None:
                 # Said in the channel, with a mention, so that everyone sees who changed what.
@@ -4965,7 +5177,7 @@ class Handler:
             if not re.fullmatch(r"[0-9]{1,18}", raw):
                 raise HttpError(400, f"Last-Event-ID: expected the id of an event, got {raw[:40]!r}")
             last_event_id = int(raw)
-        subscriber = self.app.subscribe(last_event_id)
+        subscriber = self.app.feed.subscribe(last_event_id)
         if subscriber is None:
             raise HttpError(429, f"every /events slot is taken (AUTOHEAL_MAX_EVENT_LISTENERS="
                                  f"{self.app.config.max_event_listeners})", {"Retry-After": "10"})
@@ -5263,7 +5475,7 @@ class Server:
                 self._buffered -= length
                 connection.buffer = buffer[length:]
                 if not self._round:
-                    self.app.hold_records()
+                    self.app.journal.hold()
                 try:
                     answer, handler = self._respond(connection, request, settings)
                 except Exception as exc:  # the selector thread must survive whatever one request does
@@ -5292,7 +5504,7 @@ class Server:
         finished by a worker; a pipelined request already read starts the next round."""
         answered, self._round = self._round, []
         try:
-            self.app.release_records()
+            self.app.journal.release()
         except Exception as exc:  # no answer without its commit: the round's connections are dropped
             for connection, _answer, _close in answered:
                 self._close(connection)
@@ -5456,7 +5668,7 @@ class Server:
             elif served != trimmed:
                 self.app.quiet()
                 if trim is not None:
-                    self.app.compact()
+                    self.app.feed.compact()
                     trim()
                 trimmed = served
 
@@ -5480,7 +5692,7 @@ class Server:
             send_parts(connection.sock, answer)
         except OSError:
             if handler is not None and handler.stream is not None:
-                self.app.unsubscribe(handler.stream)
+                self.app.feed.unsubscribe(handler.stream)
             return "close"
         if handler is None:
             return "close"
@@ -5511,7 +5723,7 @@ class Server:
         last_sent = time.monotonic()
         try:
             while True:
-                events = self.app.events_after(subscriber, min(1.0, heartbeat))
+                events = self.app.feed.events_after(subscriber, min(1.0, heartbeat))
                 if events is None:
                     break
                 if events:
@@ -5535,7 +5747,7 @@ class Server:
         except OSError:
             pass
         finally:
-            self.app.unsubscribe(subscriber)
+            self.app.feed.unsubscribe(subscriber)
             sock.close()
 
     # -- stopping -------------------------------------------------------------------------
@@ -5563,7 +5775,7 @@ class Server:
                     self._busy_changed.wait(end - time.monotonic())
         for worker in self._workers:
             self._pools[worker.name.partition("-")[0]].put(None)
-        self.app.close_listeners()
+        self.app.feed.close()
         with self._streams_lock:
             streams = list(self._streams)
         for thread in self._workers + streams:
