@@ -1745,6 +1745,115 @@ _SET_COOLDOWN = ("INSERT INTO cooldowns VALUES (?, ?)"
                  if sqlite3.sqlite_version_info >= (3, 24) else "INSERT OR REPLACE INTO cooldowns VALUES (?, ?)")
 
 
+def mark_clean(path: str, totals: List[List[int]]) -> None:
+    """After a clean close (the WAL checkpointed away, no failed write), leave the file's
+    size, modification time and inode beside it in <file>.clean, with the history's totals.
+    The next start finds the file as it was left and skips reading all of it twice: the
+    quick_check (about 40 ms for 48 MB here, and it grows with the file) and the totals.
+    Anything that touched the file since (damage, another program) changes its time; a
+    crash leaves no mark at all (the start removes it): the check runs."""
+    if os.path.exists(path + "-wal"):
+        return
+    try:
+        stat = os.stat(path)
+        counts = " ".join(str(number) for cls in (KEPT, ROUTINE) for number in totals[cls])
+        with open(path + ".clean.tmp", "w") as mark:
+            mark.write(f"{stat.st_size} {stat.st_mtime_ns} {stat.st_ino} {counts}\n")
+        os.replace(path + ".clean.tmp", path + ".clean")
+    except OSError:
+        pass
+
+
+def left_clean(path: str) -> Optional[List[List[int]]]:
+    """The history's totals when the file is exactly as a clean close left it (see
+    mark_clean), else None.  The mark is removed either way, so that a crash of this run is
+    checked at the next start."""
+    try:
+        with open(path + ".clean") as mark:
+            size, mtime, inode, *totals = (int(word) for word in mark.read().split())
+        os.unlink(path + ".clean")
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError):
+            os.unlink(path + ".clean")
+        return None
+    if (stat.st_size, stat.st_mtime_ns, stat.st_ino) != (size, mtime, inode) or len(totals) != 4 or (
+            os.path.exists(path + "-wal")):
+        return None
+    return [totals[0:2], totals[2:4]]
+
+
+class WalCheckpointer:
+    """The state file's checkpoints: a thread of its own that copies the WAL back into the file
+    after each CHECKPOINT_BYTES of history committed (wrote), beside the commits."""
+
+    def __init__(self, store: "SqliteStore"):
+        self.store = store
+        self._written = 0  # bytes of history committed since the last checkpoint was asked for
+        self._due = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="checkpoint", daemon=True)
+        self._thread.start()
+
+    def wrote(self, size: int, rows: int) -> None:
+        """A commit of rows events wrote about size bytes (by the committing thread only)."""
+        self._written += size
+        # A storm commits hundreds of events at a time, and each such commit rewrites the same
+        # pages (the cooldown starts of all its alertnames, the ends of the table and indexes):
+        # checkpointed after every one, they were copied again and again (a storm of 5,000
+        # after 22 others, one core, three alternating runs: 126-165 ms against 134-221 ms).
+        # Its pages wait for the next small commit, or for the WAL's bound inside a commit.
+        if self._written >= CHECKPOINT_BYTES and rows < CHECKPOINT_BULK_ROWS:
+            self._written = 0
+            self._due.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._due.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        """Copy the WAL's new pages back into the file (a passive checkpoint) after each
+        CHECKPOINT_BYTES of history, on a connection of its own, beside the commits.
+
+        SQLite's default is a checkpoint inside the commit that fills 1,000 pages of WAL: that
+        commit, and every request waiting for it, then waits for the copy and two fsyncs.
+        Measured under 16 connections of dry-run webhooks on one core: p99 9 ms, against 2 ms
+        with no checkpoint at all, and 3.5 ms with this (4.3 ms after each 256 KiB, 9 ms after
+        each MiB: the copy competes with the requests for the one core, so smaller is smoother;
+        below 128 KiB the throughput fell).  A checkpoint only when requests pause left a load
+        that never pauses to the 4,096-page bound inside a commit: 20 ms.  A lower priority for
+        this thread made it worse (p99 5-17 ms): it fell behind."""
+        connection: Optional[sqlite3.Connection] = None  # kept open: opening it for each cost 3 % of req/s
+        replaced = self.store.replaced
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._closing:
+                break
+            try:
+                if connection is None or replaced != self.store.replaced:  # the file was replaced: its successor
+                    if connection is not None:
+                        connection.close()
+                    connection, replaced = None, self.store.replaced
+                    connection = sqlite3.connect(self.store.existing_file(), uri=True, check_same_thread=False)
+                # Again while commits came in meanwhile, so that little is left for the commit
+                # that reaches the WAL's bound.  (Only a checkpoint by the committing connection
+                # lets SQLite start the WAL over, measured: so the WAL grows to that bound, and
+                # the commit there finds almost nothing left to copy.)
+                for _ in range(4):
+                    _busy, frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]
+                    if frames == copied:
+                        break
+            except sqlite3.Error:  # after the next CHECKPOINT_BYTES, or inside a commit past the bound
+                if connection is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.close()
+                connection = None
+        if connection is not None:
+            connection.close()  # before the writer's own: the last one to close checkpoints and ends the WAL
+
+
 class SqliteStore(Store):
     """The history and the cooldowns in a SQLite file (WAL, group commit).
 
@@ -1791,16 +1900,14 @@ class SqliteStore(Store):
         self._committing = threading.Lock()  # held by the one thread committing
         self._doorbell: "queue.SimpleQueue[Optional[_Pending]]" = queue.SimpleQueue()  # for the writer
         self._writer: Optional[threading.Thread] = None
-        self._written = 0  # bytes of history committed since the last checkpoint was asked for
-        self._checkpoint_due = threading.Event()
-        self._checkpointer: Optional[threading.Thread] = None
+        self._checkpointer: Optional[WalCheckpointer] = None
         self._closing = False
         self._open(path)
 
     # -- opening, damage and a vanished file ----------------------------------------------
 
     def _open(self, path: str) -> None:
-        clean = self._left_clean(path)
+        clean = left_clean(path)
         try:
             connection = self._connect(path, check=clean is None)
         except sqlite3.DatabaseError as exc:
@@ -1824,8 +1931,7 @@ class SqliteStore(Store):
         self._heals = dict(connection.execute("SELECT fingerprint, body FROM heals").fetchall())
         self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
         self._writer.start()
-        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="checkpoint", daemon=True)
-        self._checkpointer.start()
+        self._checkpointer = WalCheckpointer(self)
 
     def _connect(self, path: str, check: bool) -> sqlite3.Connection:
         connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -1838,7 +1944,7 @@ class SqliteStore(Store):
             # Writes append to the ends of the tables' trees; 512 KiB of page cache does for
             # them what the default 2 MiB did, which then stayed resident after a storm.
             connection.execute("PRAGMA cache_size = -512")
-            # Checkpoints run beside the commits (_checkpoint_loop), not inside one that requests
+            # Checkpoints run beside the commits (WalCheckpointer), not inside one that requests
             # wait for; a commit checkpoints itself only past 16 MiB of WAL, if that fell behind.
             connection.execute("PRAGMA wal_autocheckpoint = 4096")
             if check:
@@ -1882,7 +1988,7 @@ class SqliteStore(Store):
         row = connection.execute("SELECT ts FROM events WHERE cls = ? ORDER BY id LIMIT 1", (cls,)).fetchone()
         return row[0] if row else None
 
-    def _existing_file(self) -> str:
+    def existing_file(self) -> str:
         """The state file as an SQLite URI that never creates it (mode=rw)."""
         import urllib.parse  # here, not at the top: a start with the default settings never needs it
 
@@ -1979,49 +2085,8 @@ class SqliteStore(Store):
                 self._commit_queued()
             del pending  # an idle writer keeps no records alive: a storm's are megabytes
 
-    def _checkpoint_loop(self) -> None:
-        """Copy the WAL's new pages back into the file (a passive checkpoint) after each
-        CHECKPOINT_BYTES of history, on a connection of its own, beside the commits.
-
-        SQLite's default is a checkpoint inside the commit that fills 1,000 pages of WAL: that
-        commit, and every request waiting for it, then waits for the copy and two fsyncs.
-        Measured under 16 connections of dry-run webhooks on one core: p99 9 ms, against 2 ms
-        with no checkpoint at all, and 3.5 ms with this (4.3 ms after each 256 KiB, 9 ms after
-        each MiB: the copy competes with the requests for the one core, so smaller is smoother;
-        below 128 KiB the throughput fell).  A checkpoint only when requests pause left a load
-        that never pauses to the 4,096-page bound inside a commit: 20 ms.  A lower priority for
-        this thread made it worse (p99 5-17 ms): it fell behind."""
-        connection: Optional[sqlite3.Connection] = None  # kept open: opening it for each cost 3 % of req/s
-        replaced = self.replaced
-        while True:
-            self._checkpoint_due.wait()
-            self._checkpoint_due.clear()
-            if self._closing:
-                break
-            try:
-                if connection is None or replaced != self.replaced:  # the file was replaced: its successor
-                    if connection is not None:
-                        connection.close()
-                    connection, replaced = None, self.replaced
-                    connection = sqlite3.connect(self._existing_file(), uri=True, check_same_thread=False)
-                # Again while commits came in meanwhile, so that little is left for the commit
-                # that reaches the WAL's bound.  (Only a checkpoint by the committing connection
-                # lets SQLite start the WAL over, measured: so the WAL grows to that bound, and
-                # the commit there finds almost nothing left to copy.)
-                for _ in range(4):
-                    _busy, frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]
-                    if frames == copied:
-                        break
-            except sqlite3.Error:  # after the next CHECKPOINT_BYTES, or inside a commit past the bound
-                if connection is not None:
-                    with contextlib.suppress(sqlite3.Error):
-                        connection.close()
-                connection = None
-        if connection is not None:
-            connection.close()  # before the writer's own: the last one to close checkpoints and ends the WAL
-
     def tidy(self) -> None:
-        """When requests pause (Server._release_memory): a class near its bounds is pruned now, in
+        """When requests pause (App.housekeeping): a class near its bounds is pruned now, in
         a commit of its own, down to nine tenths, rather than a little at a time inside the
         commits of the webhooks that reach them (_prune).  Deleting a tenth of 100,000 events
         takes about 20 ms, which no request waits for here."""
@@ -2117,15 +2182,8 @@ class SqliteStore(Store):
             self.commits += 1
             if len(self._identity) < 2:
                 self._identity = self._stat()  # the WAL exists from the first commit on
-            self._written += sum(row[7] for row in rows) + 8192  # and the index and cooldown pages
-            # A storm commits hundreds of events at a time, and each such commit rewrites the same
-            # pages (the cooldown starts of all its alertnames, the ends of the table and indexes):
-            # checkpointed after every one, they were copied again and again (a storm of 5,000
-            # after 22 others, one core, three alternating runs: 126-165 ms against 134-221 ms).
-            # Its pages wait for the next small commit, or for the WAL's bound inside a commit.
-            if self._written >= CHECKPOINT_BYTES and len(rows) < CHECKPOINT_BULK_ROWS:
-                self._written = 0
-                self._checkpoint_due.set()
+            if self._checkpointer is not None:  # the size of the rows, and the index and cooldown pages
+                self._checkpointer.wrote(sum(row[7] for row in rows) + 8192, len(rows))
         self._on_commit(committed)
         for pending in batch:
             pending.done = True
@@ -2219,7 +2277,7 @@ class SqliteStore(Store):
         must exist: a reader never creates a stray empty one, and a vanished one is reopened first."""
         with self._lock:
             self._check_identity()
-        reader = sqlite3.connect(self._existing_file(), uri=True, check_same_thread=False)
+        reader = sqlite3.connect(self.existing_file(), uri=True, check_same_thread=False)
         try:
             reader.execute("PRAGMA busy_timeout = 5000")
             return reader.execute(sql, parameters).fetchall()
@@ -2227,57 +2285,20 @@ class SqliteStore(Store):
             reader.close()
 
     def close(self) -> None:
+        self._closing = True
         if self._writer is not None:
             self._doorbell.put(None)
             self._writer.join(timeout=10)
         while self._queue:  # whatever is still queued goes in; a failure is logged
             self._commit_queued()
         if self._checkpointer is not None:
-            self._closing = True
-            self._checkpoint_due.set()
-            self._checkpointer.join(timeout=10)
+            self._checkpointer.close()
         if self._connection is not None:
             with self._lock:
                 self._connection.close()
                 self._connection = None
-            self._mark_clean()
-
-    def _mark_clean(self) -> None:
-        """After a clean close (the WAL checkpointed away, no failed write), leave the file's
-        size, modification time and inode beside it in <file>.clean, with the history's totals.
-        The next start finds the file as it was left and skips reading all of it twice: the
-        quick_check (about 40 ms for 48 MB here, and it grows with the file) and the totals.
-        Anything that touched the file since (damage, another program) changes its time; a
-        crash leaves no mark at all (the start removes it): the check runs."""
-        if self.write_errors or os.path.exists(self.path + "-wal"):
-            return
-        try:
-            stat = os.stat(self.path)
-            totals = " ".join(str(number) for cls in (KEPT, ROUTINE) for number in self._totals[cls])
-            with open(self.path + ".clean.tmp", "w") as mark:
-                mark.write(f"{stat.st_size} {stat.st_mtime_ns} {stat.st_ino} {totals}\n")
-            os.replace(self.path + ".clean.tmp", self.path + ".clean")
-        except OSError:
-            pass
-
-    @staticmethod
-    def _left_clean(path: str) -> Optional[List[List[int]]]:
-        """The history's totals when the file is exactly as a clean close left it (see
-        _mark_clean), else None.  The mark is removed either way, so that a crash of this run is
-        checked at the next start."""
-        try:
-            with open(path + ".clean") as mark:
-                size, mtime, inode, *totals = (int(word) for word in mark.read().split())
-            os.unlink(path + ".clean")
-            stat = os.stat(path)
-        except (OSError, ValueError):
-            with contextlib.suppress(OSError):
-                os.unlink(path + ".clean")
-            return None
-        if (stat.st_size, stat.st_mtime_ns, stat.st_ino) != (size, mtime, inode) or len(totals) != 4 or (
-                os.path.exists(path + "-wal")):
-            return None
-        return [totals[0:2], totals[2:4]]
+            if not self.write_errors:
+                mark_clean(self.path, self._totals)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4090,9 +4111,28 @@ class App:
                 self.log({"event": "error", "message": f"timer: {type(exc).__name__}: {exc}"}, "error")
                 time.sleep(1)
 
-    def quiet(self) -> None:
-        """Requests paused: the history's pruning, when it is near its bounds (SqliteStore.tidy)."""
-        self.store.tidy()
+    def housekeeping(self, served: Callable[[], int], stop: threading.Event) -> None:
+        """Once requests are done (served() has not moved for 0.05 s): the housekeeping that no
+        request should wait for (the history's pruning near its bounds, SqliteStore.tidy), and
+        giving the heap that requests freed back to the system.
+
+        glibc keeps freed memory for reuse; after compiling this module at start, a storm of
+        thousands of alerts or a scrape of 1,000 alertnames, most of it would stay resident for
+        good (about 18 MiB after the compile alone).  malloc_trim(0) returns it.  Elsewhere
+        (musl, macOS, no ctypes) there is nothing to trim.
+        """
+        trim = heap_trimmer()
+        seen, trimmed = served(), -1
+        while not stop.wait(0.05):
+            now_served = served()
+            if now_served != seen:  # still busy: wait for a quiet moment
+                seen = now_served
+            elif now_served != trimmed:
+                self.store.tidy()
+                if trim is not None:
+                    self.feed.compact()
+                    trim()
+                trimmed = now_served
 
     def close(self) -> None:
         """Close the listeners, the timers and control threads and the state store."""
@@ -5279,6 +5319,62 @@ class _Connection:
 _EXPECT_CONTINUE = re.compile(rb"\nexpect:[ \t]*100-continue", re.IGNORECASE)
 
 
+class EventStreams:
+    """The /events streams, each on a thread of its own once its answer's head is sent (their
+    number is bounded by the feed's subscriptions: AUTOHEAL_MAX_EVENT_LISTENERS)."""
+
+    def __init__(self, feed: EventFeed, heartbeat: float, timeout: float):
+        self.feed = feed
+        self.heartbeat = heartbeat
+        self.timeout = timeout
+        self._threads: List[threading.Thread] = []
+        self._lock = threading.Lock()  # workers add streams side by side
+
+    def start(self, sock: socket.socket, subscriber: Subscriber) -> None:
+        thread = threading.Thread(target=self._stream, args=(sock, subscriber), name="events", daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def threads(self) -> List[threading.Thread]:
+        with self._lock:
+            return list(self._threads)
+
+    def _stream(self, sock: socket.socket, subscriber: Subscriber) -> None:
+        """Send each new event as one Server-Sent Event (its history id as the SSE id) until the
+        client goes away, or stops reading for AUTOHEAL_REQUEST_TIMEOUT_SEC."""
+        heartbeat = self.heartbeat
+        last_sent = time.monotonic()
+        try:
+            while True:
+                events = self.feed.events_after(subscriber, min(1.0, heartbeat))
+                if events is None:
+                    break
+                if events:
+                    sock.sendall("".join(f"id: {event_id}\ndata: {text}\n\n" for event_id, text in events)
+                                 .encode("utf-8"))
+                    subscriber.cursor = events[-1][0]
+                    last_sent = time.monotonic()
+                elif time.monotonic() - last_sent >= heartbeat:
+                    sock.sendall(b": heartbeat\n\n")
+                    last_sent = time.monotonic()
+                else:
+                    # A client that went away frees its slot within a second, not at the next write.
+                    sock.setblocking(False)
+                    try:
+                        if sock.recv(1024) == b"":
+                            break
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    finally:
+                        sock.settimeout(self.timeout)
+        except OSError:
+            pass
+        finally:
+            self.feed.unsubscribe(subscriber)
+            sock.close()
+
+
 class Server:
     """The HTTP server: one selector thread gathers whole requests, a fixed pool handles them.
 
@@ -5327,7 +5423,7 @@ class Server:
         self._accept_paused_until = 0.0
         self.max_connections, self.fd_warning = connection_limit(self.config)
         self._stop_requested = threading.Event()
-        self.served = 0  # counts each request begun, and each a worker ended: what _release_memory watches
+        self.served = 0  # counts each request begun, and each a worker ended: what App.housekeeping watches
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ, "accept")
         self._wake_read, self._wake_write = socket.socketpair()
@@ -5351,8 +5447,7 @@ class Server:
             name: queue.SimpleQueue() for name in sizes}
         self._busy = 0
         self._busy_changed = threading.Condition()
-        self._streams: List[threading.Thread] = []
-        self._streams_lock = threading.Lock()
+        self.streams = EventStreams(app.feed, self.config.events_heartbeat_sec, self.config.request_timeout_sec)
         self._stopped = threading.Event()
         self._workers = [threading.Thread(target=self._work, args=(self._pools[name],), name=f"{name}-{index}",
                                           daemon=True) for name, size in sizes.items() for index in range(size)]
@@ -5364,7 +5459,8 @@ class Server:
     def serve_forever(self) -> None:
         """Accept and read until stop() is called."""
         next_sweep = time.monotonic() + 0.5
-        threading.Thread(target=self._release_memory, name="memory", daemon=True).start()
+        threading.Thread(target=self.app.housekeeping, args=(lambda: self.served, self._stop_requested),
+                         name="memory", daemon=True).start()
         try:
             while not self._stop_requested.is_set():
                 for key, _mask in self._selector.select(timeout=0.1 if self._accept_paused_until else 0.5):
@@ -5650,32 +5746,10 @@ class Server:
     def _client(connection: _Connection) -> str:
         return str(connection.address[0]) if isinstance(connection.address, tuple) else ""
 
-    def _release_memory(self) -> None:
-        """Once requests are done (0.05 s quiet): the housekeeping that no request should wait
-        for (App.quiet), and giving the heap that requests freed back to the system.
-
-        glibc keeps freed memory for reuse; after compiling this module at start, a storm of
-        thousands of alerts or a scrape of 1,000 alertnames, most of it would stay resident for
-        good (about 18 MiB after the compile alone).  malloc_trim(0) returns it.  Elsewhere
-        (musl, macOS, no ctypes) there is nothing to trim.
-        """
-        trim = heap_trimmer()
-        seen, trimmed = self.served, -1
-        while not self._stop_requested.wait(0.05):
-            served = self.served
-            if served != seen:  # still busy: wait for a quiet moment
-                seen = served
-            elif served != trimmed:
-                self.app.quiet()
-                if trim is not None:
-                    self.app.feed.compact()
-                    trim()
-                trimmed = served
-
     def _respond(self, connection: _Connection, raw: bytes,
                  settings: Optional[Settings] = None) -> Tuple[Union[bytes, List[bytes]], Optional["Handler"]]:
         """The answer to one whole request, and its handler (None: the request did not parse)."""
-        self.served += 1  # for _release_memory; a lost increment under a race only delays a trim
+        self.served += 1  # for App.housekeeping; a lost increment under a race only delays a trim
         client = self._client(connection)
         try:
             request = parse_request(raw, client)
@@ -5697,11 +5771,7 @@ class Server:
         if handler is None:
             return "close"
         if handler.stream is not None:
-            thread = threading.Thread(target=self._stream, args=(connection.sock, handler.stream),
-                                      name="events", daemon=True)
-            with self._streams_lock:  # workers add streams side by side
-                self._streams = [t for t in self._streams if t.is_alive()] + [thread]
-            thread.start()
+            self.streams.start(connection.sock, handler.stream)
             return "detached"
         return "close" if handler.close_connection else "keep"
 
@@ -5715,40 +5785,6 @@ class Server:
         except OSError:
             return "close"
         return "close" if close else "keep"
-
-    def _stream(self, sock: socket.socket, subscriber: Subscriber) -> None:
-        """Send each new event as one Server-Sent Event (its history id as the SSE id) until the
-        client goes away, or stops reading for AUTOHEAL_REQUEST_TIMEOUT_SEC."""
-        heartbeat = self.config.events_heartbeat_sec
-        last_sent = time.monotonic()
-        try:
-            while True:
-                events = self.app.feed.events_after(subscriber, min(1.0, heartbeat))
-                if events is None:
-                    break
-                if events:
-                    sock.sendall("".join(f"id: {event_id}\ndata: {text}\n\n" for event_id, text in events)
-                                 .encode("utf-8"))
-                    subscriber.cursor = events[-1][0]
-                    last_sent = time.monotonic()
-                elif time.monotonic() - last_sent >= heartbeat:
-                    sock.sendall(b": heartbeat\n\n")
-                    last_sent = time.monotonic()
-                else:
-                    # A client that went away frees its slot within a second, not at the next write.
-                    sock.setblocking(False)
-                    try:
-                        if sock.recv(1024) == b"":
-                            break
-                    except (BlockingIOError, InterruptedError):
-                        pass
-                    finally:
-                        sock.settimeout(self.config.request_timeout_sec)
-        except OSError:
-            pass
-        finally:
-            self.app.feed.unsubscribe(subscriber)
-            sock.close()
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -5776,9 +5812,7 @@ class Server:
         for worker in self._workers:
             self._pools[worker.name.partition("-")[0]].put(None)
         self.app.feed.close()
-        with self._streams_lock:
-            streams = list(self._streams)
-        for thread in self._workers + streams:
+        for thread in self._workers + self.streams.threads():
             thread.join(timeout=2)
         self._selector.close()
         self._wake_read.close()
