@@ -56,7 +56,7 @@ with exit status 2 and one line naming the variable):
     AUTOHEAL_MAX_BODY_BYTES=1048576      larger request bodies get 413
     AUTOHEAL_REQUEST_TIMEOUT_SEC=10      a request must arrive whole within this; idle connections close
     AUTOHEAL_MAX_CONNECTIONS=512         open connections; past it the longest-idle one is dropped
-    AUTOHEAL_WORKERS=16                  webhooks and acks handled at once (2 more threads answer the rest)
+    AUTOHEAL_WORKERS=16                  webhooks handled at once (acks, control and the rest: pools of their own)
     AUTOHEAL_MAX_EVENT_LISTENERS=16      GET /events streams at once
     AUTOHEAL_EVENTS_HEARTBEAT_SEC=15     comment line sent to idle /events listeners
     AUTOHEAL_SHUTDOWN_GRACE_SEC=10       on SIGTERM, how long in-flight actions may finish
@@ -173,7 +173,8 @@ def check(env: "Mapping[str, str]", timeout: float = 2.0) -> int:
 if __name__ == "__main__" and sys.argv[1:2] == ["--check"]:
     raise SystemExit(check(os.environ))
 
-import collections  # noqa: E402 - after the health check's early exit, on purpose
+import abc  # noqa: E402 - after the health check's early exit, on purpose (loaded by collections anyway)
+import collections  # noqa: E402
 import contextlib
 import itertools
 import json
@@ -257,8 +258,6 @@ INLINE_MAX_BYTES = 65536  # a dry-run webhook up to this size is answered by the
 BUDGET_WINDOW_SEC = 3600  # the global action budget counts runs in a rolling hour
 COORDINATION_POLL_SEC = 0.25  # replicas: how often each reads the shared state in etcd
 CONTROL_CAS_ATTEMPTS = 5  # replicas: a change planned again when another replica's landed first
-QUICK_WORKERS = 2  # the pool of requests that never wait on a command or a peer (see Server)
-ACK_WORKERS = 4  # the pool of acks, which wait on Alertmanager
 
 # The level of a recorded event's log line, by its result; everything else is "info".
 _EVENT_LEVELS = {"failed": "warning", "error": "error", "not_healed": "warning"}
@@ -1546,7 +1545,7 @@ def _is_sqlite_file(path: str) -> bool:
         return False
 
 
-class Store:
+class Store(abc.ABC):
     """Cooldowns and the audit history: what MemoryStore and SqliteStore share, and their methods.
 
     record() is common: each event is serialised once, its id spliced in front under one small
@@ -1554,6 +1553,9 @@ class Store:
     order (what /events resumes by).  The history has two retention classes (retention_class),
     each bounded in count (max_events) and in bytes (half of max_bytes); repeats of a routine
     decision are folded into the first one (count, last_ts) instead of becoming events of their own.
+
+    Every method a store must have is abstract: a store that forgets one (load_control, say, and
+    with it every override at a restart) cannot be made at all.
     """
 
     persistent = False
@@ -1617,60 +1619,81 @@ class Store:
                 held.append(pending)
         return texts
 
+    @abc.abstractmethod
     def _keep(self, pending: _Pending) -> bool:
         """Keep records (under the order lock); True when they wait for a commit (wait)."""
-        raise NotImplementedError
 
     def wait(self, pending: _Pending) -> None:
         """Return once pending is committed; raise if its commit failed."""
         if pending.error:
             raise sqlite3.OperationalError(pending.error)
 
+    @abc.abstractmethod
     def load_control(self) -> Optional[str]:
         """The runtime control state as last kept (JSON), or None."""
-        return None
 
+    @abc.abstractmethod
     def tidy(self) -> None:
-        """Housekeeping for a quiet moment; in memory, pruning happens as records are kept."""
+        """Housekeeping for a quiet moment (pruning near the bounds)."""
 
+    @abc.abstractmethod
     def load_heals(self) -> Dict[str, str]:
         """The heal verdicts still pending, by fingerprint (JSON each)."""
-        return {}
 
     def last_id(self) -> int:
         """The id of the latest event recorded (0: none yet)."""
         with self._order:
             return self._next_id - 1
 
+    @abc.abstractmethod
     def load_cooldowns(self) -> Dict[str, float]:
         """Start time of each alertname's last cooldown, as recorded."""
-        return {}
 
+    @abc.abstractmethod
     def load_budget_times(self, since: float, budget: int) -> List[float]:
         """When the newest runs (real or dry, at most budget of them) since then happened, for the
         global budget."""
-        return []
 
+    @abc.abstractmethod
     def query(self, limit: int, since: Optional[float] = None, after: Optional[int] = None,
               **equal: Optional[str]) -> List[Tuple[int, str]]:
         """Recorded events as (id, text): newest first, or with after, the oldest ones after that id.
         equal filters on alertname, kind and result (None: any)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def get(self, event_id: int) -> Optional[Dict[str, Any]]:
         """One recorded event by its id."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def oldest(self) -> Dict[str, Optional[float]]:
         """How far back each retention class reaches: the time of its oldest event (None: empty)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Commit what is queued and let go of the storage."""
 
 
 class MemoryStore(Store):
-    """The history in memory only: nothing survives a restart (AUTOHEAL_STATE_FILE empty)."""
+    """The history in memory only: nothing survives a restart (AUTOHEAL_STATE_FILE empty), so
+    there is nothing to load at start, and pruning happens as records are kept."""
+
+    def load_control(self) -> Optional[str]:
+        return None
+
+    def load_heals(self) -> Dict[str, str]:
+        return {}
+
+    def load_cooldowns(self) -> Dict[str, float]:
+        return {}
+
+    def load_budget_times(self, since: float, budget: int) -> List[float]:
+        return []
+
+    def tidy(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def __init__(self, max_events: int, max_bytes: int, on_commit: Callable[[List[Tuple[int, str]]], None],
                  log: Callable[..., None]):
@@ -2599,11 +2622,7 @@ def slack_signature(secret: str, timestamp: str, body: bytes) -> str:
 
 def describe_settings(status: Mapping[str, Any]) -> str:
     """The effective state, for people (the --control command line, Slack): a few lines."""
-    mode = "OFF" if not status["enabled"] else ("DRY-RUN" if status["dry_run"] else "LIVE")
-    paused = [o for o in status.get("overrides", []) if o["setting"] == "enabled" and o["until"]]
-    if paused and not status["enabled"]:
-        mode = f"PAUSED until {paused[-1]['until']}"
-    lines = [f"autoheal is {mode} (enabled={str(status['enabled']).lower()}, dry_run={str(status['dry_run']).lower()})"]
+    lines = [f"autoheal is {mode_text(status)} (enabled={str(status['enabled']).lower()}, dry_run={str(status['dry_run']).lower()})"]
     for name, cooldown in sorted((status.get("cooldowns") or {}).items()):
         flag = " DISABLED" if name in (status.get("disabled_actions") or []) else ""
         lines.append(f"  {name}: cooldown {format_duration(cooldown['cooldown_seconds'])}, "
@@ -4359,12 +4378,15 @@ class App:
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; img-src data:; "
                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
-_PAGE_STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:40em;margin:2em auto;padding:0 1em;color:#222}"
-    "table{border-collapse:collapse;max-width:100%}td{border:1px solid #ccc;padding:.3em .6em;overflow-wrap:anywhere}"
-    "time,code{white-space:nowrap}.scroll{overflow-x:auto}"
-    "button,.button{font-size:1.1em;padding:.5em 1em;display:inline-block;margin:.2em}.muted{color:#666}"
-)
+_PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 40em; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; max-width: 100%; }
+td { border: 1px solid #ccc; padding: .3em .6em; overflow-wrap: anywhere; }
+time, code { white-space: nowrap; }
+.scroll { overflow-x: auto; }
+button, .button { font-size: 1.1em; padding: .5em 1em; display: inline-block; margin: .2em; }
+.muted { color: #666; }
+"""
 
 
 def render_page(title: str, paragraphs: List[str], labels: Optional[Mapping[str, str]] = None,
@@ -4401,28 +4423,52 @@ STATUS_PAGE_POLICY = ("default-src 'none'; script-src 'self'; connect-src 'self'
 # An empty icon inline, so that browsers do not ask for /favicon.ico.
 _NO_ICON = '<link rel="icon" href="data:,">'
 
-_STATUS_STYLE = (
-    "*{box-sizing:border-box}body{font-family:system-ui,sans-serif;margin:0 auto;max-width:72em;padding:.8em;"
-    "color:#1b1b1b;background:#fafafa}h1{font-size:1.4em;margin:.2em 0}h2{font-size:1.1em;margin:1.2em 0 .4em}"
-    ".mode{display:inline-block;padding:.2em .6em;border-radius:.3em;font-weight:700;color:#fff;background:#555}"
-    ".mode-LIVE{background:#1a7f37}.mode-DRY-RUN{background:#9a6700}.mode-OFF,.mode-PAUSED{background:#6e7781}"
-    ".wrap{overflow-x:auto;max-width:100%}table{border-collapse:collapse;width:100%;font-size:.92em}"
-    "th,td{border-bottom:1px solid #ddd;padding:.35em .5em;text-align:left;vertical-align:top}"
-    "td.value{overflow-wrap:anywhere}time,.id{white-space:nowrap}code{font-size:.9em}"
-    "button{font-size:.95em;padding:.35em .7em;margin:.15em;cursor:pointer}"
-    "#events{list-style:none;padding:0;margin:0;max-height:24em;overflow-y:auto}"
-    "#events li{border-bottom:1px solid #eee;padding:.3em 0;overflow-wrap:anywhere}"
-    ".r-executed,.r-healed{color:#1a7f37}.r-failed,.r-error,.r-not_healed{color:#cf222e}"
-    ".r-dry_run{color:#9a6700}.r-cooldown_skip,.r-skipped,.r-rate_limited{color:#6e7781}"
-    "svg{width:100%;min-width:640px;height:auto;display:block}.muted{color:#6e7781}.controls{margin:.5em 0}"
-    "input{font-size:1em;padding:.3em;max-width:100%}.name{white-space:nowrap}"
-    # A phone: each action's row flows as one block instead of a table wider than the screen.
-    "@media (max-width:600px){thead{display:none}tr{display:block;border-bottom:1px solid #ddd;padding:.4em 0}"
-    "td{display:inline-block;border:0;padding:.15em .4em}.mode{font-size:.8em}}"
-)
+_STATUS_STYLE = """
+* { box-sizing: border-box; }
+body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 72em; padding: .8em; color: #1b1b1b;
+       background: #fafafa; }
+h1 { font-size: 1.4em; margin: .2em 0; }
+h2 { font-size: 1.1em; margin: 1.2em 0 .4em; }
+.mode { display: inline-block; padding: .2em .6em; border-radius: .3em; font-weight: 700; color: #fff;
+        background: #555; }
+.mode-live { background: #1a7f37; }
+.mode-dry_run { background: #9a6700; }
+.mode-off, .mode-paused { background: #6e7781; }
+.mode-halted { background: #cf222e; }
+.wrap { overflow-x: auto; max-width: 100%; }
+table { border-collapse: collapse; width: 100%; font-size: .92em; }
+th, td { border-bottom: 1px solid #ddd; padding: .35em .5em; text-align: left; vertical-align: top; }
+td.value { overflow-wrap: anywhere; }
+time, .id { white-space: nowrap; }
+code { font-size: .9em; }
+button { font-size: .95em; padding: .35em .7em; margin: .15em; cursor: pointer; }
+#events { list-style: none; padding: 0; margin: 0; max-height: 24em; overflow-y: auto; }
+#events li { border-bottom: 1px solid #eee; padding: .3em 0; overflow-wrap: anywhere; }
+.r-executed, .r-healed { color: #1a7f37; }
+.r-failed, .r-error, .r-not_healed { color: #cf222e; }
+.r-dry_run { color: #9a6700; }
+.r-cooldown_skip, .r-skipped, .r-rate_limited { color: #6e7781; }
+svg { width: 100%; min-width: 640px; height: auto; display: block; }
+.muted { color: #6e7781; }
+.controls { margin: .5em 0; }
+input { font-size: 1em; padding: .3em; max-width: 100%; }
+.name { white-space: nowrap; }
+/* A phone: each action's row flows as one block instead of a table wider than the screen. */
+@media (max-width: 600px) {
+  thead { display: none; }
+  tr { display: block; border-bottom: 1px solid #ddd; padding: .4em 0; }
+  td { display: inline-block; border: 0; padding: .15em .4em; }
+  .mode { font-size: .8em; }
+}
+"""
 # Colours of the 24-hour picture, by result; the legend says them in words.
 _MARK_COLOURS = (("executed", "#1a7f37"), ("failed", "#cf222e"), ("error", "#8250df"), ("dry_run", "#d4a72c"),
                  ("cooldown_skip", "#8c959f"), ("rate_limited", "#0969da"), ("skipped", "#d0d7de"))
+# One line of the event list, the one template of it: filled here (render_event_line) for the page
+# as it loads, and by page.js, from the <template id="event-line"> the page carries, for each event
+# that arrives later.  The script finds the parts by their class.
+EVENT_LINE = ('<li><span class="what r-{result}"><span class="kind">{kind}</span> <span class="result">{result}'
+              '</span></span> <span class="alertname">{alertname}</span> {time}</li>')
 
 
 def _time_tag(timestamp: Optional[float]) -> str:
@@ -4435,24 +4481,27 @@ def _time_tag(timestamp: Optional[float]) -> str:
     return f'<time datetime="{text}" title="{text}">{html.escape(text)}</time>'
 
 
-def page_mode(status: Mapping[str, Any]) -> str:
-    """The mode in words: OFF, DRY-RUN, LIVE, or PAUSED until ... while a disable with a duration holds."""
-    if not status["enabled"]:
-        paused = [o for o in status.get("overrides", []) if o["setting"] == "enabled" and o["until"]]
-        return f"PAUSED until {paused[-1]['until']}" if paused else "OFF"
-    return "DRY-RUN" if status["dry_run"] else "LIVE"
-
-
-_NO_OVERRIDES = '<li class="muted">none: the environment is in force</li>'
-
-
-def _mode_markup(mode: str) -> str:
-    """The mode, its PAUSED until time as a <time> (local and relative once the script runs)."""
+def render_event_line(event: Mapping[str, Any]) -> str:
+    """One event of the list (EVENT_LINE), every value escaped."""
     import html
 
-    if mode.startswith("PAUSED until "):
-        return "PAUSED until " + _time_tag(parse_rfc3339(mode[len("PAUSED until "):]))
-    return html.escape(mode)
+    return EVENT_LINE.format(result=html.escape(str(event.get("result", ""))),
+                             kind=html.escape(str(event.get("kind", ""))),
+                             alertname=html.escape(str(event.get("alertname") or "")), time=_time_tag(event["ts"]))
+
+
+def mode_text(status: Mapping[str, Any]) -> str:
+    """GET /'s mode in the words people read: OFF, DRY-RUN, LIVE, HALTED, or PAUSED until <time>."""
+    words = MODE_WORDS[status["mode"]]
+    return f"{words} until {status['paused_until']}" if status.get("paused_until") else words
+
+
+def _mode_markup(status: Mapping[str, Any]) -> str:
+    """The mode for the page's badge, a pause's end as a <time> (local and relative once the
+    script runs)."""
+    if status.get("paused_until"):
+        return f"{MODE_WORDS[status['mode']]} until {_time_tag(parse_rfc3339(status['paused_until']))}"
+    return MODE_WORDS[status["mode"]]
 
 
 def render_timeline(names: List[str], decisions: List[Mapping[str, Any]], now: float) -> str:
@@ -4486,22 +4535,18 @@ def render_timeline(names: List[str], decisions: List[Mapping[str, Any]], now: f
     return '<div class="wrap" id="timeline">' + "".join(parts) + f'</div><p class="muted">{legend}</p>'
 
 
-def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, Any]],
-                       heals: List[Mapping[str, Any]], events: List[Mapping[str, Any]], now: float) -> str:
-    """GET / for people: complete as of the load without script; page.js keeps it live."""
+def _action_rows(status: Mapping[str, Any], decisions: List[Mapping[str, Any]], heals: List[Mapping[str, Any]],
+                 now: float) -> str:
+    """A row per action: its command, cooldown, time left, last decision, verdict and buttons."""
     import html
 
-    mode = page_mode(status)
     esc = html.escape
-    last_decision = {}
+    last_decision: Dict[Any, Mapping[str, Any]] = {}
     for event in decisions:  # newest first
         last_decision.setdefault(event.get("alertname"), event)
-    last_heal = {}
+    last_heal: Dict[Any, Mapping[str, Any]] = {}
     for event in heals:
         last_heal.setdefault(event.get("alertname"), event)
-    budget = status.get("max_actions_per_hour") or 0
-    budget_text = (f"{budget - (status.get('action_budget_remaining') or 0)} of {budget} actions used this hour"
-                   if budget else "no hourly budget")
     rows = []
     for name in status["actions"]:
         cooldown = status["cooldowns"][name]
@@ -4521,14 +4566,31 @@ def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, A
             f'<td>{esc(format_duration(cooldown["cooldown_seconds"]))}</td><td>{left}</td><td>{last}</td>'
             f'<td>{healed}</td><td><button data-command="rearm {esc(name)}">rearm</button>'
             f'<button data-command="{switch} {esc(name)}">{switch}</button></td></tr>')
-    overrides = [
+    return "".join(rows)
+
+
+def _override_items(status: Mapping[str, Any]) -> str:
+    """The overrides in force, each with who set it, until when, and an undo button."""
+    import html
+
+    esc = html.escape
+    items = [
         f'<li>#{o["id"]} <b>{esc(o["setting"])}</b>{" " + esc(o["alertname"]) if o["alertname"] else ""} = '
         f'{esc(json.dumps(o["value"]))} by {esc(o["by"])}'
         f'{" until " + _time_tag(parse_rfc3339(o["until"])) if o["until"] else ""} '
         f'<button data-command="undo {o["id"]}">undo</button></li>' for o in status.get("overrides", [])]
-    items = [f'<li><span class="r-{esc(str(e.get("result", "")))}">{esc(str(e.get("kind", "")))} '
-             f'{esc(str(e.get("result", "")))}</span> {esc(str(e.get("alertname") or ""))} {_time_tag(e["ts"])}</li>'
-             for e in events]
+    return "".join(items) or '<li class="muted">none: the environment is in force</li>'
+
+
+def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, Any]],
+                       heals: List[Mapping[str, Any]], events: List[Mapping[str, Any]], now: float) -> str:
+    """GET / for people: complete as of the load without script; page.js keeps it live."""
+    import html
+
+    esc = html.escape
+    budget = status.get("max_actions_per_hour") or 0
+    budget_text = (f"{budget - (status.get('action_budget_remaining') or 0)} of {budget} actions used this hour"
+                   if budget else "no hourly budget")
     note = f'<p class="muted">{esc(status["overrides_note"])}</p>' if status.get("overrides_note") else ""
     coordination = status.get("coordination")
     replica = ""
@@ -4536,38 +4598,52 @@ def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, A
         replica = (f'<p>Replica <code>{esc(coordination["replica"])}</code>, coordinated through etcd: ' + (
             "answering.</p>" if coordination["up"] else
             f'<strong>NOT ANSWERING: no action runs</strong> ({esc(coordination["error"] or "")}).</p>'))
+    blank_line = EVENT_LINE.format(result="", kind="", alertname="", time="<time></time>")
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">' + _NO_ICON +
-        f"<title>autoheal: {esc(mode)}</title><style>{_STATUS_STYLE}</style></head><body>"
-        f'<h1>autoheal is <span id="mode" class="mode mode-{esc(mode.split()[0])}">{_mode_markup(mode)}</span></h1>'
+        f"<title>autoheal: {esc(mode_text(status))}</title><style>{_STATUS_STYLE}</style></head><body>"
+        f'<h1>autoheal is <span id="mode" class="mode mode-{status["mode"]}">{_mode_markup(status)}</span></h1>'
         f'<p>{esc(budget_text)}. Alertmanager: <code>{esc(status["alertmanager_url"])}</code>. '
         f'Version {esc(status["version"])}.</p>{replica}'
         '<h2>Actions</h2><div class="wrap"><table><thead><tr><th>action</th><th>cooldown</th><th>left</th>'
-        f'<th>last decision</th><th>healed?</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
-        f'<h2>Overrides</h2>{note}<ul id="overrides">{"".join(overrides) or _NO_OVERRIDES}</ul>'
+        '<th>last decision</th><th>healed?</th><th></th></tr></thead>'
+        f'<tbody>{_action_rows(status, decisions, heals, now)}</tbody></table></div>'
+        f'<h2>Overrides</h2>{note}<ul id="overrides">{_override_items(status)}</ul>'
         '<div class="controls"><label>Admin token <input id="token" type="password" autocomplete="off" '
         'placeholder="AUTOHEAL_ADMIN_TOKEN"></label><br>'
         '<button data-command="disable 1h">disable 1h</button><button data-command="enable">enable</button>'
         '<button data-command="dry-run on">dry-run on</button><button data-command="dry-run off">dry-run off</button>'
         '<span id="answer" class="muted" role="status"></span></div>'
         f'<h2>The last 24 hours</h2>{render_timeline(status["actions"], decisions, now)}'
-        f'<h2>Latest events</h2><ul id="events">{"".join(items)}</ul>'
+        f'<h2>Latest events</h2><ul id="events">{"".join(render_event_line(e) for e in events)}</ul>'
+        f'<template id="event-line">{blank_line}</template>'
         '<script src="page.js"></script></body></html>\n')
 
 
 PAGE_SCRIPT = r"""'use strict';
 (function () {
   var token = '';  // kept in this page's memory only: never in a URL, storage or the history
+  var WORDS = {off: 'OFF', dry_run: 'DRY-RUN', live: 'LIVE', paused: 'PAUSED', halted: 'HALTED'};
+
+  // A time in the reader's local time, and how long ago or from now.
   function local(iso) {
-    var when = new Date(iso), seconds = Math.round((when - Date.now()) / 1000), a = Math.abs(seconds);
-    var rel = a < 60 ? a + ' s' : a < 3600 ? Math.round(a / 60) + ' min' : a < 86400 ? Math.round(a / 3600) + ' h'
+    var when = new Date(iso);
+    var seconds = Math.round((when - Date.now()) / 1000);
+    var a = Math.abs(seconds);
+    var rel = a < 60 ? a + ' s'
+      : a < 3600 ? Math.round(a / 60) + ' min'
+      : a < 86400 ? Math.round(a / 3600) + ' h'
       : Math.round(a / 86400) + ' d';
     return when.toLocaleString() + ' (' + (a < 5 ? 'just now' : seconds > 0 ? 'in ' + rel : rel + ' ago') + ')';
   }
+
   function times(root) {
-    root.querySelectorAll('time[datetime]').forEach(function (t) { t.textContent = local(t.getAttribute('datetime')); });
+    root.querySelectorAll('time[datetime]').forEach(function (t) {
+      t.textContent = local(t.getAttribute('datetime'));
+    });
   }
+
   function tick() {
     document.querySelectorAll('.countdown').forEach(function (c) {
       var left = Math.round((new Date(c.getAttribute('data-until')) - Date.now()) / 1000);
@@ -4575,19 +4651,26 @@ PAGE_SCRIPT = r"""'use strict';
     });
     times(document);
   }
-  function show(event) {
-    var list = document.getElementById('events'), item = document.createElement('li'), span = document.createElement('span');
-    span.className = 'r-' + String(event.result || '');
-    span.textContent = String(event.kind || '') + ' ' + String(event.result || '');
-    item.appendChild(span);
-    item.appendChild(document.createTextNode(' ' + String(event.alertname || '') + ' '));
-    var t = document.createElement('time');
-    t.setAttribute('datetime', new Date(event.ts * 1000).toISOString());
-    t.title = t.getAttribute('datetime');
-    item.appendChild(t);
-    list.insertBefore(item, list.firstChild);
-    times(item);
+
+  function setTime(t, iso) {
+    t.setAttribute('datetime', iso);
+    t.title = iso;
   }
+
+  // One event, from the page's own template of an event line (EVENT_LINE).
+  function show(event) {
+    var line = document.getElementById('event-line').content.firstElementChild.cloneNode(true);
+    var result = String(event.result || '');
+    line.querySelector('.what').className = 'what r-' + result;
+    line.querySelector('.kind').textContent = String(event.kind || '');
+    line.querySelector('.result').textContent = result;
+    line.querySelector('.alertname').textContent = String(event.alertname || '');
+    setTime(line.querySelector('time'), new Date(event.ts * 1000).toISOString());
+    var list = document.getElementById('events');
+    list.insertBefore(line, list.firstChild);
+    times(line);
+  }
+
   function listen() {
     var source = new EventSource('events');  // reconnects by itself, with Last-Event-ID
     source.onmessage = function (message) {
@@ -4596,34 +4679,39 @@ PAGE_SCRIPT = r"""'use strict';
       if (event.kind === 'control') { refreshMode(); }
     };
   }
+
+  // The badge, from GET /'s mode and paused_until: the same words the server renders.
   function refreshMode() {
-    fetch('./', {headers: {'Accept': 'application/json'}}).then(function (r) { return r.json(); }).then(function (s) {
-      var mode = !s.enabled ? 'OFF' : s.dry_run ? 'DRY-RUN' : 'LIVE';
-      var paused = (s.overrides || []).filter(function (o) { return o.setting === 'enabled' && o.until; });
-      var el = document.getElementById('mode');
-      el.textContent = mode;
-      if (!s.enabled && paused.length) {
-        mode = 'PAUSED';
-        el.textContent = 'PAUSED until ';
-        var t = document.createElement('time');
-        t.setAttribute('datetime', paused[paused.length - 1].until);
-        t.title = paused[paused.length - 1].until;
-        el.appendChild(t);
-        times(el);
-      }
-      el.className = 'mode mode-' + mode;
-      document.title = 'autoheal: ' + el.textContent;
-    });
+    fetch('./', {headers: {'Accept': 'application/json'}})
+      .then(function (r) { return r.json(); })
+      .then(function (s) {
+        var el = document.getElementById('mode');
+        el.textContent = WORDS[s.mode] || s.mode;
+        if (s.paused_until) {
+          el.textContent += ' until ';
+          var t = document.createElement('time');
+          setTime(t, s.paused_until);
+          el.appendChild(t);
+          times(el);
+        }
+        el.className = 'mode mode-' + s.mode;
+        document.title = 'autoheal: ' + el.textContent;
+      });
   }
+
   function send(command) {
     var answer = document.getElementById('answer');
     token = document.getElementById('token').value || token;
     if (!token) { answer.textContent = 'enter the admin token first'; return; }
-    fetch('control', {method: 'POST', headers: {'Content-Type': 'application/json', 'Authorization': 'Bearer ' + token},
-                      body: JSON.stringify({command: command, by: 'status page'})})
+    fetch('control', {
+      method: 'POST',
+      headers: {'Content-Type': 'application/json', 'Authorization': 'Bearer ' + token},
+      body: JSON.stringify({command: command, by: 'status page'})
+    })
       .then(function (r) { return r.json(); })
       .then(function (body) { answer.textContent = body.ok ? body.text : body.error; refreshMode(); });
   }
+
   document.addEventListener('click', function (e) {
     var command = e.target && e.target.getAttribute && e.target.getAttribute('data-command');
     if (command) { send(command); }
@@ -4648,7 +4736,8 @@ class Route:
     """One endpoint, everything about it in one row: its handler (Handler.route_<name>), its
     methods, the pool that serves it (see Server), whether it changes something (then a cross-site
     request is refused), the token that guards it, whether it reads a form body, and whether
-    people read its errors (an HTML page for a browser)."""
+    people read its errors (an HTML page for a browser), and whether the selector thread answers
+    it itself while nothing can run (see Server: dry-run webhooks up to INLINE_MAX_BYTES)."""
 
     name: str
     methods: Tuple[str, ...]
@@ -4657,15 +4746,22 @@ class Route:
     token: Optional[str] = None  # "webhook": Authorization: Bearer; "ack": token= in the query or form
     form: bool = False
     for_people: bool = False
+    inline: bool = False
 
 
-# Pools: "quick" never waits on a command or a peer (the health check and the scrape); "main"
-# runs webhooks and their commands; "ack" waits on Alertmanager, so that acks can never take
-# the workers that webhooks need; "control" keeps runtime control answering while actions run wild.
+# The worker pools a Route names, and how many threads each has (None: AUTOHEAL_WORKERS).  However
+# many slow actions or silent Alertmanager calls fill "main" and "ack", GET / (the health check)
+# and /metrics are still answered by "quick", and acks never hold a worker a webhook needs.
+POOLS: Dict[str, Optional[int]] = {
+    "main": None,  # webhooks and their commands
+    "ack": 4,  # acks, which wait on Alertmanager
+    "quick": 2,  # what never waits on a command or a peer, only on SQLite: the health check, the scrape
+    "control": 2,  # runtime control, answering while actions run wild
+}
 ROUTES: Dict[str, Route] = {
     "/": Route("status", ("GET",), "quick"),
     "/metrics": Route("metrics", ("GET",), "quick"),
-    "/alert": Route("alert", ("POST",), "main", changes=True, token="webhook"),
+    "/alert": Route("alert", ("POST",), "main", changes=True, token="webhook", inline=True),
     "/ack": Route("ack", ("GET",), "ack", changes=True, token="ack", for_people=True),
     "/ack/undo": Route("undo", ("POST",), "ack", changes=True, token="ack", form=True, for_people=True),
     "/history": Route("history", ("GET",), "quick"),
@@ -4674,6 +4770,11 @@ ROUTES: Dict[str, Route] = {
     "/control": Route("control", ("POST",), "control", changes=True),
     "/slack/command": Route("slack", ("POST",), "control"),
 }
+
+
+def pool_sizes(config: Config) -> Dict[str, int]:
+    """The threads of each pool of POOLS under this configuration."""
+    return {name: config.workers if size is None else size for name, size in POOLS.items()}
 
 
 def route_path(target: str) -> Optional[str]:
@@ -4741,6 +4842,13 @@ def parse_history_query(params: Mapping[str, str], now: float) -> Dict[str, Any]
         if len(params.get(name, "")) > 256:
             raise HttpError(400, f"{name}: longer than 256 characters")
         query[name] = params.get(name) or None
+    kind, result = query["kind"], query["result"]
+    if kind is not None and kind not in EVENT_KINDS:
+        raise HttpError(400, f"kind: unknown kind {kind[:40]!r}; the history holds {', '.join(EVENT_KINDS)}")
+    results = EVENT_KINDS[kind] if kind is not None else EVENT_RESULTS
+    if result is not None and result not in results:
+        raise HttpError(400, f"result: {result[:40]!r} is no result of {'a ' + kind if kind else 'any'} event; "
+                             f"expected one of {', '.join(results)}")
     return query
 
 
@@ -5437,12 +5545,8 @@ class Server:
         self._buffered_limit = max(16 << 20, 8 * self.config.max_body_bytes)
         self._returned: collections.deque = collections.deque()
         self._round: List[Tuple[_Connection, bytes, bool]] = []  # answered here, sent once committed
-        # Three pools, chosen by the route (Route.pool): webhooks and their commands ("main"),
-        # acks, which wait on Alertmanager ("ack"), and the rest, which never wait on anything
-        # but SQLite ("quick").  However many slow actions or silent Alertmanager calls fill the
-        # first two, GET / (the health check) and /metrics are still answered by the third, and
-        # acks never hold a worker that a webhook needs.
-        sizes = {"main": self.config.workers, "ack": ACK_WORKERS, "quick": QUICK_WORKERS, "control": QUICK_WORKERS}
+        # The pools of POOLS, chosen by the route (Route.pool).
+        sizes = pool_sizes(self.config)
         self._pools: Dict[str, "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]"] = {
             name: queue.SimpleQueue() for name in sizes}
         self._busy = 0
@@ -5565,7 +5669,8 @@ class Server:
         # refused, which waits on nothing; a method a quick route does not take is refused too.
         _method, _, rest = request.partition(b" ")
         path = route_path(rest.partition(b" ")[0].decode("latin-1"))
-        if path == "/alert" and length <= INLINE_MAX_BYTES and self.app.coordination is None:
+        route = ROUTES[path] if path is not None else None
+        if route is not None and route.inline and length <= INLINE_MAX_BYTES and self.app.coordination is None:
             settings = self.app.effective()
             if not settings.executes:  # nothing will run: answered here (see the class)
                 self._buffered -= length
@@ -5585,7 +5690,7 @@ class Server:
         self._buffered -= len(buffer)
         connection.buffer = buffer[length:]
         self._leave(connection)
-        self._pools["quick" if path is None else ROUTES[path].pool].put((connection, request))
+        self._pools["quick" if route is None else route.pool].put((connection, request))
 
     def _leave(self, connection: _Connection) -> None:
         """A connection goes to a worker: out of the selector until the worker returns it."""
@@ -5856,7 +5961,7 @@ def connection_limit(config: Config) -> Tuple[int, Optional[str]]:
 
     # Besides connections: the workers' sockets in flight, /events streams, SQLite, the pipes of
     # running commands, outgoing calls, and some to spare.
-    reserve = config.workers + ACK_WORKERS + 2 * QUICK_WORKERS + config.max_event_listeners \
+    reserve = sum(pool_sizes(config).values()) + config.max_event_listeners \
         + 2 * config.max_concurrent_actions + 64
     wanted = config.max_connections + reserve
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -6149,7 +6254,8 @@ def main(argv: Optional[List[str]] = None, detach: bool = False) -> Optional[int
     app.log({"event": "started", "version": __version__, "host": server.server_address[0], "port": server.port,
              "enabled": config.enabled, "dry_run": config.dry_run, "alertmanager_url": config.alertmanager_url,
              "public_url": config.public_url, "webhook_token_set": config.webhook_token is not None,
-             "ack_token_set": config.ack_token is not None,
+             "ack_token_set": config.ack_token is not None, "admin_token_set": config.admin_token is not None,
+             "slack_signing_secret_set": config.slack_signing_secret is not None,
              "state_file": config.state_file if app.store.persistent else None,
              "etcd": {"endpoints": list(config.etcd_endpoints), "prefix": config.etcd_prefix, "replica": config.replica,
                       "user": config.etcd_user, "password_set": config.etcd_password is not None,
