@@ -106,26 +106,57 @@ a script given by path is compiled at every start.
 """
 from __future__ import annotations
 
-# Where things go (the seams), for whoever adds the next feature:
-#   a new endpoint      one row in ROUTES (methods, pool, token, cross-site guard, HTML errors) and
-#                       a Handler.route_<name> that turns HTTP into typed arguments for App; App
-#                       answers in domain terms (Unknown, Forbidden, PeerError), never HttpError.
+# Where things go (the seams), for whoever adds the next feature (test_the_seams_map_holds checks
+# what can be checked):
+#   a new endpoint      one row in ROUTES (methods, pool, token, cross-site guard, HTML errors, answered
+#                       inline) and a Handler.route_<name> that turns HTTP into typed arguments for the
+#                       app; the app's parts answer in domain terms (Unknown, Forbidden, PeerError),
+#                       never HttpError.  A pool is a row of POOLS.
 #   a new setting       a Config field parsed in Config.from_env (bounded, named in --help and the
-#                       README); if it may change at runtime, a field of Settings, and App.effective
-#                       is the one place that says what is in force.
+#                       README).  If it may change at runtime: a field of Settings, built in
+#                       Control._build_settings (from the overrides), planned in Control._plan (a verb
+#                       of COMMAND_PARSERS), read through Control.effective, shown by App.status.
 #   a new gate          judge() when it reads only the alert and the settings; anything exclusive
 #                       (a cooldown, a budget slot) behind one claim() of the claims object
-#                       (LocalClaims in one process; EtcdClaims for replicas, which answer the
-#                       same way, or raise CoordinationUnavailable: the alert fails closed).
-#   shared state        replicas share through etcd only what must agree (claims, the control
-#                       state under compare-and-swap, App._shared_control); the rest stays per
-#                       replica in its Store.
-#   a new metric        one row in METRICS and its samples in App._samples; a counter's values in
-#                       App.counters (Counters), added to wherever it happens.
-#   a new event kind    make_event(kind, now, ...) and App.record; retention_class says if a storm
-#                       may evict it.
-#   a new storage       a Store subclass (MemoryStore, SqliteStore): _keep, query, get, oldest,
-#                       load_cooldowns, load_budget_times, close; App._open_store picks it.
+#                       (LocalClaims in one process; EtcdClaims for replicas, which answer the same
+#                       way, or raise CoordinationUnavailable: the alert fails closed).  A claim lost
+#                       for a new reason: a row of CLAIM_REASONS and its branch in Decision.settle.
+#   shared state        replicas share through etcd only what must agree (claims; the control state
+#                       under compare-and-swap, SharedControl); the rest stays per replica in its Store.
+#   a new job           a class of its own with its own lock (Journal, EventFeed, Control, HealTracker,
+#                       Acknowledgements, Exposition), wired together in App.__init__.
+#   a new metric        one row in METRICS.  A counter's values live in App.counters (Counters) under
+#                       the family's name, its preset series in the row, its samples come by its
+#                       labels; any other family's samples are named in Exposition._samples.
+#   a new event kind    a row of EVENT_KINDS (its results), events built by make_event (which refuses
+#                       an unknown kind) and recorded through Journal.record; retention_class says
+#                       if a storm may evict it.
+#   a new storage       a Store subclass (MemoryStore, SqliteStore): every abstract method of Store;
+#                       App._open_store picks it.
+#
+# Contents (the banners below, in this order; test_the_contents_match_the_banners checks it):
+#    1. Constants
+#    2. Configuration
+#    3. Errors
+#    4. Pure helpers: time, JSON input, environment names, logging
+#    5. The exposition: metric families, counters and the text format
+#    6. The action runner
+#    7. Outgoing HTTP and Docker actions
+#    8. The state store: cooldowns and the audit history
+#    9. Alertmanager's silences API
+#   10. The command language: one for POST /control, --control and the Slack slash command
+#   11. Claims: cooldowns and the hourly budget
+#   12. Coordination in etcd: replicas share cooldowns, the budget and runtime control
+#   13. Judging and recording: decisions, events, the journal, the /events feed
+#   14. Runtime control: overrides, undo, lapses
+#   15. Did it heal? Verdicts on runs
+#   16. Acknowledgements: silences in Alertmanager
+#   17. The application: the parts, wired together, and the webhook's path through them
+#   18. Pages for people
+#   19. Reading requests: HTTP/1.1 framing and parsing
+#   20. The HTTP handler: routes, and what each answers
+#   21. The server
+#   22. Command line
 
 __version__ = "0.1.0"
 
@@ -779,7 +810,7 @@ class PeerError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure helpers: time, JSON input, environment names, the exposition format
+# Pure helpers: time, JSON input, environment names, logging
 # ---------------------------------------------------------------------------------------------
 
 
@@ -898,6 +929,23 @@ def _env_safe(value: Any) -> str:
     # An environment string cannot hold NUL; everything else passes through untouched.
     return str(value).replace("\0", "")
 
+
+def log_event(event: Mapping[str, Any], stream: Any = None, lock: Optional[threading.Lock] = None) -> None:
+    """One JSON object per line, ASCII only: every control character (and U+2028) is escaped."""
+    line = json.dumps(event, separators=(",", ":"), default=str) + "\n"
+    target = stream or sys.stdout
+    if lock is None:
+        target.write(line)
+        target.flush()
+        return
+    with lock:
+        target.write(line)
+        target.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# The exposition: metric families, counters and the text format
+# ---------------------------------------------------------------------------------------------
 
 def escape_help(text: str) -> str:
     """HELP text escaping of the exposition format: backslash and newline."""
@@ -1169,19 +1217,6 @@ class Exposition:
         }
 
 
-def log_event(event: Mapping[str, Any], stream: Any = None, lock: Optional[threading.Lock] = None) -> None:
-    """One JSON object per line, ASCII only: every control character (and U+2028) is escaped."""
-    line = json.dumps(event, separators=(",", ":"), default=str) + "\n"
-    target = stream or sys.stdout
-    if lock is None:
-        target.write(line)
-        target.flush()
-        return
-    with lock:
-        target.write(line)
-        target.flush()
-
-
 # ---------------------------------------------------------------------------------------------
 # The action runner
 # ---------------------------------------------------------------------------------------------
@@ -1235,6 +1270,18 @@ def _kill_group(process: subprocess.Popen) -> None:
         pass
 
 
+def _read_tail(stream: Any, tail: bytearray) -> None:
+    """Read a command's output to its end, keeping only the last OUTPUT_TAIL_BYTES: a chatty
+    command cannot grow memory."""
+    while True:
+        chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+        if not chunk:
+            break
+        tail.extend(chunk)
+        if len(tail) > OUTPUT_TAIL_BYTES:
+            del tail[: len(tail) - OUTPUT_TAIL_BYTES]
+
+
 def run_command(
     argv: Tuple[str, ...],
     env: Mapping[str, str],
@@ -1260,18 +1307,8 @@ def run_command(
     if registry is not None:
         registry.add(process)
     tail = bytearray()
-
-    def read_tail() -> None:
-        # Keep only the last OUTPUT_TAIL_BYTES: a chatty command cannot grow memory.
-        while True:
-            chunk = process.stdout.read1(65536) if hasattr(process.stdout, "read1") else process.stdout.read(65536)
-            if not chunk:
-                break
-            tail.extend(chunk)
-            if len(tail) > OUTPUT_TAIL_BYTES:
-                del tail[: len(tail) - OUTPUT_TAIL_BYTES]
-
-    reader = threading.Thread(target=read_tail, name=f"output-{process.pid}", daemon=True)
+    reader = threading.Thread(target=_read_tail, args=(process.stdout, tail), name=f"output-{process.pid}",
+                              daemon=True)
     reader.start()
     error = None
     try:
@@ -2483,7 +2520,7 @@ def validate_webhook(payload: Any) -> List[Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Runtime control: one command language for POST /control and the Slack slash command
+# The command language: one for POST /control, --control and the Slack slash command
 # ---------------------------------------------------------------------------------------------
 
 CONTROL_USAGE = (
@@ -2544,6 +2581,98 @@ class Override:
                 "ts": format_rfc3339(self.ts)}
 
 
+class _Words:
+    """The words of one command after its verb, and the checks its verb's parser makes of them."""
+
+    def __init__(self, verb: str, rest: List[str], actions: Mapping[str, Action]):
+        self.verb = verb
+        self.rest = rest
+        self.actions = actions
+
+    def not_an_action(self, word: str) -> CommandError:
+        actions = self.actions
+        return CommandError(f"{word[:80]!r} is not an alertname of the action map "
+                            f"({', '.join(sorted(actions)[:10])}{', ...' if len(actions) > 10 else ''})")
+
+    def name(self, word: str) -> str:
+        if word not in self.actions:
+            raise self.not_an_action(word)
+        return word
+
+    @staticmethod
+    def duration(word: str) -> float:
+        try:
+            return parse_duration(word)
+        except ValueError as exc:
+            raise CommandError(f"{word[:40]!r}: {exc}") from None
+
+    def arity(self, low: int, high: int) -> List[str]:
+        """The words after the verb, when there are low to high of them."""
+        if not low <= len(self.rest) <= high:
+            raise CommandError(f"{self.verb} takes {low if low == high else f'{low} to {high}'} word(s) after it, "
+                               f"got {len(self.rest)}; usage: {CONTROL_USAGE}")
+        return self.rest
+
+
+def _parse_alone(words: _Words) -> Command:
+    words.arity(0, 0)
+    return Command(words.verb)
+
+
+def _parse_enable(words: _Words) -> Command:
+    rest = words.arity(0, 1)
+    return Command("enable", words.name(rest[0]) if rest else None)
+
+
+def _parse_disable(words: _Words) -> Command:
+    rest = words.arity(0, 2)
+    if not rest:
+        return Command("disable")
+    if rest[0] in words.actions:
+        return Command("disable", rest[0], seconds=words.duration(rest[1]) if len(rest) > 1 else None)
+    if len(rest) == 1 and _DURATION.match(rest[0].lower()):
+        return Command("disable", seconds=words.duration(rest[0].lower()))
+    raise words.not_an_action(rest[0])  # neither an alertname nor a duration: say so
+
+
+def _parse_dry_run(words: _Words) -> Command:
+    rest = words.arity(1, 1)
+    if rest[0].lower() not in ("on", "off"):
+        raise CommandError(f"dry-run takes on or off, got {rest[0][:40]!r}")
+    return Command("dry-run", value=rest[0].lower() == "on")
+
+
+def _parse_cooldown(words: _Words) -> Command:
+    rest = words.arity(2, 2)
+    alertname = words.name(rest[0])
+    if rest[1].lower() == "default":
+        return Command("cooldown", alertname, None)
+    seconds = words.duration(rest[1].lower())
+    if seconds > MAX_COOLDOWN_SEC:
+        raise CommandError(f"a cooldown of at most {format_duration(MAX_COOLDOWN_SEC)}")
+    return Command("cooldown", alertname, seconds)
+
+
+def _parse_rearm(words: _Words) -> Command:
+    rest = words.arity(1, 1)
+    return Command("rearm", words.name(rest[0]))
+
+
+def _parse_undo(words: _Words) -> Command:
+    rest = words.arity(0, 1)
+    if rest and not re.fullmatch(r"[0-9]{1,18}", rest[0]):
+        raise CommandError(f"undo takes the history id of a change, got {rest[0][:40]!r}")
+    return Command("undo", value=int(rest[0]) if rest else None)
+
+
+# Each verb of the command language, and what parses the words after it.
+COMMAND_PARSERS: Dict[str, Callable[[_Words], Command]] = {
+    "status": _parse_alone, "help": _parse_alone, "reset": _parse_alone, "enable": _parse_enable,
+    "disable": _parse_disable, "dry-run": _parse_dry_run, "cooldown": _parse_cooldown, "rearm": _parse_rearm,
+    "undo": _parse_undo,
+}
+
+
 def parse_command(text: str, actions: Mapping[str, Action]) -> Command:
     """One control command; CommandError saying why (and showing the usage) when it does not parse."""
     if len(text) > MAX_COMMAND_CHARS:
@@ -2552,63 +2681,10 @@ def parse_command(text: str, actions: Mapping[str, Action]) -> Command:
     if not words:
         return Command("status")
     verb = words[0].lower()
-    rest = words[1:]
-
-    def name(word: str) -> str:
-        if word not in actions:
-            raise CommandError(f"{word[:80]!r} is not an alertname of the action map "
-                               f"({', '.join(sorted(actions)[:10])}{', ...' if len(actions) > 10 else ''})")
-        return word
-
-    def duration(word: str) -> float:
-        try:
-            return parse_duration(word)
-        except ValueError as exc:
-            raise CommandError(f"{word[:40]!r}: {exc}") from None
-
-    def arity(low: int, high: int) -> None:
-        if not low <= len(rest) <= high:
-            raise CommandError(f"{verb} takes {low if low == high else f'{low} to {high}'} word(s) after it, "
-                               f"got {len(rest)}; usage: {CONTROL_USAGE}")
-
-    if verb in ("status", "help", "reset"):
-        arity(0, 0)
-        return Command(verb)
-    if verb == "enable":
-        arity(0, 1)
-        return Command("enable", name(rest[0]) if rest else None)
-    if verb == "disable":
-        arity(0, 2)
-        if not rest:
-            return Command("disable")
-        if rest[0] in actions:
-            return Command("disable", rest[0], seconds=duration(rest[1]) if len(rest) > 1 else None)
-        if len(rest) == 1 and _DURATION.match(rest[0].lower()):
-            return Command("disable", seconds=duration(rest[0].lower()))
-        name(rest[0])  # neither an alertname nor a duration: say so
-    if verb == "dry-run":
-        arity(1, 1)
-        if rest[0].lower() not in ("on", "off"):
-            raise CommandError(f"dry-run takes on or off, got {rest[0][:40]!r}")
-        return Command("dry-run", value=rest[0].lower() == "on")
-    if verb == "cooldown":
-        arity(2, 2)
-        alertname = name(rest[0])
-        if rest[1].lower() == "default":
-            return Command("cooldown", alertname, None)
-        seconds = duration(rest[1].lower())
-        if seconds > MAX_COOLDOWN_SEC:
-            raise CommandError(f"a cooldown of at most {format_duration(MAX_COOLDOWN_SEC)}")
-        return Command("cooldown", alertname, seconds)
-    if verb == "rearm":
-        arity(1, 1)
-        return Command("rearm", name(rest[0]))
-    if verb == "undo":
-        arity(0, 1)
-        if rest and not re.fullmatch(r"[0-9]{1,18}", rest[0]):
-            raise CommandError(f"undo takes the history id of a change, got {rest[0][:40]!r}")
-        return Command("undo", value=int(rest[0]) if rest else None)
-    raise CommandError(f"unknown command {verb[:40]!r}; usage: {CONTROL_USAGE}")
+    parser = COMMAND_PARSERS.get(verb)
+    if parser is None:
+        raise CommandError(f"unknown command {verb[:40]!r}; usage: {CONTROL_USAGE}")
+    return parser(_Words(verb, words[1:], actions))
 
 
 def slack_signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -4727,7 +4803,160 @@ PAGE_SCRIPT = r"""'use strict';
 
 
 # ---------------------------------------------------------------------------------------------
-# The HTTP handler
+# Reading requests: HTTP/1.1 framing and parsing
+# ---------------------------------------------------------------------------------------------
+
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def frame_request(buffer: bytes, max_body: int) -> int:
+    """Length of the first whole request in buffer, 0 while incomplete; HttpError for bad framing.
+
+    Only framing is checked here (request line, head size, Content-Length); parse_request reads
+    the request itself once it is whole.
+    """
+    match = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)
+    first_line_end = buffer.find(b"\n", 0, MAX_REQUEST_LINE + 2)
+    if first_line_end < 0 and len(buffer) > MAX_REQUEST_LINE:
+        raise HttpError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
+    if match is None:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise HttpError(431, f"request head longer than {MAX_HEAD_BYTES} bytes")
+        return 0
+    head_end = match.end()
+    lines = buffer[:match.start()].split(b"\n")
+    method = lines[0].split(b" ", 1)[0]
+    lengths = set()
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        name = name.strip().lower()
+        if name == b"content-length":
+            lengths.add(value.strip())
+        elif name == b"transfer-encoding":
+            raise HttpError(411, "Transfer-Encoding is not accepted; send the body with a Content-Length")
+    if len(lengths) > 1:
+        raise HttpError(400, "conflicting Content-Length headers")
+    if not lengths:
+        if method == b"POST":
+            raise HttpError(411, "Content-Length is required on POST")
+        return head_end
+    raw = lengths.pop()
+    if not raw.isdigit() or len(raw) > 18:
+        raise HttpError(400, f"Content-Length must be a whole number, got {raw[:40].decode('latin-1')!r}")
+    length = int(raw)
+    if length > max_body:
+        raise HttpError(413, f"body of {length} bytes is over AUTOHEAL_MAX_BODY_BYTES ({max_body})")
+    if len(buffer) < head_end + length:
+        return 0
+    return head_end + length
+
+_EXPECT_CONTINUE = re.compile(rb"\nexpect:[ \t]*100-continue", re.IGNORECASE)
+
+
+def parse_query(query: str) -> Dict[str, str]:
+    """Query or form parameters; the first of a repeated name wins."""
+    if not query:
+        return {}
+    import urllib.parse
+
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=64)
+    except ValueError as exc:
+        raise HttpError(400, f"query: {exc}") from None
+    params: Dict[str, str] = {}
+    for name, value in pairs:
+        params.setdefault(name, value)
+    return params
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_STATUS_PHRASES = {
+    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
+    409: "Conflict", 429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    502: "Bad Gateway",
+}
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+MAX_HEADERS = 100
+
+
+def http_date(timestamp: float) -> str:
+    """An IMF-fixdate (RFC 9110 5.6.7), independent of the locale."""
+    t = time.gmtime(timestamp)
+    return (f"{_WEEKDAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+class Request:
+    """One HTTP request, parsed from bytes that frame_request found whole."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "client")
+
+    def __init__(self, method: str, target: str, version: str, headers: Dict[str, str], body: bytes, client: str):
+        self.method = method
+        self.target = target
+        self.path, _, self.query = target.partition("?")
+        self.version = version
+        self.headers = headers
+        self.body = body
+        self.client = client
+
+    @property
+    def keep_alive(self) -> bool:
+        """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked."""
+        connection = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.1":
+            return "close" not in connection
+        return "keep-alive" in connection
+
+
+def parse_request(raw: bytes, client: str) -> Request:
+    """Parse a whole request (RFC 9112): request line, header fields, body; HttpError if malformed.
+
+    The request was framed by frame_request already (lengths and limits), so this only has to
+    read it.  Header names are lower-cased; of a repeated field the first one counts.
+    """
+    match = _HEAD_END.search(raw)
+    head_end = match.end() if match else len(raw)
+    lines = raw[:match.start() if match else len(raw)].decode("latin-1").split("\n")
+    words = lines[0].rstrip("\r").split(" ")
+    if len(words) != 3 or not words[1]:
+        raise HttpError(400, "malformed request line; expected METHOD TARGET HTTP/1.1")
+    method, target, version = words
+    if not _TOKEN.match(method):
+        raise HttpError(400, "malformed method in the request line")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise HttpError(400, f"unsupported HTTP version {version[:20]!r}; use HTTP/1.1")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpError(431, f"more than {MAX_HEADERS} header fields")
+    headers: Dict[str, str] = {}
+    hosts = 0
+    for line in lines[1:]:
+        line = line[:-1] if line.endswith("\r") else line
+        if line[:1] in (" ", "\t"):
+            raise HttpError(400, "obsolete line folding in the header fields")
+        # RFC 9112 2.2 and 5: a bare CR or a NUL in a header line is refused, never read past;
+        # behind a lenient proxy such lines are how request smuggling starts.
+        if "\r" in line or "\0" in line:
+            raise HttpError(400, "a header field holds a bare CR or a NUL")
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.match(name):
+            raise HttpError(400, "malformed header field")
+        name = name.lower()
+        hosts += name == "host"
+        headers.setdefault(name, value.strip(" \t"))
+    # RFC 9112 3.2: an HTTP/1.1 request has exactly one Host field.
+    if version == "HTTP/1.1" and hosts != 1:
+        raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header field" if hosts
+                        else "an HTTP/1.1 request needs a Host header field")
+    return Request(method, target, version, headers, raw[head_end:], client)
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP handler: routes, and what each answers
 # ---------------------------------------------------------------------------------------------
 
 
@@ -4850,106 +5079,6 @@ def parse_history_query(params: Mapping[str, str], now: float) -> Dict[str, Any]
         raise HttpError(400, f"result: {result[:40]!r} is no result of {'a ' + kind if kind else 'any'} event; "
                              f"expected one of {', '.join(results)}")
     return query
-
-
-def parse_query(query: str) -> Dict[str, str]:
-    """Query or form parameters; the first of a repeated name wins."""
-    if not query:
-        return {}
-    import urllib.parse
-
-    try:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=64)
-    except ValueError as exc:
-        raise HttpError(400, f"query: {exc}") from None
-    params: Dict[str, str] = {}
-    for name, value in pairs:
-        params.setdefault(name, value)
-    return params
-
-
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_STATUS_PHRASES = {
-    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
-    409: "Conflict", 429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    502: "Bad Gateway",
-}
-_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-MAX_HEADERS = 100
-
-
-def http_date(timestamp: float) -> str:
-    """An IMF-fixdate (RFC 9110 5.6.7), independent of the locale."""
-    t = time.gmtime(timestamp)
-    return (f"{_WEEKDAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
-
-
-class Request:
-    """One HTTP request, parsed from bytes that frame_request found whole."""
-
-    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "client")
-
-    def __init__(self, method: str, target: str, version: str, headers: Dict[str, str], body: bytes, client: str):
-        self.method = method
-        self.target = target
-        self.path, _, self.query = target.partition("?")
-        self.version = version
-        self.headers = headers
-        self.body = body
-        self.client = client
-
-    @property
-    def keep_alive(self) -> bool:
-        """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked."""
-        connection = self.headers.get("connection", "").lower()
-        if self.version == "HTTP/1.1":
-            return "close" not in connection
-        return "keep-alive" in connection
-
-
-def parse_request(raw: bytes, client: str) -> Request:
-    """Parse a whole request (RFC 9112): request line, header fields, body; HttpError if malformed.
-
-    The request was framed by frame_request already (lengths and limits), so this only has to
-    read it.  Header names are lower-cased; of a repeated field the first one counts.
-    """
-    match = _HEAD_END.search(raw)
-    head_end = match.end() if match else len(raw)
-    lines = raw[:match.start() if match else len(raw)].decode("latin-1").split("\n")
-    words = lines[0].rstrip("\r").split(" ")
-    if len(words) != 3 or not words[1]:
-        raise HttpError(400, "malformed request line; expected METHOD TARGET HTTP/1.1")
-    method, target, version = words
-    if not _TOKEN.match(method):
-        raise HttpError(400, "malformed method in the request line")
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise HttpError(400, f"unsupported HTTP version {version[:20]!r}; use HTTP/1.1")
-    if len(lines) - 1 > MAX_HEADERS:
-        raise HttpError(431, f"more than {MAX_HEADERS} header fields")
-    headers: Dict[str, str] = {}
-    hosts = 0
-    for line in lines[1:]:
-        line = line[:-1] if line.endswith("\r") else line
-        if line[:1] in (" ", "\t"):
-            raise HttpError(400, "obsolete line folding in the header fields")
-        # RFC 9112 2.2 and 5: a bare CR or a NUL in a header line is refused, never read past;
-        # behind a lenient proxy such lines are how request smuggling starts.
-        if "\r" in line or "\0" in line:
-            raise HttpError(400, "a header field holds a bare CR or a NUL")
-        name, colon, value = line.partition(":")
-        if not colon or not _TOKEN.match(name):
-            raise HttpError(400, "malformed header field")
-        name = name.lower()
-        hosts += name == "host"
-        headers.setdefault(name, value.strip(" \t"))
-    # RFC 9112 3.2: an HTTP/1.1 request has exactly one Host field.
-    if version == "HTTP/1.1" and hosts != 1:
-        raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header field" if hosts
-                        else "an HTTP/1.1 request needs a Host header field")
-    return Request(method, target, version, headers, raw[head_end:], client)
 
 
 class Handler:
@@ -5241,22 +5370,18 @@ class Handler:
                               "Authorization: Bearer admin token")
         except HttpError as exc:  # a refused attempt is recorded, with who and from where
             self.app.control.run(body.get("command", ""), "http", by, self.request.client, body.get("reason"),
-                             may_change=False, attempt_refused=exc.message)
+                                 may_change=False, attempt_refused=exc.message)
             raise
         result, change, message = self.app.control.run(body.get("command", ""), "http", by, self.request.client,
-                                                   body.get("reason"))
+                                                       body.get("reason"))
         if result != "applied":  # does not parse: 400; cannot apply (nothing to undo): 409; etcd silent: 503
             raise HttpError({"invalid": 400, "unavailable": 503}.get(result, 409), message)
         self._send_json(200, {"ok": True, "change": change, "status": self.app.status(), "text": message})
 
-    def route_slack(self, method: str, params: Mapping[str, str]) -> None:
-        """POST /slack/command: a Slack slash command, verified by its signature over the raw body."""
-        config = self.app.config
-        body = self._read_body()
-        if body == b"ssl_check=1" or body.startswith(b"ssl_check=1&"):  # Slack's probe: changes nothing
-            self._send_json(200, {"ok": True})
-            return
-        secret = config.slack_signing_secret
+    def _slack_form(self, body: bytes) -> Dict[str, str]:
+        """The form of a request from Slack, once its signature over the raw body and its time
+        are verified (HttpError 403 with the Slack door off, 401 for a wrong or old signature)."""
+        secret = self.app.config.slack_signing_secret
         if secret is None:
             raise HttpError(403, "the Slack door is off: set AUTOHEAL_SLACK_SIGNING_SECRET to the app's signing secret")
         import hmac
@@ -5269,9 +5394,18 @@ class Handler:
         if abs(self.app.clock() - int(timestamp)) > SLACK_MAX_SKEW_SEC:
             raise HttpError(401, "X-Slack-Request-Timestamp is more than 5 minutes from now: a replay")
         try:
-            form = parse_query(body.decode("utf-8"))
+            return parse_query(body.decode("utf-8"))
         except UnicodeDecodeError:
             raise HttpError(400, "body is not UTF-8 form data") from None
+
+    def route_slack(self, method: str, params: Mapping[str, str]) -> None:
+        """POST /slack/command: a Slack slash command, verified by its signature over the raw body."""
+        config = self.app.config
+        body = self._read_body()
+        if body == b"ssl_check=1" or body.startswith(b"ssl_check=1&"):  # Slack's probe: changes nothing
+            self._send_json(200, {"ok": True})
+            return
+        form = self._slack_form(body)
         user_id = form.get("user_id", "")[:40]
         by = f"{user_id} ({form.get('user_name', '')[:80]})" if form.get("user_name") else user_id
         app = self.app
@@ -5279,7 +5413,7 @@ class Handler:
 
         def run() -> None:
             result, change, message = app.control.run(form.get("text", ""), "slack", by, self.request.client,
-                                                  may_change=user_id in config.slack_admins)
+                                                      may_change=user_id in config.slack_admins)
             if result == "applied" and change is not None:
                 # Said in the channel, with a mention, so that everyone sees who changed what.
                 answers.put({"response_type": "in_channel",
@@ -5339,53 +5473,6 @@ class Handler:
 # The server
 # ---------------------------------------------------------------------------------------------
 
-_HEAD_END = re.compile(rb"\n\r?\n")
-
-
-def frame_request(buffer: bytes, max_body: int) -> int:
-    """Length of the first whole request in buffer, 0 while incomplete; HttpError for bad framing.
-
-    Only framing is checked here (request line, head size, Content-Length); parse_request reads
-    the request itself once it is whole.
-    """
-    match = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)
-    first_line_end = buffer.find(b"\n", 0, MAX_REQUEST_LINE + 2)
-    if first_line_end < 0 and len(buffer) > MAX_REQUEST_LINE:
-        raise HttpError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
-    if match is None:
-        if len(buffer) > MAX_HEAD_BYTES:
-            raise HttpError(431, f"request head longer than {MAX_HEAD_BYTES} bytes")
-        return 0
-    head_end = match.end()
-    lines = buffer[:match.start()].split(b"\n")
-    method = lines[0].split(b" ", 1)[0]
-    lengths = set()
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon:
-            continue
-        name = name.strip().lower()
-        if name == b"content-length":
-            lengths.add(value.strip())
-        elif name == b"transfer-encoding":
-            raise HttpError(411, "Transfer-Encoding is not accepted; send the body with a Content-Length")
-    if len(lengths) > 1:
-        raise HttpError(400, "conflicting Content-Length headers")
-    if not lengths:
-        if method == b"POST":
-            raise HttpError(411, "Content-Length is required on POST")
-        return head_end
-    raw = lengths.pop()
-    if not raw.isdigit() or len(raw) > 18:
-        raise HttpError(400, f"Content-Length must be a whole number, got {raw[:40].decode('latin-1')!r}")
-    length = int(raw)
-    if length > max_body:
-        raise HttpError(413, f"body of {length} bytes is over AUTOHEAL_MAX_BODY_BYTES ({max_body})")
-    if len(buffer) < head_end + length:
-        return 0
-    return head_end + length
-
-
 def send_parts(sock: socket.socket, answer: Union[bytes, List[bytes]]) -> None:
     """sendall, for one buffer or several: several go out with sendmsg, in one system call when
     the socket takes them, without being copied into one first."""
@@ -5422,9 +5509,6 @@ class _Connection:
         self.continued = False
         self.closing = False
         self.unsent = b""  # the rest of an answer the selector thread could not send at once
-
-
-_EXPECT_CONTINUE = re.compile(rb"\nexpect:[ \t]*100-continue", re.IGNORECASE)
 
 
 class EventStreams:
