@@ -1,8 +1,12 @@
-"""Tests of autoheal: pure helpers, configuration, main(), HTTP, real commands, real peers.
+"""Tests of autoheal, in the order data flows through autoheal.py: pure helpers, configuration,
+the action runner, the store, HTTP, the server, main(); then real peers.
 
-Peers (promtool, amtool, Alertmanager, Prometheus, dockerd) are the real programs.  On a
-developer's machine that lacks one, its tests skip; with AUTOHEAL_REQUIRE_PEERS=1 (set by
-.ci/run) a missing peer is a failure instead.
+Peers (promtool, amtool, Alertmanager, Prometheus, etcd, dockerd, HAProxy, Chromium) are the real
+programs.  On a developer's machine that lacks one, its tests skip; with AUTOHEAL_REQUIRE_PEERS=1
+(set by .ci/run) a missing peer is a failure instead.  Each peer's tests carry its marker (PEERS),
+which this module registers when pytest loads it as a plugin too:
+
+    python3 -m pytest -q -p test_autoheal test_autoheal.py
 """
 from __future__ import annotations
 
@@ -53,6 +57,28 @@ WEBHOOK = {
     "groupKey": '{}/{}:{alertname="TcpEndpointDownFast"}',
     "truncatedAlerts": 0,
 }
+
+
+# Each peer program the tests run, under the pytest marker that its tests carry: -m selects by
+# these (.ci/run's fast part deselects them all), and a test below checks that every test that
+# runs a peer, itself or through a helper, class or fixture, carries its marker.
+PEERS = {
+    "alertmanager": ("prometheus-alertmanager", "amtool"),
+    "prometheus": ("prometheus", "promtool"),
+    "etcd": ("etcd",),
+    "dockerd": ("dockerd", "debootstrap"),
+    "haproxy": ("haproxy",),
+    "compose": ("docker-compose",),
+    "hadolint": ("hadolint",),
+    "chromium": ("chromium",),
+}
+
+
+def pytest_configure(config):
+    """Register the markers: the test command loads this module as a plugin (-p test_autoheal)."""
+    for marker, programs in PEERS.items():
+        config.addinivalue_line("markers", f"{marker}: runs {' or '.join(programs)}")
+    config.addinivalue_line("markers", "benchmark: runs bench/bench.py --quick (it reports; it asserts no timing)")
 
 
 def require(binary: str) -> str:
@@ -251,8 +277,58 @@ def ack_path(labels, duration="2h", **params):
 
 
 # ---------------------------------------------------------------------------------------------
-# The suite itself: what the README cites exists
+# The suite itself: a marker for every peer, and what the README cites exists
 # ---------------------------------------------------------------------------------------------
+
+
+def test_every_test_that_runs_a_peer_carries_its_marker():
+    """-m selects by marker: a test that runs a peer without its marker would run in .ci/run's
+    fast part, and a marker without its peer would keep a test out of the fast part for nothing."""
+    tree = ast.parse((HERE / "test_autoheal.py").read_text())
+    defs = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    fixtures = {name for name, node in defs.items()
+                if any(ast.unparse(decorator).startswith("pytest.fixture") for decorator in node.decorator_list)}
+    wrong = {}
+    for name, node in defs.items():
+        if name.startswith("test_"):
+            marked = {decorator.attr for decorator in node.decorator_list if isinstance(decorator, ast.Attribute)
+                      and ast.unparse(decorator.value) == "pytest.mark"} & set(PEERS)
+            runs = peers_run_by(name, defs, fixtures)
+            if marked != runs:
+                wrong[name] = {"marked": sorted(marked), "runs": sorted(runs)}
+    assert wrong == {}
+    assert peers_run_by("test_without_quorum_nothing_runs_within_the_time_bound_and_it_recovers", defs,
+                        fixtures) == {"etcd", "alertmanager"}  # through the etcd and alertmanager fixtures
+    import re
+
+    [fast] = re.findall(r'-m "not \(([^)"]*)\)"', (HERE / ".ci" / "run").read_text())
+    assert sorted(fast.split(" or ")) == sorted([*PEERS, "benchmark"])  # the fast part leaves out every one
+
+
+def peers_run_by(name, defs, fixtures, seen=None):
+    """The markers of the peers that a top-level function or class runs: by require() or
+    shutil.which() of a peer's program, or through a helper, class or fixture that does."""
+    markers = {program: marker for marker, programs in PEERS.items() for program in programs}
+    seen = set() if seen is None else seen
+    seen.add(name)
+    node = defs[name]
+    loops = {inner.target.id: [item.value for item in inner.iter.elts if isinstance(item, ast.Constant)]
+             for inner in ast.walk(node) if isinstance(inner, ast.For) and isinstance(inner.target, ast.Name)
+             and isinstance(inner.iter, (ast.Tuple, ast.List))}
+    runs, uses = set(), set()
+    for inner in ast.walk(node):
+        if isinstance(inner, ast.Call) and ast.unparse(inner.func) in ("require", "shutil.which") and inner.args:
+            argument = inner.args[0]
+            programs = [argument.value] if isinstance(argument, ast.Constant) else loops.get(
+                getattr(argument, "id", None), [])
+            runs |= {markers[program] for program in programs if program in markers}
+        elif isinstance(inner, ast.Name) and inner.id in defs:
+            uses.add(inner.id)
+    if isinstance(node, ast.FunctionDef) and (name.startswith("test_") or name in fixtures):
+        uses |= {argument.arg for argument in node.args.args if argument.arg in fixtures}
+    for used in sorted(uses - seen):
+        runs |= peers_run_by(used, defs, fixtures, seen)
+    return runs
 
 
 def test_every_test_the_readme_security_section_cites_exists():
@@ -2434,6 +2510,7 @@ def test_sigterm_kills_what_outlives_the_grace_period_and_records_it(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.prometheus
 def test_exposition_passes_promtool_check_metrics(tmp_path):
     promtool = require("promtool")
     odd = 'we\\ird "name"\nwith newline'
@@ -2447,6 +2524,7 @@ def test_exposition_passes_promtool_check_metrics(tmp_path):
     assert done.stderr.decode().strip() == ""
 
 
+@pytest.mark.prometheus
 def test_rules_pass_promtool_check_and_their_unit_tests():
     promtool = require("promtool")
     done = subprocess.run([promtool, "check", "rules", "prometheus-recording-rules.yml"], cwd=HERE,
@@ -2462,6 +2540,7 @@ def test_rules_pass_promtool_check_and_their_unit_tests():
         assert name in rules
 
 
+@pytest.mark.prometheus
 def test_the_webhook_rejected_rule_fires_on_repeated_refusals():
     promtool = require("promtool")
     rules = (HERE / "prometheus-recording-rules.yml").read_text()
@@ -2472,6 +2551,7 @@ def test_the_webhook_rejected_rule_fires_on_repeated_refusals():
     assert "AutohealWebhookRejected" in (HERE / "prometheus-recording-rules.test.yml").read_text()
 
 
+@pytest.mark.prometheus
 def test_every_dashboard_panel_query_parses_and_covers_every_metric(tmp_path):
     promtool = require("promtool")
     dashboard = json.loads((HERE / "compose/autoheal-dashboard.json").read_text())
@@ -2497,6 +2577,7 @@ def slack_links(text):
     return [(label, url.replace("&amp;", "&")) for url, label in re.findall(r"<([^|>]+)\|([^>]+)>", text)]
 
 
+@pytest.mark.alertmanager
 def test_amtool_renders_the_template_with_links_that_carry_labels_intact(tmp_path):
     amtool = require("amtool")
     labels = {"alertname": "TcpEndpointDownFast",
@@ -2532,6 +2613,7 @@ def readme_block(heading):
     return after.split("```", 2)[1].split("\n", 1)[1]
 
 
+@pytest.mark.alertmanager
 def test_readme_alertmanager_snippet_passes_amtool_check_config(tmp_path):
     amtool = require("amtool")
     snippet = readme_block("### The Slack receiver")
@@ -2571,6 +2653,7 @@ def container_layout(tmp_path, service, compose_file="docker-compose.yml"):
     return tmp_path
 
 
+@pytest.mark.compose
 def test_compose_file_is_valid():
     compose = require("docker-compose")
     done = subprocess.run([compose, "-f", str(HERE / "docker-compose.yml"), "config", "-q"], capture_output=True,
@@ -2584,6 +2667,7 @@ def test_compose_file_is_valid():
         assert needle in text, needle
 
 
+@pytest.mark.prometheus
 def test_prometheus_config_the_compose_file_mounts_passes_promtool(tmp_path):
     promtool = require("promtool")
     root = container_layout(tmp_path, "prometheus")
@@ -2594,6 +2678,7 @@ def test_prometheus_config_the_compose_file_mounts_passes_promtool(tmp_path):
         HERE / "compose/prometheus.yml").read_text()
 
 
+@pytest.mark.alertmanager
 def test_alertmanager_config_the_compose_file_mounts_passes_amtool(tmp_path):
     amtool = require("amtool")
     root = container_layout(tmp_path, "alertmanager")
@@ -2615,6 +2700,7 @@ def compose_service(name):
     return match.group(1)
 
 
+@pytest.mark.compose
 def test_the_compose_stack_has_no_default_credential_and_keeps_peers_on_loopback(tmp_path):
     compose = require("docker-compose")
     base = {"PATH": os.environ["PATH"]}
@@ -2636,6 +2722,9 @@ def test_the_compose_stack_has_no_default_credential_and_keeps_peers_on_loopback
         assert f'- "127.0.0.1:{port}:{port}"' in compose_service(service), service
 
 
+@pytest.mark.alertmanager
+@pytest.mark.prometheus
+@pytest.mark.compose
 def test_the_replicated_compose_stack_runs_three_etcd_members_and_two_replicas_behind_alertmanager(tmp_path):
     compose = require("docker-compose")
     done = subprocess.run([compose, "-f", str(HERE / "docker-compose.ha.yml"), "config"], capture_output=True,
@@ -2661,6 +2750,7 @@ def test_the_replicated_compose_stack_runs_three_etcd_members_and_two_replicas_b
     assert "'autoheal-1:9009', 'autoheal-2:9009'" in (root / "etc/prometheus/prometheus.yml").read_text()
 
 
+@pytest.mark.hadolint
 def test_dockerfile_follows_the_rules_and_hadolint_finds_nothing():
     text = (HERE / "Dockerfile").read_text()
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
@@ -2675,6 +2765,7 @@ def test_dockerfile_follows_the_rules_and_hadolint_finds_nothing():
     assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr
 
 
+@pytest.mark.haproxy
 def test_the_socket_proxy_config_passes_haproxy_check():
     haproxy = require("haproxy")
     done = subprocess.run([haproxy, "-c", "-f", str(HERE / "compose/haproxy.cfg")], capture_output=True, text=True)
@@ -2763,6 +2854,7 @@ def silences_for(alertmanager, alertname):
     return [s for s in silences if any(m["name"] == "alertname" and m["value"] == alertname for m in s["matchers"])]
 
 
+@pytest.mark.alertmanager
 def test_ack_creates_the_exact_silence_in_alertmanager(alertmanager):
     labels = {"alertname": "AckExact", "instance": 'db "1" & #+%\\ é', "severity": "critical"}
     with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
@@ -2792,6 +2884,7 @@ def test_ack_creates_the_exact_silence_in_alertmanager(alertmanager):
         assert ack["user_agent"] == "Mozilla/5.0 (iPhone)" and ack["client"] == "127.0.0.1"
 
 
+@pytest.mark.alertmanager
 def test_ack_is_safe_to_repeat_and_a_longer_duration_extends(alertmanager):
     labels = {"alertname": "AckRepeat", "job": "crm"}
     with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
@@ -2811,6 +2904,7 @@ def test_ack_is_safe_to_repeat_and_a_longer_duration_extends(alertmanager):
         assert running.metric('autoheal_acks_total{outcome="extended"}') == 1
 
 
+@pytest.mark.alertmanager
 def test_simultaneous_clicks_create_one_silence(alertmanager):
     labels = {"alertname": "AckDoubleTap"}
     with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
@@ -2830,6 +2924,7 @@ def test_simultaneous_clicks_create_one_silence(alertmanager):
     assert len(silences_for(alertmanager, "AckDoubleTap")) == 1
 
 
+@pytest.mark.alertmanager
 @pytest.mark.parametrize("agent", [
     "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", "Slackbot 1.0 (+https://api.slack.com/robots)",
     "Mozilla/5.0 (Windows NT 6.1; WOW64) SkypeUriPreview Preview/0.5", "Mozilla/5.0 (compatible; Discordbot/2.0)",
@@ -2847,6 +2942,7 @@ def test_link_previews_create_nothing(alertmanager, agent):
     assert silences_for(alertmanager, "AckPreview") == []
 
 
+@pytest.mark.alertmanager
 def test_the_page_for_people_escapes_labels_and_undo_expires_the_silence(alertmanager):
     labels = {"alertname": "AckPage", "instance": "<script>alert('x')</script>&amp;"}
     with serving({"ALERTMANAGER_URL": alertmanager.url, "AUTOHEAL_ACK_TOKEN": "tok-1"}) as running:
@@ -2883,6 +2979,7 @@ def html_unescape(text):
     return "?" + html.unescape(text)
 
 
+@pytest.mark.alertmanager
 def test_undo_expires_only_silences_that_autoheal_created(alertmanager):
     now = time.time()
     status, created = http_json("POST", alertmanager.url + "/api/v2/silences", {
@@ -2901,6 +2998,7 @@ def test_undo_expires_only_silences_that_autoheal_created(alertmanager):
     assert silences_for(alertmanager, "NotOurs")[0]["status"]["state"] == "active"
 
 
+@pytest.mark.alertmanager
 @pytest.mark.parametrize("query, names", [
     ({"duration": "2h"}, "labels: missing"),
     ({"labels": "{not json", "duration": "2h"}, "labels: not JSON"),
@@ -2921,6 +3019,7 @@ def test_bad_ack_links_are_400_naming_which_and_create_nothing(alertmanager, que
     assert silences_for(alertmanager, "AckBad") == []
 
 
+@pytest.mark.alertmanager
 def test_ack_token_is_required_when_set(alertmanager):
     labels = {"alertname": "AckToken"}
     with serving({"ALERTMANAGER_URL": alertmanager.url, "AUTOHEAL_ACK_TOKEN": "s3cret"}) as running:
@@ -2933,6 +3032,7 @@ def test_ack_token_is_required_when_set(alertmanager):
         assert "s3cret" not in running.log.getvalue()
 
 
+@pytest.mark.alertmanager
 def test_alertmanager_refusing_is_502_with_its_reason(alertmanager):
     # A wrong path prefix: the real Alertmanager refuses with its own 404.
     with serving({"ALERTMANAGER_URL": alertmanager.url + "/wrong-prefix"}) as running:
@@ -2942,6 +3042,7 @@ def test_alertmanager_refusing_is_502_with_its_reason(alertmanager):
     assert silences_for(alertmanager, "AckRefused") == []
 
 
+@pytest.mark.alertmanager
 def test_an_ack_in_the_history_can_be_withdrawn_by_its_id(alertmanager):
     with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
         running.json("GET", ack_path({"alertname": "AckById"}))
@@ -2954,6 +3055,7 @@ def test_an_ack_in_the_history_can_be_withdrawn_by_its_id(alertmanager):
         assert status == 404 and body["error"].startswith("id:")
 
 
+@pytest.mark.alertmanager
 def test_a_silence_list_too_long_to_read_is_filtered_not_taken_for_empty(tmp_path):
     own = start_alertmanager(tmp_path / "am", MINIMAL_ALERTMANAGER)
     try:
@@ -2972,6 +3074,7 @@ def test_a_silence_list_too_long_to_read_is_filtered_not_taken_for_empty(tmp_pat
         own.stop()
 
 
+@pytest.mark.alertmanager
 def test_wrong_tokens_are_never_echoed_nor_logged(alertmanager):
     with serving({"AUTOHEAL_WEBHOOK_TOKEN": "right-1", "AUTOHEAL_ACK_TOKEN": "right-2",
                   "ALERTMANAGER_URL": alertmanager.url}) as running:
@@ -2985,6 +3088,7 @@ def test_wrong_tokens_are_never_echoed_nor_logged(alertmanager):
         assert secret not in log
 
 
+@pytest.mark.alertmanager
 def test_cross_site_requests_cannot_change_anything(alertmanager):
     evil = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"}
     with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
@@ -3014,6 +3118,7 @@ def test_cross_site_requests_cannot_change_anything(alertmanager):
         assert status == 200 and body["expired"] is True  # the page's own undo button still works
 
 
+@pytest.mark.alertmanager
 def test_a_lone_surrogate_is_a_400_and_the_state_writer_goes_on(tmp_path, alertmanager):
     env = {"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"), "ALERTMANAGER_URL": alertmanager.url}
     running = AutohealProcess(env, tmp_path)
@@ -3038,6 +3143,7 @@ def test_a_lone_surrogate_is_a_400_and_the_state_writer_goes_on(tmp_path, alertm
         running.stop()
 
 
+@pytest.mark.alertmanager
 def test_a_storm_of_duplicates_evicts_neither_the_run_nor_the_ack_and_folds_into_counts(tmp_path, alertmanager):
     path = actions_file(tmp_path, {"A": {"command": ["true"], "cooldown_sec": 3600}})
     env = {**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"),
@@ -3143,6 +3249,7 @@ def fuzz_requests(rng, count):
             "utf-8", "surrogateescape") + body
 
 
+@pytest.mark.alertmanager
 def test_fuzz_never_gets_a_5xx_nor_kills_the_server_and_memory_stays_bounded(tmp_path, alertmanager):
     running = AutohealProcess({"ALERTMANAGER_URL": alertmanager.url, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"),
                                "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0", "AUTOHEAL_REQUEST_TIMEOUT_SEC": "2"}, tmp_path)
@@ -3174,6 +3281,7 @@ def test_fuzz_never_gets_a_5xx_nor_kills_the_server_and_memory_stays_bounded(tmp
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.alertmanager
 def test_slack_links_rendered_by_alertmanager_silence_exactly_those_labels(tmp_path):
     slack = SlackStandIn()
     try:
@@ -3235,6 +3343,7 @@ templates:
         slack.close()
 
 
+@pytest.mark.alertmanager
 def test_alertmanager_of_the_stack_sends_the_token_it_shares_with_autoheal(tmp_path):
     """The compose alertmanager.yml, with its webhook pointed at a test autoheal and its
     credentials file where the alertmanager service's entrypoint writes AUTOHEAL_WEBHOOK_TOKEN."""
@@ -3280,6 +3389,7 @@ receivers:
 """
 
 
+@pytest.mark.alertmanager
 def test_a_resolution_from_a_real_alertmanager_is_a_healed_verdict_that_survives_a_restart(tmp_path):
     path = actions_file(tmp_path, {"DiskFull": {"command": ["true"], "cooldown_sec": 0},
                                    "Flaky": {"command": ["true"], "cooldown_sec": 0}})
@@ -3318,6 +3428,7 @@ def smoke_silences(alertmanager):
     return [s for s in silences_for(alertmanager, "AutohealSmokeTest") if s["status"]["state"] != "expired"]
 
 
+@pytest.mark.alertmanager
 def test_smoke_with_alertmanager_stopped_fails_the_ack_check_clearly(tmp_path):
     own = start_alertmanager(tmp_path / "am", MINIMAL_ALERTMANAGER)
     running = AutohealProcess({"ALERTMANAGER_URL": own.url, "AUTOHEAL_STATE_FILE": "",
@@ -3341,6 +3452,7 @@ def test_smoke_with_alertmanager_stopped_fails_the_ack_check_clearly(tmp_path):
         again.stop()
 
 
+@pytest.mark.alertmanager
 def test_smoke_without_an_alertmanager_url_cleans_up_through_the_instance(tmp_path, alertmanager):
     running = AutohealProcess({"ALERTMANAGER_URL": alertmanager.url, "AUTOHEAL_STATE_FILE": "",
                                "AUTOHEAL_ACK_TOKEN": "ack-secret"}, tmp_path)
@@ -3378,6 +3490,7 @@ def start_alertmanager_member(directory, cluster_port, peer_port):
     ], "/-/ready", directory)
 
 
+@pytest.mark.alertmanager
 def test_an_ack_through_one_member_of_an_alertmanager_cluster_is_found_again_through_the_other(tmp_path):
     first_gossip, second_gossip = free_port(), free_port()
     first = start_alertmanager_member(tmp_path / "am1", first_gossip, second_gossip)
@@ -3412,6 +3525,8 @@ def prometheus_query(prometheus, query):
     return answer["data"]["result"]
 
 
+@pytest.mark.alertmanager
+@pytest.mark.prometheus
 def test_the_full_loop_prometheus_alertmanager_autoheal(tmp_path):
     """A real Prometheus scrapes autoheal and fires an opted-in alert; a real Alertmanager
     delivers it with a bearer token; Prometheus then shows the dry-run decision and cooldown."""
@@ -3507,6 +3622,8 @@ scrape_configs:
         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], "/-/ready", tmp_path)
 
 
+@pytest.mark.alertmanager
+@pytest.mark.prometheus
 def test_smoke_passes_against_a_live_deployment_and_changes_nothing(tmp_path, alertmanager):
     tokens = {"AUTOHEAL_WEBHOOK_TOKEN": "smoke-w", "AUTOHEAL_ACK_TOKEN": "smoke-a"}
     running = AutohealProcess({**tokens, "ALERTMANAGER_URL": alertmanager.url, "AUTOHEAL_STATE_FILE": ""}, tmp_path)
@@ -3694,6 +3811,7 @@ def appending(path):
     return {"command": ["sh", "-c", f"echo ran >> {path}"], "cooldown_sec": 300}
 
 
+@pytest.mark.etcd
 def test_deliveries_to_two_replicas_at_once_run_the_action_exactly_once(tmp_path, etcd):
     ran = tmp_path / "ran.txt"
     with replicas(tmp_path, etcd, {"Boom": appending(ran)}) as (a, b):
@@ -3717,6 +3835,7 @@ def a_prefix(replica):
     return started["etcd"]["prefix"] + "cooldown/"
 
 
+@pytest.mark.etcd
 def test_the_hourly_budget_is_shared_by_the_replicas(tmp_path, etcd):
     names = [f"Budget{i}" for i in range(6)]
     with replicas(tmp_path, etcd, {name: appending(tmp_path / f"{name}.txt") for name in names},
@@ -3730,6 +3849,7 @@ def test_the_hourly_budget_is_shared_by_the_replicas(tmp_path, etcd):
                  and b.metric("autoheal_action_budget_remaining") == 0, timeout=5)
 
 
+@pytest.mark.etcd
 def test_a_budget_of_a_billion_is_claimed_at_once(etcd):
     env = {"AUTOHEAL_ETCD_ENDPOINTS": etcd.endpoints, "AUTOHEAL_ETCD_PREFIX": f"/t{random.getrandbits(40)}/",
            "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "1000000000"}
@@ -3740,6 +3860,7 @@ def test_a_budget_of_a_billion_is_claimed_at_once(etcd):
         assert running.json("GET", "/")[1]["action_budget_remaining"] == 1000000000 - 2
 
 
+@pytest.mark.etcd
 def test_runtime_changes_on_one_replica_are_in_force_on_the_other_within_a_second(tmp_path, etcd):
     ran = tmp_path / "ran.txt"
     with replicas(tmp_path, etcd, {"Boom": appending(ran)}) as (a, b):
@@ -3768,6 +3889,7 @@ def test_runtime_changes_on_one_replica_are_in_force_on_the_other_within_a_secon
         assert [e["command"] for e in changes] == ["rearm Boom", "undo", "cooldown Boom 2h"]
 
 
+@pytest.mark.etcd
 def test_an_override_with_a_duration_lapses_on_every_replica_and_is_recorded_once(tmp_path, etcd):
     with replicas(tmp_path, etcd, {"Boom": appending(tmp_path / "ran.txt")}) as (a, b):
         assert control(a, "disable Boom 2s", by="ops")[0] == 200
@@ -3785,6 +3907,7 @@ def test_an_override_with_a_duration_lapses_on_every_replica_and_is_recorded_onc
         assert etcd.keys(a_prefix(a).replace("cooldown/", "control"))  # the shared state is in etcd
 
 
+@pytest.mark.etcd
 def test_with_one_member_stopped_coordination_still_works(tmp_path, etcd):
     ran = tmp_path / "ran.txt"
     with replicas(tmp_path, etcd, {"Boom": appending(ran)}, AUTOHEAL_ETCD_TIMEOUT_SEC="2") as (a, b):
@@ -3813,6 +3936,8 @@ def test_with_one_member_stopped_coordination_still_works(tmp_path, etcd):
         assert ran.read_text() == "ran\nran\n"
 
 
+@pytest.mark.alertmanager
+@pytest.mark.etcd
 def test_without_quorum_nothing_runs_within_the_time_bound_and_it_recovers(tmp_path, etcd, alertmanager):
     ran = tmp_path / "ran.txt"
     with replicas(tmp_path, etcd, {"Boom": appending(ran)}, ALERTMANAGER_URL=alertmanager.url) as (a, b):
@@ -3850,6 +3975,7 @@ def test_without_quorum_nothing_runs_within_the_time_bound_and_it_recovers(tmp_p
         assert ran.read_text() == "ran\n"
 
 
+@pytest.mark.etcd
 def test_a_killed_replica_leaves_its_cooldown_held_for_the_other(tmp_path, etcd):
     ran = tmp_path / "ran.txt"
     with replicas(tmp_path, etcd, {"Boom": appending(ran)}) as (a, b):
@@ -3860,6 +3986,7 @@ def test_a_killed_replica_leaves_its_cooldown_held_for_the_other(tmp_path, etcd)
         assert ran.read_text() == "ran\n"
 
 
+@pytest.mark.etcd
 def test_etcd_user_and_password_the_token_taken_again_and_never_shown(tmp_path):
     cluster = EtcdCluster(tmp_path, members=1)
     try:
@@ -3915,6 +4042,7 @@ def make_certificates(directory):
     return {name: str(directory / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
+@pytest.mark.etcd
 def test_etcd_over_tls_with_a_client_certificate(tmp_path):
     import ssl
 
@@ -4068,6 +4196,7 @@ def docker_engine():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.dockerd
 def test_dockerd_restart_of_crm_api_through_the_engine_api(docker_engine):
     before = docker_engine.run_sleeper("crm-api")
     with serving({**REAL, "DOCKER_HOST": docker_engine.host}) as running:  # the built-in action map
@@ -4082,6 +4211,7 @@ def test_dockerd_restart_of_crm_api_through_the_engine_api(docker_engine):
         assert running.metric('autoheal_actions_total{alertname="TcpEndpointDownFast",result="executed"}') == 1
 
 
+@pytest.mark.dockerd
 def test_dockerd_compose_restart_restarts_the_services_of_its_project_only(docker_engine):
     project = "com.docker.compose.project=autoheal-test"
     states = {
@@ -4100,6 +4230,7 @@ def test_dockerd_compose_restart_restarts_the_services_of_its_project_only(docke
     assert moved == {"stack-grafana-1": True, "stack-prometheus-1": True, "other-grafana-1": False}
 
 
+@pytest.mark.dockerd
 def test_dockerd_refusing_is_failed_with_its_message(docker_engine, tmp_path):
     path = actions_file(tmp_path, {"TcpEndpointDownFast": {"command": "docker restart no-such-container",
                                                            "docker_api": True},
@@ -4149,6 +4280,8 @@ class SocketProxy:
         self.output.close()
 
 
+@pytest.mark.dockerd
+@pytest.mark.haproxy
 def test_dockerd_behind_the_socket_proxy_restarts_and_refuses_everything_else(docker_engine, tmp_path):
     before = docker_engine.run_sleeper("crm-api")
     proxy = SocketProxy(docker_engine.socket, tmp_path)
@@ -4180,6 +4313,8 @@ def test_dockerd_behind_the_socket_proxy_restarts_and_refuses_everything_else(do
         proxy.stop()
 
 
+@pytest.mark.dockerd
+@pytest.mark.haproxy
 def test_dockerd_runs_the_shipped_image_as_non_root_healthy_healing_a_sibling(docker_engine, tmp_path):
     """The image under the compose file's settings: read-only, no capabilities, no new privileges,
     state on a volume, and the Docker API through the socket proxy instead of the socket."""
@@ -4235,6 +4370,7 @@ def wait_healthy(engine, name, timeout=60):
     assert health == "healthy", engine.docker("logs", name, check=False).stdout
 
 
+@pytest.mark.dockerd
 def test_dockerd_builds_the_image_on_the_oldest_supported_python(docker_engine):
     docker_engine.docker("build", "-q", "--build-arg", f"PYTHON_IMAGE={OLDEST_IMAGE}", "-t", "autoheal:oldest",
                          str(HERE), timeout=300)
@@ -4376,6 +4512,7 @@ def chromium(tmp_path):
     browser.close()
 
 
+@pytest.mark.chromium
 def test_chromium_shows_the_status_page_live_safely_and_its_buttons_work(tmp_path, chromium):
     hostile = "<img src=x onerror=\"window.pwned=1\">"
     path = actions_file(tmp_path, {"TcpEndpointDownFast": {"command": ["true"], "cooldown_sec": 300},
@@ -4418,6 +4555,7 @@ def test_chromium_shows_the_status_page_live_safely_and_its_buttons_work(tmp_pat
         running.stop()
 
 
+@pytest.mark.chromium
 def test_chromium_without_javascript_still_shows_the_state_as_of_the_load(tmp_path, chromium):
     with serving({**ADMIN, "AUTOHEAL_ENABLED": "true"}) as running:
         running.post_alert(WEBHOOK)
@@ -4429,6 +4567,8 @@ def test_chromium_without_javascript_still_shows_the_state_as_of_the_load(tmp_pa
         assert "DRY-RUN" in text and "TcpEndpointDownFast" in text and "dry_run" in text
 
 
+@pytest.mark.alertmanager
+@pytest.mark.chromium
 def test_chromium_ack_page_at_390_px_keeps_dates_and_ids_whole(tmp_path, chromium, alertmanager):
     with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
         url = f"http://127.0.0.1:{running.port}" + ack_path({"alertname": "PhoneAck", "instance": "db-1"}, "2h")
@@ -4447,6 +4587,7 @@ def test_chromium_ack_page_at_390_px_keeps_dates_and_ids_whole(tmp_path, chromiu
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.benchmark
 def test_the_benchmark_runs_in_quick_mode(tmp_path):
     done = subprocess.run([sys.executable, str(HERE / "bench" / "bench.py"), "--quick", "--json",
                            str(tmp_path / "figures.json")], capture_output=True, text=True, timeout=120)
