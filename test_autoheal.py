@@ -1044,8 +1044,8 @@ def test_a_damaged_state_file_is_moved_aside_and_a_fresh_one_started(tmp_path, e
         moved = sorted(tmp_path.glob("autoheal-state.db.damaged-*"))
         assert moved and moved[0].name.startswith("autoheal-state.db.damaged-2")
         [recovered] = running.json("GET", "/history?kind=state")[1]["events"]
-        assert recovered["result"] == "recovered" and recovered["moved_to"] == str(moved[0]) or \
-            recovered["moved_to"].endswith(moved[0].name)
+        assert recovered["result"] == "recovered"
+        assert recovered["moved_to"] == str(moved[0]) or recovered["moved_to"].endswith(moved[0].name)
         warnings = [e for e in running.events() if e.get("event") == "warning"]
         assert warnings and "damaged" in warnings[0]["message"] and warnings[0]["level"] == "warning"
         assert running.post_alert(webhook(alert("A")))[0] == 200
