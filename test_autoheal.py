@@ -196,7 +196,20 @@ class AutohealProcess(Client):
 
 
 class LockedStringIO(io.StringIO):
-    """A log stream the tests can read while the server writes."""
+    """A log stream the tests can read while the server writes: one lock around each write and
+    each read, so that a read never sees half of a write."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def write(self, text):
+        with self._lock:
+            return super().write(text)
+
+    def getvalue(self):
+        with self._lock:
+            return super().getvalue()
 
 
 class FakeClock:
