@@ -1151,9 +1151,8 @@ def test_taps_behind_a_silent_alertmanager_fail_together_and_never_delay_a_webho
             for thread in taps:
                 thread.start()
             time.sleep(0.3)
-            started = time.monotonic()
             assert running.post_alert(WEBHOOK)[0] == 200
-            assert time.monotonic() - started < 1.0  # a webhook is never delayed by acks
+            assert answers == []  # answered before any tap was: a webhook is never delayed by acks
             for thread in taps:
                 thread.join()
             assert [status for status, _ in answers] == [502] * 24
@@ -2177,10 +2176,8 @@ def test_pipelined_webhooks_are_answered_in_order_and_a_client_that_does_not_rea
         sender = threading.Thread(target=greedy.sendall, args=(stream,), daemon=True)
         sender.start()
         time.sleep(1.5)  # its answers pile up unread: about 800 of them fill what the kernel holds
-        started = time.monotonic()
         assert running.json("GET", "/")[0] == 200
         assert running.post_alert(webhook(alert("P0")))[1]["results"][0]["result"] == "dry_run"
-        assert time.monotonic() - started < 1.0
         received, answers = b"", []
         greedy.settimeout(10)
         while len(answers) < len(sent):
@@ -2202,6 +2199,10 @@ def test_pipelined_webhooks_are_answered_in_order_and_a_client_that_does_not_rea
         assert running.metric("autoheal_state_write_errors_total") == 0
     with sqlite3.connect(tmp_path / "state.db") as db:
         assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 30 * len(sent) + 1
+        # The other client's webhook (the one alert with a fingerprint) was decided while the
+        # unread client's own webhooks still waited behind its unread answers: it waited for none.
+        [(other,)] = db.execute("SELECT id FROM events WHERE body LIKE '%666d2cad1d47bd80%'").fetchall()
+        assert other < db.execute("SELECT MAX(id) FROM events").fetchone()[0]
 
 
 def test_a_webhook_that_breaks_the_selector_thread_is_a_500_and_the_server_goes_on(tmp_path, monkeypatch):
@@ -2239,6 +2240,8 @@ def test_slow_actions_filling_every_worker_do_not_starve_the_health_check(tmp_pa
 
 @pytest.mark.parametrize("form", ["origin", "absolute"])
 def test_no_request_target_form_delays_the_health_check_or_the_scrape(form):
+    import select
+
     with socket.socket() as silent:  # a real socket that accepts and never answers, as a hung Alertmanager
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
@@ -2255,10 +2258,10 @@ def test_no_request_target_form_delays_the_health_check_or_the_scrape(form):
             time.sleep(0.3)
             try:
                 for path in ("/", "/metrics", prefix + "/", prefix + "/metrics"):
-                    started = time.monotonic()
                     answer = raw_exchange(running.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                     assert status_of(answer) == 200
-                    assert time.monotonic() - started < 0.5, path
+                    # Answered while all four acks still wait for Alertmanager: none has its answer yet.
+                    assert select.select(slow, [], [], 0)[0] == [], path
             finally:
                 for sock in slow:
                     sock.close()
