@@ -3301,13 +3301,9 @@ def test_fuzz_never_gets_a_5xx_nor_kills_the_server_and_memory_stays_bounded(tmp
 def test_slack_links_rendered_by_alertmanager_silence_exactly_those_labels(tmp_path):
     slack = SlackStandIn()
     try:
-        with serving() as running:
-            # What an operator does: edit the one base URL in the template.
-            template = (HERE / "alert-templates.tmpl").read_text()
-            assert template.count("http://localhost:9009") == 1
-            (tmp_path / "alert-templates.tmpl").write_text(
-                template.replace("http://localhost:9009", f"http://127.0.0.1:{running.port}"))
-            alertmanager = start_alertmanager(tmp_path / "am", f"""
+        # Alertmanager first, so that autoheal starts with its URL; the template needs autoheal's
+        # port, so it is written once autoheal listens, and a reload makes Alertmanager read it.
+        alertmanager = start_alertmanager(tmp_path / "am", f"""
 route:
   receiver: slack
   group_by: ['alertname']
@@ -3324,8 +3320,14 @@ receivers:
 templates:
   - {tmp_path / 'alert-templates.tmpl'}
 """)
-            try:
-                running.app.alertmanager = autoheal.AlertmanagerClient(alertmanager.url, 5)
+        try:
+            with serving({"ALERTMANAGER_URL": alertmanager.url}) as running:
+                # What an operator does: edit the one base URL in the template.
+                template = (HERE / "alert-templates.tmpl").read_text()
+                assert template.count("http://localhost:9009") == 1
+                (tmp_path / "alert-templates.tmpl").write_text(
+                    template.replace("http://localhost:9009", f"http://127.0.0.1:{running.port}"))
+                assert http_json("POST", alertmanager.url + "/-/reload")[0] == 200
                 labels = {"alertname": "SlackPath", "instance": "db \"primary\" & #1 + 100% \\ ok",
                           "note": "line one\nline two", "city": "Zürich 東京 'quoted'"}
                 status, _ = http_json("POST", alertmanager.url + "/api/v2/alerts",
@@ -3353,8 +3355,8 @@ templates:
                 ours = [a for a in alerts if a["labels"] == labels]
                 assert ours and ours[0]["status"]["state"] == "suppressed"
                 assert ours[0]["status"]["silencedBy"] == [active[0]["id"]]
-            finally:
-                alertmanager.stop()
+        finally:
+            alertmanager.stop()
     finally:
         slack.close()
 
