@@ -106,8 +106,8 @@ a script given by path is compiled at every start.
 """
 from __future__ import annotations
 
-# Where things go (the seams), for whoever adds the next feature (test_the_seams_map_holds checks
-# what can be checked):
+# Where things go (the seams), for whoever adds the next feature (the tests of "The module's shape"
+# check what can be checked):
 #   a new endpoint      one row in ROUTES (methods, pool, token, cross-site guard, HTML errors, answered
 #                       inline) and a Handler.route_<name> that turns HTTP into typed arguments for the
 #                       app; the app's parts answer in domain terms (Unknown, Forbidden, PeerError),
@@ -434,6 +434,9 @@ class Config:
             try:
                 into[key] = parse(raw)
             except ValueError as exc:
+                if parse is parse_token:  # a secret: the variable is named, its value never shown
+                    problems.append(f"{name}: {exc} (the value is a secret: not shown)")
+                    return
                 shown = raw if len(raw) <= 60 else raw[:60] + f"... ({len(raw)} characters)"
                 problems.append(f"{name}: {exc}, got {shown!r}")
 
@@ -3594,6 +3597,10 @@ class Control:
             return ("nothing to undo: no change is in force" if command.value is None
                     else f"no change #{command.value} is in force to undo")
         target = targets[-1]
+        alertname = target.get("alertname")
+        if alertname is not None and alertname not in self.actions:
+            return (f"change #{target['id']} is about {str(alertname)[:80]!r}, which is no longer in the action map: "
+                    "there is nothing of it to undo")
         if target["kind"] == "override":
             key = (target["setting"], target["alertname"])
             before = self._current(*key)
@@ -5412,8 +5419,13 @@ class Handler:
         answers: "queue.SimpleQueue[Dict[str, Any]]" = queue.SimpleQueue()
 
         def run() -> None:
-            result, change, message = app.control.run(form.get("text", ""), "slack", by, self.request.client,
-                                                      may_change=user_id in config.slack_admins)
+            try:
+                result, change, message = app.control.run(form.get("text", ""), "slack", by, self.request.client,
+                                                          may_change=user_id in config.slack_admins)
+            except Exception as exc:  # logged with its type, answered in words: the thread ends either way
+                app.log({"event": "error", "message": f"slack command: {type(exc).__name__}: {exc}"}, "error")
+                answers.put({"response_type": "ephemeral", "text": "Not done (error): autoheal's log has the details"})
+                return
             if result == "applied" and change is not None:
                 # Said in the channel, with a mention, so that everyone sees who changed what.
                 answers.put({"response_type": "in_channel",

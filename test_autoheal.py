@@ -17,6 +17,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -438,6 +439,186 @@ def test_in_app_browsers_of_people_are_not_previews():
                   "Mozilla/5.0 (Windows NT 10.0) AppleWebKit/537.36 Teams/1.6.00.4472 Chrome/91.0 Safari/537.36",
                   "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"):
         assert not autoheal.PREVIEW_AGENTS.search(agent), agent
+
+
+# ---------------------------------------------------------------------------------------------
+# The module's shape: its contents, its seams, and how long its parts are
+# ---------------------------------------------------------------------------------------------
+
+MODULE_TREE = ast.parse((HERE / "autoheal.py").read_text(encoding="utf-8"))
+
+
+def test_the_contents_match_the_banners():
+    source = (HERE / "autoheal.py").read_text(encoding="utf-8").splitlines()
+    contents = [line.split(".", 1)[1].strip() for line in source
+                if re.fullmatch(r"#\s+[0-9]{1,2}\. .+", line)]
+    bar = "# " + "-" * 93
+    banners = [source[index + 1][2:] for index, line in enumerate(source[:-2])
+               if line == bar and source[index + 2] == bar]
+    assert contents == banners and len(banners) >= 20, (contents, banners)
+
+
+def test_the_module_keeps_its_parts_small():
+    """No class over about 450 lines; at most four functions over 60 lines (main and smoke may be
+    long, as lists of steps)."""
+    classes = {node.name: node.end_lineno - node.lineno + 1 for node in MODULE_TREE.body
+               if isinstance(node, ast.ClassDef)}
+    assert max(classes.values()) <= 450, sorted(classes.items(), key=lambda item: -item[1])[:3]
+    functions = {}
+    for node in ast.walk(MODULE_TREE):
+        if isinstance(node, ast.ClassDef):
+            functions.update({f"{node.name}.{item.name}": item.end_lineno - item.lineno + 1
+                              for item in node.body if isinstance(item, ast.FunctionDef)})
+        elif isinstance(node, ast.FunctionDef) and node.col_offset == 0:
+            functions[node.name] = node.end_lineno - node.lineno + 1
+    long = sorted(name for name, lines in functions.items() if lines > 60)
+    assert len(long) <= 4, long
+    # The jobs App used to do itself are classes of their own.
+    for part in ("Control", "LocalControl", "SharedControl", "EventFeed", "HealTracker", "Exposition", "Journal"):
+        assert part in classes, part
+
+
+def test_every_counter_family_of_metrics_is_exposed_from_the_start(monkeypatch):
+    """A new counter family is one row of METRICS: its preset series are at 0 before anything
+    counts, and /metrics never needs a line of code for it."""
+    family = autoheal.Family("autoheal_test_things_total", "counter", "Things counted by a test.", ("kind",),
+                             (("one",), ("two",)))
+    monkeypatch.setattr(autoheal, "METRICS", autoheal.METRICS + (family,))
+    with serving() as running:
+        status, _, raw = running.request("GET", "/metrics")
+        text = raw.decode()
+        assert status == 200
+        assert 'autoheal_test_things_total{kind="one"} 0\n' in text
+        assert 'autoheal_test_things_total{kind="two"} 0\n' in text
+        running.app.counters.add("autoheal_test_things_total", ("three",))
+        assert running.metric('autoheal_test_things_total{kind="three"}') == 1
+        for row in autoheal.METRICS:
+            if row.kind == "counter" and row.preset:
+                assert f"# TYPE {row.name} counter" in text, row.name
+
+
+def test_a_store_that_forgets_part_of_the_contract_cannot_be_made():
+    class Forgetful(autoheal.MemoryStore):
+        load_control = autoheal.Store.load_control  # back to the abstract one
+
+    Forgetful.__abstractmethods__ = frozenset({"load_control"})
+    with pytest.raises(TypeError, match="load_control"):
+        Forgetful(10, 1 << 20, lambda texts: None, lambda *a, **k: None)
+    # Both stores keep the whole contract: each abstract method is their own.
+    for store in (autoheal.MemoryStore, autoheal.SqliteStore):
+        assert not store.__abstractmethods__, store
+        for name in autoheal.Store.__abstractmethods__:
+            assert getattr(store, name) is not getattr(autoheal.Store, name), (store, name)
+
+
+def test_a_claim_lost_for_an_unknown_reason_is_never_mislabelled():
+    settings = autoheal.Settings(True, False, {"A": 60.0}, 20)
+    decision = autoheal.Decision("A", "pending")
+    decision.settle(autoheal.Claim(False, 0.0, "budget"), settings)
+    assert decision.result == "rate_limited"
+    with pytest.raises(ValueError, match="unknown reason 'quota'"):
+        autoheal.Decision("A", "pending").settle(autoheal.Claim(False, 0.0, "quota"), settings)
+
+
+def test_routes_say_which_is_answered_inline_and_pools_are_declared_once():
+    assert [path for path, route in autoheal.ROUTES.items() if route.inline] == ["/alert"]
+    assert {route.pool for route in autoheal.ROUTES.values()} == set(autoheal.POOLS)
+    config = Config.from_env({"AUTOHEAL_WORKERS": "5"})
+    assert autoheal.pool_sizes(config) == {"main": 5, "ack": 4, "quick": 2, "control": 2}
+
+
+def test_every_event_is_of_a_known_kind_and_history_names_the_kinds_it_knows():
+    with pytest.raises(ValueError, match="EVENT_KINDS"):
+        autoheal.make_event("decisoin", 0.0)
+    with serving() as running:
+        running.post_alert(WEBHOOK)
+        status, body = running.json("GET", "/history?kind=decisoin")
+        assert status == 400 and "decisoin" in body["error"]
+        assert all(kind in body["error"] for kind in autoheal.EVENT_KINDS)
+        status, body = running.json("GET", "/history?result=execute")
+        assert status == 400 and "executed" in body["error"] and "dry_run" in body["error"]
+        status, body = running.json("GET", "/history?kind=ack&result=dry_run")
+        assert status == 400 and "created" in body["error"]
+        status, body = running.json("GET", "/history?kind=decision&result=dry_run")
+        assert status == 200 and [event["result"] for event in body["events"]] == ["dry_run"]
+
+
+def test_get_root_says_the_one_mode_and_when_a_pause_ends(tmp_path):
+    now = [1_800_000_000.0]
+    with serving({**ADMIN, "AUTOHEAL_ENABLED": "false"}, clock=lambda: now[0]) as running:
+        assert [running.json("GET", "/")[1][key] for key in ("mode", "paused_until")] == ["off", None]
+        token = {"Authorization": f"Bearer {ADMIN['AUTOHEAL_ADMIN_TOKEN']}"}
+        for command, mode in (("enable", "dry_run"), ("dry-run off", "live"), ("disable 30m", "paused")):
+            assert running.json("POST", "/control", {"command": command}, token)[0] == 200
+            assert running.json("GET", "/")[1]["mode"] == mode
+        status = running.json("GET", "/")[1]
+        assert status["paused_until"] == autoheal.format_rfc3339(now[0] + 1800)
+        assert "autoheal is PAUSED until " + status["paused_until"] in autoheal.describe_settings(status)
+        page = running.request("GET", "/", headers={"Accept": "text/html"})[2].decode()
+        assert 'class="mode mode-paused">PAUSED until <time' in page
+        now[0] += 1801  # the pause is over: live again, with nothing to wait for
+        assert [running.json("GET", "/")[1][key] for key in ("mode", "paused_until")] == ["live", None]
+
+
+def test_replicas_whose_etcd_does_not_answer_say_halted():
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: every call is refused at once
+    port = closed.getsockname()[1]
+    try:
+        with serving({"AUTOHEAL_ETCD_ENDPOINTS": f"http://127.0.0.1:{port}", "AUTOHEAL_ETCD_TIMEOUT_SEC": "0.5",
+                      "AUTOHEAL_ENABLED": "true", "AUTOHEAL_DRY_RUN": "false"}) as running:
+            status = running.json("GET", "/")[1]
+            assert (status["mode"], status["coordination"]["up"]) == ("halted", False)
+            assert "autoheal is HALTED" in autoheal.describe_settings(status)
+            page = running.request("GET", "/", headers={"Accept": "text/html"})[2].decode()
+            assert 'class="mode mode-halted">HALTED<' in page
+    finally:
+        closed.close()
+
+
+GOLDEN = HERE / "testdata" / "golden"
+
+
+def golden(name, text):
+    """Compare with testdata/golden/<name>; AUTOHEAL_UPDATE_GOLDEN=1 writes it anew (then read
+    the diff before committing it)."""
+    path = GOLDEN / name
+    if os.environ.get("AUTOHEAL_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert text == path.read_text(encoding="utf-8"), f"{name} changed: compare with {path}"
+
+
+GOLDEN_NOW = 1_800_000_000.0
+GOLDEN_DECISIONS = [
+    {"id": 3, "ts": GOLDEN_NOW - 60, "kind": "decision", "alertname": "TcpEndpointDownFast", "result": "executed"},
+    {"id": 2, "ts": GOLDEN_NOW - 7200, "kind": "decision", "alertname": "<script>x</script>", "result": "dry_run"},
+    {"id": 1, "ts": GOLDEN_NOW - 90000, "kind": "decision", "alertname": "TcpEndpointDownFast", "result": "failed"},
+]
+
+
+def test_render_timeline_golden():
+    golden("timeline.svg.html", autoheal.render_timeline(
+        ["TcpEndpointDownFast", "<script>x</script>"], GOLDEN_DECISIONS, GOLDEN_NOW))
+
+
+def test_render_status_page_golden():
+    status = {
+        "status": "ok", "mode": "paused", "paused_until": autoheal.format_rfc3339(GOLDEN_NOW + 1800),
+        "enabled": False, "dry_run": False, "actions": ["<script>x</script>", "TcpEndpointDownFast"],
+        "alertmanager_url": "http://alertmanager:9093", "version": "0.1.0",
+        "commands": {"<script>x</script>": "echo '<b>'", "TcpEndpointDownFast": "docker restart crm-api"},
+        "cooldowns": {"<script>x</script>": {"cooldown_seconds": 600, "remaining_seconds": 0.0},
+                      "TcpEndpointDownFast": {"cooldown_seconds": 600, "remaining_seconds": 540.0}},
+        "max_actions_per_hour": 20, "action_budget_remaining": 19, "disabled_actions": ["<script>x</script>"],
+        "overrides": [{"id": 7, "setting": "enabled", "alertname": None, "value": False, "by": "alice <a>",
+                       "until": autoheal.format_rfc3339(GOLDEN_NOW + 1800), "ts": GOLDEN_NOW - 30}],
+        "overrides_note": "state is in memory only: overrides will not survive a restart",
+        "coordination": {"replica": "r1", "up": True, "error": None, "prefix": "/autoheal/"},
+    }
+    heals = [{"id": 4, "ts": GOLDEN_NOW - 30, "kind": "heal", "alertname": "TcpEndpointDownFast", "result": "healed"}]
+    events = [{"id": 5, "ts": GOLDEN_NOW - 10, "kind": "control", "result": "applied"}] + GOLDEN_DECISIONS
+    golden("status-page.html", autoheal.render_status_page(status, GOLDEN_DECISIONS, heals, events, GOLDEN_NOW))
 
 
 # ---------------------------------------------------------------------------------------------
