@@ -253,7 +253,7 @@ SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted", "disabled")
 ACK_OUTCOMES = ("created", "existing", "extended", "previewed", "error")
 HEAL_RESULTS = ("healed", "not_healed")
 PRESET_REJECTIONS = (("/alert", 400), ("/alert", 401), ("/alert", 413), ("/ack", 400), ("/ack", 403))
-CONTROL_RESULTS = ("applied", "refused", "invalid", "throttled")
+CONTROL_RESULTS = ("applied", "refused", "invalid", "throttled", "unavailable")
 CONTROL_SOURCES = ("http", "slack")
 
 BUILTIN_ACTIONS = (
@@ -294,6 +294,7 @@ BUDGET_WINDOW_SEC = 3600  # the global action budget counts runs in a rolling ho
 COORDINATION_POLL_SEC = 0.25  # replicas: how often each reads the shared state in etcd
 CONTROL_CAS_ATTEMPTS = 5  # replicas: a change planned again when another replica's landed first
 MAX_UNDOABLE_CHANGES = 1000  # the control state keeps the last changes undo can take back, no more
+CHANGE_UIDS_KEPT = 100  # replicas: the unique ids of the latest changes, by which a retry finds its own
 REFUSALS_PER_MINUTE = 3  # refused attempts (a wrong token) one client may make before it gets 429
 
 # The level of a recorded event's log line, by its result; everything else is "info".
@@ -1231,8 +1232,8 @@ class Exposition:
             "autoheal_actions_total": (self._result_series(ACTION_RESULTS),
                                        per_alertname_values(counters["autoheal_actions_total"], names, ACTION_RESULTS)),
             "autoheal_action_last_timestamp": (plain_labels, started),
-            "autoheal_cooldown_remaining_seconds": (plain_labels, [cooldown_remaining(begun or None, cooldown, now)
-                                                                   for begun, cooldown in zip(started, cooldowns)]),
+            "autoheal_cooldown_remaining_seconds": (plain_labels, self.app.claims.remaining_all(
+                names, settings.cooldowns, now)),
             "autoheal_cooldown_seconds": (plain_labels, cooldowns),
             "autoheal_action_duration_seconds": summary("autoheal_action_duration_seconds"),
             "autoheal_heals_total": (self._result_series(HEAL_RESULTS),
@@ -1383,12 +1384,13 @@ def docker_plan(argv: Tuple[str, ...]) -> Tuple[str, Tuple[str, ...]]:
 
 def http_request(method: str, url: str, body: Optional[bytes] = None, headers: Optional[Mapping[str, str]] = None,
                  timeout: float = 5.0, unix_path: Optional[str] = None, limit: int = 8 << 20,
-                 context: Any = None) -> Tuple[int, bytes]:
+                 context: Any = None, whole: bool = False) -> Tuple[int, bytes]:
     """One exchange with a peer (Alertmanager, Docker, Prometheus, etcd, autoheal): (status, body).
 
     OSError when nothing answers within timeout, or what answers is not HTTP.  With unix_path
     the request goes over that Unix socket (the Docker socket) whatever the URL's host; context
-    is the ssl.SSLContext of an https URL (default: the system's CAs).
+    is the ssl.SSLContext of an https URL (default: the system's CAs).  whole: timeout bounds
+    the whole exchange, not each read (a peer that trickles its answer is abandoned at it).
     """
     import http.client  # outgoing calls only: the server itself never needs it (see Handler)
     import urllib.parse
@@ -1404,6 +1406,10 @@ def http_request(method: str, url: str, body: Optional[bytes] = None, headers: O
     try:
         if unix_path is not None:
             connection.sock = _unix_socket(unix_path, timeout)
+        if whole:
+            _DEADLINE.value = time.monotonic() + timeout
+            connection.connect()
+            connection.sock.__class__ = _deadline_class(type(connection.sock))
         connection.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body=body,
                            headers=dict(headers or {}))
         response = connection.getresponse()
@@ -1415,6 +1421,31 @@ def http_request(method: str, url: str, body: Optional[bytes] = None, headers: O
         raise OSError(f"bad answer: {exc!r}") from None
     finally:
         connection.close()
+
+
+# The deadline of the exchange this thread is making (http_request(..., whole=True)).
+_DEADLINE = threading.local()
+_DEADLINE_CLASSES: Dict[type, type] = {}
+
+
+def _deadline_class(base: type) -> type:
+    """A subclass of a socket's class (plain or TLS) whose every read waits only for what is left
+    of this thread's deadline: http.client reads with the socket's timeout, which a peer that
+    sends a byte at a time would reset at every byte.  Same layout, so a socket can take it."""
+    cls = _DEADLINE_CLASSES.get(base)
+    if cls is None:
+        def recv_into(self: Any, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+            left = _DEADLINE.value - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the whole answer did not come within the deadline")
+            self.settimeout(left)
+            return base.recv_into(self, buffer, nbytes, flags)
+
+        namespace: Dict[str, Any] = {"recv_into": recv_into}
+        if "__slots__" in vars(base):  # socket.socket has slots: the subclass must add none
+            namespace["__slots__"] = ()
+        cls = _DEADLINE_CLASSES[base] = type(f"Deadline{base.__name__}", (base,), namespace)
+    return cls
 
 
 def describe_failure(exc: OSError, timeout: float) -> str:
@@ -2847,6 +2878,7 @@ class Settings:
     max_actions_per_hour: int
     disabled: FrozenSet[str] = frozenset()  # actions switched off at runtime
     overrides: Tuple[Any, ...] = ()  # the runtime overrides in force (Override)
+    revision: Optional[int] = None  # replicas: the shared control state's revision they were read at (a fence)
 
     @property
     def executes(self) -> bool:
@@ -2905,6 +2937,23 @@ class Claims:
         """Give back a claim whose action will not run after all; replicas keep it (fail closed:
         the shared cooldown stands)."""
 
+    def remaining(self, alertname: str, cooldown: float, now: float) -> float:
+        """Seconds left of alertname's cooldown, as the claims see it."""
+        return cooldown_remaining(self.started(alertname), cooldown, now)
+
+    def remaining_all(self, names: List[str], cooldowns: Mapping[str, float], now: float) -> List[float]:
+        """Seconds left of each name's cooldown, at once (GET /, /metrics)."""
+        started = self.all_started()
+        return [cooldown_remaining(started.get(name) or None, cooldowns[name], now) for name in names]
+
+    def claim_all(self, wanted: List[Tuple[str, float]], budget: int, now: float,
+                  deadline: Optional[float] = None, fence: Optional[int] = None) -> List[Claim]:
+        """The claims of one webhook, in order: (alertname, cooldown) each."""
+        return [self.claim(name, cooldown, budget, now, deadline) for name, cooldown in wanted]
+
+    def begin(self, alertname: str, deadline: Optional[float] = None) -> None:
+        """The action of a claimed cooldown starts now (replicas: its cooldown counts from here)."""
+
 
 class LocalClaims(Claims):
     """Cooldowns and the hourly budget of one process, each claim one atomic step under one lock.
@@ -2954,7 +3003,7 @@ class LocalClaims(Claims):
         with self._lock:
             self._started[alertname] = 0.0
 
-    def restore(self, alertname: str, started: Optional[float]) -> None:
+    def restore(self, alertname: str, started: Optional[float], left: Optional[float] = None) -> None:
         """Put back a cooldown that rearm ended (its undo), unless the alertname acted since."""
         with self._lock:
             if self._started.get(alertname) in (None, 0.0) and started:
@@ -3072,7 +3121,7 @@ class EtcdClient:
         if token:
             headers["Authorization"] = token
         status, raw = http_request("POST", f"{endpoint}/v3/{path}", json.dumps(body).encode("utf-8"), headers,
-                                   timeout=timeout, context=self._context)
+                                   timeout=timeout, context=self._context, whole=True)
         answer = decode_answer(raw)
         message = str(answer_reason(answer) if answer else f"HTTP {status}")[:200]
         if status >= 500 or (status == 200 and not isinstance(answer, dict)):
@@ -3100,26 +3149,44 @@ def etcd_ssl_context(config: Config) -> Any:
     return context
 
 
+class OutcomeUnknown(CoordinationUnavailable):
+    """A change was written, and etcd never said whether it landed (every answer lost or late)."""
+
+
+class StaleSettings(Exception):
+    """A claim's fence failed: the shared control state changed since the settings it was judged
+    with were read.  The webhook is judged again on the new ones."""
+
+
 class EtcdClaims(Claims):
     """Cooldowns and the hourly budget shared by every replica, in etcd: the same answers as
-    LocalClaims, each claim one compare-and-swap transaction.
+    LocalClaims, the claims of one webhook one compare-and-swap transaction.
 
-    <prefix>cooldown/<alertname> holds when that cooldown started (JSON: the replica, its clock's
-    start, offset).  Its age is measured by etcd, not by any replica's clock: the key carries a
-    lease granted for MAX_COOLDOWN_SEC, and age = offset + granted TTL - TTL left (+1 s: etcd
-    counts whole seconds, rounded down, so a cooldown may end a second late, never early).
+    <prefix>cooldown/<alertname> exists while that cooldown runs: it is put on a lease of the
+    cooldown's length (plus a second: etcd counts whole seconds), and the lease is kept alive once
+    more just before the action starts (begin), so the cooldown is measured from the start of the
+    action by etcd's lease clock, never shorter, whatever the replicas' clocks say; it ends at most
+    a second (and the time from begin to the command's start) late.  A leader election in etcd
+    may extend a lease, never shorten it.  The key's value says who claimed it, when on the
+    claimer's clock (shown, never compared), and the lease's length.
     <prefix>budget/<n> (n below the budget) are the hourly budget's slots, each with a one-hour
-    lease: etcd deletes them itself, also after a replica that died.
+    lease: etcd deletes them itself, also after a replica that died.  Every claim is fenced on the
+    revision of the shared control state its settings were read at (StaleSettings otherwise).
 
-    The status page and /metrics read what the last poll (sync) saw; they never wait on etcd.
+    How long a cooldown has left is estimated from when this replica first saw its key (by its
+    monotonic clock) and the cooldown's length (the lease's, less its spare second); a key that
+    still exists has at least a second left.
+    The status page and /metrics read what the last poll (sync) or claim saw; they never wait.
     """
 
     def __init__(self, client: EtcdClient, prefix: str, replica: str):
-        super().__init__({})  # as the last poll (or claim) saw them, in the claimers' clocks
+        super().__init__({})  # shown only: when each cooldown started on its claimer's clock
         self.client = client
         self.prefix = prefix
         self.replica = replica
         self._budget_used = 0
+        self._seen: Dict[str, Tuple[str, float, float]] = {}  # alertname: (mod_revision, lease seconds, seen at)
+        self._leases: Dict[str, str] = {}  # the lease of each cooldown this replica claimed last
         self.up = False
         self.error: Optional[str] = None
 
@@ -3135,76 +3202,165 @@ class EtcdClaims(Claims):
         self.up, self.error = True, None
         return answer
 
-    def _age(self, kv: Mapping[str, Any], deadline: Optional[float]) -> float:
-        """How long ago a cooldown key's cooldown started, by etcd's lease clock (inf: over)."""
+    def _see(self, alertname: str, kv: Optional[Mapping[str, Any]]) -> None:
+        """Note a cooldown key as read (None: there is none), under the lock."""
+        if kv is None:
+            self._seen.pop(alertname, None)
+            if alertname in self._started:
+                self._started[alertname] = 0.0
+            return
+        revision = str(kv.get("mod_revision"))
+        known = self._seen.get(alertname)
+        if known is not None and known[0] == revision:
+            return
         try:
-            offset = float(json.loads(_unb64(kv.get("value", ""))).get("offset", 0))
+            value = json.loads(_unb64(kv.get("value", "")))
+            ttl, started = float(value.get("ttl", MAX_COOLDOWN_SEC)), float(value.get("started", 0.0))
         except (ValueError, TypeError, AttributeError):
-            offset = 0.0
-        lease = kv.get("lease")
-        if not lease or lease == "0":
-            return math.inf
-        alive = self._call("lease/timetolive", {"ID": lease}, deadline)
-        left, granted = int(alive.get("TTL", -1)), int(alive.get("grantedTTL", 0))
-        if left < 0:
-            return math.inf
-        return max(0.0, offset + granted - left - 1)
+            ttl, started = MAX_COOLDOWN_SEC, 0.0
+        self._seen[alertname] = (revision, ttl, time.monotonic())
+        self._started[alertname] = started
 
-    def claim(self, alertname: str, cooldown: float, budget: int, now: float,
-              deadline: Optional[float] = None) -> Claim:
-        """Start alertname's cooldown (and take a budget slot) unless either forbids it: one
-        transaction compares the key as read (and the slot as free) and writes both, so of any
-        number of replicas at once, one wins; the others read again and see its cooldown."""
+    def remaining(self, alertname: str, cooldown: float, now: float) -> float:
+        return self.remaining_all([alertname], {alertname: cooldown}, now)[0]
+
+    def remaining_all(self, names: List[str], cooldowns: Mapping[str, float], now: float) -> List[float]:
+        clock = time.monotonic()
+        with self._lock:
+            seen = [self._seen.get(name) for name in names]
+        return [0.0 if one is None else max(1.0, one[1] - 1 - (clock - one[2])) for one in seen]
+
+    def claim_all(self, wanted: List[Tuple[str, float]], budget: int, now: float,
+                  deadline: Optional[float] = None, fence: Optional[int] = None) -> List[Claim]:
+        """The claims of one webhook: one read of every key concerned, then one transaction that
+        compares them as read (and the budget's slots as free, and the control state's revision
+        as fence) and writes the cooldowns won.  Of any number of replicas at once, one wins each
+        cooldown; the others read again and see it."""
         import random
 
-        key = self._key(alertname)
+        cooldown_of: Dict[str, float] = {}
+        for name, cooldown in wanted:
+            cooldown_of.setdefault(name, cooldown)
+        names = list(cooldown_of)
         budget_prefix = f"{self.prefix}budget/"
         if deadline is None:
             deadline = time.monotonic() + self.client.timeout
         while True:
-            reads = [{"request_range": {"key": _b64(key)}}]
-            if budget:
-                reads.append({"request_range": {"key": _b64(budget_prefix),
-                                                "range_end": _b64(_prefix_end(budget_prefix)), "keys_only": True}})
-            answer = self._call("kv/txn", {"success": reads}, deadline)
-            responses = [r.get("response_range", {}) for r in answer.get("responses", [])]
-            kvs = responses[0].get("kvs") or []
-            current = kvs[0] if kvs else None
-            if current is not None:
-                remaining = cooldown - self._age(current, deadline)
-                if remaining > 0:
-                    return Claim(False, min(cooldown, remaining), "cooldown")
-            compare = [{"key": _b64(key), "target": "MOD", "mod_revision": current["mod_revision"]} if current
-                       else {"key": _b64(key), "target": "CREATE", "create_revision": "0"}]
-            writes = []
-            slot_lease = None
-            if budget:
-                taken = {_unb64(kv["key"])[len(budget_prefix):] for kv in responses[1].get("kvs") or []}
-                with self._lock:
-                    self._budget_used = len(taken)
-                if len(taken) >= budget:  # slots of a larger budget before a change count too
-                    return Claim(False, 0.0, "budget")
-                # A few free slots to pick from at random, so that replicas at once rarely collide.
-                free = list(itertools.islice((n for n in range(budget) if str(n) not in taken), 64))
-                slot = f"{budget_prefix}{random.choice(free)}"
-                slot_lease = self._call("lease/grant", {"TTL": BUDGET_WINDOW_SEC}, deadline)["ID"]
-                compare.append({"key": _b64(slot), "target": "CREATE", "create_revision": "0"})
-                writes.append({"request_put": {"key": _b64(slot), "value": _b64(self.replica), "lease": slot_lease}})
-            lease = self._call("lease/grant", {"TTL": int(MAX_COOLDOWN_SEC)}, deadline)["ID"]
-            value = json.dumps({"replica": self.replica, "started": now, "offset": 0})
-            writes.append({"request_put": {"key": _b64(key), "value": _b64(value), "lease": lease}})
-            answer = self._call("kv/txn", {"compare": compare, "success": writes}, deadline)
+            results, winners, taken = self._read_claims(names, budget_prefix, deadline)
+            slots: Dict[str, str] = {}
+            if budget and winners:  # slots of a larger budget before a change count too
+                # Free slots picked at random, so that replicas at once rarely collide.
+                free = list(itertools.islice((n for n in range(budget) if str(n) not in taken), 64 + len(winners)))
+                random.shuffle(free)
+                for name in list(winners):
+                    if free:
+                        slots[name] = f"{budget_prefix}{free.pop()}"
+                    else:
+                        winners.remove(name)
+                        results[name] = Claim(False, 0.0, "budget")
+            if not winners:
+                return self._expand(wanted, results)
+            leases: Dict[int, str] = {}
+            for name in winners:
+                seconds = int(math.ceil(cooldown_of[name])) + 1
+                if seconds not in leases:
+                    leases[seconds] = self._call("lease/grant", {"TTL": seconds}, deadline)["ID"]
+            slot_lease = self._call("lease/grant", {"TTL": BUDGET_WINDOW_SEC}, deadline)["ID"] if slots else None
+            answer = self._call("kv/txn", self._claim_txn(winners, slots, cooldown_of, leases, slot_lease, fence, now),
+                                deadline)
             if answer.get("succeeded"):
+                revision = str(answer["header"]["revision"])
                 with self._lock:
-                    self._started[alertname] = now
-                    if budget:
-                        self._budget_used += 1
-                if current is not None:  # the cooldown it replaced: its lease is of no more use
-                    self._forget(current.get("lease"), deadline)
-                return Claim(True, cooldown)
-            # Another replica was first (or took the slot): give back the leases, read again.
-            for unused in (lease, slot_lease):
+                    for name in winners:
+                        seconds = int(math.ceil(cooldown_of[name])) + 1
+                        self._seen[name] = (revision, float(seconds), time.monotonic())
+                        self._started[name] = now
+                        self._leases[name] = leases[seconds]
+                        results[name] = Claim(True, cooldown_of[name])
+                    self._budget_used += len(slots)
+                return self._expand(wanted, results)
+            # Another replica was first (a cooldown, a slot), or the settings changed: give the
+            # leases back; read again, or judge again.
+            for unused in list(leases.values()) + [slot_lease]:
                 self._forget(unused, deadline)
+            kvs = ((answer.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+            current = int(kvs[0]["mod_revision"]) if kvs else 0
+            if fence is not None and current != fence:
+                raise StaleSettings(f"the shared settings changed (revision {fence} -> {current})")
+
+    def _claim_txn(self, winners: List[str], slots: Mapping[str, str], cooldown_of: Mapping[str, float],
+                   leases: Mapping[int, str], slot_lease: Optional[str], fence: Optional[int],
+                   now: float) -> Dict[str, Any]:
+        """The transaction that claims: each cooldown key still absent, each slot still free, the
+        control state at the fence's revision; then every key and slot written on its lease."""
+        control = _b64(f"{self.prefix}control")
+        compare = [{"key": _b64(self._key(name)), "target": "CREATE", "create_revision": "0"} for name in winners]
+        if fence is not None:  # the settings it was judged with are still the shared ones
+            compare.append({"key": control, "target": "MOD", "mod_revision": str(fence)} if fence
+                           else {"key": control, "target": "CREATE", "create_revision": "0"})
+        writes = []
+        for name in winners:
+            seconds = int(math.ceil(cooldown_of[name])) + 1
+            value = json.dumps({"replica": self.replica, "started": now, "ttl": seconds})
+            writes.append({"request_put": {"key": _b64(self._key(name)), "value": _b64(value),
+                                           "lease": leases[seconds]}})
+            if name in slots:
+                compare.append({"key": _b64(slots[name]), "target": "CREATE", "create_revision": "0"})
+                writes.append({"request_put": {"key": _b64(slots[name]), "value": _b64(self.replica),
+                                               "lease": slot_lease}})
+        return {"compare": compare, "success": writes, "failure": [{"request_range": {"key": control}}]}
+
+    def _read_claims(self, names: List[str], budget_prefix: str,
+                     deadline: Optional[float]) -> Tuple[Dict[str, Claim], List[str], set]:
+        """One read of the cooldown keys of names and of the budget's slots: the claims lost to a
+        running cooldown, the names free to claim, the slots taken."""
+        reads = [{"request_range": {"key": _b64(self._key(name))}} for name in names]
+        reads.append({"request_range": {"key": _b64(budget_prefix), "range_end": _b64(_prefix_end(budget_prefix)),
+                                        "keys_only": True}})
+        answer = self._call("kv/txn", {"success": reads}, deadline)
+        responses = [r.get("response_range", {}) for r in answer.get("responses", [])]
+        results: Dict[str, Claim] = {}
+        free: List[str] = []
+        with self._lock:
+            for name, response in zip(names, responses):
+                kvs = response.get("kvs") or []
+                self._see(name, kvs[0] if kvs else None)
+                if kvs:
+                    seen = self._seen[name]
+                    results[name] = Claim(False, max(1.0, seen[1] - 1 - (time.monotonic() - seen[2])), "cooldown")
+                else:
+                    free.append(name)
+            taken = {_unb64(kv["key"])[len(budget_prefix):] for kv in responses[-1].get("kvs") or []}
+            self._budget_used = len(taken)
+        return results, free, taken
+
+    @staticmethod
+    def _expand(wanted: List[Tuple[str, float]], results: Mapping[str, Claim]) -> List[Claim]:
+        """A claim per wanted entry: a repeat of an alertname in one webhook finds the cooldown its
+        first occurrence started (or the same refusal)."""
+        claims, seen = [], set()
+        for name, cooldown in wanted:
+            claim = results[name]
+            claims.append(Claim(False, cooldown, "cooldown") if name in seen and claim.won else claim)
+            seen.add(name)
+        return claims
+
+    def claim(self, alertname: str, cooldown: float, budget: int, now: float,
+              deadline: Optional[float] = None) -> Claim:
+        """One alertname's claim (claim_all of one)."""
+        return self.claim_all([(alertname, cooldown)], budget, now, deadline)[0]
+
+    def begin(self, alertname: str, deadline: Optional[float] = None) -> None:
+        """The action of a claimed cooldown starts now: its lease is kept alive once more, so the
+        cooldown counts from here (CoordinationUnavailable: it must not start)."""
+        with self._lock:
+            lease = self._leases.pop(alertname, None)
+        if lease:
+            self._call("lease/keepalive", {"ID": lease}, deadline)
+            with self._lock:
+                seen = self._seen.get(alertname)
+                if seen is not None:
+                    self._seen[alertname] = (seen[0], seen[1], time.monotonic())
 
     def _forget(self, lease: Optional[str], deadline: Optional[float]) -> None:
         if lease and lease != "0":
@@ -3213,29 +3369,26 @@ class EtcdClaims(Claims):
 
     def rearm(self, alertname: str) -> None:
         """End alertname's running cooldown now, on every replica: the key goes, and its lease with
-        it (a lease left alive would outlive the cooldown by up to MAX_COOLDOWN_SEC)."""
+        it (a lease left alive would outlive the cooldown)."""
         answer = self._call("kv/deleterange", {"key": _b64(self._key(alertname)), "prev_kv": True}, None)
         for kv in answer.get("prev_kvs") or []:
             self._forget(kv.get("lease"), None)
         with self._lock:
-            self._started[alertname] = 0.0
+            self._see(alertname, None)
 
-    def restore(self, alertname: str, started: Optional[float]) -> None:
-        """Put back a cooldown that rearm ended (its undo), unless the alertname acted since.  Its
-        age is carried over as an offset measured by this replica's clock (the one place where a
-        replica's clock counts: taking back a rearm)."""
-        if not started:
+    def restore(self, alertname: str, started: Optional[float], left: Optional[float] = None) -> None:
+        """Put back what a rearm took from a cooldown (its undo): a key on a lease of the seconds
+        it had left then (no replica's clock is compared), unless the alertname acted since."""
+        if not left:
             return
-        key = self._key(alertname)
-        lease = self._call("lease/grant", {"TTL": int(MAX_COOLDOWN_SEC)}, None)["ID"]
-        value = json.dumps({"replica": self.replica, "started": started, "offset": max(0.0, time.time() - started)})
-        answer = self._call("kv/txn", {"compare": [{"key": _b64(key), "target": "CREATE", "create_revision": "0"}],
-                                       "success": [{"request_put": {"key": _b64(key), "value": _b64(value),
+        seconds = int(math.ceil(left)) + 1
+        lease = self._call("lease/grant", {"TTL": seconds}, None)["ID"]
+        key = _b64(self._key(alertname))
+        value = json.dumps({"replica": self.replica, "started": time.time(), "ttl": seconds})
+        answer = self._call("kv/txn", {"compare": [{"key": key, "target": "CREATE", "create_revision": "0"}],
+                                       "success": [{"request_put": {"key": key, "value": _b64(value),
                                                                     "lease": lease}}]}, None)
-        if answer.get("succeeded"):
-            with self._lock:
-                self._started[alertname] = started
-        else:
+        if not answer.get("succeeded"):
             self._forget(lease, None)
 
     def budget_used(self, now: float) -> int:
@@ -3244,39 +3397,44 @@ class EtcdClaims(Claims):
 
     # -- the shared runtime control state ------------------------------------------------------
 
-    def sync(self) -> Tuple[Optional[str], int]:
+    def sync(self) -> Tuple[Optional[str], int, FrozenSet[int]]:
         """Poll what every replica shares: the runtime control state (its text and revision, 0:
-        none yet), the cooldowns and the budget slots in use (kept for the status page)."""
-        cooldowns, budget = f"{self.prefix}cooldown/", f"{self.prefix}budget/"
+        none yet), the timed overrides still alive (their ids), the cooldowns and the budget
+        slots in use (kept for the status page)."""
+        cooldowns, budget, overrides = f"{self.prefix}cooldown/", f"{self.prefix}budget/", f"{self.prefix}override/"
         answer = self._call("kv/txn", {"success": [
             {"request_range": {"key": _b64(f"{self.prefix}control")}},
             {"request_range": {"key": _b64(cooldowns), "range_end": _b64(_prefix_end(cooldowns))}},
             {"request_range": {"key": _b64(budget), "range_end": _b64(_prefix_end(budget)), "count_only": True}},
+            {"request_range": {"key": _b64(overrides), "range_end": _b64(_prefix_end(overrides)), "keys_only": True}},
         ]}, None)
-        control, running, slots = [r.get("response_range", {}) for r in answer.get("responses", [])]
-        started: Dict[str, float] = {}
-        for kv in running.get("kvs") or []:
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                started[_unb64(kv["key"])[len(cooldowns):]] = float(json.loads(_unb64(kv.get("value", "")))["started"])
+        control, running, slots, alive = [r.get("response_range", {}) for r in answer.get("responses", [])]
+        found = {_unb64(kv["key"])[len(cooldowns):]: kv for kv in running.get("kvs") or []}
         with self._lock:
-            for name in self._started:  # a cooldown whose key went (rearm) has ended
-                self._started[name] = started.get(name, 0.0)
-            self._started.update(started)
+            for name in set(self._seen) | set(found):
+                self._see(name, found.get(name))
             self._budget_used = int(slots.get("count", 0))
+        live: FrozenSet[int] = frozenset(int(_unb64(kv["key"])[len(overrides):]) for kv in alive.get("kvs") or []
+                                         if _unb64(kv["key"])[len(overrides):].isdigit())
         kvs = control.get("kvs") or []
         if not kvs:
-            return None, 0
-        return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])
+            return None, 0, live
+        return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"]), live
 
-    def put_control(self, text: str, revision: int, deadline: Optional[float] = None) -> int:
-        """Write the runtime control state if nobody changed it since revision (0: never written);
-        its new revision, or 0 when another replica's change came first."""
+    def put_control(self, text: str, revision: int, deadline: Optional[float] = None,
+                    timed: Optional[Mapping[int, float]] = None) -> int:
+        """Write the runtime control state if nobody changed it since revision (0: never written),
+        with a key on a lease of its duration for each new timed override (id: seconds); its new
+        revision, or 0 when another replica's change came first."""
         key = _b64(f"{self.prefix}control")
         compare = ({"key": key, "target": "MOD", "mod_revision": str(revision)} if revision
                    else {"key": key, "target": "CREATE", "create_revision": "0"})
-        answer = self._call("kv/txn", {"compare": [compare], "success": [{"request_put": {"key": key,
-                                                                                          "value": _b64(text)}}]},
-                            deadline)
+        writes = [{"request_put": {"key": key, "value": _b64(text)}}]
+        for override_id, seconds in (timed or {}).items():
+            lease = self._call("lease/grant", {"TTL": max(1, int(math.ceil(seconds)))}, deadline)["ID"]
+            writes.append({"request_put": {"key": _b64(f"{self.prefix}override/{override_id}"), "value": _b64("1"),
+                                           "lease": lease}})
+        answer = self._call("kv/txn", {"compare": [compare], "success": writes}, deadline)
         return int(answer["header"]["revision"]) if answer.get("succeeded") else 0
 
 
@@ -3310,7 +3468,7 @@ EVENT_KINDS: Dict[str, Tuple[str, ...]] = {
     "heal": HEAL_RESULTS,  # the verdict on a run: did its alert resolve?
     "ack": ("created", "existing", "extended", "error"),  # an /ack link clicked
     "unack": ("expired", "already_expired"),  # an acknowledgement undone
-    "control": ("applied", "refused", "invalid", "lapsed"),  # a runtime control command, or an override's lapse
+    "control": ("applied", "refused", "invalid", "lapsed", "unknown"),  # a runtime control command, or a lapse
     "state": ("recovered",),  # the state file was damaged and replaced
 }
 EVENT_RESULTS = tuple(sorted({result for results in EVENT_KINDS.values() for result in results}))
@@ -3684,6 +3842,11 @@ class Control:
         fields = {"source": source, "by": by, "client": client, "command": text, "reason": reason}
         try:
             done = self._change(command, fields)
+        except OutcomeUnknown as exc:  # never "refused": it may be in force
+            event = make_event("control", self.clock(), result="unknown", **fields, error=str(exc))
+            self.journal.record([event])
+            self.counters.add("autoheal_control_commands_total", (source, "unavailable"))
+            return "unavailable", event, f"the outcome is unknown: {exc}"
         except CoordinationUnavailable as exc:
             why = f"etcd does not answer, so no replica can change settings now ({exc})"
             return ("unavailable",) + self._refusal("refused", why, text, source, by, client, reason)[1:]
@@ -3706,7 +3869,7 @@ class Control:
             if command.verb == "rearm":
                 self.claims.rearm(command.alertname or "")
             elif command.verb == "undo" and change.get("kind") == "rearm":
-                self.claims.restore(change["alertname"], change["started"])
+                self.claims.restore(change["alertname"], change["started"], change.get("left"))
         except CoordinationUnavailable as exc:
             self.journal.log({"event": "error", "message": f"change #{event.get('change_id') or event.get('id')} is "
                               f"recorded, but etcd stopped answering before the running cooldown was changed ({exc})"},
@@ -3777,9 +3940,9 @@ class Control:
                     {"kind": "override", "setting": setting, "alertname": alertname, "value": value, "until": until})
         if command.verb == "rearm":
             started = self.claims.started(command.alertname or "")
-            left = cooldown_remaining(started, self._settings.cooldowns[command.alertname], now)
+            left = self.claims.remaining(command.alertname or "", self._settings.cooldowns[command.alertname], now)
             return ({"setting": "cooldown_running", "alertname": command.alertname, "old": math.ceil(left), "new": 0},
-                    {"kind": "rearm", "alertname": command.alertname, "started": started})
+                    {"kind": "rearm", "alertname": command.alertname, "started": started, "left": left})
         if command.verb == "reset":
             dropped = sum(len(stack) for stack in self._stacks.values())
             if not dropped:
@@ -3808,10 +3971,12 @@ class Control:
             return ({"setting": target["setting"], "alertname": alertname, "old": self._current(*key),
                      "new": self._value_in(after, *key, now), "undoes": target["id"]},
                     {"kind": "undo", "target": target})
-        left = cooldown_remaining(target["started"] or None, self._settings.cooldowns[alertname], now)
+        left = (cooldown_remaining(target["started"] or None, self._settings.cooldowns[alertname], now)
+                if not self.shared else target.get("left") or 0.0)
         return ({"setting": "cooldown_running", "alertname": alertname, "old": 0, "new": math.ceil(left),
                  "undoes": target["id"]},
-                {"kind": "undo", "target": target, "alertname": alertname, "started": target["started"]})
+                {"kind": "undo", "target": target, "alertname": alertname, "started": target["started"],
+                 "left": target.get("left")})
 
     def _value_in(self, stacks: Stacks, setting: str, alertname: Optional[str], now: float) -> Any:
         """The value of one setting that stacks put in force (the newest live override of it, else
@@ -3840,7 +4005,7 @@ class Control:
                             "alertname": change["alertname"]})
         elif kind == "rearm":
             changes.append({"id": event_id, "kind": "rearm", "alertname": change["alertname"],
-                            "started": change["started"]})
+                            "started": change["started"], "left": change.get("left")})
         elif kind == "reset":
             stacks, changes = {}, []
         else:  # undo
@@ -3855,7 +4020,7 @@ class Control:
         """Drop the overrides whose duration ran out, each recorded as a lapse (also at start, for
         those that ran out while autoheal was down)."""
         with self._lock:
-            lapsed = [o for stack in self._stacks.values() for o in stack if o.until is not None and o.until <= now]
+            lapsed = [o for stack in self._stacks.values() for o in stack if not self._live(o, now)]
             kept = True
             if lapsed:
                 stacks = {key: [o for o in stack if o not in lapsed] for key, stack in self._stacks.items()}
@@ -3880,11 +4045,15 @@ class Control:
         """The overrides and undoable changes kept (state file, or etcd); lapsed ones drop now."""
         raise NotImplementedError
 
+    def refresh(self) -> None:
+        """Read the state anew where others may change it (replicas); one process has it all."""
+
     def close(self) -> None:
         """Stop whatever thread keeps the state current."""
 
-    def _parse(self, raw: str, where: str) -> Tuple[Stacks, List[Dict[str, Any]], int]:
-        """The overrides, undoable changes and last change id of a control state's text."""
+    def _parse(self, raw: str, where: str) -> Tuple[Stacks, List[Dict[str, Any]], int, List[str]]:
+        """The overrides, undoable changes, last change id and the latest changes' unique ids of a
+        control state's text."""
         stacks: Stacks = {}
         try:
             state = json.loads(raw)
@@ -3893,17 +4062,21 @@ class Control:
                 if override.alertname is None or override.alertname in self.actions:
                     stacks.setdefault((override.setting, override.alertname), []).append(override)
             changes = [change for change in state.get("changes", []) if isinstance(change, dict)]
-            return stacks, changes, int(state.get("seq", 0))
+            uids = [str(uid) for uid in state.get("uids", [])][-CHANGE_UIDS_KEPT:]
+            return stacks, changes, int(state.get("seq", 0)), uids
         except (ValueError, TypeError, AttributeError) as exc:
             self.journal.log({"event": "error", "message": f"{where}: runtime overrides unreadable ({exc}); "
                               "the environment is in force"}, "error")
-            return {}, [], 0
+            return {}, [], 0, []
 
     @staticmethod
-    def _text(stacks: Stacks, changes: List[Dict[str, Any]], seq: int = 0) -> str:
+    def _text(stacks: Stacks, changes: List[Dict[str, Any]], seq: int = 0, uids: List[str] = ()) -> str:
         """The control state as kept: JSON."""
-        return json.dumps({"overrides": [list(o) for stack in stacks.values() for o in stack], "changes": changes,
-                           "seq": seq})
+        state: Dict[str, Any] = {"overrides": [list(o) for stack in stacks.values() for o in stack],
+                                 "changes": changes, "seq": seq}
+        if uids:
+            state["uids"] = list(uids)[-CHANGE_UIDS_KEPT:]
+        return json.dumps(state)
 
     def _build_settings(self, now: float) -> None:
         """Settings from the configuration and the overrides in force (the newest of each setting
@@ -3914,9 +4087,9 @@ class Control:
         disabled = set()
         active = []
         untils = [o.until for stack in self._stacks.values() for o in stack if o.until is not None]
-        self.next_lapse = min(untils) if untils else None
+        self.next_lapse = min(untils) if untils and not self.shared else None
         for stack in self._stacks.values():
-            live = [o for o in stack if o.until is None or o.until > now]
+            live = [o for o in stack if self._live(o, now)]
             if not live:
                 continue
             top = live[-1]
@@ -3930,9 +4103,17 @@ class Control:
             elif top.setting == "action_enabled" and not top.value:
                 disabled.add(top.alertname)
         self._settings = Settings(enabled, dry_run, cooldowns, config.max_actions_per_hour, frozenset(disabled),
-                                  tuple(sorted(active, key=lambda o: o.id)))
+                                  tuple(sorted(active, key=lambda o: o.id)), self._fence())
         live_untils = [until for until in untils if until > now]
-        self._settings_until = min(live_untils) if live_untils else None
+        self._settings_until = min(live_untils) if live_untils and not self.shared else None
+
+    def _live(self, override: Override, now: float) -> bool:
+        """Whether an override is still in force (one with a duration lapses at its until)."""
+        return override.until is None or override.until > now
+
+    def _fence(self) -> Optional[int]:
+        """The revision claims are fenced on (replicas), None in one process."""
+        return None
 
 
 class LocalControl(Control):
@@ -3970,7 +4151,7 @@ class LocalControl(Control):
     def load(self, now: float) -> None:
         raw = self.journal.store.load_control()
         if raw:
-            self._stacks, self._changes, self._seq = self._parse(raw, "state file")
+            self._stacks, self._changes, self._seq, _uids = self._parse(raw, "state file")
         self.lapse(now)
 
 
@@ -3978,25 +4159,54 @@ class SharedControl(Control):
     """Runtime control shared by every replica through etcd: a change is planned on the state as
     etcd holds it now, and written only if no replica changed it meanwhile (compare-and-swap on
     its revision); it is in force here at once and on every replica by their next poll
-    (COORDINATION_POLL_SEC), which also keeps the claims' view of cooldowns and budget current."""
+    (COORDINATION_POLL_SEC), which also keeps the claims' view of cooldowns and budget current.
+
+    No replica's clock decides when a timed override ends: each has a key on an etcd lease of its
+    duration (<prefix>override/<id>), and it is in force while that key exists, on every replica
+    alike; the replica whose write removes it from the shared state records its lapse, once.
+    Each change carries a unique id kept in the state: a retry after a lost or slow answer finds
+    its own change there and does not make it twice, and a change whose outcome etcd never
+    confirmed is said to be unknown (never refused), and recorded as applied once a poll sees it.
+    """
 
     shared = True
 
     def __init__(self, config: Config, journal: Journal, claims: EtcdClaims, counters: Counters,
                  wake: threading.Condition, clock: Callable[[], float], status: Callable[[], Mapping[str, Any]]):
-        super().__init__(config, journal, claims, counters, wake, clock, status)
         self.coordination = claims
         self._revision = 0  # the etcd revision of the control state in force
+        self._live_ids: FrozenSet[int] = frozenset()  # timed overrides whose key is alive
+        self._uids: List[str] = []  # the latest changes' unique ids, as the shared state holds them
+        self._unconfirmed: Dict[str, Dict[str, Any]] = {}  # changes written without an answer, by uid
         self._stop = threading.Event()
+        super().__init__(config, journal, claims, counters, wake, clock, status)
 
     @property
     def persistent(self) -> bool:
         return True
 
+    def _live(self, override: Override, now: float) -> bool:
+        return override.until is None or override.id in self._live_ids
+
+    def _fence(self) -> Optional[int]:
+        return self._revision
+
+    def refresh(self) -> None:
+        """Read the shared state now (a claim found it changed since the settings were read)."""
+        self._adopt(*self.coordination.sync(), self.clock())
+
     def _change(self, command: Command, fields: Dict[str, Any]) -> Any:
+        import uuid
+
         coordination = self.coordination
+        uid = uuid.uuid4().hex
+        written: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None  # a write whose answer was lost
         for _attempt in range(CONTROL_CAS_ATTEMPTS):
             self._adopt(*coordination.sync(), self.clock())
+            if written is not None and uid in self._uids:  # the lost answer's write had landed
+                self._unconfirmed.pop(uid, None)
+                self.journal.record([written[0]])
+                return written
             with self._lock:
                 now = self.clock()
                 plan = self._plan(command, now)
@@ -4005,21 +4215,35 @@ class SharedControl(Control):
                 planned, change = plan
                 change_id = self._seq + 1
                 stacks, changes = self._apply(change, change_id, fields["by"], now)
-                revision = coordination.put_control(self._text(stacks, changes, change_id), self._revision)
+                event = make_event("control", now, result="applied", **fields, change_id=change_id, **planned)
+                timed = {change_id: command.seconds} if change["kind"] == "override" and command.seconds else None
+                try:
+                    revision = coordination.put_control(self._text(stacks, changes, change_id, self._uids + [uid]),
+                                                        self._revision, timed=timed)
+                except CoordinationUnavailable:
+                    written = (event, change)  # it may have landed: the next attempt reads it back
+                    self._unconfirmed[uid] = event
+                    continue
                 if not revision:
                     continue  # another replica changed them first: plan again on what it wrote
                 self._stacks, self._changes, self._seq, self._revision = stacks, changes, change_id, revision
+                self._uids = (self._uids + [uid])[-CHANGE_UIDS_KEPT:]
                 self._build_settings(now)
-            event = make_event("control", now, result="applied", **fields, change_id=change_id, **planned)
+            self._unconfirmed.pop(uid, None)
             self.journal.record([event])
             return event, change
+        if written is not None:  # never confirmed either way
+            raise OutcomeUnknown("etcd did not confirm whether the change was made; GET / shows what is in "
+                                 "force, and the history records it as applied if a replica finds it")
+        self._unconfirmed.pop(uid, None)
         return f"the shared settings changed {CONTROL_CAS_ATTEMPTS} times while this change was planned; try again"
 
     def _keep_lapse(self, events: List[Dict[str, Any]], stacks: Stacks, changes: List[Dict[str, Any]]) -> bool:
         # The replica whose write lands records the lapse; the others adopt it.
         revision = 0
         with contextlib.suppress(CoordinationUnavailable):
-            revision = self.coordination.put_control(self._text(stacks, changes, self._seq), self._revision)
+            revision = self.coordination.put_control(self._text(stacks, changes, self._seq, self._uids),
+                                                     self._revision)
         if revision:
             self.journal.record(events)
             self._revision = revision
@@ -4038,25 +4262,37 @@ class SharedControl(Control):
     def close(self) -> None:
         self._stop.set()
 
-    def _adopt(self, raw: Optional[str], revision: int, now: float) -> None:
-        """Take the shared control state that etcd holds (another replica's change)."""
+    def _adopt(self, raw: Optional[str], revision: int, live: FrozenSet[int], now: float) -> None:
+        """Take the shared control state that etcd holds (another replica's change), and the timed
+        overrides still alive; lapse those whose key went."""
         with self._lock:
-            if revision == self._revision:
+            lapsing = any(o.until is not None and o.id not in live for stack in self._stacks.values() for o in stack)
+            if revision == self._revision and live == self._live_ids and not lapsing:
                 return
-            self._stacks, self._changes, self._seq = self._parse(raw, "etcd") if raw else ({}, [], 0)
-            self._revision = revision
+            if revision != self._revision:
+                self._stacks, self._changes, self._seq, self._uids = (self._parse(raw, "etcd") if raw
+                                                                      else ({}, [], 0, []))
+                self._revision = revision
+            self._live_ids = live
             self._build_settings(now)
+            confirmed = [uid for uid in self._unconfirmed if uid in self._uids]
+        for uid in confirmed:  # a change whose answer was lost: in force after all, recorded once
+            event = self._unconfirmed.pop(uid, None)
+            if event is not None:
+                self.journal.record([event])
+        if any(o.until is not None and o.id not in live for stack in self._stacks.values() for o in stack):
+            self.lapse(now)
         with self.wake:
             self.wake.notify_all()
 
     def _poll(self) -> None:
-        """Poll etcd for the shared control state, the cooldowns and the budget in use; log when
-        etcd stops answering and when it answers again."""
+        """Poll etcd for the shared control state, the timed overrides alive, the cooldowns and the
+        budget in use; log when etcd stops answering and when it answers again."""
         coordination = self.coordination
         reported: Optional[bool] = coordination.up or None
         while not self._stop.wait(COORDINATION_POLL_SEC):
             try:
-                raw, revision = coordination.sync()
+                state = coordination.sync()
             except CoordinationUnavailable as exc:
                 if reported is not False:
                     self.journal.log({"event": "error", "message": f"etcd does not answer ({exc}): no action runs "
@@ -4069,7 +4305,10 @@ class SharedControl(Control):
             if reported is False:
                 self.journal.log({"event": "coordination", "message": "etcd answers again: actions are judged normally"})
             reported = True
-            self._adopt(raw, revision, self.clock())
+            try:
+                self._adopt(*state, self.clock())
+            except Exception as exc:  # a lapse that failed to record: the next poll tries again
+                self.journal.log({"event": "error", "message": f"coordination: {type(exc).__name__}: {exc}"}, "error")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4481,7 +4720,7 @@ class App:
         nothing will run)."""
         now = self.clock()
         settings = settings or self.effective()
-        decisions, cooldowns = self._judge_all(alerts, settings, now)
+        decisions, cooldowns, settings = self._judge_all(alerts, settings, now)
         self._record_decisions(alerts, decisions, cooldowns, settings, now)
         self._count(decisions)
         runs = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "run"]
@@ -4494,34 +4733,41 @@ class App:
         return [decision.answer() for decision in decisions]
 
     def _judge_all(self, alerts: List[Dict[str, Any]], settings: Settings,
-                   now: float) -> Tuple[List[Decision], Dict[str, float]]:
-        """Each alert's decision, its claim made; and the cooldowns that started."""
-        decisions = []
-        cooldowns: Dict[str, float] = {}
-        # Replicas: every claim of one webhook shares one deadline; once etcd has not answered,
-        # the rest fail closed at once, so a webhook never waits longer than AUTOHEAL_ETCD_TIMEOUT_SEC.
+                   now: float) -> Tuple[List[Decision], Dict[str, float], Settings]:
+        """Each alert's decision, its claim made; the cooldowns that started; the settings it was
+        judged with (replicas: judged again on newer ones when a claim's fence found them stale)."""
+        # Replicas: the claims of one webhook are one transaction within one deadline, so a
+        # webhook never waits longer than AUTOHEAL_ETCD_TIMEOUT_SEC (a stale fence: twice, at most).
         deadline = None if self.coordination is None else time.monotonic() + self.config.etcd_timeout_sec
-        unavailable = False
-        for alert in alerts:
-            decision = judge(alert, settings, self.actions)
-            if decision.result == "pending":
+        for attempt in range(3):
+            decisions = [judge(alert, settings, self.actions) for alert in alerts]
+            pending = [decision for decision in decisions if decision.result == "pending"]
+            if not pending:
+                return decisions, {}, settings
+            try:
                 # One atomic claim per alert: however many deliveries of an alert arrive at once,
                 # one of them wins the cooldown window.
-                claim = None
-                if not unavailable:
-                    try:
-                        claim = self.claims.claim(decision.alertname, settings.cooldowns[decision.alertname],
-                                                  settings.max_actions_per_hour, now, deadline)
-                    except CoordinationUnavailable:
-                        unavailable = True
-                if claim is None:
-                    decision.result, decision.reason = "error", "coordination_unavailable"
-                else:
-                    decision.settle(claim, settings)
-                if decision.result in ("dry_run", "run"):
-                    cooldowns[decision.alertname] = now
-            decisions.append(decision)
-        return decisions, cooldowns
+                claims = self.claims.claim_all([(d.alertname, settings.cooldowns[d.alertname]) for d in pending],
+                                               settings.max_actions_per_hour, now, deadline, settings.revision)
+            except StaleSettings:
+                if attempt < 2:
+                    with contextlib.suppress(CoordinationUnavailable):
+                        self.control.refresh()
+                    settings = self.effective()
+                    continue
+                claims = None
+            except CoordinationUnavailable:
+                claims = None
+            break
+        cooldowns: Dict[str, float] = {}
+        for index, decision in enumerate(pending):
+            if claims is None:
+                decision.result, decision.reason = "error", "coordination_unavailable"
+                continue
+            decision.settle(claims[index], settings)
+            if decision.result in ("dry_run", "run"):
+                cooldowns[decision.alertname] = now
+        return decisions, cooldowns, settings
 
     def _count(self, decisions: List[Decision]) -> None:
         """Count a webhook's decisions (a run once it ends, in _run_one)."""
@@ -4619,6 +4865,13 @@ class App:
         action = decision.action
         assert action is not None
         with self._action_slots:
+            try:
+                self.claims.begin(decision.alertname)  # replicas: the cooldown counts from here
+            except CoordinationUnavailable as exc:
+                decision.result, decision.reason = "error", "coordination_unavailable"
+                decision.outcome = RunOutcome("error", None, 0.0, "", f"not started: etcd did not answer ({exc})")
+                self.counters.add("autoheal_actions_total", (action.alertname, "error"))
+                return
             if action.docker_api:
                 outcome = run_docker_action(action, self.docker, self.config.compose_project)
             else:
@@ -4636,11 +4889,9 @@ class App:
         """The answer of GET /."""
         now = self.clock()
         settings = self.effective()
-        started = self.claims.all_started()
-        cooldowns = {name: {"cooldown_seconds": settings.cooldowns[name],
-                            "remaining_seconds": round(cooldown_remaining(
-                                started.get(name), settings.cooldowns[name], now), 3)}
-                     for name in self.action_names}
+        left = self.claims.remaining_all(self.action_names, settings.cooldowns, now)
+        cooldowns = {name: {"cooldown_seconds": settings.cooldowns[name], "remaining_seconds": round(remaining, 3)}
+                     for name, remaining in zip(self.action_names, left)}
         limit = settings.max_actions_per_hour
         mode, paused_until = settings.mode(halted=self.coordination is not None and not self.coordination.up)
         answer = {
@@ -6497,8 +6748,13 @@ def smoke(args: List[str], env: Mapping[str, str]) -> int:
     try:
         status = get_json(base + "/")
         report(status.get("status") == "ok", "status", f"{base}/ answered status={status.get('status')!r}, "
-               f"enabled={status.get('enabled')}, dry_run={status.get('dry_run')}, "
+               f"mode={status.get('mode')}, enabled={status.get('enabled')}, dry_run={status.get('dry_run')}, "
                f"{len(status.get('actions') or [])} actions")
+        coordination = status.get("coordination")
+        if coordination is not None:  # replicas: no action can run while etcd does not answer
+            report(bool(coordination.get("up")), "etcd",
+                   f"replica {coordination.get('replica')!r} " + ("reaches etcd" if coordination.get("up") else
+                   f"cannot reach etcd, so no action runs (mode halted): {coordination.get('error')}"))
     except OSError as exc:
         report(False, "status", f"{base}/: autoheal {describe_failure(exc, 5)}")
     except ValueError as exc:
