@@ -3187,6 +3187,8 @@ class EtcdClaims(Claims):
         self._budget_used = 0
         self._seen: Dict[str, Tuple[str, float, float]] = {}  # alertname: (mod_revision, lease seconds, seen at)
         self._leases: Dict[str, str] = {}  # the lease of each cooldown this replica claimed last
+        self._runs: Dict[str, Dict[str, Any]] = {}  # the latest run of each action, as etcd holds it
+        self._run_revisions: Dict[str, str] = {}  # the revision of the run record this replica wrote last
         self.up = False
         self.error: Optional[str] = None
 
@@ -3395,6 +3397,28 @@ class EtcdClaims(Claims):
         with self._lock:
             return self._budget_used
 
+    def runs(self) -> Dict[str, Dict[str, Any]]:
+        """The latest run of each action, as the last poll (or this replica's write) saw it."""
+        with self._lock:
+            return dict(self._runs)
+
+    def put_run(self, alertname: str, record: Mapping[str, Any], new: bool) -> None:
+        """Share the latest run of an action: a new run replaces whatever was there; its verdict
+        only the record this replica wrote (a newer run's is never overwritten)."""
+        key = _b64(f"{self.prefix}run/{alertname}")
+        body: Dict[str, Any] = {"success": [{"request_put": {"key": key, "value": _b64(json.dumps(record))}}]}
+        with self._lock:
+            revision = self._run_revisions.get(alertname)
+        if not new:
+            if revision is None:
+                return
+            body["compare"] = [{"key": key, "target": "MOD", "mod_revision": revision}]
+        answer = self._call("kv/txn", body, None)
+        if answer.get("succeeded", True):
+            with self._lock:
+                self._run_revisions[alertname] = str(answer["header"]["revision"])
+                self._runs[alertname] = dict(record)
+
     # -- the shared runtime control state ------------------------------------------------------
 
     def sync(self) -> Tuple[Optional[str], int, FrozenSet[int]]:
@@ -3402,18 +3426,25 @@ class EtcdClaims(Claims):
         none yet), the timed overrides still alive (their ids), the cooldowns and the budget
         slots in use (kept for the status page)."""
         cooldowns, budget, overrides = f"{self.prefix}cooldown/", f"{self.prefix}budget/", f"{self.prefix}override/"
+        runs = f"{self.prefix}run/"
         answer = self._call("kv/txn", {"success": [
             {"request_range": {"key": _b64(f"{self.prefix}control")}},
             {"request_range": {"key": _b64(cooldowns), "range_end": _b64(_prefix_end(cooldowns))}},
             {"request_range": {"key": _b64(budget), "range_end": _b64(_prefix_end(budget)), "count_only": True}},
             {"request_range": {"key": _b64(overrides), "range_end": _b64(_prefix_end(overrides)), "keys_only": True}},
+            {"request_range": {"key": _b64(runs), "range_end": _b64(_prefix_end(runs))}},
         ]}, None)
-        control, running, slots, alive = [r.get("response_range", {}) for r in answer.get("responses", [])]
+        control, running, slots, alive, latest = [r.get("response_range", {}) for r in answer.get("responses", [])]
+        shared_runs: Dict[str, Dict[str, Any]] = {}
+        for kv in latest.get("kvs") or []:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                shared_runs[_unb64(kv["key"])[len(runs):]] = dict(json.loads(_unb64(kv.get("value", ""))))
         found = {_unb64(kv["key"])[len(cooldowns):]: kv for kv in running.get("kvs") or []}
         with self._lock:
             for name in set(self._seen) | set(found):
                 self._see(name, found.get(name))
             self._budget_used = int(slots.get("count", 0))
+            self._runs = shared_runs
         live: FrozenSet[int] = frozenset(int(_unb64(kv["key"])[len(overrides):]) for kv in alive.get("kvs") or []
                                          if _unb64(kv["key"])[len(overrides):].isdigit())
         kvs = control.get("kvs") or []
@@ -4323,8 +4354,9 @@ class HealTracker:
     started.  The pending verdicts are kept in the state file, so a restart does not forget them."""
 
     def __init__(self, config: Config, journal: Journal, counters: Counters, wake: threading.Condition,
-                 kept: Mapping[str, str]):
+                 kept: Mapping[str, str], on_verdict: Callable[[str, Optional[int], str], None]):
         self.grace = config.heal_grace_sec
+        self.on_verdict = on_verdict  # the latest run's verdict (Runs.verdict)
         self.journal = journal
         self.counters = counters
         self.wake = wake
@@ -4333,6 +4365,11 @@ class HealTracker:
         for key, body in kept.items():
             with contextlib.suppress(ValueError, TypeError):
                 self._pending[key] = dict(json.loads(body), key=key)
+
+    def follows(self, run_id: int) -> bool:
+        """Whether run_id's verdict is still pending."""
+        with self._lock:
+            return str(run_id) in self._pending
 
     @property
     def following(self) -> bool:
@@ -4411,6 +4448,75 @@ class HealTracker:
                 counts[("autoheal_heal_duration_seconds_count", (name,))] += 1
         self.journal.record(events, heals={pending["key"]: None for pending, _result, _seconds in verdicts})
         self.counters.add_all(counts)
+        for pending, result, _seconds in verdicts:
+            self.on_verdict(pending["alertname"], pending.get("run_id"), result)
+
+
+class Runs:
+    """The latest run of each action, and its verdict: what GET / ("runs") and the page's
+    "healed?" show, never an older run's verdict.  With replicas it is shared through etcd
+    (<prefix>run/<alertname>), so every replica's page tells the same story."""
+
+    def __init__(self, replica: str, shared: Optional["EtcdClaims"], log: Callable[..., None]):
+        self.replica = replica
+        self.shared = shared
+        self.log = log
+        self._lock = threading.Lock()
+        self._latest: Dict[str, Dict[str, Any]] = {}
+
+    def load(self, store: "Store", following: Callable[[int], bool]) -> None:
+        """The latest runs as the history tells them (one process, at start)."""
+        runs: Dict[str, Dict[str, Any]] = {}
+        for run in reversed(store.summaries(HISTORY_LIMIT_MAX, kind="run")):  # oldest first: the newest wins
+            runs[run["alertname"]] = {"id": run["id"], "at": format_rfc3339(run["ts"]),
+                                      "target": {"alertname": run["alertname"]}, "replica": self.replica,
+                                      "result": "started", "verdict": None}
+        for event in reversed(store.summaries(HISTORY_LIMIT_MAX, kind="decision")):
+            run = runs.get(event["alertname"])
+            if run is not None and event["id"] > run["id"] and run["result"] == "started" and (
+                    event["result"] in ("executed", "failed", "error")):
+                run["result"] = event["result"]
+                run["verdict"] = "pending" if event["result"] == "executed" else None
+        for event in reversed(store.summaries(HISTORY_LIMIT_MAX, kind="heal")):
+            run = runs.get(event["alertname"])
+            if run is not None and event["id"] > run["id"] and event["result"] in HEAL_RESULTS:
+                run["verdict"] = event["result"]
+        for run in runs.values():
+            if run["verdict"] == "pending" and not following(run["id"]):
+                run["verdict"] = "unknown"
+        with self._lock:
+            self._latest = runs
+
+    def ended(self, alertname: str, run_id: Optional[int], at: float, result: str) -> None:
+        record = {"id": run_id, "at": format_rfc3339(at), "target": {"alertname": alertname}, "replica": self.replica,
+                  "result": result, "verdict": "pending" if result == "executed" else None}
+        with self._lock:
+            self._latest[alertname] = record
+        self._share(alertname, record, new=True)
+
+    def verdict(self, alertname: str, run_id: Optional[int], verdict: str) -> None:
+        with self._lock:
+            record = self._latest.get(alertname)
+            if record is None or record["id"] != run_id or record["replica"] != self.replica:
+                return  # a newer run's is shown now
+            record = self._latest[alertname] = dict(record, verdict=verdict)
+        self._share(alertname, record, new=False)
+
+    def _share(self, alertname: str, record: Mapping[str, Any], new: bool) -> None:
+        if self.shared is not None:
+            try:
+                self.shared.put_run(alertname, record, new)
+            except CoordinationUnavailable as exc:
+                self.log({"event": "warning", "message": f"the latest run of {alertname} is not shared: etcd "
+                          f"did not answer ({exc})"}, "warning")
+
+    def latest(self) -> Dict[str, Dict[str, Any]]:
+        """The latest run of each action that ran (shared: as etcd holds it, else this replica's)."""
+        with self._lock:
+            runs = dict(self._latest)
+        if self.shared is not None:
+            runs.update(self.shared.runs())
+        return runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4592,7 +4698,11 @@ class App:
         self._closed = False
         parts = (config, self.journal, self.claims, self.counters, self.wake, clock, self.status)
         self.control: Control = SharedControl(*parts) if self.coordination else LocalControl(*parts)
-        self.heals = HealTracker(config, self.journal, self.counters, self.wake, self.store.load_heals())
+        self.runs = Runs(config.replica, self.coordination, self.log)
+        self.heals = HealTracker(config, self.journal, self.counters, self.wake, self.store.load_heals(),
+                                 self.runs.verdict)
+        if self.coordination is None:
+            self.runs.load(self.store, self.heals.follows)
         self.acks = Acknowledgements(config, self.alertmanager, self.journal, self.counters, clock)
         self.exposition = Exposition(self)
         self.slack_signatures = SeenOnce(2 * SLACK_MAX_SKEW_SEC)  # a timestamp may be 5 minutes either way
@@ -4728,6 +4838,8 @@ class App:
             self._run_all(runs)
             self.journal.record([decision.event_of("decision", alert, self.clock()) for alert, decision in runs],
                                 heals=self.heals.follow(runs, now))
+            for _alert, decision in runs:
+                self.runs.ended(decision.alertname, (decision.event or {}).get("id"), now, decision.result)
         if self.heals.following:
             self.heals.resolve(alerts, self.clock())
         return [decision.answer() for decision in decisions]
@@ -4893,6 +5005,7 @@ class App:
         cooldowns = {name: {"cooldown_seconds": settings.cooldowns[name], "remaining_seconds": round(remaining, 3)}
                      for name, remaining in zip(self.action_names, left)}
         limit = settings.max_actions_per_hour
+        runs = self.runs.latest()
         mode, paused_until = settings.mode(halted=self.coordination is not None and not self.coordination.up)
         answer = {
             "status": "ok",
@@ -4906,6 +5019,8 @@ class App:
             "commands": {name: self.actions[name].display for name in self.action_names},
             "version": __version__,
             "cooldowns": cooldowns,
+            # The latest run of each action and its verdict (pending, healed, not_healed, ...).
+            "runs": {name: runs.get(name) for name in self.action_names},
             "max_actions_per_hour": limit,
             "action_budget_remaining": max(0, limit - self.claims.budget_used(now)) if limit else None,
             "state_persistent": self.store.persistent,
@@ -5136,9 +5251,16 @@ def _action_rows(status: Mapping[str, Any], decisions: List[Mapping[str, Any]], 
         decision = last_decision.get(name)
         last = (f'<span class="r-{esc(decision["result"])}">{esc(decision["result"])}</span> '
                 f'{_time_tag(decision["ts"])}' if decision else "none yet")
-        heal = last_heal.get(name)
-        healed = (f'<span class="r-{esc(heal["result"])}">{esc(heal["result"].replace("_", " "))}</span>' if heal
-                  else '<span class="muted">no verdict</span>')
+        run = (status.get("runs") or {}).get(name)
+        if run is not None:  # the latest run, and its own verdict: never an older run's
+            verdict = run.get("verdict") or "no verdict"
+            healed = (f'<span class="r-{esc(run["result"])}">{esc(run["result"])}</span> '
+                      f'{_time_tag(parse_rfc3339(run["at"]))}: <span class="r-{esc(verdict)}">'
+                      f'{esc(verdict.replace("_", " "))}</span>')
+        else:
+            heal = last_heal.get(name)
+            healed = (f'<span class="r-{esc(heal["result"])}">{esc(heal["result"].replace("_", " "))}</span>' if heal
+                      else '<span class="muted">no run yet</span>')
         switch = "enable" if name in status.get("disabled_actions", []) else "disable"
         rows.append(
             f'<tr><td class="value"><b class="name">{esc(name)}</b>{" <em>(disabled)</em>" if switch == "enable" else ""}'
