@@ -251,10 +251,13 @@ DEFAULT_STATE_FILE = "autoheal-state.db"
 ACTION_RESULTS = ("executed", "failed", "dry_run", "cooldown_skip", "error", "rate_limited")
 SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted", "disabled")
 ACK_OUTCOMES = ("created", "existing", "extended", "previewed", "error")
-HEAL_RESULTS = ("healed", "not_healed")
+HEAL_RESULTS = ("healed", "not_healed", "acknowledged", "unknown")
+# A dry-run decision's verdict: what healing would have addressed (never counted as a heal).
+DRY_RUN_VERDICTS = {"healed": "resolved_by_itself", "not_healed": "still_firing", "acknowledged": "still_firing",
+                    "unknown": "unknown"}
 PRESET_REJECTIONS = (("/alert", 400), ("/alert", 401), ("/alert", 413), ("/ack", 400), ("/ack", 403))
 CONTROL_RESULTS = ("applied", "refused", "invalid", "throttled", "unavailable")
-CONTROL_SOURCES = ("http", "slack")
+CONTROL_SOURCES = ("http", "slack", "page", "cli")
 
 BUILTIN_ACTIONS = (
     # alertname, command, environment variable holding its cooldown
@@ -2451,14 +2454,19 @@ class SqliteStore(Store):
         return json.loads(rows[0][0]) if rows else None
 
     def oldest(self) -> Dict[str, Optional[float]]:
-        with self._lock:
-            return dict(zip(RETENTION_CLASSES, self._oldest))
+        # Without the lock: a commit holds it while it waits on the disk (another program's write
+        # lock: up to SQLite's busy timeout), and GET / and /metrics must not wait with it.
+        return dict(zip(RETENTION_CLASSES, list(self._oldest)))
 
     def _read(self, sql: str, parameters: List[Any]) -> List[Tuple[Any, ...]]:
         """A query on a connection of its own: WAL lets readers run beside the writer.  The file
-        must exist: a reader never creates a stray empty one, and a vanished one is reopened first."""
-        with self._lock:
-            self._check_identity()
+        must exist: a reader never creates a stray empty one, and a vanished one is reopened first
+        (unless a commit is under way: it checks that itself, and a reader does not wait for it)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._check_identity()
+            finally:
+                self._lock.release()
         reader = sqlite3.connect(self.existing_file(), uri=True, check_same_thread=False)
         try:
             reader.execute("PRAGMA busy_timeout = 5000")
@@ -2547,6 +2555,16 @@ class AlertmanagerClient:
             "alertname", alertname)}))
         if not isinstance(data, list):
             raise PeerError(f"Alertmanager answered the silence list with {type(data).__name__}, not a list")
+        return data
+
+    def alerts(self, alertname: str) -> List[Dict[str, Any]]:
+        """The alerts Alertmanager holds now with that alertname (active, silenced and inhibited)."""
+        import urllib.parse
+
+        data = self.call("GET", "/api/v2/alerts?" + urllib.parse.urlencode({"filter": matcher_text(
+            "alertname", alertname)}))
+        if not isinstance(data, list):
+            raise PeerError(f"Alertmanager answered the alert list with {type(data).__name__}, not a list")
         return data
 
     def get_silence(self, silence_id: str) -> Dict[str, Any]:
@@ -2646,19 +2664,20 @@ def validate_webhook(payload: Any) -> List[Dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 CONTROL_USAGE = (
-    "status | help | enable | disable [DURATION] | dry-run on|off | cooldown NAME DURATION | "
+    "status | help | enable | disable [DURATION] (or pause [DURATION]) | dry-run on|off | cooldown NAME DURATION | "
     "cooldown NAME default | rearm NAME | disable NAME [DURATION] | enable NAME | undo [ID] | reset"
 )
 CONTROL_HELP = (
     "status (or nothing): what is in force and who set it\n"
     "help: this text\n"
-    "enable / disable [DURATION]: the master switch on / off (off for DURATION, then back by itself)\n"
+    "enable / disable [DURATION]: the master switch on / off (off for DURATION, then back by itself); "
+    "pause [DURATION] is disable [DURATION]\n"
     "dry-run on / dry-run off: only log and count, or run for real\n"
     "cooldown NAME DURATION / cooldown NAME default: the cooldown of one alertname\n"
     "rearm NAME: end NAME's running cooldown now\n"
     "disable NAME [DURATION] / enable NAME: one action off / on\n"
     "undo [ID]: revert the latest change still in force, or the change with that history id\n"
-    "reset: drop every override, back to the environment\n"
+    "reset: drop every override, back to the environment (final: nothing before it can be undone)\n"
     "DURATION: 90s, 30m, 2h, 1d, 1h30m"
 )
 MAX_COMMAND_CHARS = 500
@@ -2790,7 +2809,7 @@ def _parse_undo(words: _Words) -> Command:
 # Each verb of the command language, and what parses the words after it.
 COMMAND_PARSERS: Dict[str, Callable[[_Words], Command]] = {
     "status": _parse_alone, "help": _parse_alone, "reset": _parse_alone, "enable": _parse_enable,
-    "disable": _parse_disable, "dry-run": _parse_dry_run, "cooldown": _parse_cooldown, "rearm": _parse_rearm,
+    "disable": _parse_disable, "pause": _parse_disable, "dry-run": _parse_dry_run, "cooldown": _parse_cooldown, "rearm": _parse_rearm,
     "undo": _parse_undo,
 }
 
@@ -3496,7 +3515,7 @@ def judge(alert: Mapping[str, Any], settings: Settings, actions: Mapping[str, Ac
 EVENT_KINDS: Dict[str, Tuple[str, ...]] = {
     "decision": ACTION_RESULTS + ("skipped",),  # what became of one alert of a webhook
     "run": ("started",),  # an action's command started (its decision follows when it ends)
-    "heal": HEAL_RESULTS,  # the verdict on a run: did its alert resolve?
+    "heal": HEAL_RESULTS + ("resolved_by_itself", "still_firing"),  # a run's verdict (or a dry run's)
     "ack": ("created", "existing", "extended", "error"),  # an /ack link clicked
     "unack": ("expired", "already_expired"),  # an acknowledgement undone
     "control": ("applied", "refused", "invalid", "lapsed", "unknown"),  # a runtime control command, or a lapse
@@ -4045,7 +4064,11 @@ class Control:
             if target["kind"] == "override":
                 key = (target["setting"], target["alertname"])
                 stacks[key] = [o for o in stacks.get(key, []) if o.id != target["id"]]
-        return {key: stack for key, stack in stacks.items() if stack}, changes[-MAX_UNDOABLE_CHANGES:]
+        changes = changes[-MAX_UNDOABLE_CHANGES:]
+        # An override no change can undo any more is kept only while it is the newest of its stack.
+        undoable = {change["id"] for change in changes}
+        stacks = {key: [o for o in stack if o.id in undoable or o is stack[-1]] for key, stack in stacks.items()}
+        return {key: stack for key, stack in stacks.items() if stack}, changes
 
     def lapse(self, now: float) -> None:
         """Drop the overrides whose duration ran out, each recorded as a lapse (also at start, for
@@ -4347,6 +4370,15 @@ class SharedControl(Control):
 # ---------------------------------------------------------------------------------------------
 
 
+def _ended(alert: Mapping[str, Any], now: float) -> bool:
+    """Whether Alertmanager says an alert it still lists has ended (resolved, kept for a while)."""
+    try:
+        ends = parse_rfc3339(alert.get("endsAt") or "")
+    except ValueError:
+        return False
+    return 0 < ends <= now
+
+
 class HealTracker:
     """Follows each run that executed, by its history id, until its alert resolves or
     AUTOHEAL_HEAL_GRACE_SEC runs out: one verdict per run (healed, not_healed).  A resolution
@@ -4354,8 +4386,10 @@ class HealTracker:
     started.  The pending verdicts are kept in the state file, so a restart does not forget them."""
 
     def __init__(self, config: Config, journal: Journal, counters: Counters, wake: threading.Condition,
-                 kept: Mapping[str, str], on_verdict: Callable[[str, Optional[int], str], None]):
+                 kept: Mapping[str, str], on_verdict: Callable[[str, Optional[int], str], None],
+                 alertmanager: AlertmanagerClient):
         self.grace = config.heal_grace_sec
+        self.alertmanager = alertmanager
         self.on_verdict = on_verdict  # the latest run's verdict (Runs.verdict)
         self.journal = journal
         self.counters = counters
@@ -4377,17 +4411,20 @@ class HealTracker:
         return bool(self._pending)
 
     def follow(self, runs: List[Tuple[Dict[str, Any], Decision]], now: float) -> Dict[str, Optional[str]]:
-        """Start following the runs that executed; what to keep in the state file."""
+        """Start following the runs that executed, and the dry-run decisions (a verdict of their
+        own: would healing have been needed?); what to keep in the state file."""
         followed: Dict[str, Optional[str]] = {}
         with self._lock:
             for alert, decision in runs:
                 fingerprint = alert.get("fingerprint") or ""
-                if decision.result != "executed" or not fingerprint:
+                if decision.result not in ("executed", "dry_run") or not fingerprint:
                     continue
                 run_id = (decision.event or {}).get("id")
                 key = str(run_id) if run_id is not None else fingerprint
                 pending = {"alertname": decision.alertname, "fingerprint": fingerprint, "action_ts": now,
                            "deadline": now + self.grace, "run_id": run_id}
+                if decision.result == "dry_run":
+                    pending["dry_run"] = True
                 followed[key] = json.dumps(pending)
                 self._pending[key] = dict(pending, key=key)
         if followed:
@@ -4419,12 +4456,30 @@ class HealTracker:
         self._record(verdicts, now)
 
     def overdue(self, now: float) -> None:
-        """Alerts that did not resolve within the grace: not_healed."""
+        """Alerts whose resolution did not reach autoheal within the grace: Alertmanager is asked
+        about each (a silence also mutes the resolution's webhook): gone or ended, healed; active
+        and silenced, acknowledged (a person took over); active, not_healed; no answer, unknown."""
         with self._lock:
             overdue = [pending for pending in self._pending.values() if pending["deadline"] <= now]
             for pending in overdue:
                 del self._pending[pending["key"]]
-        self._record([(pending, "not_healed", None) for pending in overdue], now)
+        verdicts = []
+        for alertname in sorted({pending["alertname"] for pending in overdue}):
+            try:
+                held = {alert.get("fingerprint"): alert for alert in self.alertmanager.alerts(alertname)}
+                error = None
+            except PeerError as exc:
+                held, error = {}, str(exc)
+            for pending in (p for p in overdue if p["alertname"] == alertname):
+                alert = held.get(pending["fingerprint"])
+                if error is not None:
+                    verdicts.append((dict(pending, reason=f"Alertmanager did not answer: {error}"[:300]), "unknown", None))
+                    continue
+                ended = alert is None or _ended(alert, now)
+                silenced = alert is not None and bool((alert.get("status") or {}).get("silencedBy"))
+                result = "healed" if ended else ("acknowledged" if silenced else "not_healed")
+                verdicts.append((dict(pending, observed="alertmanager"), result, None))
+        self._record(verdicts, now)
 
     def next_deadline(self) -> Optional[float]:
         with self._lock:
@@ -4437,11 +4492,16 @@ class HealTracker:
         counts: Dict[Tuple[str, Tuple[Any, ...]], float] = collections.Counter()
         for pending, result, seconds in verdicts:
             name = pending["alertname"]
-            events.append(make_event("heal", now, alertname=name, result=result, fingerprint=pending["fingerprint"],
-                                     run_id=pending.get("run_id"),
+            dry_run = bool(pending.get("dry_run"))
+            events.append(make_event("heal", now, alertname=name, result=DRY_RUN_VERDICTS[result] if dry_run else result,
+                                     dry_run=dry_run or None, fingerprint=pending["fingerprint"],
+                                     run_id=pending.get("run_id"), observed=pending.get("observed"),
+                                     reason=pending.get("reason"),
                                      seconds=round(seconds, 3) if seconds is not None else None,
                                      action_at=format_rfc3339(pending["action_ts"]),
                                      grace_seconds=round(pending["deadline"] - pending["action_ts"], 3)))
+            if dry_run:  # what healing would have addressed: never counted as a heal
+                continue
             counts[("autoheal_heals_total", (name, result))] += 1
             if seconds is not None:
                 counts[("autoheal_heal_duration_seconds_sum", (name,))] += seconds
@@ -4449,7 +4509,8 @@ class HealTracker:
         self.journal.record(events, heals={pending["key"]: None for pending, _result, _seconds in verdicts})
         self.counters.add_all(counts)
         for pending, result, _seconds in verdicts:
-            self.on_verdict(pending["alertname"], pending.get("run_id"), result)
+            if not pending.get("dry_run"):
+                self.on_verdict(pending["alertname"], pending.get("run_id"), result)
 
 
 class Runs:
@@ -4700,7 +4761,7 @@ class App:
         self.control: Control = SharedControl(*parts) if self.coordination else LocalControl(*parts)
         self.runs = Runs(config.replica, self.coordination, self.log)
         self.heals = HealTracker(config, self.journal, self.counters, self.wake, self.store.load_heals(),
-                                 self.runs.verdict)
+                                 self.runs.verdict, self.alertmanager)
         if self.coordination is None:
             self.runs.load(self.store, self.heals.follows)
         self.acks = Acknowledgements(config, self.alertmanager, self.journal, self.counters, clock)
@@ -4833,6 +4894,9 @@ class App:
         decisions, cooldowns, settings = self._judge_all(alerts, settings, now)
         self._record_decisions(alerts, decisions, cooldowns, settings, now)
         self._count(decisions)
+        dry = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "dry_run"]
+        if dry:  # a dry-run decision's own verdict, after the grace
+            self.journal.record([], heals=self.heals.follow(dry, now))
         runs = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "run"]
         if runs:
             self._run_all(runs)
@@ -5408,7 +5472,7 @@ PAGE_SCRIPT = r"""'use strict';
     fetch('control', {
       method: 'POST',
       headers: {'Content-Type': 'application/json', 'Authorization': 'Bearer ' + token},
-      body: JSON.stringify({command: command, by: 'status page'})
+      body: JSON.stringify({command: command, by: 'status page', source: 'page'})
     })
       .then(function (r) { return r.json(); })
       .then(function (body) { answer.textContent = body.ok ? body.text : body.error; refreshMode(); });
@@ -6037,18 +6101,20 @@ class Handler:
             if not isinstance(body.get(key, ""), str) or len(body.get(key) or "") > 200:
                 raise HttpError(400, f"{key}: expected a string of at most 200 characters")
         by = (body.get("by") or "admin").strip() or "admin"
+        # Where it was typed, for the audit: the page and --control say so; any other client is http.
+        source = body.get("source") if body.get("source") in ("page", "cli") else "http"
         scheme, _, token = self.headers.get("authorization", "").partition(" ")
         try:
             self._check_token(config.admin_token, token.strip() if scheme.lower() == "bearer" else None, 401,
                               "Authorization: Bearer admin token")
         except HttpError as exc:  # a refused attempt is recorded, with who and from where (routine history)
-            result, _change, message = self.app.control.run(body.get("command", ""), "http", by, self.request.client,
+            result, _change, message = self.app.control.run(body.get("command", ""), source, by, self.request.client,
                                                             body.get("reason"), may_change=False,
                                                             attempt_refused=exc.message)
             if result == "throttled":  # past REFUSALS_PER_MINUTE: not even recorded
                 raise HttpError(429, message, {"Retry-After": "60"}) from None
             raise
-        result, change, message = self.app.control.run(body.get("command", ""), "http", by, self.request.client,
+        result, change, message = self.app.control.run(body.get("command", ""), source, by, self.request.client,
                                                        body.get("reason"))
         if result != "applied":  # does not parse: 400; cannot apply (nothing to undo): 409; etcd silent: 503
             raise HttpError({"invalid": 400, "unavailable": 503, "throttled": 429}.get(result, 409), message)
@@ -7013,10 +7079,11 @@ def _smoke_ack(base: str, alertmanager_url: Optional[str], env: Mapping[str, str
 
 
 def control_cli(args: List[str], env: Mapping[str, str]) -> int:
-    """--control "<command>" [--reason TEXT] [--url URL]: one command to the running instance,
-    its answer printed for people; 0 when applied (or status and help), 1 when refused, 2 on misuse."""
+    """--control "<command>" [--reason TEXT] [--by NAME] [--url URL]: one command to the running
+    instance (recorded with source "cli"), its answer printed for people; 0 when applied (or
+    status and help), 1 when refused, 2 on misuse."""
     words = list(args)
-    options: Dict[str, Optional[str]] = {"--reason": None, "--url": None}
+    options: Dict[str, Optional[str]] = {"--reason": None, "--url": None, "--by": None}
     text = None
     while words:
         word = words.pop(0)
@@ -7026,14 +7093,15 @@ def control_cli(args: List[str], env: Mapping[str, str]) -> int:
         elif text is None and not word.startswith("--"):
             text = word
         else:
-            print(f'error: --control takes "<command>" [--reason TEXT] [--url URL]; got {word!r}', file=sys.stderr)
+            print(f'error: --control takes "<command>" [--reason TEXT] [--by NAME] [--url URL]; got {word!r}',
+                  file=sys.stderr)
             return 2
     token = env.get("AUTOHEAL_ADMIN_TOKEN")
     if not token:
         print("error: set AUTOHEAL_ADMIN_TOKEN to the instance's admin token", file=sys.stderr)
         return 2
     base = (options["--url"] or f"http://127.0.0.1:{env.get('AUTOHEAL_PORT', str(DEFAULT_PORT)).strip()}").rstrip("/")
-    body = {"command": text or "", "by": env.get("USER") or "admin"}
+    body = {"command": text or "", "by": options["--by"] or env.get("USER") or "admin", "source": "cli"}
     if options["--reason"]:
         body["reason"] = options["--reason"]
     try:
