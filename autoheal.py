@@ -1186,11 +1186,7 @@ class Exposition:
         limit = settings.max_actions_per_hour
         budget_used = app.claims.budget_used(now)
         store = app.store
-        samples: Dict[str, Any] = {
-            family.name: [(format_labels(dict(zip(family.labels, map(str, key)))), value)
-                          for key, value in sorted(counters[family.name].items())]
-            for family in METRICS if family.kind == "counter"}
-        samples.update(self._per_alertname(counters, settings, now))
+        samples: Dict[str, Any] = self._per_alertname(counters, settings, now)
         samples.update({
             "autoheal_enabled": [("", int(settings.enabled))],
             "autoheal_dry_run": [("", int(settings.dry_run))],
@@ -1211,6 +1207,10 @@ class Exposition:
             "autoheal_actions_running": [("", app.processes.count())],
             "autoheal_start_time_seconds": [("", app.started_at)],
         })
+        for family in METRICS:  # every other counter: its series from the counters, by its labels
+            if family.kind == "counter" and family.name not in samples:
+                samples[family.name] = [(format_labels(dict(zip(family.labels, map(str, key)))), value)
+                                        for key, value in sorted(counters[family.name].items())]
         return samples
 
     def _per_alertname(self, counters: Mapping[str, Mapping[Tuple[Any, ...], float]], settings: Settings,
@@ -1758,6 +1758,11 @@ class Store(abc.ABC):
         if pending.error:
             raise sqlite3.OperationalError(pending.error)
 
+    def commit_now(self) -> bool:
+        """Commit what is queued if that waits on nobody (no other commit under way, no other
+        program holding the file's write lock): False when it would have to wait."""
+        return True
+
     @abc.abstractmethod
     def load_control(self) -> Optional[str]:
         """The runtime control state as last kept (JSON), or None."""
@@ -2043,6 +2048,10 @@ SQLITE_COLUMNS = (("cls", "INTEGER NOT NULL DEFAULT 0"), ("size", "INTEGER NOT N
             ("count", "INTEGER NOT NULL DEFAULT 1"), ("last_ts", "REAL"))
 
 
+class _Busy(sqlite3.OperationalError):
+    """Another program holds the state file's write lock (BEGIN IMMEDIATE was refused)."""
+
+
 class SqliteStore(Store):
     """The history and the cooldowns in a SQLite file (WAL, group commit).
 
@@ -2281,7 +2290,12 @@ class SqliteStore(Store):
             raise sqlite3.OperationalError("the state file is closed")
         self._check_identity()
         connection = self._connection
-        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:  # nothing written: nothing to roll back or count again
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise _Busy(str(exc)) from None
+            raise
         try:
             yield connection
             connection.execute("COMMIT")
@@ -2291,6 +2305,30 @@ class SqliteStore(Store):
             self._load_totals(connection)
             raise
 
+    def commit_now(self) -> bool:
+        if not self._committing.acquire(blocking=False):
+            return False
+        try:
+            while True:
+                with self._order:
+                    batch = [self._queue.popleft() for _ in range(min(len(self._queue), 1024))]
+                if not batch:
+                    return True
+                connection = self._connection
+                if connection is not None:
+                    connection.execute("PRAGMA busy_timeout = 0")  # another program's lock: not waited for
+                try:
+                    self._commit_batch(batch, wait=False)
+                except _Busy:
+                    with self._order:  # back where they were, in order, for a thread that may wait
+                        self._queue.extendleft(reversed(batch))
+                    return False
+                finally:
+                    if self._connection is not None:
+                        self._connection.execute("PRAGMA busy_timeout = 5000")
+        finally:
+            self._committing.release()
+
     def _commit_queued(self) -> None:
         """Commit what is queued (up to 1,024 records) in one transaction: nothing when another
         thread committed it meanwhile.  A failed commit fails its batch loudly, and the next goes on."""
@@ -2299,17 +2337,31 @@ class SqliteStore(Store):
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), 1024))]
             if not batch:
                 return
-            try:
-                self._commit(batch)
-            except BaseException as exc:  # the store must outlive whatever one batch does
-                message = f"state file write failed: {type(exc).__name__}: {exc}"
-                self.write_errors += 1
-                self._log({"event": "error", "message": message}, "error")
-                for failed in batch:
-                    failed.error = message
-                    failed.done = True
-                    if failed.woken is not None:
-                        failed.woken.set()
+            self._commit_batch(batch)
+
+    def _commit_batch(self, batch: List[_Pending], wait: bool = True) -> None:
+        """Commit a batch (the caller holds _committing).  Without wait, _Busy (the batch untouched)
+        when another program holds the file's write lock; any other failure fails the batch
+        loudly, and the store goes on."""
+        try:
+            self._commit(batch)
+        except _Busy:
+            if wait:
+                self._fail(batch, sqlite3.OperationalError("database is locked"))
+                return
+            raise
+        except BaseException as exc:  # the store must outlive whatever one batch does
+            self._fail(batch, exc)
+
+    def _fail(self, batch: List[_Pending], exc: BaseException) -> None:
+        message = f"state file write failed: {type(exc).__name__}: {exc}"
+        self.write_errors += 1
+        self._log({"event": "error", "message": message}, "error")
+        for failed in batch:
+            failed.error = message
+            failed.done = True
+            if failed.woken is not None:
+                failed.woken.set()
 
     def _commit(self, batch: List[_Pending]) -> None:
         rows: List[Tuple[Any, ...]] = []
@@ -3603,6 +3655,22 @@ class Decision:
         return answer
 
 
+def _short(text: str) -> Any:
+    """A fold key's part: the text itself, or for a long one its length and hash, so that what is
+    kept to fold into stays small whatever an alert's fingerprint or alertname holds."""
+    return text if len(text) <= 256 else (len(text), hash(text))
+
+
+def _shrink_fold_targets(events: List[Dict[str, Any]]) -> None:
+    """Once recorded, a routine decision's event is needed only as what its repeats fold into, by
+    its id: the rest goes, so that up to FOLD_KEYS_MAX of them cost bytes, not 16 KiB each."""
+    for event in events:
+        if event.get("kind") == "decision" and event.get("result") in ROUTINE_RESULTS and "id" in event:
+            event_id = event["id"]
+            event.clear()
+            event["id"] = event_id
+
+
 class Journal:
     """Logging and recording: one JSON log line per event, and events kept durably in the store
     (committed) before they are logged.  Every part that records (the webhook, control, heal
@@ -3655,6 +3723,13 @@ class Journal:
         """What this thread recorded since hold, to be settled by any thread (settle)."""
         held, self._held.records = self._held.records, None
         return held
+
+    def settle_now(self, held: List[Any]) -> bool:
+        """settle, if committing waits on nobody (Store.commit_now); False, nothing done, if it would."""
+        if any(not one.done for _events, _texts, pending in held for one in pending) and not self.store.commit_now():
+            return False
+        self.settle(held)
+        return True
 
     def settle(self, held: List[Any]) -> None:
         """Commit held records (this thread does it, in one commit), then log them (one write)."""
@@ -4381,9 +4456,12 @@ def _ended(alert: Mapping[str, Any], now: float) -> bool:
 
 class HealTracker:
     """Follows each run that executed, by its history id, until its alert resolves or
-    AUTOHEAL_HEAL_GRACE_SEC runs out: one verdict per run (healed, not_healed).  A resolution
-    counts for a run only with the same alertname and fingerprint and an endsAt after the run
-    started.  The pending verdicts are kept in the state file, so a restart does not forget them."""
+    AUTOHEAL_HEAL_GRACE_SEC runs out: one verdict per run (healed, not_healed, acknowledged,
+    unknown).  A resolution counts for a run only with the same alertname and fingerprint and an
+    endsAt after the run started.  A dry-run decision is followed too, once per alert at a time
+    (its verdict is about the alert's episode, however often a zero cooldown repeats it).  The
+    pending verdicts are kept in the state file, so a restart does not forget them; they are
+    indexed by alert and by deadline, so following many costs no more per webhook than one."""
 
     def __init__(self, config: Config, journal: Journal, counters: Counters, wake: threading.Condition,
                  kept: Mapping[str, str], on_verdict: Callable[[str, Optional[int], str], None],
@@ -4396,9 +4474,48 @@ class HealTracker:
         self.wake = wake
         self._lock = threading.Lock()
         self._pending: Dict[str, Dict[str, Any]] = {}  # by the run's history id (as text)
+        self._by_alert: Dict[Tuple[str, str], List[str]] = {}  # (alertname, fingerprint): keys
+        self._deadlines: List[Tuple[float, str]] = []  # a heap; keys no longer pending are skipped
+        self._dirty = False  # something was added since the last compact()
+        # Dry-run decisions followed at once, at most one per action (and 100 at least): a zero
+        # cooldown repeats them at every delivery, and a storm of distinct alerts must not make
+        # thousands of pending verdicts.  Past it a dry-run decision gets no verdict.
+        self._dry_runs = 0
+        self.max_dry_runs = max(100, len(config.actions))
         for key, body in kept.items():
-            with contextlib.suppress(ValueError, TypeError):
-                self._pending[key] = dict(json.loads(body), key=key)
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                self._add(dict(json.loads(body), key=key))
+
+    def _add(self, pending: Dict[str, Any]) -> None:
+        import heapq
+
+        self._pending[pending["key"]] = pending
+        self._dry_runs += bool(pending.get("dry_run"))
+        self._dirty = True
+        self._by_alert.setdefault((pending["alertname"], pending["fingerprint"]), []).append(pending["key"])
+        heapq.heappush(self._deadlines, (pending["deadline"], pending["key"]))
+
+    def _remove(self, pending: Mapping[str, Any]) -> None:
+        if self._pending.pop(pending["key"], None) is not None:
+            self._dry_runs -= bool(pending.get("dry_run"))
+        alert = (pending["alertname"], pending["fingerprint"])
+        keys = [key for key in self._by_alert.get(alert, []) if key != pending["key"]]
+        if keys:
+            self._by_alert[alert] = keys
+        else:
+            self._by_alert.pop(alert, None)
+
+    def compact(self) -> None:
+        """Copy what is pending, when requests pause: made amid a load's temporary objects, it
+        would keep their memory from going back to the system (as EventFeed.compact says)."""
+        with self._lock:
+            if not self._dirty:
+                return
+            pending = [json.loads(json.dumps(one)) for one in self._pending.values()]
+            self._pending, self._by_alert, self._deadlines, self._dry_runs = {}, {}, [], 0
+            for one in pending:
+                self._add(one)
+            self._dirty = False
 
     def follows(self, run_id: int) -> bool:
         """Whether run_id's verdict is still pending."""
@@ -4419,14 +4536,19 @@ class HealTracker:
                 fingerprint = alert.get("fingerprint") or ""
                 if decision.result not in ("executed", "dry_run") or not fingerprint:
                     continue
+                dry_run = decision.result == "dry_run"
+                if dry_run and (self._dry_runs >= self.max_dry_runs or any(
+                        self._pending[key].get("dry_run")
+                        for key in self._by_alert.get((decision.alertname, fingerprint), ()))):
+                    continue  # this alert's dry run is followed already, or as many as are followed at once
                 run_id = (decision.event or {}).get("id")
                 key = str(run_id) if run_id is not None else fingerprint
                 pending = {"alertname": decision.alertname, "fingerprint": fingerprint, "action_ts": now,
                            "deadline": now + self.grace, "run_id": run_id}
-                if decision.result == "dry_run":
+                if dry_run:
                     pending["dry_run"] = True
                 followed[key] = json.dumps(pending)
-                self._pending[key] = dict(pending, key=key)
+                self._add(dict(pending, key=key))
         if followed:
             with self.wake:  # the timer wakes for the new deadline
                 self.wake.notify_all()
@@ -4440,18 +4562,19 @@ class HealTracker:
             for alert in alerts:
                 if alert["status"] != "resolved":
                     continue
-                fingerprint, alertname = alert.get("fingerprint") or "", alert["labels"].get("alertname")
+                keys = self._by_alert.get((alert["labels"].get("alertname"), alert.get("fingerprint") or ""))
+                if not keys:
+                    continue
                 try:
                     ended = parse_rfc3339(alert.get("endsAt") or "")
                 except ValueError:
                     ended = now
                 if ended <= 0:  # 0001-01-01: Alertmanager did not say
                     ended = now
-                for pending in [p for p in self._pending.values()
-                                if p["fingerprint"] == fingerprint and p["alertname"] == alertname]:
+                for pending in [self._pending[key] for key in keys]:
                     if not pending["action_ts"] < ended <= pending["deadline"]:
                         continue  # ended before this run (an older episode), or too late: the timer's verdict
-                    del self._pending[pending["key"]]
+                    self._remove(pending)
                     verdicts.append((pending, "healed", ended - pending["action_ts"]))
         self._record(verdicts, now)
 
@@ -4459,10 +4582,16 @@ class HealTracker:
         """Alerts whose resolution did not reach autoheal within the grace: Alertmanager is asked
         about each (a silence also mutes the resolution's webhook): gone or ended, healed; active
         and silenced, acknowledged (a person took over); active, not_healed; no answer, unknown."""
+        import heapq
+
+        overdue = []
         with self._lock:
-            overdue = [pending for pending in self._pending.values() if pending["deadline"] <= now]
-            for pending in overdue:
-                del self._pending[pending["key"]]
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _deadline, key = heapq.heappop(self._deadlines)
+                pending = self._pending.get(key)
+                if pending is not None and pending["deadline"] <= now:
+                    self._remove(pending)
+                    overdue.append(pending)
         verdicts = []
         for alertname in sorted({pending["alertname"] for pending in overdue}):
             try:
@@ -4482,8 +4611,12 @@ class HealTracker:
         self._record(verdicts, now)
 
     def next_deadline(self) -> Optional[float]:
+        import heapq
+
         with self._lock:
-            return min((pending["deadline"] for pending in self._pending.values()), default=None)
+            while self._deadlines and self._deadlines[0][1] not in self._pending:
+                heapq.heappop(self._deadlines)
+            return self._deadlines[0][0] if self._deadlines else None
 
     def _record(self, verdicts: List[Tuple[Dict[str, Any], str, Optional[float]]], now: float) -> None:
         if not verdicts:
@@ -4860,6 +4993,7 @@ class App:
                 self.store.tidy()
                 if trim is not None:
                     self.feed.compact()
+                    self.heals.compact()
                     trim()
                 trimmed = now_served
 
@@ -4896,7 +5030,9 @@ class App:
         self._count(decisions)
         dry = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "dry_run"]
         if dry:  # a dry-run decision's own verdict, after the grace
-            self.journal.record([], heals=self.heals.follow(dry, now))
+            followed = self.heals.follow(dry, now)
+            if followed:
+                self.journal.record([], heals=followed)
         runs = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "run"]
         if runs:
             self._run_all(runs)
@@ -4981,12 +5117,15 @@ class App:
                     events.append(decision.event)
             if start or not cooldowns:
                 self.journal.record(events, None, folds)
+                _shrink_fold_targets(events)
                 continue
             try:
                 self.journal.record(events, cooldowns, folds, required=True)
             except StateUnavailable:
                 self._fail_closed(decisions, now)
                 return
+            finally:
+                _shrink_fold_targets(events)
 
     def _fail_closed(self, decisions: List[Decision], now: float) -> None:
         """The cooldown starts of a webhook could not be committed: every decision that claimed
@@ -4999,7 +5138,7 @@ class App:
     def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float, settings: Settings) -> None:
         """A routine decision repeating one of the same alert (alertname and fingerprint), result
         and reason within one cooldown window folds into that one's event (count, last_ts)."""
-        key = (decision.alertname, alert.get("fingerprint") or "", decision.result, decision.reason)
+        key = (_short(decision.alertname), _short(alert.get("fingerprint") or ""), decision.result, decision.reason)
         entry = self._folds.get(key)
         if entry is not None and now < entry[1]:
             decision.fold_into = entry[0]
@@ -6478,8 +6617,9 @@ class Server:
                         self._write(key.data)
                     else:
                         self._read(key.data)
-                if self._round:
+                while self._round:  # answering may read a pipelined request: a round of its own
                     self._hand_round()
+                    self._deliver(time.monotonic())
                 now = time.monotonic()
                 if self._accept_paused_until and now >= self._accept_paused_until:
                     self._accept_paused_until = 0.0
@@ -6607,11 +6747,23 @@ class Server:
             self._busy += 1
 
     def _hand_round(self) -> None:
-        """The webhooks answered here in this round wait for their records' commit, which the
-        round committer makes, never this thread: a slow disk must not stop the server from
-        reading connections.  Their answers are sent once it is done (_drain_wake)."""
+        """The webhooks answered here in this round wait for their records' commit (one commit
+        for them all).  This thread makes it only when that waits on nobody; else the round
+        committer makes it: another program holding the state file's lock must not stop the
+        server from reading connections.  Their answers are sent once it is done (_deliver)."""
         answered, self._round = self._round, []
-        self.rounds.put(answered, self.app.journal.take_held())
+        held = self.app.journal.take_held()
+        try:
+            done = self.app.journal.settle_now(held)
+        except Exception as exc:  # no answer without its commit: the round's connections are dropped
+            with contextlib.suppress(Exception):
+                self.app.log({"event": "error", "message": f"round: {type(exc).__name__}: {exc}"}, "error")
+            self.rounds.done.append((answered, False))
+            return
+        if done:  # committed here at once: no other commit under way, nobody else's lock held
+            self.rounds.done.append((answered, True))
+        else:
+            self.rounds.put(answered, held)
 
     def _send_answer(self, connection: _Connection, answer: Union[bytes, List[bytes]], close: bool, now: float) -> None:
         """Send an answer, from the selector thread: what the socket does not take now waits for
@@ -6625,6 +6777,9 @@ class Server:
         if not unsent:
             self._after_answer(connection, now)
             return
+        # Only what is left is kept: a view of the rest would keep the whole answer alive (a 4 MiB
+        # /history answer of which the kernel took most is then 4 MiB held, not what is unsent).
+        unsent = [memoryview(bytes(view)) for view in unsent]
         size = sum(len(view) for view in unsent)
         if self._unsent + size > self._unsent_limit:  # too much output waits for clients that do not read
             self.app.counters.add("autoheal_connections_dropped_total", ("unsent_output_bound",))
@@ -6642,9 +6797,9 @@ class Server:
         except OSError:
             self._close(connection)
             return
-        size = sum(len(view) for view in unsent)
+        size = sum(len(view.obj) for view in unsent)  # what the parts left still hold in memory
         now = time.monotonic()
-        if size < connection.unsent_bytes:  # progress: the client reads, slowly maybe
+        if sum(map(len, unsent)) < sum(map(len, connection.unsent)):  # progress: the client reads
             connection.deadline = now + self.config.request_timeout_sec
         self._unsent -= connection.unsent_bytes - size
         connection.unsent, connection.unsent_bytes = unsent, size
@@ -6701,6 +6856,10 @@ class Server:
             self._connections[connection.sock.fileno()] = connection
             self._selector.register(connection.sock, selectors.EVENT_READ, connection)
             self._send_answer(connection, answer, connection.closing, now)
+        self._deliver(now)
+
+    def _deliver(self, now: float) -> None:
+        """Send the answers of the rounds committed (or drop their connections: not committed)."""
         while self.rounds.done:
             answered, committed = self.rounds.done.popleft()
             for connection, answer, close in answered:
