@@ -11,6 +11,7 @@ which this module registers when pytest loads it as a plugin too:
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import http.client
 import io
@@ -288,6 +289,28 @@ def http_status(url, timeout=1):
 
 def ack_path(labels, duration="2h", **params):
     return "/ack?" + urllib.parse.urlencode({"labels": json.dumps(labels), "duration": duration, **params})
+
+
+def memory_kib(pid, field="VmRSS"):
+    """A memory figure of a process from /proc/<pid>/status, in KiB: VmRSS is now, VmHWM the peak
+    since the process started or since reset_peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field}")
+
+
+def reset_peak(pid):
+    """Start the peak (VmHWM) over from what the process holds now (Linux: clear_refs 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def large_alerts(start, count, alertname="Large", opted_in=False):
+    """count alerts of distinct fingerprints, each recorded as an event of about 15 KiB (60 labels
+    of 240 characters): under the 16 KiB bound of one event, so that none of it is cut."""
+    labels = {f"label{index:02d}": chr(97 + index % 26) * 240 for index in range(60)}
+    return [dict(alert(alertname, opted_in=opted_in, **labels), fingerprint=f"{index:016x}")
+            for index in range(start, start + count)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1137,12 +1160,14 @@ def test_a_history_near_its_bound_is_pruned_when_requests_pause(tmp_path):
 
         for _ in range(11):
             running.post_alert(webhook(*(alert(name) for name in names)))
-        assert len(history_after_a_pause()) == 88  # 88 of 100: left alone
+        events = history_after_a_pause()
+        assert len(events) == 88  # 88 of 100: left alone
+        first = events[-1]["id"]  # ids count on from the first of a fresh file (first_event_id)
         running.post_alert(webhook(*(alert(name) for name in names)))
         assert len(running.json("GET", "/history?limit=1000")[1]["events"]) == 96  # at once: still 96
         events = history_after_a_pause()
         assert len(events) == 90
-        assert events[0]["id"] == 96 and events[-1]["id"] == 7  # the six oldest went
+        assert events[0]["id"] == first + 95 and events[-1]["id"] == first + 6  # the six oldest went
         assert running.metric("autoheal_state_write_errors_total") == 0
 
 
@@ -1153,11 +1178,14 @@ def test_a_history_at_its_bound_under_load_loses_only_its_oldest_events(tmp_path
     path = str(tmp_path / "s.db")
     store = autoheal.SqliteStore(path, 1000, 1 << 30, lambda committed: None, lambda *args, **kwargs: None)
     try:
+        ids = []
         for batch in range(11):
-            store.record([autoheal.make_event("decision", 1000.0 + batch, alertname=f"A{index}", result="dry_run")
-                          for index in range(100)])
-        with sqlite3.connect(path) as db:
-            assert db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM events").fetchone() == (999, 102, 1100)
+            ids += [event_id for event_id, _text in store.record(
+                [autoheal.make_event("decision", 1000.0 + batch, alertname=f"A{index}", result="dry_run")
+                 for index in range(100)])]
+        assert ids == list(range(ids[0], ids[0] + 1100))  # ids count on from the first (first_event_id)
+        with sqlite3.connect(path) as db:  # the oldest 101 went
+            assert db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM events").fetchone() == (999, ids[101], ids[-1])
     finally:
         store.close()
 
@@ -1213,6 +1241,98 @@ def test_one_event_is_bounded_and_the_history_is_bounded_in_bytes(tmp_path, stat
         if state == "sqlite":
             with sqlite3.connect(tmp_path / "s.db") as db:
                 assert db.execute("SELECT MAX(length(body)), SUM(length(body)) FROM events").fetchone()[1] < 1 << 19
+
+
+@pytest.mark.parametrize("state", ["sqlite", "memory"])
+def test_one_event_is_at_most_16_kib_whatever_its_fingerprint_label_names_or_start_time(tmp_path, state):
+    # Issue 28: label values were cut, but not label names, fingerprints or startsAt: one webhook
+    # made a 900,219-byte event.
+    env = {"AUTOHEAL_MAX_BODY_BYTES": str(4 << 20), "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db") if state == "sqlite" else ""}
+    with serving(env) as running:
+        huge = dict(alert(**{"n" * 900_000: "v", "instance": "i"}), fingerprint="f" * 900_000, startsAt="2" * 900_000)
+        wide = dict(alert("Wide", **{f"{index:03d}" + "k" * 1000: "v" * 1000 for index in range(100)}),
+                    annotations={f"{index:03d}" + "a" * 1000: "w" * 1000 for index in range(100)},
+                    fingerprint="0123456789abcdef")
+        assert running.post_alert(webhook(huge, wide))[0] == 200
+        events = running.json("GET", "/history")[1]["events"]
+        assert len(events) == 2
+        for event in events:
+            assert len(json.dumps(event, separators=(",", ":")).encode()) <= 16384, {k: str(v)[:80] for k, v in event.items()}
+        assert sorted(event["alertname"] for event in events) == ["TcpEndpointDownFast", "Wide"]  # never cut
+        assert sorted(event["labels"]["alertname"] for event in events) == ["TcpEndpointDownFast", "Wide"]
+        [first] = [event for event in events if event["alertname"] == "TcpEndpointDownFast"]
+        assert first["fingerprint"].startswith("fff") and first["fingerprint"].endswith("more characters cut]")
+        assert first["starts_at"].endswith("more characters cut]")
+
+
+def test_a_storm_of_distinct_routine_alerts_with_huge_fields_keeps_memory_bounded(tmp_path):
+    # Routine decisions are folded per alertname and fingerprint (FOLD_KEYS_MAX of them): what is
+    # kept to fold into must be bounded in bytes too, whatever the fingerprints and labels hold.
+    running = AutohealProcess({"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}, tmp_path)
+    pid = running.process.pid
+    try:
+        time.sleep(0.3)
+        before = memory_kib(pid)
+        reset_peak(pid)
+        for index in range(150):  # alerts that did not opt in, each of a fingerprint of 900 KB
+            huge = dict(alert("Huge", opted_in=False), fingerprint=f"{index:08d}" + "f" * 900_000)
+            assert running.post_alert(webhook(huge))[0] == 200
+        for batch in range(70):  # and 4,200 more, each recorded as 15 KiB
+            assert running.post_alert(webhook(*large_alerts(batch * 60, 60)))[0] == 200
+        grown = memory_kib(pid, "VmHWM") - before
+        assert grown < 64 * 1024, f"memory peaked {grown // 1024} MiB above its start (compose: mem_limit 128m)"
+    finally:
+        running.stop()
+
+
+def test_a_cooldown_start_that_cannot_be_committed_runs_nothing_and_the_next_delivery_runs(tmp_path):
+    # Issue 28: with another process holding the state file's write lock, the action ran though
+    # its cooldown start was never written: after a crash it would run again inside its cooldown.
+    ran = tmp_path / "ran"
+    path = actions_file(tmp_path, {"Act": {"command": ["touch", str(ran)], "cooldown_sec": 3600}})
+    with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}) as running:
+        other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)  # another process's writer
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            status, body = running.post_alert(webhook(alert("Act")))  # after SQLite's 5 s busy timeout
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert status == 503 and body["ok"] is False and "failed closed" in body["error"]
+        assert [(r["result"], r["reason"]) for r in body["results"]] == [("error", "state_unavailable")]
+        assert not ran.exists()  # the command never ran
+        status, body = running.post_alert(webhook(alert("Act")))  # Alertmanager's next delivery
+        assert status == 200 and body["results"][0]["result"] == "executed" and ran.exists()
+        assert running.post_alert(webhook(alert("Act")))[1]["results"][0]["result"] == "cooldown_skip"
+
+
+def test_a_commit_waiting_on_a_locked_state_file_holds_up_neither_the_health_check_nor_the_scrape(tmp_path):
+    # Issue 28: the selector thread committed the rounds of dry-run webhooks it answered itself:
+    # with the write lock held elsewhere, GET / took 4.7 s.  Now a thread of its own commits them.
+    with serving({"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}) as running:
+        assert running.post_alert(webhook(alert("Before")))[0] == 200
+        other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        answers = []
+        try:
+            poster = threading.Thread(target=lambda: answers.append(running.post_alert(webhook(alert()))))
+            poster.start()  # a dry-run webhook: answered by the selector thread, committed by another
+            time.sleep(0.3)
+            for path in ("/", "/metrics", "/history", "/", "/metrics"):
+                started = time.monotonic()
+                assert running.request("GET", path, timeout=10)[0] == 200
+                took = time.monotonic() - started
+                assert took < 1.0, (path, took)
+            assert answers == []  # its answer waits for its commit
+        finally:
+            other.execute("ROLLBACK")  # within SQLite's 5 s busy timeout: the commit goes through
+            other.close()
+        poster.join(10)
+        [(status, body)] = answers
+        assert status == 200 and body["results"][0]["result"] == "dry_run"
+        history = running.json("GET", "/history")[1]["events"]
+        assert [(e["alertname"], e["result"]) for e in history] == [("TcpEndpointDownFast", "dry_run"),
+                                                                   ("Before", "skipped")]
 
 
 def damage(path):
@@ -1508,30 +1628,67 @@ def test_each_command_changes_decisions_status_and_metrics(tmp_path):
         assert running.metric('autoheal_control_commands_total{result="applied",source="http"}') == 7
 
 
-def test_undo_by_id_and_reset_restore_exactly_what_was_in_force():
-    with serving(ADMIN) as running:
+def test_undo_by_id_restores_what_was_in_force_and_a_reset_is_final(tmp_path):
+    # Issue 28: a reset kept everything it dropped inside its own entry (the control state only
+    # grew), and undoing it brought back an override that had been undone since.  A reset keeps
+    # nothing: it cannot be undone, and neither can a change it dropped.
+    with serving({**ADMIN, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}) as running:
+        def cooldown():
+            return running.json("GET", "/")[1]["cooldowns"]["TcpEndpointDownFast"]["cooldown_seconds"]
+
+        def control_row_bytes():
+            with sqlite3.connect(tmp_path / "s.db") as db:
+                return db.execute("SELECT length(state) FROM control").fetchone()[0]
+
         first = control(running, "cooldown TcpEndpointDownFast 5m")[1]["change"]
         second = control(running, "cooldown TcpEndpointDownFast 10m")[1]["change"]
         control(running, "dry-run off")
-        def cooldown():
-            return running.json("GET", "/")[1]["cooldowns"]["TcpEndpointDownFast"]["cooldown_seconds"]
         assert cooldown() == 600 and running.json("GET", "/")[1]["dry_run"] is False
         status, body = control(running, f"undo {second['id']}")
         assert status == 200 and body["change"]["undoes"] == second["id"] and cooldown() == 300
         assert body["status"]["dry_run"] is False  # only that change was taken back
         status, body = control(running, "undo")  # the latest change still in force: dry-run off
         assert status == 200 and body["status"]["dry_run"] is True and cooldown() == 300
+        for index in range(20):
+            assert control(running, f"cooldown UptimeProbeFailing {index + 1}m")[0] == 200
+        before = control_row_bytes()
         status, body = control(running, "reset")
         assert status == 200 and body["status"]["overrides"] == [] and cooldown() == 600
-        status, body = control(running, "undo")  # undoing the reset brings back what it dropped
-        assert status == 200 and cooldown() == 300 and [o["id"] for o in body["status"]["overrides"]] == [first["id"]]
-        control(running, "reset")
+        assert control_row_bytes() < before / 4  # it keeps nothing of what it dropped
+        status, body = control(running, "undo")  # a reset is final
+        assert status == 409 and "nothing to undo" in body["error"]
+        status, body = control(running, f"undo {first['id']}")  # a change the reset dropped
+        assert status == 409 and f"no change #{first['id']}" in body["error"]
+        assert cooldown() == 600 and running.json("GET", "/")[1]["overrides"] == []
         status, body = control(running, "undo 999999")
         assert status == 409 and "no change #999999" in body["error"]
         status, body = control(running, "reset")
         assert status == 409 and "nothing to reset" in body["error"]
-        refused = running.json("GET", "/history?kind=control&result=refused")[1]["events"]
-        assert len(refused) == 2
+        # Refusals of one client within a minute fold into one event.
+        [refused] = running.json("GET", "/history?kind=control&result=refused")[1]["events"]
+        assert refused["count"] == 4 and refused["client"] == "127.0.0.1"
+
+
+def test_the_control_state_keeps_the_last_1000_changes_and_stops_growing(tmp_path):
+    # Issue 28: every override and change was kept forever, and the whole state rewritten on every
+    # change.  The last 1,000 changes can be undone; older ones are gone, and take no room.
+    with serving({**ADMIN, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}) as running:
+        def control_row_bytes():
+            with sqlite3.connect(tmp_path / "s.db") as db:
+                return db.execute("SELECT length(state) FROM control").fetchone()[0]
+
+        ids = []
+        for index in range(1100):
+            status, body = control(running, f"cooldown TcpEndpointDownFast {5 + index % 2}m")
+            assert status == 200, body
+            ids.append(body["change"]["id"])
+            if index == 999:
+                at_1000 = control_row_bytes()
+        grown = control_row_bytes() - at_1000
+        assert grown < 1000, f"the control state grew by {grown} bytes over 100 more changes"
+        status, body = control(running, f"undo {ids[99]}")  # the 1,101st newest: no longer kept
+        assert status == 409 and f"no change #{ids[99]}" in body["error"]
+        assert control(running, f"undo {ids[100]}")[0] == 200  # the 1,000th newest
 
 
 def test_the_http_door_is_off_without_a_token_and_refuses_a_wrong_one_on_the_record():
@@ -1543,13 +1700,68 @@ def test_the_http_door_is_off_without_a_token_and_refuses_a_wrong_one_on_the_rec
         for token in ("guess", None):
             status, body = control(running, "dry-run off", token=token, by="mallory")
             assert status == 401
-        refused = running.json("GET", "/history?kind=control")[1]["events"]
-        assert [(e["result"], e["by"], e["client"]) for e in refused] == [("refused", "mallory", "127.0.0.1")] * 2
+        [refused] = running.json("GET", "/history?kind=control")[1]["events"]  # the repeat folds into the first
+        assert (refused["result"], refused["by"], refused["client"], refused["count"]) == (
+            "refused", "mallory", "127.0.0.1", 2)
         assert running.json("GET", "/")[1]["dry_run"] is True
         assert not [line for line in running.log_lines() if "guess" in line or "admin-secret-1" in line]
         status, _ = running.json("POST", "/control", {"command": "disable"},
                                  {"Authorization": "Bearer admin-secret-1", "Origin": "https://evil.example"})
         assert status == 403  # a cross-site page cannot use an admin's browser
+
+
+def test_refused_attempts_fold_per_client_and_past_three_a_minute_are_429_without_an_event():
+    clock = FakeClock()
+    with serving(ADMIN, clock=clock) as running:
+        for _ in range(3):
+            assert control(running, "dry-run off", token="guess", by="mallory")[0] == 401
+            clock.advance(1)
+        for _ in range(5):
+            status, body = control(running, "dry-run off", token="guess", by="mallory")
+            assert status == 429 and "try again later" in body["error"]
+        assert control(running, "disable 1m")[0] == 200  # the right token is never throttled
+        refused = running.json("GET", "/history?kind=control&result=refused")[1]["events"]
+        assert [(e["count"], round(e["last_ts"] - e["ts"], 3)) for e in refused] == [(3, 2.0)]  # one event, folded
+        assert len(running.json("GET", "/history?kind=control")[1]["events"]) == 2  # and the applied change
+        assert running.metric('autoheal_control_commands_total{result="refused",source="http"}') == 3
+        assert running.metric('autoheal_control_commands_total{result="throttled",source="http"}') == 5
+        clock.advance(60)  # a minute later the client is heard again, on a new event
+        assert control(running, "dry-run off", token="guess", by="mallory")[0] == 401
+        assert len(running.json("GET", "/history?kind=control&result=refused")[1]["events"]) == 2
+
+
+def control_from(port, address, command, token):
+    """POST /control from another loopback address (127.0.0.2, ...): another client."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(address, 0))
+    try:
+        connection.request("POST", "/control", json.dumps({"command": command, "by": "mallory"}),
+                           {"Authorization": f"Bearer {token}"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_wrong_tokens_from_many_clients_never_evict_an_applied_change_or_a_run(tmp_path):
+    # Issue 28: 104,000 wrong-token attempts in 38 s left no applied change and no decision in the
+    # history.  Refusals are routine history now, which has bounds of its own.
+    ran = tmp_path / "ran"
+    path = actions_file(tmp_path, {"Act": {"command": ["touch", str(ran)], "cooldown_sec": 0}})
+    env = {**ADMIN, **REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_HISTORY_MAX_EVENTS": "50",
+           "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}
+    with serving(env) as running:
+        change = control(running, "cooldown Act 5m")[1]["change"]
+        assert running.post_alert(webhook(alert("Act")))[1]["results"][0]["result"] == "executed"
+        statuses = collections.Counter(control_from(running.port, f"127.0.0.{client}", "dry-run off", "guess")[0]
+                                       for client in range(2, 122) for _attempt in range(5))
+        assert statuses == {401: 3 * 120, 429: 2 * 120}
+        refused = running.json("GET", "/history?kind=control&result=refused&limit=1000")[1]["events"]
+        assert 40 <= len(refused) <= 50 and {e["count"] for e in refused} == {3}  # routine: its own bound
+        applied = running.json("GET", "/history?kind=control&result=applied")[1]["events"]
+        assert [e["id"] for e in applied] == [change["id"]]
+        assert [e["result"] for e in running.json("GET", "/history?kind=run")[1]["events"]] == ["started"]
+        assert [e["result"] for e in running.json("GET", "/history?kind=decision")[1]["events"]] == ["executed"]
+        assert running.metric('autoheal_control_commands_total{result="throttled",source="http"}') == 240
 
 
 def test_the_slack_door_verifies_signatures_and_admins():
@@ -1577,6 +1789,71 @@ def test_the_slack_door_verifies_signatures_and_admins():
         assert running.json("POST", "/slack/command", b"ssl_check=1&token=x")[0] == 200
     with serving() as running:
         assert slack_post(running, "status")[0] == 403  # no secret, no door
+
+
+def test_undo_names_the_value_in_force_after_it_never_null():
+    # Issue 28: every undo said "-> null" instead of the value it left in force.
+    with serving({**ADMIN, "AUTOHEAL_ENABLED": "true"}) as running:
+        control(running, "disable TcpEndpointDownFast")
+        status, body = control(running, "undo")
+        change = body["change"]
+        assert status == 200 and (change["old"], change["new"]) == (False, True)
+        assert "false -> true" in body["text"] and "null" not in body["text"]
+        control(running, "cooldown TcpEndpointDownFast 5m")
+        control(running, "cooldown TcpEndpointDownFast 10m")
+        status, body = control(running, "undo")  # the 5m of the change before it is in force again
+        assert status == 200 and (body["change"]["old"], body["change"]["new"]) == (600, 300)
+        assert "600.0 -> 300.0" in body["text"] and "null" not in body["text"]
+        status, body = control(running, "undo")  # then the environment's (the action map's) 600
+        assert (body["change"]["old"], body["change"]["new"]) == (300, 600) and "null" not in body["text"]
+        control(running, "disable 1h")
+        status, body = slack_post(running, "undo")
+        assert status == 200 and "false -> true" in body["text"] and "null" not in body["text"]
+        [latest] = running.json("GET", "/history?kind=control&limit=1")[1]["events"]
+        assert (latest["setting"], latest["old"], latest["new"]) == ("enabled", False, True)
+
+
+def test_undo_of_a_change_whose_alertname_left_the_action_map_is_409_over_http_and_slack(tmp_path):
+    # Issue 28: a KeyError, a 500 forever; over Slack the command's thread died and the thread
+    # waiting for it stayed (29 -> 49 threads after 20 requests).
+    env = {**ADMIN, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}
+    actions = {"Gone": {"command": ["true"]}, "Stays": {"command": ["true"]}}
+    with serving({**env, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, actions)}) as running:
+        gone = control(running, "disable Gone")[1]["change"]
+    with serving({**env, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, {"Stays": actions["Stays"]}, "other.json")}) \
+            as running:
+        for command in (f"undo {gone['id']}", "undo"):
+            status, body = control(running, command)
+            assert status == 409 and "no longer in the action map" in body["error"], body
+        threads = threading.active_count()
+        now = int(time.time())
+        for index in range(20):  # each signed anew (a repeated signature would be a replay)
+            status, body = slack_post(running, f"undo {gone['id']}", timestamp=now - index)
+            assert status == 200 and body["text"].startswith("Not done") and "no longer in the action map" in body["text"]
+        wait_for(lambda: threading.active_count() <= threads, timeout=5)
+        assert running.json("GET", "/")[0] == 200
+        assert not [line for line in running.log_lines() if "Traceback" in line or "KeyError" in line]
+
+
+def test_a_signed_slack_request_is_accepted_once():
+    # Issue 28: one signed "undo" sent three times within Slack's 5 minutes undid three changes.
+    with serving(ADMIN) as running:
+        control(running, "cooldown TcpEndpointDownFast 5m")
+        control(running, "cooldown TcpEndpointDownFast 10m")
+        body = urllib.parse.urlencode({"user_id": "U0ADMIN1", "user_name": "ana", "text": "undo"}).encode()
+        timestamp = int(time.time())
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Slack-Request-Timestamp": str(timestamp),
+                   "X-Slack-Signature": independent_slack_signature(ADMIN["AUTOHEAL_SLACK_SIGNING_SECRET"], timestamp, body)}
+        status, answer = running.json("POST", "/slack/command", body, headers)
+        assert status == 200 and answer["text"].startswith("<@U0ADMIN1>")
+        for _ in range(2):
+            status, answer = running.json("POST", "/slack/command", body, headers)
+            assert status == 401 and "replayed" in answer["error"]
+        status = running.json("GET", "/")[1]
+        assert status["cooldowns"]["TcpEndpointDownFast"]["cooldown_seconds"] == 300  # undone once, not thrice
+        assert [e["command"] for e in running.json("GET", "/history?kind=control&result=applied")[1]["events"]] == [
+            "undo", "cooldown TcpEndpointDownFast 10m", "cooldown TcpEndpointDownFast 5m"]
+        assert slack_post(running, "undo", timestamp=timestamp - 1)[0] == 200  # signed anew: a request of its own
 
 
 def test_overrides_survive_a_sigkill_and_a_duration_runs_on_while_down(tmp_path):
@@ -1868,6 +2145,34 @@ def test_webhook_token_is_required_when_set():
         assert running.metric('autoheal_alerts_received_total') == 1
 
 
+def test_a_browser_reaching_autoheal_by_a_name_it_does_not_answer_to_gets_421():
+    # Issue 28 (DNS rebinding): a page whose name was rebound to autoheal's address is same-origin to
+    # the browser, so it passed the cross-site checks and created silences, undid acks, posted webhooks.
+    env = {**ADMIN, "AUTOHEAL_PUBLIC_URL": "https://autoheal.example.com:8443/base",
+           "AUTOHEAL_ALLOWED_HOSTS": "ops.internal, Autoheal.Lan"}
+    with serving(env) as running:
+        port = running.port
+        browsers = [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Mode": "cors"},
+                    {"Sec-Fetch-Dest": "document", "Sec-Fetch-Mode": "navigate"}]
+        for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "127.0.0.1.nip.io", ""):
+            for headers in browsers:
+                status, body = running.json("GET", "/", headers={"Host": host, **headers})
+                assert status == 421 and "AUTOHEAL_ALLOWED_HOSTS" in body["error"], (host, headers)
+            status, body = running.json("POST", "/alert", webhook(alert()),
+                                        {"Host": host, "Sec-Fetch-Site": "same-origin", "Origin": f"http://{host}"})
+            assert status == 421, host
+            status, body = running.json("POST", "/control", {"command": "disable"}, {
+                "Host": host, "Sec-Fetch-Site": "same-origin", "Authorization": "Bearer admin-secret-1"})
+            assert status == 421, host
+            assert running.json("GET", "/", headers={"Host": host})[0] == 200  # machine clients: any Host
+            assert running.post_alert(webhook(alert()), {"Host": host})[0] == 200
+        assert running.json("GET", "/")[1]["enabled"] is False and running.metric("autoheal_overrides") == 0
+        for host in (f"127.0.0.1:{port}", f"[::1]:{port}", "10.1.2.3", f"localhost:{port}", "LOCALHOST",
+                     "autoheal.example.com", "autoheal.example.com:8443", "ops.internal", "autoheal.lan:9009"):
+            for headers in browsers:
+                assert running.json("GET", "/", headers={"Host": host, **headers})[0] == 200, (host, headers)
+
+
 def test_the_route_table_is_the_one_place_a_request_target_is_mapped():
     assert autoheal.route_path("http://autoheal:9009/ack?labels=x") == "/ack"
     assert autoheal.route_path("/ack/undo") == "/ack/undo"
@@ -1925,6 +2230,33 @@ def test_an_alert_still_firing_after_the_grace_is_not_healed(tmp_path):
         assert len(running.json("GET", "/history?kind=heal")[1]["events"]) == 1
         assert running.metric('autoheal_heals_total{alertname="Flaky",result="not_healed"}') == 1
         assert running.metric('autoheal_heals_total{alertname="Flaky",result="healed"}') == 0
+
+
+def test_one_heal_verdict_per_run_and_only_a_resolution_after_the_run_counts(tmp_path):
+    # Issue 28: verdicts were kept by fingerprint, so two runs of one alert within the grace gave
+    # one verdict; a resolution that ended before the action counted as healed in 0.0 s; and the
+    # alertname of a resolution was never compared.
+    clock = FakeClock()
+    path = actions_file(tmp_path, {"Flap": {"command": ["true"], "cooldown_sec": 1},
+                                   "Other": {"command": ["true"], "cooldown_sec": 1}})
+    with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_HEAL_GRACE_SEC": "600"}, clock=clock) as running:
+        def resolved(alertname, ended):
+            return dict(alert(alertname, status="resolved"), endsAt=autoheal.format_rfc3339(ended))
+
+        assert running.post_alert(webhook(alert("Flap")))[1]["results"][0]["result"] == "executed"
+        running.post_alert(webhook(resolved("Flap", clock.now - 30)))  # an earlier episode's resolution
+        running.post_alert(webhook(resolved("Other", clock.now + 1)))  # the same fingerprint, another alert
+        assert running.json("GET", "/history?kind=heal")[1]["events"] == []
+        clock.advance(2)  # past the cooldown, within the grace: the same alert runs again
+        assert running.post_alert(webhook(alert("Flap")))[1]["results"][0]["result"] == "executed"
+        clock.advance(3)
+        running.post_alert(webhook(resolved("Flap", clock.now)))
+        runs = [event["id"] for event in running.json("GET", "/history?kind=run")[1]["events"]]
+        verdicts = running.json("GET", "/history?kind=heal")[1]["events"]
+        assert len(runs) == 2 and sorted(v["run_id"] for v in verdicts) == sorted(runs)  # one verdict per run
+        assert sorted((v["result"], round(v["seconds"])) for v in verdicts) == [("healed", 3), ("healed", 5)]
+        assert running.metric('autoheal_heals_total{alertname="Flap",result="healed"}') == 2
+        assert running.metric('autoheal_heals_total{alertname="Other",result="healed"}') == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2027,7 +2359,8 @@ def test_history_filters_and_bounds(tmp_path, state):
         for _ in range(30):
             running.post_alert(webhook(alert("A")))
         kept = running.json("GET", "/history?limit=1000")[1]["events"]
-        assert 18 <= len(kept) <= 20 and kept[0]["id"] == 37  # retention: the newest, never past the bound
+        first = events[-1]["id"]  # ids count on from the first event's (first_event_id)
+        assert 18 <= len(kept) <= 20 and kept[0]["id"] == first + 36  # retention: the newest, never past the bound
 
 
 @pytest.mark.parametrize("state", ["sqlite", "memory"])
@@ -2177,6 +2510,109 @@ def test_a_fast_listener_gets_every_event_of_a_storm(tmp_path):
         assert ids == sorted(ids) and len(set(ids)) == 4000  # every one, in order, none twice
         stream.close()
         sock.close()
+
+
+@pytest.mark.parametrize("state", ["sqlite", "memory"])
+def test_a_history_answer_stops_before_4_mib_and_its_before_cursor_goes_on(tmp_path, state):
+    # Issue 28: one unauthenticated GET /history?limit=1000 returned 123 MB.
+    env = {"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db") if state == "sqlite" else ""}
+    with serving(env) as running:
+        for batch in range(5):  # 300 events of 15 KiB: 4.4 MiB
+            assert running.post_alert(webhook(*large_alerts(batch * 60, 60)))[0] == 200
+        status, _, raw = running.request("GET", "/history?limit=1000")
+        first = json.loads(raw)
+        assert status == 200 and len(raw) <= 4 << 20 and first["truncated"] is True
+        assert first["before"] == first["events"][-1]["id"]
+        status, _, raw = running.request("GET", f"/history?limit=1000&before={first['before']}")
+        rest = json.loads(raw)
+        assert status == 200 and "truncated" not in rest and "before" not in rest
+        ids = [event["id"] for event in first["events"] + rest["events"]]
+        assert len(ids) == len(set(ids)) == 300 and ids == sorted(ids, reverse=True)  # older, none twice or missed
+        status, body = running.json("GET", f"/history?limit=5&result=skipped&before={first['before']}")
+        assert status == 200 and [event["id"] for event in body["events"]] == ids[len(first["events"]):][:5]
+        status, body = running.json("GET", "/history?before=yesterday")
+        assert status == 400 and body["error"].startswith("before:")
+
+
+def test_a_history_of_16_kib_events_keeps_the_live_feed_the_page_and_the_replay_small(tmp_path):
+    # Issue 28: with the history full of large events, GET / for a browser peaked at 394 MiB, four
+    # /events replays from Last-Event-ID: 0 at 1.4 GiB, and the live feed (4,096 events in memory)
+    # grew by 580 MiB.  The compose file gives autoheal 128 MiB.
+    path = actions_file(tmp_path, {"Large": {"command": ["true"], "cooldown_sec": 0}})
+    running = AutohealProcess({"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0",
+                               "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"), "AUTOHEAL_REQUEST_TIMEOUT_SEC": "60"},
+                              tmp_path)
+    pid = running.process.pid
+    try:
+        sock, stream, _, _ = open_stream(running.port)  # a live page, reading every event
+        received = []
+
+        def read():
+            with contextlib.suppress(OSError, ValueError):
+                for line in stream:
+                    if line.startswith(b"id: "):
+                        received.append(int(line[4:]))
+
+        threading.Thread(target=read, daemon=True).start()
+        time.sleep(0.3)
+        before = memory_kib(pid)
+        reset_peak(pid)
+        for batch in range(70):  # 4,200 dry-run decisions of 15 KiB each: 62 MiB of events
+            assert running.post_alert(webhook(*large_alerts(batch * 60, 60, opted_in=True)))[0] == 200
+        feed_peak = memory_kib(pid, "VmHWM") - before
+        wait_for(lambda: len(received) >= 4200, timeout=60)
+        assert len(received) == len(set(received)) == 4200 and received == sorted(received)  # none missed
+        assert feed_peak < 40 * 1024, f"the live feed took {feed_peak // 1024} MiB"
+        stream.close()
+        sock.close()
+
+        before = memory_kib(pid)
+        reset_peak(pid)
+        status, headers, page = running.request("GET", "/", headers={"Accept": "text/html"})
+        assert status == 200 and headers["Content-Type"].startswith("text/html") and len(page) < 256 * 1024
+        page_peak = memory_kib(pid, "VmHWM") - before
+        assert page_peak < 16 * 1024, f"the page took {page_peak // 1024} MiB"
+
+        before = memory_kib(pid)
+        reset_peak(pid)
+        replays = [open_stream_after(running.port, 0) for _ in range(4)]  # four pages reconnecting from the start
+        for replay_sock, replay in replays:
+            assert [event_id for event_id, _ in read_events(replay, 300, timeout=60)] == received[:300]
+        replay_peak = memory_kib(pid, "VmHWM") - before
+        assert replay_peak < 32 * 1024, f"four replays took {replay_peak // 1024} MiB"
+        for replay_sock, replay in replays:
+            replay.close()
+            replay_sock.close()
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("state", ["memory", "fresh file"])
+def test_event_ids_never_go_back_so_a_page_reconnecting_after_a_restart_misses_nothing(tmp_path, state):
+    # Issue 28: ids started at 1 again after a restart (memory only, or a damaged state file moved
+    # aside), so a page reconnecting with Last-Event-ID: 60 received nothing of the new ids 1-5.
+    env = {"AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, {"A": {"command": ["true"], "cooldown_sec": 0}}),
+           "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0",
+           "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db") if state == "fresh file" else ""}
+    running = AutohealProcess(env, tmp_path)
+    try:
+        for _ in range(3):
+            running.post_alert(webhook(alert("A")))
+        served = running.json("GET", "/history?limit=1")[1]["events"][0]["id"]
+    finally:
+        running.stop()
+    for leftover in tmp_path.glob("s.db*"):  # a state file moved aside: the next start begins a fresh one
+        leftover.unlink()
+    running = AutohealProcess(env, tmp_path)
+    try:
+        sock, stream = open_stream_after(running.port, served)  # the page, with the last id it saw
+        running.post_alert(webhook(alert("A")))
+        [(event_id, event)] = read_events(stream, 1)
+        assert event_id > served and event["alertname"] == "A"
+        stream.close()
+        sock.close()
+    finally:
+        running.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2386,6 +2822,85 @@ def test_pipelined_webhooks_are_answered_in_order_and_a_client_that_does_not_rea
         assert other < db.execute("SELECT MAX(id) FROM events").fetchone()[0]
 
 
+def non_reader(port, data=b""):
+    """A client with a 4 KiB receive buffer that sends data (pipelined requests) and never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+
+    def send():
+        with contextlib.suppress(OSError):  # the server stops reading it, then drops it
+            sock.sendall(data)
+
+    threading.Thread(target=send, daemon=True).start()
+    return sock
+
+
+def test_clients_that_never_read_their_answers_hold_no_worker_and_are_dropped_at_their_deadline(tmp_path):
+    # Issue 28: two such clients held both workers of the quick pool (and two more both of the
+    # control pool), each in a blocking send for up to AUTOHEAL_REQUEST_TIMEOUT_SEC: --check
+    # failed, GET / took 7 s, an admin's POST /control 8 to 10 s.
+    running = AutohealProcess({**ADMIN, "AUTOHEAL_STATE_FILE": "", "AUTOHEAL_REQUEST_TIMEOUT_SEC": "6"}, tmp_path)
+    try:
+        gets = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 5000
+        unsigned = (b"POST /slack/command HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                    b"Content-Length: 7\r\n\r\ntext=hi") * 40000
+        greedy = [non_reader(running.port, data) for data in (gets, gets, unsigned, unsigned)]
+        asks = {"GET /": lambda: running.request("GET", "/", timeout=30)[0] == 200,
+                "GET /metrics": lambda: running.request("GET", "/metrics", timeout=30)[0] == 200,
+                "POST /control": lambda: control(running, "disable 1h")[0] == 200,
+                "--check": lambda: run_module(["--check"], {"AUTOHEAL_PORT": str(running.port)}, 30).returncode == 0}
+        slowest = dict.fromkeys(asks, 0.0)
+        for _ in range(5):  # over the seconds in which their answers pile up unread
+            time.sleep(0.5)
+            for name, ask in asks.items():
+                started = time.monotonic()
+                assert ask(), name
+                slowest[name] = max(slowest[name], time.monotonic() - started)
+        assert max(slowest.values()) < 2.0, slowest
+        # Each is dropped once it has read nothing for AUTOHEAL_REQUEST_TIMEOUT_SEC, and counted.
+        wait_for(lambda: running.metric('autoheal_connections_dropped_total{reason="unread_answer"}') == len(greedy),
+                 timeout=30)
+        for sock in greedy:
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(1 << 16):  # what the kernel still held for it, then the end
+                    pass
+            sock.close()
+        assert running.metric('autoheal_connections_dropped_total{reason="unsent_output_bound"}') == 0
+    finally:
+        running.stop()
+
+
+def test_unread_answers_hold_at_most_the_bound_of_unsent_output_and_past_it_connections_close(tmp_path):
+    # 80 clients each ask for a 4 MiB /history answer and read none of it: 320 MiB asked for.
+    # Unsent output across connections is bounded (64 MiB here: max(64 MiB, 8 x the body limit));
+    # past it a connection is closed and counted, and the health check answers meanwhile.
+    running = AutohealProcess({"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"), "AUTOHEAL_REQUEST_TIMEOUT_SEC": "30"},
+                              tmp_path)
+    pid = running.process.pid
+    try:
+        for batch in range(5):  # 300 events of 15 KiB
+            assert running.post_alert(webhook(*large_alerts(batch * 60, 60)))[0] == 200
+        assert len(running.request("GET", "/history?limit=1000")[2]) > 4_000_000
+        time.sleep(0.5)
+        before = memory_kib(pid)
+        greedy = [non_reader(running.port, b"GET /history?limit=1000 HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(80)]
+        bound = 'autoheal_connections_dropped_total{reason="unsent_output_bound"}'
+        wait_for(lambda: running.metric(bound) > 0, timeout=30)
+        time.sleep(2)  # every answer made by now
+        started = time.monotonic()
+        assert running.request("GET", "/", timeout=10)[0] == 200 and time.monotonic() - started < 1.0
+        held = memory_kib(pid) - before
+        # What the unread answers hold in memory is the bound, not what they were counted as
+        # (the kernel takes a part of each answer; the rest must not keep the whole answer alive).
+        assert held < 96 * 1024, f"{held // 1024} MiB held for clients that do not read"
+        for sock in greedy:
+            sock.close()
+    finally:
+        running.stop()
+
+
 def test_a_webhook_that_breaks_the_selector_thread_is_a_500_and_the_server_goes_on(tmp_path, monkeypatch):
     # The selector thread answers dry-run webhooks itself: whatever one of them raises must not
     # stop it (a worker always survived its request; now the selector must too).
@@ -2537,6 +3052,20 @@ def test_bad_configuration_stops_the_start_with_status_2_and_one_line(name, valu
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {name}: ") and repr(value) in lines[0]
+
+
+@pytest.mark.parametrize("name", ["AUTOHEAL_ADMIN_TOKEN", "AUTOHEAL_SLACK_SIGNING_SECRET", "AUTOHEAL_ETCD_PASSWORD",
+                                  "AUTOHEAL_WEBHOOK_TOKEN", "AUTOHEAL_ACK_TOKEN"])
+def test_a_refused_secret_setting_is_named_and_its_value_never_shown(name):
+    # Issue 28: "error: AUTOHEAL_SLACK_SIGNING_SECRET: expected printable ASCII characters only,
+    # got '8f74...85a5\r'" put the secret in the log of whatever started autoheal.
+    secret = "8f742231b10e8888abcd99yyyzzz85a5\r"
+    done = run_module([], {name: secret})
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {name}: ") and "printable ASCII" in line
+    for shown in (secret, secret.strip(), secret[:8], repr(secret)[1:-1]):
+        assert shown not in done.stderr + done.stdout
 
 
 def test_small_config_mistakes_are_refused_clearly(tmp_path):
@@ -4147,7 +4676,9 @@ def test_without_quorum_nothing_runs_within_the_time_bound_and_it_recovers(tmp_p
                 started = time.time()
                 status, body = replica.post_alert(webhook(alert("Boom"), alert("Boom", instance="x")))
                 took = time.time() - started
-                assert status == 200 and took < 1 + 1.0, took  # AUTOHEAL_ETCD_TIMEOUT_SEC=1, a small constant
+                assert took < 1 + 1.0, took  # AUTOHEAL_ETCD_TIMEOUT_SEC=1, a small constant
+                # Failed closed: a 503, which Alertmanager delivers again, with each alert's result.
+                assert status == 503 and body["ok"] is False and "failed closed" in body["error"]
                 assert [(r["result"], r["reason"]) for r in body["results"]] == [
                     ("error", "coordination_unavailable")] * 2
             assert not ran.exists()
@@ -4211,8 +4742,9 @@ def test_etcd_user_and_password_the_token_taken_again_and_never_shown(tmp_path):
             assert "S3cret" not in running.log.getvalue() and "S3cret" not in history
         # A wrong password: etcd refuses, autoheal fails closed and says so, without the password.
         with serving({**env, "AUTOHEAL_ETCD_PASSWORD": "wrong-pw-17"}) as running:
-            result = running.post_alert(webhook(alert("TcpEndpointDownFast")))[1]["results"][0]
-            assert (result["result"], result["reason"]) == ("error", "coordination_unavailable")
+            status, body = running.post_alert(webhook(alert("TcpEndpointDownFast")))
+            [result] = body["results"]
+            assert status == 503 and (result["result"], result["reason"]) == ("error", "coordination_unavailable")
             log = running.log.getvalue()
             assert "authentication as 'healer' refused" in log and "wrong-pw-17" not in log
         assert "S3cret" not in repr(Config.from_env(env))
@@ -4266,8 +4798,10 @@ def test_etcd_over_tls_with_a_client_certificate(tmp_path):
         # refuses etcd's certificate: either way nothing runs.
         for missing in (("AUTOHEAL_ETCD_CERT_FILE", "AUTOHEAL_ETCD_KEY_FILE"), ("AUTOHEAL_ETCD_CA_FILE",)):
             with serving({k: v for k, v in env.items() if k not in missing}) as running:
-                result = running.post_alert(webhook(alert("TcpEndpointDownFast")))[1]["results"][0]
-                assert (result["result"], result["reason"]) == ("error", "coordination_unavailable"), missing
+                status, body = running.post_alert(webhook(alert("TcpEndpointDownFast")))
+                [result] = body["results"]
+                assert status == 503 and (result["result"], result["reason"]) == (
+                    "error", "coordination_unavailable"), missing
                 assert running.metric("autoheal_coordination_up") == 0
     finally:
         cluster.close()
