@@ -3933,7 +3933,7 @@ class Control:
         self.next_lapse: Optional[float] = None  # the next lapse to record, passed or not
         # Refusals: per (source, client, result) the event repeats fold into within a minute, and
         # per (source, client) when its refused attempts of the last minute were made.
-        self._refusals: "collections.OrderedDict[Tuple[str, str, str], List[Any]]" = collections.OrderedDict()
+        self._refusals: "collections.OrderedDict[Tuple[str, str, str, str], List[Any]]" = collections.OrderedDict()
         self._attempts: "collections.OrderedDict[Tuple[str, str], List[float]]" = collections.OrderedDict()
         self._build_settings(clock())
 
@@ -4037,7 +4037,7 @@ class Control:
         """Record a refused or invalid command: routine history, and a repeat from the same client
         within a minute folds into the first (count, last_ts), as repeated decisions do."""
         now = self.clock()
-        key = (source, client, result)
+        key = (source, client, result, why[:200])  # one kind of refusal from one client folds
         with self._lock:
             entry = self._refusals.get(key)
             if entry is not None and now < entry[1] and "id" in entry[0]:  # recorded: repeats fold into it
@@ -5173,6 +5173,7 @@ class App:
             if decision.claim is not None:
                 self.claims.release(decision.alertname, decision.claim, now)
                 decision.result, decision.reason, decision.claim, decision.event = "error", "state_unavailable", None, None
+                decision.cooldown_remaining = 0.0  # given back: no cooldown runs
 
     def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float, settings: Settings) -> None:
         """A routine decision repeating one of the same alert (alertname and fingerprint), result

@@ -11,6 +11,7 @@ which this module registers when pytest loads it as a plugin too:
 from __future__ import annotations
 
 import ast
+import base64
 import collections
 import contextlib
 import http.client
@@ -23,6 +24,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -1664,9 +1666,13 @@ def test_undo_by_id_restores_what_was_in_force_and_a_reset_is_final(tmp_path):
         assert status == 409 and "no change #999999" in body["error"]
         status, body = control(running, "reset")
         assert status == 409 and "nothing to reset" in body["error"]
-        # Refusals of one client within a minute fold into one event.
-        [refused] = running.json("GET", "/history?kind=control&result=refused")[1]["events"]
-        assert refused["count"] == 4 and refused["client"] == "127.0.0.1"
+        assert control(running, "reset")[0] == 409
+        # Refusals of one kind from one client within a minute fold into one event; each kind
+        # keeps its own, so every refused command is still said.
+        refused = running.json("GET", "/history?kind=control&result=refused")[1]["events"]
+        assert sorted((e["command"], e.get("count", 1)) for e in refused) == sorted([
+            ("reset", 2), (f"undo {first['id']}", 1), ("undo 999999", 1), ("undo", 1)])
+        assert {e["client"] for e in refused} == {"127.0.0.1"}
 
 
 def test_the_control_state_keeps_the_last_1000_changes_and_stops_growing(tmp_path):
@@ -2218,18 +2224,28 @@ def test_refusals_are_one_log_line_each_and_counted_by_route_never_with_the_toke
     assert not [line for line in running.lines if "guess-" in line or "right-" in line]
 
 
-def test_an_alert_still_firing_after_the_grace_is_not_healed(tmp_path):
+def test_a_verdict_alertmanager_cannot_be_asked_for_is_unknown_with_the_reason(tmp_path):
+    # Issue 30: when the grace ends without a resolution, Alertmanager is asked; one that does not
+    # answer gives unknown (never not_healed: AutohealDidNotHeal must not cry wolf).
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: refused at once
     path = actions_file(tmp_path, {"Flaky": {"command": ["true"], "cooldown_sec": 0}})
-    with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_HEAL_GRACE_SEC": "1"}) as running:
-        assert running.post_alert(webhook(alert("Flaky")))[1]["results"][0]["result"] == "executed"
-        wait_for(lambda: running.json("GET", "/history?kind=heal")[1]["events"], timeout=10)
-        [verdict] = running.json("GET", "/history?kind=heal")[1]["events"]
-        assert verdict["result"] == "not_healed" and "seconds" not in verdict and verdict["grace_seconds"] == 1
-        late = dict(alert("Flaky", status="resolved"), endsAt=autoheal.format_rfc3339(time.time()))
-        running.post_alert(webhook(late))  # a resolution after the verdict changes nothing
-        assert len(running.json("GET", "/history?kind=heal")[1]["events"]) == 1
-        assert running.metric('autoheal_heals_total{alertname="Flaky",result="not_healed"}') == 1
-        assert running.metric('autoheal_heals_total{alertname="Flaky",result="healed"}') == 0
+    try:
+        with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_HEAL_GRACE_SEC": "1",
+                      "ALERTMANAGER_URL": f"http://127.0.0.1:{closed.getsockname()[1]}"}) as running:
+            assert running.post_alert(webhook(alert("Flaky")))[1]["results"][0]["result"] == "executed"
+            wait_for(lambda: running.json("GET", "/history?kind=heal")[1]["events"], timeout=10)
+            [verdict] = running.json("GET", "/history?kind=heal")[1]["events"]
+            assert verdict["result"] == "unknown" and "seconds" not in verdict and verdict["grace_seconds"] == 1
+            assert "Alertmanager did not answer" in verdict["reason"] and "refused" in verdict["reason"]
+            assert running.json("GET", "/")[1]["runs"]["Flaky"]["verdict"] == "unknown"
+            late = dict(alert("Flaky", status="resolved"), endsAt=autoheal.format_rfc3339(time.time()))
+            running.post_alert(webhook(late))  # a resolution after the verdict changes nothing
+            assert len(running.json("GET", "/history?kind=heal")[1]["events"]) == 1
+            assert running.metric('autoheal_heals_total{alertname="Flaky",result="unknown"}') == 1
+            assert running.metric('autoheal_heals_total{alertname="Flaky",result="not_healed"}') == 0
+    finally:
+        closed.close()
 
 
 def test_one_heal_verdict_per_run_and_only_a_resolution_after_the_run_counts(tmp_path):
@@ -4117,6 +4133,74 @@ receivers:
 """
 
 
+def _held_alert(alertmanager, labels, annotations=None):
+    """Push an alert into Alertmanager as Prometheus would, and give it as Alertmanager sends it
+    in a webhook (with the fingerprint Alertmanager gave it)."""
+    now = time.time()
+    http_json("POST", alertmanager.url + "/api/v2/alerts", [{
+        "labels": labels, "annotations": annotations or {"autoheal": "true"},
+        "startsAt": autoheal.format_rfc3339(now - 30), "endsAt": autoheal.format_rfc3339(now + 3600)}])
+    found = []
+
+    def held():
+        _, alerts = http_json("GET", alertmanager.url + "/api/v2/alerts?filter=" + urllib.parse.quote(
+            f'alertname="{labels["alertname"]}"'))
+        found[:] = [a for a in alerts if a["labels"] == labels]
+        return found
+
+    wait_for(held, timeout=10)
+    return {"status": "firing", "labels": labels, "annotations": annotations or {"autoheal": "true"},
+            "startsAt": found[0]["startsAt"], "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "",
+            "fingerprint": found[0]["fingerprint"]}
+
+
+@pytest.mark.alertmanager
+def test_verdicts_ask_alertmanager_when_the_grace_ends(tmp_path, alertmanager):
+    """Issue 30: a silence mutes the resolution's webhook too.  When the grace ends without one,
+    Alertmanager's word decides: acked (silenced) is acknowledged, still firing not_healed, gone
+    healed (observed there); dry runs get resolved_by_itself or still_firing, never heals."""
+    names = ("Acked", "Firing", "Gone", "DryGone", "DryFiring")
+    path = actions_file(tmp_path, {name: {"command": ["true"], "cooldown_sec": 0} for name in names})
+    env = {"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_HEAL_GRACE_SEC": "3", "ALERTMANAGER_URL": alertmanager.url}
+    run = f"v{random.randrange(10**9)}"
+    held = {name: _held_alert(alertmanager, {"alertname": name, "run": run}) for name in names}
+    with serving({**env, **REAL}) as live:
+        for name in ("Acked", "Firing", "Gone"):
+            assert live.post_alert(webhook(held[name]))[1]["results"][0]["result"] == "executed"
+        assert live.json("GET", "/")[1]["runs"]["Firing"]["verdict"] == "pending"
+        # An ack from Slack: the exact silence of Acked's labels.
+        assert live.json("GET", ack_path({"alertname": "Acked", "run": run}, "2h"))[0] == 200
+        # Gone: resolved in Alertmanager, but no resolved webhook reaches autoheal.
+        http_json("POST", alertmanager.url + "/api/v2/alerts", [{
+            "labels": {"alertname": "Gone", "run": run}, "annotations": {"autoheal": "true"},
+            "startsAt": held["Gone"]["startsAt"], "endsAt": autoheal.format_rfc3339(time.time())}])
+        wait_for(lambda: len(live.json("GET", "/history?kind=heal")[1]["events"]) == 3, timeout=15)
+        verdicts = {e["alertname"]: e for e in live.json("GET", "/history?kind=heal")[1]["events"]}
+        assert {name: e["result"] for name, e in verdicts.items()} == {
+            "Acked": "acknowledged", "Firing": "not_healed", "Gone": "healed"}
+        assert all(e["observed"] == "alertmanager" for e in verdicts.values())
+        runs = live.json("GET", "/")[1]["runs"]
+        assert {name: runs[name]["verdict"] for name in ("Acked", "Firing", "Gone")} == {
+            "Acked": "acknowledged", "Firing": "not_healed", "Gone": "healed"}
+        for result, count in (("acknowledged", 1), ("not_healed", 1), ("healed", 1)):
+            assert sum(live.metric(f'autoheal_heals_total{{alertname="{name}",result="{result}"}}') or 0
+                       for name in ("Acked", "Firing", "Gone")) == count, result
+    with serving(env) as dry:  # the defaults: dry-run
+        for name in ("DryGone", "DryFiring"):
+            assert dry.post_alert(webhook(held[name]))[1]["results"][0]["result"] == "dry_run"
+        http_json("POST", alertmanager.url + "/api/v2/alerts", [{
+            "labels": {"alertname": "DryGone", "run": run}, "annotations": {"autoheal": "true"},
+            "startsAt": held["DryGone"]["startsAt"], "endsAt": autoheal.format_rfc3339(time.time())}])
+        wait_for(lambda: len(dry.json("GET", "/history?kind=heal")[1]["events"]) == 2, timeout=15)
+        verdicts = {e["alertname"]: e for e in dry.json("GET", "/history?kind=heal")[1]["events"]}
+        assert {name: (e["result"], e["dry_run"]) for name, e in verdicts.items()} == {
+            "DryGone": ("resolved_by_itself", True), "DryFiring": ("still_firing", True)}
+        assert "autoheal_heals_total{" not in "".join(
+            line for line in dry.request("GET", "/metrics")[2].decode().splitlines()
+            if line.startswith("autoheal_heals_total{") and not line.endswith(" 0"))  # never counted as heals
+        assert dry.json("GET", "/")[1]["runs"]["DryGone"] is None  # a dry run is no run
+
+
 @pytest.mark.alertmanager
 def test_a_resolution_from_a_real_alertmanager_is_a_healed_verdict_that_survives_a_restart(tmp_path):
     path = actions_file(tmp_path, {"DiskFull": {"command": ["true"], "cooldown_sec": 0},
@@ -4805,6 +4889,893 @@ def test_etcd_over_tls_with_a_client_certificate(tmp_path):
                 assert running.metric("autoheal_coordination_up") == 0
     finally:
         cluster.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Real peers under faults: replicas on the real three-member etcd cluster, with a fault-injecting
+# proxy in front of members and replicas whose wall clock is shifted (issue 29, contract section 14)
+# ---------------------------------------------------------------------------------------------
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1:<free port> in front of one etcd member's client port: fault
+    injection of the tests' own, nothing of autoheal.  autoheal makes one HTTP exchange per
+    connection, so each connection's request is read whole, logged (path and JSON body) and
+    forwarded; when `match(path, body)` selects it (default: every request), its answer is
+    treated as the knobs say, read at the moment the request arrives:
+
+    refuse     every connection is reset as soon as it is accepted (the member is unreachable)
+    blackhole  the request is read and neither forwarded nor answered (a member that hangs)
+    drop       the request is forwarded (etcd commits it), its answer read and thrown away, and
+               the connection reset: the answer is lost after the change was made
+    hold       seconds the answer is held before its first byte is passed on
+    delay      seconds each chunk of the answer is held before it is passed on
+    trickle    seconds between bytes: the answer is passed on one byte at a time
+
+    Every wait is bounded (BOUND seconds) and ends at close().
+    """
+
+    BOUND = 30
+
+    def __init__(self, member_url, match=None):
+        parts = urllib.parse.urlsplit(member_url)
+        self.upstream = (parts.hostname, parts.port)
+        self.match = match
+        self.refuse = self.blackhole = self.drop = False
+        self.hold = self.delay = self.trickle = 0.0
+        self.requests = []  # (monotonic time, path, JSON body or None, whether the faults applied)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sockets = set()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self._listener.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def reset(self):
+        """Every knob back to passing answers on untouched."""
+        self.refuse = self.blackhole = self.drop = False
+        self.hold = self.delay = self.trickle = 0.0
+
+    def faulty(self, path=None):
+        """The requests the faults applied to (of that path)."""
+        with self._lock:
+            return [r for r in self.requests if r[3] and (path is None or r[1] == path)]
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+        with self._lock:
+            for sock in list(self._sockets):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if self.refuse:
+                self._reset(client)
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _reset(sock):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def _track(self, sock, add=True):
+        with self._lock:
+            (self._sockets.add if add else self._sockets.discard)(sock)
+
+    def _serve(self, client):
+        upstream = None
+        self._track(client)
+        try:
+            client.settimeout(self.BOUND)
+            request = self._read_request(client)
+            if request is None:
+                return
+            raw, path, body = request
+            faulty = self.match is None or bool(self.match(path, body))
+            with self._lock:
+                self.requests.append((time.monotonic(), path, body, faulty))
+            blackhole, drop, hold, delay, trickle = (
+                (self.blackhole, self.drop, self.hold, self.delay, self.trickle) if faulty else (False, False, 0, 0, 0))
+            if blackhole:
+                with contextlib.suppress(OSError):
+                    while not self._stop.is_set() and client.recv(65536):
+                        pass
+                return
+            upstream = socket.create_connection(self.upstream, timeout=self.BOUND)
+            self._track(upstream)
+            upstream.sendall(raw)
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            first = True
+            while not self._stop.is_set():
+                chunk = upstream.recv(65536)
+                if not chunk:
+                    break
+                if drop:  # etcd has answered: the change is made, and its answer is lost
+                    self._reset(client)
+                    return
+                if first and hold:
+                    self._stop.wait(hold)
+                if delay:
+                    self._stop.wait(delay)
+                first = False
+                if trickle:
+                    for index in range(len(chunk)):
+                        if self._stop.is_set():
+                            return
+                        client.sendall(chunk[index:index + 1])
+                        self._stop.wait(trickle)
+                else:
+                    client.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (client, upstream):
+                if sock is not None:
+                    self._track(sock, add=False)
+                    with contextlib.suppress(OSError):
+                        sock.close()
+
+    def _pump(self, client, upstream):
+        """Whatever the client sends after its first request goes on untouched; its end, too."""
+        with contextlib.suppress(OSError):
+            while not self._stop.is_set():
+                data = client.recv(65536)
+                if not data:
+                    break
+                upstream.sendall(data)
+        with contextlib.suppress(OSError):
+            upstream.shutdown(socket.SHUT_WR)
+
+    @staticmethod
+    def _read_request(client):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = client.recv(65536)
+            if not chunk or len(data) > 1 << 20:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(body) < length:
+            chunk = client.recv(65536)
+            if not chunk:
+                return None
+            body += chunk
+        path = head.split(b" ")[1].decode("latin-1") if head.count(b" ") >= 2 else ""
+        try:
+            document = json.loads(body) if body else None
+        except ValueError:
+            document = None
+        return head + b"\r\n\r\n" + body, path, document
+
+
+def _key(text):
+    return base64.b64decode(text).decode("utf-8")
+
+
+def txn_keys(body, op):
+    """The keys (decoded) of the operations of kind op ("request_put", "request_range") of a
+    kv/txn body."""
+    if not isinstance(body, dict):
+        return []
+    return [_key(item[op]["key"]) for item in body.get("success") or [] if op in item]
+
+
+def is_control_write(prefix):
+    """Requests that write the shared control state: control changes and lapses."""
+    return lambda path, body: path == "/v3/kv/txn" and f"{prefix}control" in txn_keys(body, "request_put")
+
+
+def is_claim_commit(prefix):
+    """A claim's transaction: it compares, and writes cooldown keys."""
+    return lambda path, body: path == "/v3/kv/txn" and bool((body or {}).get("compare")) and any(
+        key.startswith(f"{prefix}cooldown/") for key in txn_keys(body, "request_put"))
+
+
+def is_claim_read(prefix, names):
+    """A claim's read of the cooldown keys of names (a poll reads the whole prefix instead)."""
+    keys = {f"{prefix}cooldown/{name}" for name in names}
+    return lambda path, body: path == "/v3/kv/txn" and not (body or {}).get("compare") and bool(
+        keys & set(txn_keys(body, "request_range")))
+
+
+def is_keepalive(path, body):
+    return path == "/v3/lease/keepalive"
+
+
+class Armed:
+    """A match for FaultProxy that selects the requests test selects while it is armed: for count
+    of them (shared by several proxies, counted across them), or until seconds after arm()."""
+
+    def __init__(self, test):
+        self.test = test
+        self._lock = threading.Lock()
+        self.count = 0
+        self.until = None
+
+    def arm(self, count=None, seconds=None):
+        with self._lock:
+            self.count = count or 0
+            self.until = None if seconds is None else time.monotonic() + seconds
+
+    def disarm(self):
+        self.arm()
+
+    def __call__(self, path, body):
+        with self._lock:
+            if self.until is not None:
+                return time.monotonic() < self.until and self.test(path, body)
+            if self.count and self.test(path, body):
+                self.count -= 1
+                return True
+            return False
+
+
+@contextlib.contextmanager
+def proxies_for(etcd_cluster, match=None):
+    """A FaultProxy in front of each member, closed at the end."""
+    made = [FaultProxy(url, match) for url in etcd_cluster.urls]
+    try:
+        yield made
+    finally:
+        for proxy in made:
+            proxy.close()
+
+
+def through(proxies):
+    return ",".join(proxy.url for proxy in proxies)
+
+
+# A replica whose wall clock is shifted: time.time and time.time_ns are replaced before autoheal
+# is loaded (libfaketime would break Python's timed waits); the monotonic clock is left alone.
+SKEWED_CLOCK = """\
+import runpy
+import sys
+import time
+
+skew = float(sys.argv[1])
+path = sys.argv[2]
+wall, wall_ns = time.time, time.time_ns
+time.time = lambda: wall() + skew
+time.time_ns = lambda: wall_ns() + int(skew * 1e9)
+sys.argv = [path]
+runpy.run_path(path, run_name="__main__")
+"""
+
+
+class Replica(AutohealProcess):
+    """python3 autoheal.py as AutohealProcess starts it, or, with skew, through SKEWED_CLOCK."""
+
+    def __init__(self, env, cwd, skew=0.0):
+        argv = [sys.executable, str(HERE / "autoheal.py")]
+        if skew:
+            wrapper = Path(cwd) / "skewed_clock.py"
+            wrapper.write_text(SKEWED_CLOCK)
+            argv = [sys.executable, str(wrapper), repr(float(skew)), str(HERE / "autoheal.py")]
+        self.skew = skew
+        self.lines = []
+        self.port = 0
+        self.process = subprocess.Popen(
+            argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={"PATH": os.environ["PATH"], "AUTOHEAL_HOST": "127.0.0.1", "AUTOHEAL_PORT": "0", **env})
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        deadline = time.time() + 20
+        while time.time() < deadline and not self.port:
+            if self.process.poll() is not None:
+                self.reader.join(5)
+                pytest.fail(f"autoheal exited with {self.process.returncode}: {self.lines}")
+            time.sleep(0.02)
+        assert self.port, self.lines
+
+
+class Fleet:
+    """Replicas as processes under one etcd prefix of their own, each with its own state file and
+    etcd endpoints (the members, or proxies in front of them); all killed at the end."""
+
+    def __init__(self, tmp_path, etcd_cluster, actions, **env):
+        self.tmp_path = tmp_path
+        self.prefix = f"/t29-{random.getrandbits(40):x}/"
+        self.env = {"AUTOHEAL_ETCD_ENDPOINTS": etcd_cluster.endpoints, "AUTOHEAL_ETCD_PREFIX": self.prefix, **REAL,
+                    "AUTOHEAL_ETCD_TIMEOUT_SEC": "2", "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, actions),
+                    "AUTOHEAL_ADMIN_TOKEN": "admin-secret-1", "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "1000",
+                    "ALERTMANAGER_URL": "http://127.0.0.1:9", **env}
+        self.replicas = []
+
+    def start(self, name, endpoints=None, skew=0.0, **env):
+        settings = {**self.env, "AUTOHEAL_REPLICA": name, "AUTOHEAL_STATE_FILE": str(self.tmp_path / f"{name}.db"),
+                    **({"AUTOHEAL_ETCD_ENDPOINTS": endpoints} if endpoints else {}), **env}
+        replica = Replica(settings, self.tmp_path, skew)
+        self.replicas.append(replica)
+        return replica
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        for replica in self.replicas:
+            with contextlib.suppress(Exception):
+                replica.stop(signal.SIGKILL)
+
+
+def stamping(path, cooldown):
+    """An action whose command appends the time it ran (the real clock: date is no Python) to path."""
+    return {"command": ["sh", "-c", f"date +%s.%N >> {path}"], "cooldown_sec": cooldown}
+
+
+def stamps(path):
+    """When the action of stamping(path) ran, in order."""
+    return sorted(float(word) for word in path.read_text().split()) if path.exists() else []
+
+
+def root_of(replica):
+    return replica.json("GET", "/")[1]
+
+
+def control_events(replicas, result=None):
+    """The control events of every replica's history (their union: each has its own)."""
+    query = "/history?kind=control&limit=1000" + (f"&result={result}" if result else "")
+    return [event for replica in replicas for event in replica.json("GET", query)[1]["events"]]
+
+
+def keep_delivering(targets, payload_for, seconds, pause=0.05, first_pause=0.0):
+    """Every target gets payload_for(target), again and again, for seconds (bounded in count too),
+    each target from a thread of its own: every (target, status, body)."""
+    answers = []
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+
+    def loop(target):
+        for _ in range(2000):
+            if time.monotonic() >= end:
+                return
+            status, body = target.post_alert(payload_for(target))
+            with lock:
+                answers.append((target, status, body))
+            time.sleep(pause)
+
+    threads = [threading.Thread(target=loop, args=(target,)) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 30)
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Whose clock: replicas an hour ahead and an hour behind
+# ---------------------------------------------------------------------------------------------
+
+
+def skewed_trio(tmp_path, etcd_cluster, names):
+    """A fleet of three: one on the real clock, one an hour ahead, one an hour behind."""
+    fleet = Fleet(tmp_path, etcd_cluster, {name: stamping(tmp_path / f"{name}.txt", 600) for name in names})
+    return fleet, (fleet.start("normal"), fleet.start("ahead", skew=3600), fleet.start("behind", skew=-3600))
+
+
+@pytest.mark.etcd
+def test_a_pause_holds_on_replicas_whose_clocks_are_an_hour_apart(tmp_path, etcd):
+    names = [f"Skew{index}" for index in range(12)]
+    fleet, everyone = skewed_trio(tmp_path, etcd, names)
+    with fleet:
+        normal, ahead, behind = everyone
+        fresh = iter(names)
+        # Each pause is sent to one replica; none lapses it early, whoever's clock is ahead.
+        for sender, undoer in ((normal, ahead), (behind, normal), (ahead, behind)):
+            status, body = control(sender, "disable 30m", by="ops")
+            assert status == 200, body
+            wait_for(lambda: all(root_of(r)["mode"] == "paused" for r in everyone), timeout=2)
+            time.sleep(2)  # a replica an hour ahead used to lapse it within 2 s
+            for replica in everyone:
+                status = root_of(replica)
+                assert status["mode"] == "paused" and len(status["overrides"]) == 1, (replica.skew, status)
+                name = next(fresh)
+                result = replica.post_alert(webhook(alert(name)))[1]["results"][0]
+                assert (result["result"], result.get("reason")) == ("dry_run", "disabled"), (replica.skew, result)
+                assert not (tmp_path / f"{name}.txt").exists()
+            assert control_events(everyone, "lapsed") == []
+            assert control(undoer, "undo", by="ops")[0] == 200
+            wait_for(lambda: all(root_of(r)["mode"] == "live" for r in everyone), timeout=2)
+
+        # The clocks really are an hour apart: each replica's history is on its own clock.
+        for replica in (ahead, behind):
+            event = replica.json("GET", "/history?kind=decision&limit=1")[1]["events"][0]
+            assert abs(event["ts"] - time.time() - replica.skew) < 60, (replica.skew, event)
+        # And the skewed replicas do act when nothing holds them back.
+        for replica in (ahead, behind):
+            name = next(fresh)
+            assert replica.post_alert(webhook(alert(name)))[1]["results"][0]["result"] == "executed"
+            assert len(stamps(tmp_path / f"{name}.txt")) == 1
+
+
+@pytest.mark.etcd
+def test_undo_of_a_rearm_puts_the_cooldown_back_on_every_replica_whatever_their_clocks(tmp_path, etcd):
+    names = [f"Rearm{index}" for index in range(4)]
+    fleet, everyone = skewed_trio(tmp_path, etcd, names)
+    with fleet:
+        normal, ahead, behind = everyone
+        # The action run by one replica, rearmed on a second, the rearm undone on a third (first
+        # all on one replica, whose clock agrees with itself): the cooldown put back holds on all.
+        for name, (acting, rearming, undoing) in zip(names, ((normal, normal, normal), (behind, normal, ahead),
+                                                             (ahead, behind, normal), (normal, ahead, behind))):
+            assert acting.post_alert(webhook(alert(name)))[1]["results"][0]["result"] == "executed"
+            status, rearm = control(rearming, f"rearm {name}", by="ops")
+            assert status == 200, rearm
+            status, body = control(undoing, f"undo {rearm['change']['change_id']}", by="ops")
+            assert status == 200 and body["change"]["new"] >= 599, body  # it says the 600 s are back
+            time.sleep(0.6)  # every replica has polled since
+            for replica in everyone:
+                assert root_of(replica)["cooldowns"][name]["remaining_seconds"] > 500, (name, replica.skew)
+                result = replica.post_alert(webhook(alert(name)))[1]["results"][0]
+                assert result["result"] == "cooldown_skip" and result["cooldown_remaining_seconds"] > 500, (
+                    name, replica.skew, result)
+            assert len(stamps(tmp_path / f"{name}.txt")) == 1, name
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A replica cut off, or started during an outage, never acts on settings older than etcd's
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.etcd
+def test_a_replica_cut_off_or_started_during_an_outage_never_acts_on_settings_older_than_etcds(tmp_path, etcd):
+    names = [f"Cut{index}" for index in range(12)]
+    with Fleet(tmp_path, etcd, {name: stamping(tmp_path / f"{name}.txt", 300) for name in names}) as fleet, \
+            proxies_for(etcd) as link:
+        a = fleet.start("a")
+        b = fleet.start("b", endpoints=through(link))
+        assert b.post_alert(webhook(alert("Cut0")))[1]["results"][0]["result"] == "executed"  # b's link works
+        burst = webhook(*(alert(name) for name in names[1:-1]))  # names[-1] is for the second part
+
+        # A pause set while b is cut off, and c started while it cannot reach etcd at all.
+        for proxy in link:
+            proxy.refuse = True
+        wait_for(lambda: b.metric("autoheal_coordination_up") == 0, timeout=5)
+        assert control(a, "disable 30m", by="ops")[0] == 200
+        c = fleet.start("c", endpoints=through(link))
+        for proxy in link:
+            proxy.refuse = False
+        answers = keep_delivering([b, c], lambda _target: burst, seconds=1.2)  # at once, and for a while
+        results = [r for _target, _status, body in answers for r in body["results"]]
+        assert results and not [r for r in results if r["result"] == "executed"], results
+        assert [r for r in results if (r["result"], r.get("reason")) == ("dry_run", "disabled")], results
+        assert not [name for name in names[1:-1] if (tmp_path / f"{name}.txt").exists()]
+
+        # An action disabled while b and c are cut off: once their link heals it is skipped.
+        assert control(a, "undo", by="ops")[0] == 200
+        wait_for(lambda: root_of(b)["mode"] == "live" and root_of(c)["mode"] == "live", timeout=2)
+        for proxy in link:
+            proxy.refuse = True
+        wait_for(lambda: b.metric("autoheal_coordination_up") == 0 and c.metric("autoheal_coordination_up") == 0,
+                 timeout=5)
+        assert control(a, "disable Cut11", by="ops")[0] == 200
+        for proxy in link:
+            proxy.refuse = False
+        answers = keep_delivering([b, c], lambda _target: webhook(alert("Cut11")), seconds=1.0)
+        results = [body["results"][0] for _target, _status, body in answers]
+        assert results and all((r["result"], r.get("reason")) == ("skipped", "disabled") for r in results), results
+        assert not (tmp_path / "Cut11.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A control change is made once when its answer is slow or lost
+# ---------------------------------------------------------------------------------------------
+
+
+def overrides_of(replica, setting):
+    return [o for o in root_of(replica)["overrides"] if o["setting"] == setting]
+
+
+@contextlib.contextmanager
+def a_lossy_and_a_plain_replica(tmp_path, etcd_cluster, fault):
+    """Replica a reaches etcd through proxies that, when armed, hold the answer of the next write
+    of the control state 1 s (over the 2/3 s share of the first member tried, AUTOHEAL_ETCD_TIMEOUT_SEC=2)
+    or lose it once etcd made it; replica b reaches etcd directly.  Yields (a, b, arm, hits)."""
+    actions = {"Other": stamping(tmp_path / "other.txt", 60)}
+    with Fleet(tmp_path, etcd_cluster, actions, AUTOHEAL_ETCD_TIMEOUT_SEC="2") as fleet:
+        next_write = Armed(is_control_write(fleet.prefix))
+        with proxies_for(etcd_cluster, next_write) as link:
+            for proxy in link:
+                proxy.hold, proxy.drop = (1.0, False) if fault == "slow" else (0.0, True)
+            a = fleet.start("a", endpoints=through(link))
+            b = fleet.start("b")
+            yield a, b, lambda: next_write.arm(count=1), lambda: sum(len(p.faulty("/v3/kv/txn")) for p in link)
+
+
+def in_force(replica):
+    """What GET / says is in force: the actions disabled, and each override's id, setting and value."""
+    status = root_of(replica)
+    return sorted(status["disabled_actions"]), [(o["setting"], o["value"]) for o in status["overrides"]]
+
+
+def applied_changes(replicas, command):
+    return [e for e in control_events(replicas, "applied") if e["command"] == command]
+
+
+@pytest.mark.etcd
+@pytest.mark.parametrize("fault", ["slow", "lost"])
+def test_a_control_change_whose_answer_is_slow_or_lost_is_made_once(tmp_path, etcd, fault):
+    with a_lossy_and_a_plain_replica(tmp_path, etcd, fault) as (a, b, arm, hits):
+        assert control(a, "cooldown Other 2h", by="ops")[0] == 200  # a change before the fault
+        arm()
+        status, body = control(a, "disable Other 1h", by="ops")
+        assert status == 200 and body["change"]["result"] == "applied", body
+        assert hits() == 1  # the fault did hit its write
+        assert len(applied_changes((a, b), "disable Other 1h")) == 1
+        # Made once: one undo (on the other replica, without any fault) takes it back.
+        assert control(b, "undo", by="ops")[0] == 200
+        time.sleep(0.6)
+        for replica in (a, b):
+            assert in_force(replica) == ([], [("cooldown", 7200)]), (
+                root_of(replica)["overrides"], applied_changes((a, b), "disable Other 1h"),
+                applied_changes((a, b), "undo"))
+
+
+@pytest.mark.etcd
+@pytest.mark.parametrize("fault", ["slow", "lost"])
+def test_an_undo_whose_answer_is_slow_or_lost_takes_back_one_change(tmp_path, etcd, fault):
+    with a_lossy_and_a_plain_replica(tmp_path, etcd, fault) as (a, b, arm, hits):
+        assert control(a, "cooldown Other 2h", by="ops")[0] == 200
+        status, body = control(b, "disable Other 1h", by="ops")
+        assert status == 200, body
+        disabled = body["change"]["change_id"]
+        arm()
+        status, body = control(a, "undo", by="ops")
+        assert status == 200 and body["change"]["undoes"] == disabled, body
+        assert hits() == 1
+        time.sleep(0.6)
+        undos = applied_changes((a, b), "undo")
+        for replica in (a, b):  # the cooldown change before it is still in force
+            assert in_force(replica) == ([], [("cooldown", 7200)]), (root_of(replica)["overrides"], undos)
+        assert [e["undoes"] for e in undos] == [disabled], undos
+
+
+@pytest.mark.etcd
+def test_a_change_whose_every_answer_is_lost_is_unknown_never_refused_and_applied_once_found(tmp_path, etcd):
+    actions = {"Other": stamping(tmp_path / "other.txt", 60)}
+    with Fleet(tmp_path, etcd, actions, AUTOHEAL_ETCD_TIMEOUT_SEC="1") as fleet:
+        write = is_control_write(fleet.prefix)
+        armed, lost_from = [], []
+
+        def lost(path, body):  # once armed, from the first control write on, every answer is lost for 3 s
+            if not lost_from and armed and write(path, body):
+                lost_from.append(time.monotonic())
+            return bool(lost_from) and time.monotonic() < lost_from[0] + 3
+
+        with proxies_for(etcd, lost) as link:
+            for proxy in link:
+                proxy.drop = True
+            a = fleet.start("a", endpoints=through(link))
+            b = fleet.start("b")
+            armed.append(True)
+            status, body = control(a, "disable Other 1h", by="ops")
+            assert lost_from, "the fault never hit"
+            # etcd holds the change (it committed before the answer was lost) ...
+            wait_for(lambda: "Other" in root_of(b)["disabled_actions"], timeout=2)
+            # ... so the operator must not be told that it was refused.
+            assert status == 503 and "unknown" in body["error"], body
+
+            def recorded():
+                return sorted(e["result"] for e in control_events((a, b)) if e.get("command") == "disable Other 1h")
+
+            assert "refused" not in recorded() and "unknown" in recorded(), recorded()
+            # Once a poll finds it in force, it is recorded as applied, once.
+            wait_for(lambda: recorded() == ["applied", "unknown"], timeout=6)
+            time.sleep(0.5)
+            assert recorded() == ["applied", "unknown"]
+            assert len(overrides_of(a, "action_enabled")) == 1 and len(overrides_of(b, "action_enabled")) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A lapse is recorded once, whoever removes it, also when etcd was away when it lapsed
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.etcd
+@pytest.mark.parametrize("fault", ["none", "etcd_unreachable", "lapse_answer_lost"])
+def test_a_timed_override_lapses_once_across_three_replicas(tmp_path, etcd, fault):
+    ran = tmp_path / "boom.txt"
+    with Fleet(tmp_path, etcd, {"Boom": stamping(ran, 60)}) as fleet:
+        lapse_write = Armed(is_control_write(fleet.prefix))
+        with proxies_for(etcd, lapse_write) as link:
+            for proxy in link:
+                proxy.drop = True  # only while lapse_write is armed
+            trio = [fleet.start(name, endpoints=through(link)) for name in ("a", "b", "c")]
+            assert control(trio[0], "disable 3s", by="ops")[0] == 200
+            wait_for(lambda: all(root_of(r)["mode"] == "paused" for r in trio), timeout=2)
+            if fault == "etcd_unreachable":  # the override's lease ends while no replica reaches etcd
+                for proxy in link:
+                    proxy.refuse = True
+                time.sleep(5)
+                for proxy in link:
+                    proxy.refuse = False
+            elif fault == "lapse_answer_lost":  # every lapse written meanwhile loses its answer
+                lapse_write.arm(seconds=6)
+                time.sleep(6)
+            wait_for(lambda: all(root_of(r)["mode"] == "live" for r in trio), timeout=8)
+            for _ in range(50):  # up to 5 s for the lapse to be recorded, then 1.5 s for a second one
+                if control_events(trio, "lapsed"):
+                    break
+                time.sleep(0.1)
+            time.sleep(1.5)
+            lapses = control_events(trio, "lapsed")
+            assert len(lapses) == 1, lapses
+            assert trio[1].post_alert(webhook(alert("Boom")))[1]["results"][0]["result"] == "executed"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A cooldown never ends early, however late etcd answers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.etcd
+@pytest.mark.parametrize("held, seconds", [("commit", 1.5), ("commit", 3.5), ("keepalive", 1.8)])
+def test_a_cooldown_never_ends_early_when_etcd_answers_late(tmp_path, etcd, held, seconds):
+    """One alert delivered again and again to three replicas; one of them reaches etcd through a
+    proxy that holds its claims' answers (or its keepalives') for seconds: no two runs of the
+    command, as the command itself stamped them, are closer than the 2 s cooldown."""
+    ran = tmp_path / "boom.txt"
+    cooldown, timeout = 2, 4  # its lease: 2 s + a spare of 1 + 4 s (the slow replica's etcd timeout)
+    with Fleet(tmp_path, etcd, {"Boom": stamping(ran, cooldown)}) as fleet:
+        test = is_claim_commit(fleet.prefix) if held == "commit" else is_keepalive
+        proxy = FaultProxy(etcd.urls[0], test)
+        try:
+            proxy.hold = seconds
+            slow = fleet.start("slow", endpoints=proxy.url, AUTOHEAL_ETCD_TIMEOUT_SEC=str(timeout))
+            fast = [fleet.start(name) for name in ("a", "b")]
+            first = []
+            opener = threading.Thread(target=lambda: first.append(slow.post_alert(webhook(alert("Boom")))))
+            opener.start()  # the slow replica claims first
+            time.sleep(0.3)
+            # Long enough for the lateness the README bounds: the cooldown's spare, and some.
+            answers = keep_delivering([slow, *fast], lambda _target: webhook(alert("Boom")),
+                                      seconds=seconds + cooldown + 1 + timeout + 2, pause=0.05)
+            opener.join(15)
+        finally:
+            proxy.close()
+        assert first and first[0][1]["results"][0]["result"] == "executed", first
+        assert proxy.faulty(), "the fault never hit"
+        times = stamps(ran)
+        assert len(times) >= 2, (times, [body["results"][0] for _t, _s, body in answers][-5:])
+        gaps = [round(later - earlier, 3) for earlier, later in zip(times, times[1:])]
+        assert min(gaps) >= cooldown, gaps
+        assert gaps[0] <= cooldown + 1 + timeout + 1.5, gaps  # never shorter, and late by the spare at most
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. A member that trickles its answer is left for the next within the deadline
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.etcd
+def test_a_member_that_trickles_its_answers_does_not_hold_a_webhook_past_the_etcd_timeout(tmp_path, etcd):
+    actions = {name: stamping(tmp_path / f"{name}.txt", 60) for name in ("Trickle1", "Trickle2", "Trickle3")}
+    with Fleet(tmp_path, etcd, actions, AUTOHEAL_ETCD_TIMEOUT_SEC="2") as fleet:
+        with proxies_for(etcd, is_claim_read(fleet.prefix, ["Trickle1"])) as link:
+            a, b = fleet.start("a", endpoints=through(link)), fleet.start("b")
+            # Two members of three trickle the webhook's answers, a byte every 50 ms: the third
+            # judges it, within the deadline.
+            for proxy in link[:2]:
+                proxy.trickle = 0.05
+            started = time.monotonic()
+            status, body = a.post_alert(webhook(alert("Trickle1")))
+            took = time.monotonic() - started
+            assert status == 200 and body["results"][0]["result"] == "executed", body
+            assert took < 2 + 1.0, took
+            assert len(link[0].faulty()) + len(link[1].faulty()) >= 1, "the fault never hit"
+
+            # The member a asks first now trickles everything: its poll leaves it for the next, and
+            # a change made on another replica is still seen here within a second or so.
+            for proxy in link[:2]:
+                proxy.trickle = 0
+            link[2].match, link[2].trickle = None, 0.05
+            assert control(b, "disable Trickle3", by="ops")[0] == 200
+            wait_for(lambda: "Trickle3" in root_of(a)["disabled_actions"], timeout=1.5)
+            assert link[2].faulty(), "the fault never hit"
+            assert control(b, "undo", by="ops")[0] == 200
+
+            # Every member trickles everything: the webhook fails closed within the deadline.
+            for proxy in link:
+                proxy.match, proxy.trickle = None, 0.05
+            started = time.monotonic()
+            status, body = a.post_alert(webhook(alert("Trickle2")))
+            took = time.monotonic() - started
+            assert status == 503 and [(r["result"], r.get("reason")) for r in body["results"]] == [
+                ("error", "coordination_unavailable")], body
+            assert took < 2 + 1.0, took
+            wait_for(lambda: a.metric("autoheal_coordination_up") == 0 and root_of(a)["mode"] == "halted",
+                     timeout=5)
+            started = time.monotonic()
+            assert root_of(a)["mode"] == "halted" and time.monotonic() - started < 0.5  # GET / never waits
+
+            for proxy in link:
+                proxy.reset()
+            wait_for(lambda: a.metric("autoheal_coordination_up") == 1, timeout=5)
+            assert a.post_alert(webhook(alert("Trickle3")))[1]["results"][0]["result"] == "executed"
+            assert not (tmp_path / "Trickle2.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Moderate latency does not suppress healing: one claim transaction per webhook
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.etcd
+def test_ten_alerts_at_100_ms_per_etcd_answer_are_all_judged_with_one_claim_transaction(tmp_path, etcd):
+    names = [f"Slow{index}" for index in range(10)]
+    with Fleet(tmp_path, etcd, {name: stamping(tmp_path / f"{name}.txt", 300) for name in names},
+               AUTOHEAL_ETCD_TIMEOUT_SEC="2") as fleet:
+        with proxies_for(etcd) as link:
+            for proxy in link:
+                proxy.hold = 0.1
+            a = fleet.start("a", endpoints=through(link))
+            wait_for(lambda: a.metric("autoheal_coordination_up") == 1, timeout=5)
+            commit, read = is_claim_commit(fleet.prefix), is_claim_read(fleet.prefix, names)
+
+            def claims_since(moment):
+                seen = [(path, body) for p in link for when, path, body, _faulty in list(p.requests) if when >= moment]
+                return (sum(1 for path, body in seen if read(path, body)),
+                        sum(1 for path, body in seen if commit(path, body)))
+
+            started = time.monotonic()
+            status, body = a.post_alert(webhook(*(alert(name) for name in names)))
+            assert status == 200 and [r["result"] for r in body["results"]] == ["executed"] * 10, body
+            assert all(len(stamps(tmp_path / f"{name}.txt")) == 1 for name in names)
+            assert claims_since(started) == (1, 1)  # one read, one write transaction for the ten
+
+            # Delivered again: every alert in cooldown, and one read answers them all.
+            started = time.monotonic()
+            status, body = a.post_alert(webhook(*(alert(name) for name in names)))
+            assert status == 200 and [r["result"] for r in body["results"]] == ["cooldown_skip"] * 10, body
+            assert claims_since(started) == (1, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. A webhook that failed closed is a 503, delivered again, and judged once quorum is back
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.etcd
+def test_a_webhook_that_failed_closed_is_a_503_with_its_results_and_the_next_delivery_is_judged(tmp_path, etcd):
+    ran = tmp_path / "boom.txt"
+    with Fleet(tmp_path, etcd, {"Boom": stamping(ran, 60), "Other": stamping(tmp_path / "other.txt", 60)},
+               AUTOHEAL_ETCD_TIMEOUT_SEC="1") as fleet:
+        a, b = fleet.start("a"), fleet.start("b")
+        payload = webhook(alert("Boom"), alert("NotMine"), alert("Other", status="resolved"))
+        etcd.stop(0, 1)  # two of three: no quorum
+        try:
+            for replica in (a, b):
+                started = time.monotonic()
+                status, body = replica.post_alert(payload)
+                assert time.monotonic() - started < 1 + 1.0
+                assert status == 503 and body["ok"] is False and "failed closed" in body["error"], body
+                assert [(r["result"], r.get("reason")) for r in body["results"]] == [
+                    ("error", "coordination_unavailable"), ("skipped", "not_allowlisted"), ("skipped", "resolved")]
+            wait_for(lambda: root_of(a)["mode"] == "halted", timeout=5)
+            page = a.request("GET", "/", headers={"Accept": "text/html"})[2].decode()
+            assert 'class="mode mode-halted">HALTED<' in page
+            smoke = run_module(["--smoke"], env={"AUTOHEAL_PORT": str(a.port)}, timeout=30)
+            assert smoke.returncode == 1 and re.search(r"^FAIL etcd: .*cannot reach etcd", smoke.stdout, re.M), \
+                smoke.stdout
+            assert not ran.exists()
+        finally:
+            etcd.resume()
+        assert etcd.wait_healthy()
+        wait_for(lambda: a.metric("autoheal_coordination_up") == 1 and b.metric("autoheal_coordination_up") == 1,
+                 timeout=10)
+        # The same webhook delivered again (as Alertmanager does after a 5xx): judged normally.
+        status, body = b.post_alert(payload)
+        assert status == 200 and body["results"][0]["result"] == "executed", body
+        assert a.post_alert(payload)[1]["results"][0]["result"] == "cooldown_skip"
+        assert root_of(a)["mode"] == "live"
+        smoke = run_module(["--smoke"], env={"AUTOHEAL_PORT": str(a.port)}, timeout=30)
+        assert re.search(r"^PASS etcd: ", smoke.stdout, re.M), smoke.stdout
+        assert len(stamps(ran)) == 1
+
+
+@pytest.mark.alertmanager
+@pytest.mark.etcd
+def test_alertmanager_delivers_a_webhook_that_failed_closed_again_and_it_heals_once_quorum_is_back(tmp_path, etcd):
+    ran = tmp_path / "boom.txt"
+    with Fleet(tmp_path, etcd, {"Boom": stamping(ran, 600)}, AUTOHEAL_ETCD_TIMEOUT_SEC="1") as fleet:
+        a = fleet.start("a")
+        peer = start_alertmanager(tmp_path / "am", heal_alertmanager_config(a.port))  # repeat_interval: 1h
+        try:
+            etcd.stop(0, 1)
+            try:
+                now = time.time()
+                http_json("POST", peer.url + "/api/v2/alerts", [{
+                    "labels": {"alertname": "Boom"}, "annotations": {"autoheal": "true"},
+                    "startsAt": autoheal.format_rfc3339(now - 10), "endsAt": autoheal.format_rfc3339(now + 3600)}])
+
+                def failed_closed():
+                    return a.json("GET", "/history?kind=decision&result=error")[1]["events"]
+
+                wait_for(failed_closed, timeout=15)
+                assert not ran.exists()
+            finally:
+                etcd.resume()
+            assert etcd.wait_healthy()
+            # Nobody sends it again but Alertmanager, retrying the 503: it runs, once.
+            wait_for(lambda: ran.exists(), timeout=20)
+            time.sleep(2)
+            assert len(stamps(ran)) == 1
+        finally:
+            peer.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. The page and the metrics show the cooldown the claims see, after etcd members restart
+# ---------------------------------------------------------------------------------------------
+
+
+def agree(replica, name):
+    """A delivery of name to replica, and what its page and its /metrics say right after: the
+    decision and the seconds left as the decision, GET / and the scrape give them."""
+    status, body = replica.post_alert(webhook(alert(name)))
+    assert status == 200, body
+    result = body["results"][0]
+    shown = root_of(replica)["cooldowns"][name]["remaining_seconds"]
+    scraped = replica.metric(f'autoheal_cooldown_remaining_seconds{{alertname="{name}"}}')
+    return result["result"], result.get("cooldown_remaining_seconds"), shown, scraped
+
+
+@pytest.mark.etcd
+def test_after_etcd_members_restart_the_page_and_metrics_show_the_cooldown_the_claims_see(tmp_path, etcd):
+    with Fleet(tmp_path, etcd, {"Long": stamping(tmp_path / "long.txt", 120),
+                                "Short": stamping(tmp_path / "short.txt", 3)}) as fleet:
+        a, b = fleet.start("a"), fleet.start("b")
+        assert a.post_alert(webhook(alert("Long")))[1]["results"][0]["result"] == "executed"
+        assert a.post_alert(webhook(alert("Short")))[1]["results"][0]["result"] == "executed"
+        short_ran = time.monotonic()
+        # The leader restarts near the end of Short's 3 s: the new leader renews every lease to its
+        # full length, so Short's key may outlive its 3 s, and the claims say cooldown_skip.
+        time.sleep(1.5)
+        etcd.restart(etcd.leader())
+        # Whenever a delivery of Short is skipped, the page and the scrape say it has time left.
+        seen = []
+        for _ in range(100):
+            replica = (a, b)[len(seen) % 2]
+            wait_for(lambda: replica.metric("autoheal_coordination_up") == 1, timeout=10)
+            decided, left, shown, scraped = agree(replica, "Short")
+            seen.append((round(time.monotonic() - short_ran, 2), decided, left, shown, scraped))
+            if decided != "cooldown_skip":
+                break
+            assert shown > 0 and scraped > 0, seen
+            time.sleep(0.1)
+        assert seen[-1][1] == "executed" and seen[-1][0] >= 3, seen
+        assert len(stamps(tmp_path / "short.txt")) == 2
+
+        for index in range(3):  # a rolling restart of every member, while Long's cooldown runs
+            etcd.restart(index)
+        assert etcd.wait_healthy()
+        c = fleet.start("c")  # a replica that first sees the cooldown after the restarts
+        for replica in (a, b, c):
+            wait_for(lambda: replica.metric("autoheal_coordination_up") == 1, timeout=10)
+            decided, left, shown, scraped = agree(replica, "Long")
+            assert decided == "cooldown_skip" and left > 0 and shown > 0 and scraped > 0, (decided, left, shown, scraped)
+            assert abs(shown - left) <= 2 and abs(scraped - left) <= 2, (left, shown, scraped)
+        assert len(stamps(tmp_path / "long.txt")) == 1
 
 
 # ---------------------------------------------------------------------------------------------
