@@ -3477,6 +3477,9 @@ def test_the_replicated_compose_stack_runs_three_etcd_members_and_two_replicas_b
         assert f"ETCD_NAME: {member}" in resolved and f"{member}=http://{member}:2380" in resolved
     assert resolved.count("AUTOHEAL_ETCD_ENDPOINTS: http://etcd-1:2379,http://etcd-2:2379,http://etcd-3:2379") == 2
     assert "AUTOHEAL_REPLICA: autoheal-1" in resolved and "AUTOHEAL_REPLICA: autoheal-2" in resolved
+    # Every claim and change writes a revision: each member compacts what is older than ten minutes.
+    assert resolved.count("ETCD_AUTO_COMPACTION_MODE: periodic") == 3
+    assert resolved.count("ETCD_AUTO_COMPACTION_RETENTION: 10m") == 3
     amtool = require("amtool")
     root = container_layout(tmp_path / "am", "alertmanager", "docker-compose.ha.yml")
     config = root / "etc/alertmanager/alertmanager.yml"
@@ -5738,6 +5741,29 @@ def agree(replica, name):
     shown = root_of(replica)["cooldowns"][name]["remaining_seconds"]
     scraped = replica.metric(f'autoheal_cooldown_remaining_seconds{{alertname="{name}"}}')
     return result["result"], result.get("cooldown_remaining_seconds"), shown, scraped
+
+
+@pytest.mark.etcd
+def test_every_replica_shows_the_same_latest_run_and_its_own_verdict(tmp_path, etcd):
+    """Issue 29 (11): one replica showed 'cooldown_skip / no verdict', the other 'executed / not
+    healed' for the same action.  The latest run of each action is shared through etcd: every
+    replica's GET / and page tell who ran it, its result and that run's verdict."""
+    with Fleet(tmp_path, etcd, {"Shared": stamping(tmp_path / "shared.txt", 60)},
+               AUTOHEAL_HEAL_GRACE_SEC="2") as fleet:
+        a, b = fleet.start("a"), fleet.start("b")
+        assert a.post_alert(webhook(alert("Shared")))[1]["results"][0]["result"] == "executed"
+        assert b.post_alert(webhook(alert("Shared")))[1]["results"][0]["result"] == "cooldown_skip"
+
+        def runs():
+            return [root_of(replica)["runs"]["Shared"] for replica in (a, b)]
+
+        wait_for(lambda: all(run and run["replica"] == "a" for run in runs()), timeout=5)
+        first, second = runs()
+        assert first == second and (first["result"], first["verdict"]) == ("executed", "pending")
+        # The grace ends; Alertmanager (nothing listens at its URL) does not answer: unknown, on both.
+        wait_for(lambda: [run["verdict"] for run in runs()] == ["unknown", "unknown"], timeout=10)
+        page = b.request("GET", "/", headers={"Accept": "text/html"})[2].decode()
+        assert 'class="r-executed">executed</span>' in page and 'class="r-unknown">unknown</span>' in page
 
 
 @pytest.mark.etcd
