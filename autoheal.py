@@ -4067,6 +4067,13 @@ class Control:
             return settings.cooldowns[alertname]
         return alertname not in settings.disabled
 
+    def _plan_now(self, command: Command) -> Any:
+        """(now, the event's fields, the undoable change) of a command planned now, or why it is
+        refused (the caller holds _lock)."""
+        now = self.clock()
+        plan = self._plan(command, now)
+        return plan if isinstance(plan, str) else (now, *plan)
+
     def _plan(self, command: Command, now: float) -> Any:
         """What a change does: (the event's fields, the undoable change), or why it is refused."""
         setting, alertname, value = {
@@ -4269,11 +4276,10 @@ class LocalControl(Control):
 
     def _change(self, command: Command, fields: Dict[str, Any]) -> Any:
         with self._lock:
-            now = self.clock()
-            plan = self._plan(command, now)
+            plan = self._plan_now(command)
             if isinstance(plan, str):
                 return plan
-            planned, change = plan
+            now, planned, change = plan
             event = make_event("control", now, result="applied", **fields, **planned)
             built: List[Any] = []
 
@@ -4359,11 +4365,10 @@ class SharedControl(Control):
             if written is not None and uid in self._uids:  # an earlier try's write had landed (its answer lost):
                 return written  # _adopt found it there and recorded it, once
             with self._lock:
-                now = self.clock()
-                plan = self._plan(command, now)
+                plan = self._plan_now(command)
                 if isinstance(plan, str):
                     return plan
-                planned, change = plan
+                now, planned, change = plan
                 change_id = self._seq + 1
                 stacks, changes = self._apply(change, change_id, fields["by"], now)
                 event = make_event("control", now, result="applied", **fields, change_id=change_id, **planned)
