@@ -2871,8 +2871,8 @@ def _parse_undo(words: _Words) -> Command:
 # Each verb of the command language, and what parses the words after it.
 COMMAND_PARSERS: Dict[str, Callable[[_Words], Command]] = {
     "status": _parse_alone, "help": _parse_alone, "reset": _parse_alone, "enable": _parse_enable,
-    "disable": _parse_disable, "pause": _parse_disable, "dry-run": _parse_dry_run, "cooldown": _parse_cooldown, "rearm": _parse_rearm,
-    "undo": _parse_undo,
+    "disable": _parse_disable, "pause": _parse_disable, "dry-run": _parse_dry_run, "cooldown": _parse_cooldown,
+    "rearm": _parse_rearm, "undo": _parse_undo,
 }
 
 
@@ -2901,7 +2901,8 @@ def slack_signature(secret: str, timestamp: str, body: bytes) -> str:
 
 def describe_settings(status: Mapping[str, Any]) -> str:
     """The effective state, for people (the --control command line, Slack): a few lines."""
-    lines = [f"autoheal is {mode_text(status)} (enabled={str(status['enabled']).lower()}, dry_run={str(status['dry_run']).lower()})"]
+    lines = [f"autoheal is {mode_text(status)} (enabled={str(status['enabled']).lower()}, "
+             f"dry_run={str(status['dry_run']).lower()})"]
     for name, cooldown in sorted((status.get("cooldowns") or {}).items()):
         flag = " DISABLED" if name in (status.get("disabled_actions") or []) else ""
         lines.append(f"  {name}: cooldown {format_duration(cooldown['cooldown_seconds'])}, "
@@ -3958,7 +3959,8 @@ class Control:
         return self.journal.store.persistent
 
     def run(self, text: str, source: str, by: str, client: str, reason: Optional[str] = None,
-            may_change: bool = True, attempt_refused: Optional[str] = None) -> Tuple[str, Optional[Dict[str, Any]], str]:
+            may_change: bool = True,
+            attempt_refused: Optional[str] = None) -> Tuple[str, Optional[Dict[str, Any]], str]:
         """Run one control command: (result, the recorded change, a message for people).
 
         result is applied, refused (not allowed, or nothing to undo), invalid (does not parse) or
@@ -4476,7 +4478,8 @@ class SharedControl(Control):
                 self.journal.log({"event": "error", "message": f"coordination: {type(exc).__name__}: {exc}"}, "error")
                 continue
             if reported is False:
-                self.journal.log({"event": "coordination", "message": "etcd answers again: actions are judged normally"})
+                self.journal.log({"event": "coordination",
+                                  "message": "etcd answers again: actions are judged normally"})
             reported = True
             try:
                 self._adopt(*state, self.clock())
@@ -4646,7 +4649,8 @@ class HealTracker:
             for pending in (p for p in overdue if p["alertname"] == alertname):
                 alert = held.get(pending["fingerprint"])
                 if error is not None:
-                    verdicts.append((dict(pending, reason=f"Alertmanager did not answer: {error}"[:300]), "unknown", None))
+                    why = f"Alertmanager did not answer: {error}"[:300]
+                    verdicts.append((dict(pending, reason=why), "unknown", None))
                     continue
                 ended = alert is None or _ended(alert, now)
                 silenced = alert is not None and bool((alert.get("status") or {}).get("silencedBy"))
@@ -4670,7 +4674,8 @@ class HealTracker:
         for pending, result, seconds in verdicts:
             name = pending["alertname"]
             dry_run = bool(pending.get("dry_run"))
-            events.append(make_event("heal", now, alertname=name, result=DRY_RUN_VERDICTS[result] if dry_run else result,
+            shown = DRY_RUN_VERDICTS[result] if dry_run else result
+            events.append(make_event("heal", now, alertname=name, result=shown,
                                      dry_run=dry_run or None, fingerprint=pending["fingerprint"],
                                      run_id=pending.get("run_id"), observed=pending.get("observed"),
                                      reason=pending.get("reason"),
@@ -5157,7 +5162,8 @@ class App:
                     folds.append((decision.fold_into, now))
                 else:
                     if decision.event is None:  # a run's event too: its id names the run (heal verdicts)
-                        decision.event = decision.event_of("run" if decision.result == "run" else "decision", alert, now)
+                        kind = "run" if decision.result == "run" else "decision"
+                        decision.event = decision.event_of(kind, alert, now)
                     events.append(decision.event)
             if start or not cooldowns:
                 self.journal.record(events, None, folds)
@@ -5177,7 +5183,8 @@ class App:
         for decision in decisions:
             if decision.claim is not None:
                 self.claims.release(decision.alertname, decision.claim, now)
-                decision.result, decision.reason, decision.claim, decision.event = "error", "state_unavailable", None, None
+                decision.result, decision.reason = "error", "state_unavailable"
+                decision.claim = decision.event = None
                 decision.cooldown_remaining = 0.0  # given back: no cooldown runs
 
     def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float, settings: Settings) -> None:
@@ -5749,7 +5756,8 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _STATUS_PHRASES = {
     100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
-    409: "Conflict", 421: "Misdirected Request", 429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    409: "Conflict", 421: "Misdirected Request", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     502: "Bad Gateway",
 }
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -6957,7 +6965,8 @@ class Server:
                     answer = None
             except Exception as exc:  # a worker must survive whatever one request does
                 self.app.log({"event": "error", "message": f"worker: {type(exc).__name__}: {exc}"}, "error")
-                answer, connection.closing = simple_response(500, "internal error; autoheal's log has the details"), True
+                answer = simple_response(500, "internal error; autoheal's log has the details")
+                connection.closing = True
             if answer is not None and not self.stopping:
                 self._returned.append((connection, answer))
                 self._wake()
