@@ -151,7 +151,7 @@ from __future__ import annotations
 #   12. Coordination in etcd: replicas share cooldowns, the budget and runtime control
 #   13. Judging and recording: decisions, events, the journal, the /events feed
 #   14. Runtime control: overrides, undo, lapses
-#   15. Did it heal? Verdicts on runs
+#   15. Did it heal? Verdicts on runs, and escalation
 #   16. Acknowledgements: silences in Alertmanager
 #   17. The application: the parts, wired together, and the webhook's path through them
 #   18. Pages for people
@@ -257,7 +257,7 @@ DRY_RUN_VERDICTS = {"healed": "resolved_by_itself", "not_healed": "still_firing"
                     "unknown": "unknown"}
 PRESET_REJECTIONS = (("/alert", 400), ("/alert", 401), ("/alert", 413), ("/ack", 400), ("/ack", 403))
 CONTROL_RESULTS = ("applied", "refused", "invalid", "throttled", "unavailable")
-CONTROL_SOURCES = ("http", "slack", "page", "cli")
+CONTROL_SOURCES = ("http", "slack", "page", "cli", "autoheal")
 
 BUILTIN_ACTIONS = (
     # alertname, command, environment variable holding its cooldown
@@ -359,6 +359,8 @@ class Action:
     cooldown_sec: float
     timeout_sec: float
     docker_api: bool = False
+    escalate: Tuple[Any, ...] = ()  # further steps (Action each) when a run does not heal
+    give_up_after: Optional[int] = None  # not_healed verdicts in a row that switch the action off
 
     @property
     def stop_timeout_sec(self) -> int:
@@ -751,42 +753,69 @@ def build_actions(
         where = f"action {alertname!r}"
         if not alertname or not isinstance(entry, dict):
             raise ValueError(f"{where}: expected a table with a command")
-        unknown = set(entry) - {"command", "cooldown_sec", "timeout_sec", "docker_api"}
+        unknown = set(entry) - {"command", "cooldown_sec", "timeout_sec", "docker_api", "escalate", "give_up_after"}
         if unknown:
             raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-        command = entry.get("command")
-        if isinstance(command, str):
-            try:
-                argv = tuple(shlex.split(command))
-            except ValueError as exc:
-                raise ValueError(f"{where}: command cannot be split: {exc}") from None
-            display = command.strip()
-        elif isinstance(command, list) and all(isinstance(word, str) for word in command):
-            argv = tuple(command)
-            display = shlex.join(argv)
-        else:
-            raise ValueError(f"{where}: command must be a list of strings or a string")
-        if not argv or not argv[0]:
-            raise ValueError(f"{where}: command is empty")
         cooldown = _number_field(entry, "cooldown_sec", where, allow_zero=True)
-        timeout = _number_field(entry, "timeout_sec", where, allow_zero=False)
-        docker_api = entry.get("docker_api", False)
-        if not isinstance(docker_api, bool):
-            raise ValueError(f"{where}: docker_api must be true or false")
-        if docker_api:
-            try:
-                docker_plan(argv)
-            except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from None
-        actions[alertname] = Action(
-            alertname=alertname,
-            argv=argv,
-            display=display,
-            cooldown_sec=cooldown if cooldown is not None else named_cooldowns.get(alertname, default_cooldown),
-            timeout_sec=timeout if timeout is not None else default_timeout,
-            docker_api=docker_api,
-        )
+        steps = entry.get("escalate", [])
+        if not isinstance(steps, list) or len(steps) > 10:
+            raise ValueError(f"{where}: escalate must be a list of at most 10 steps")
+        give_up = entry.get("give_up_after")
+        if give_up is not None and (isinstance(give_up, bool) or not isinstance(give_up, int) or give_up < 1
+                                    or give_up > 1000):
+            raise ValueError(f"{where}: give_up_after must be a whole number from 1 to 1000")
+        first = _command_step(alertname, entry, f"{where}", cooldown, default_cooldown, default_timeout,
+                              named_cooldowns)
+        escalate = tuple(_command_step(alertname, step, f"{where}, escalate step {index}", cooldown,
+                                       default_cooldown, default_timeout, named_cooldowns, step=True)
+                         for index, step in enumerate(steps, start=2))
+        actions[alertname] = first._replace(escalate=escalate, give_up_after=give_up)
     return actions
+
+
+def _command_step(alertname: str, entry: Any, where: str, cooldown: Optional[float], default_cooldown: float,
+                  default_timeout: float, named_cooldowns: Mapping[str, float], step: bool = False) -> Action:
+    """One command of an action (the action itself, or a step of its escalate list)."""
+    if step:
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a table with a command")
+        unknown = set(entry) - {"command", "timeout_sec", "docker_api"}
+        if unknown:
+            raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r} (a step takes command, timeout_sec, "
+                             "docker_api)")
+    command = entry.get("command")
+    if isinstance(command, str):
+        try:
+            argv = tuple(shlex.split(command))
+        except ValueError as exc:
+            raise ValueError(f"{where}: command cannot be split: {exc}") from None
+        display = command.strip()
+    elif isinstance(command, list) and all(isinstance(word, str) for word in command):
+        argv = tuple(command)
+        display = shlex.join(argv)
+    elif command is None:
+        raise ValueError(f"{where}: has no command")
+    else:
+        raise ValueError(f"{where}: command must be a list of strings or a string")
+    if not argv or not argv[0]:
+        raise ValueError(f"{where}: command is empty")
+    timeout = _number_field(entry, "timeout_sec", where, allow_zero=False)
+    docker_api = entry.get("docker_api", False)
+    if not isinstance(docker_api, bool):
+        raise ValueError(f"{where}: docker_api must be true or false")
+    if docker_api:
+        try:
+            docker_plan(argv)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return Action(
+        alertname=alertname,
+        argv=argv,
+        display=display,
+        cooldown_sec=cooldown if cooldown is not None else named_cooldowns.get(alertname, default_cooldown),
+        timeout_sec=timeout if timeout is not None else default_timeout,
+        docker_api=docker_api,
+    )
 
 
 def _number_field(entry: Mapping[str, Any], key: str, where: str, allow_zero: bool) -> Optional[float]:
@@ -1081,6 +1110,9 @@ METRICS = (
     Family("autoheal_coordination_up", "gauge",
            "1 while etcd answers (replicas: AUTOHEAL_ETCD_ENDPOINTS); 0 while actions fail closed. "
            "Absent without etcd."),
+    Family("autoheal_gave_up_total", "counter",
+           "Times autoheal switched an action off itself after give_up_after not_healed verdicts in a row.",
+           ("alertname",)),
     Family("autoheal_event_listeners", "gauge", "Clients connected to /events."),
     Family("autoheal_connections_dropped_total", "counter",
            "Connections closed with an answer the client did not read: unread_answer (past "
@@ -3609,7 +3641,7 @@ class Decision:
     """What the gates decided for one alert; result "run" until the command ends."""
 
     __slots__ = ("alertname", "result", "reason", "action", "cooldown_remaining", "outcome", "event", "fold_into",
-                 "claim")
+                 "claim", "step")
 
     def __init__(self, alertname: str, result: str, reason: Optional[str] = None, action: Optional[Action] = None,
                  cooldown_remaining: float = 0.0):
@@ -3622,6 +3654,7 @@ class Decision:
         self.event: Optional[Dict[str, Any]] = None  # a routine decision's event, built when first seen
         self.fold_into: Optional[Dict[str, Any]] = None  # the event a repeat folds into
         self.claim: Optional[Claim] = None  # the claim it won, if any
+        self.step = 1  # escalation: 2, 3, ... for the further steps of an action
 
     def settle(self, claim: Claim, settings: Settings) -> None:
         """What a pending decision becomes once its claim is answered."""
@@ -3645,8 +3678,8 @@ class Decision:
         event = make_event(kind, now, alertname=self.alertname, result="started" if kind == "run" else self.result,
                            reason=self.reason or None, action=action.display if action is not None else None,
                            cooldown_remaining_seconds=math.ceil(self.cooldown_remaining) if action is not None
-                           else None, labels=alert["labels"], fingerprint=alert.get("fingerprint", ""),
-                           starts_at=alert.get("startsAt", ""))
+                           else None, step=self.step if self.step > 1 else None, labels=alert["labels"],
+                           fingerprint=alert.get("fingerprint", ""), starts_at=alert.get("startsAt", ""))
         outcome = self.outcome
         if outcome is not None and kind == "decision":
             event["exit_status"] = outcome.exit_status  # null when it did not start: said, not left out
@@ -4488,7 +4521,7 @@ class SharedControl(Control):
 
 
 # ---------------------------------------------------------------------------------------------
-# Did it heal? Verdicts on runs
+# Did it heal? Verdicts on runs, and escalation
 # ---------------------------------------------------------------------------------------------
 
 
@@ -4516,6 +4549,7 @@ class HealTracker:
         self.grace = config.heal_grace_sec
         self.alertmanager = alertmanager
         self.on_verdict = on_verdict  # the latest run's verdict (Runs.verdict)
+        self.after_verdict: Callable[[Mapping[str, Any], str], None] = lambda pending, result: None  # App.escalate
         self.journal = journal
         self.counters = counters
         self.wake = wake
@@ -4594,6 +4628,9 @@ class HealTracker:
                            "deadline": now + self.grace, "run_id": run_id}
                 if dry_run:
                     pending["dry_run"] = True
+                else:  # what a further step needs (escalation): the alert as it came, and which step ran
+                    pending.update(step=decision.step, labels=alert.get("labels"),
+                                   annotations=alert.get("annotations") or {}, starts_at=alert.get("startsAt", ""))
                 followed[key] = json.dumps(pending)
                 self._add(dict(pending, key=key))
         if followed:
@@ -4676,7 +4713,8 @@ class HealTracker:
             dry_run = bool(pending.get("dry_run"))
             shown = DRY_RUN_VERDICTS[result] if dry_run else result
             events.append(make_event("heal", now, alertname=name, result=shown,
-                                     dry_run=dry_run or None, fingerprint=pending["fingerprint"],
+                                     dry_run=dry_run or None, step=pending.get("step") if pending.get("step", 1) > 1
+                                     else None, fingerprint=pending["fingerprint"],
                                      run_id=pending.get("run_id"), observed=pending.get("observed"),
                                      reason=pending.get("reason"),
                                      seconds=round(seconds, 3) if seconds is not None else None,
@@ -4693,6 +4731,7 @@ class HealTracker:
         for pending, result, _seconds in verdicts:
             if not pending.get("dry_run"):
                 self.on_verdict(pending["alertname"], pending.get("run_id"), result)
+                self.after_verdict(pending, result)
 
 
 class Runs:
@@ -4760,6 +4799,72 @@ class Runs:
         if self.shared is not None:
             runs.update(self.shared.runs())
         return runs
+
+
+class Escalation:
+    """What happens when a run does not heal (issue 30): the next step of the action's escalate
+    list, or, after give_up_after not_healed verdicts in a row, the action switched off by autoheal
+    itself.  It runs the steps through the app's own path (gates, claims, runs, records)."""
+
+    def __init__(self, app: "App"):
+        self.app = app
+        self._lock = threading.Lock()
+        self._not_healed: Dict[str, int] = {}  # not_healed verdicts in a row, per action
+
+    def escalate(self, pending: Mapping[str, Any], verdict: str) -> None:
+        """After a run's verdict: give_up_after not_healed in a row switch the action off (an
+        override by autoheal, undone like any other); else a not_healed runs the next step of the
+        action's escalate list, on a thread of its own (never the timers')."""
+        name = pending["alertname"]
+        action = self.app.actions.get(name)
+        if action is None or verdict not in ("healed", "not_healed"):
+            return  # acknowledged (a person took over) and unknown change nothing
+        with self._lock:
+            streak = self._not_healed[name] = self._not_healed.get(name, 0) + 1 if verdict == "not_healed" else 0
+        if verdict != "not_healed":
+            return
+        if action.give_up_after and streak >= action.give_up_after:
+            with self._lock:
+                self._not_healed[name] = 0
+            reason = f"gave up: {streak} runs in a row did not heal {name} (give_up_after {action.give_up_after})"
+            result, _event, _message = self.app.control.run(f"disable {name}", "autoheal", "autoheal", "autoheal",
+                                                        reason=reason)
+            if result == "applied":
+                self.app.counters.add("autoheal_gave_up_total", (name,))
+            return
+        step = int(pending.get("step") or 1) + 1
+        if step - 2 < len(action.escalate) and pending.get("labels"):
+            threading.Thread(target=self._run_step, args=(pending, action.escalate[step - 2], step),
+                             name="escalate", daemon=True).start()
+
+    def _run_step(self, pending: Mapping[str, Any], step_action: Action, step: int) -> None:
+        """Run one escalation step for the alert of a run that did not heal: the gates apply again
+        (master switch, dry-run, a runtime disable, the budget: a slot taken by a claim of the step's
+        own, with no cooldown), then the command, its own verdict followed."""
+        try:
+            now = self.app.clock()
+            settings = self.app.effective()
+            alert = {"status": "firing", "labels": dict(pending["labels"]), "annotations": dict(pending["annotations"]),
+                     "startsAt": pending.get("starts_at", ""), "fingerprint": pending["fingerprint"]}
+            decision = judge(alert, settings, self.app.actions)
+            decision.step = step
+            if decision.result == "pending":
+                decision.action = step_action
+                claim = self.app.claims.claim(f"{decision.alertname}#step{step}", 0.0, settings.max_actions_per_hour, now)
+                decision.settle(claim, settings)
+            runs = [(alert, decision)] if decision.result == "run" else []
+            if runs:
+                decision.event = decision.event_of("run", alert, now)
+                self.app.journal.record([decision.event])
+                self.app.run_all(runs)
+            self.app.journal.record([decision.event_of("decision", alert, self.app.clock())],
+                                heals=self.app.heals.follow(runs, now) if runs else None)
+            self.app.count([decision], received=False)
+            if runs:
+                self.app.runs.ended(decision.alertname, decision.event.get("id"), now, decision.result)
+        except Exception as exc:  # a step that fails to start is said, and the rest goes on
+            self.app.log({"event": "error", "message": f"escalation step {step} of {pending.get('alertname')}: "
+                      f"{type(exc).__name__}: {exc}"}, "error")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4944,6 +5049,8 @@ class App:
         self.runs = Runs(config.replica, self.coordination, self.log)
         self.heals = HealTracker(config, self.journal, self.counters, self.wake, self.store.load_heals(),
                                  self.runs.verdict, self.alertmanager)
+        self.escalation = Escalation(self)
+        self.heals.after_verdict = self.escalation.escalate
         if self.coordination is None:
             self.runs.load(self.store, self.heals.follows)
         self.acks = Acknowledgements(config, self.alertmanager, self.journal, self.counters, clock)
@@ -5076,7 +5183,7 @@ class App:
         settings = settings or self.effective()
         decisions, cooldowns, settings = self._judge_all(alerts, settings, now)
         self._record_decisions(alerts, decisions, cooldowns, settings, now)
-        self._count(decisions)
+        self.count(decisions)
         dry = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "dry_run"]
         if dry:  # a dry-run decision's own verdict, after the grace
             followed = self.heals.follow(dry, now)
@@ -5084,7 +5191,7 @@ class App:
                 self.journal.record([], heals=followed)
         runs = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "run"]
         if runs:
-            self._run_all(runs)
+            self.run_all(runs)
             self.journal.record([decision.event_of("decision", alert, self.clock()) for alert, decision in runs],
                                 heals=self.heals.follow(runs, now))
             for _alert, decision in runs:
@@ -5130,9 +5237,10 @@ class App:
                 cooldowns[decision.alertname] = now
         return decisions, cooldowns, settings
 
-    def _count(self, decisions: List[Decision]) -> None:
-        """Count a webhook's decisions (a run once it ends, in _run_one)."""
-        counts: Dict[Tuple[str, Tuple[Any, ...]], float] = {("autoheal_alerts_received_total", ()): len(decisions)}
+    def count(self, decisions: List[Decision], received: bool = True) -> None:
+        """Count a webhook's decisions (a run once it ends, in _run_one); received: they came in one."""
+        counts: Dict[Tuple[str, Tuple[Any, ...]], float] = (
+            {("autoheal_alerts_received_total", ()): len(decisions)} if received else {})
         for decision in decisions:
             if decision.action is None:
                 key = ("autoheal_alerts_skipped_total", (decision.reason,))
@@ -5204,7 +5312,7 @@ class App:
             if len(self._folds) > FOLD_KEYS_MAX:
                 self._folds.popitem(last=False)
 
-    def _run_all(self, runs: List[Tuple[Dict[str, Any], Decision]]) -> None:
+    def run_all(self, runs: List[Tuple[Dict[str, Any], Decision]]) -> None:
         # Actions of different alertnames run side by side; at most max_concurrent_actions
         # commands run at once across all requests.
         if len(runs) == 1:
