@@ -1646,7 +1646,7 @@ def retention_class(event: Mapping[str, Any]) -> int:
     return KEPT
 
 
-def bound_event(event: Dict[str, Any]) -> Dict[str, Any]:
+def bound_event(event: Dict[str, Any], room: int = MAX_EVENT_BYTES) -> Dict[str, Any]:
     """The event made to fit MAX_EVENT_BYTES, whatever arrived: every string in it (label names,
     fingerprints and times included) cut to MAX_VALUE_CHARS, at most MAX_EVENT_LABELS entries in
     each mapping or list, each cut marked; then shorter cuts; at last the labels and annotations
@@ -1655,7 +1655,7 @@ def bound_event(event: Dict[str, Any]) -> Dict[str, Any]:
     bounded = event
     for limit in (MAX_VALUE_CHARS, 256, 64):
         bounded = _cut(event, limit)
-        if len(_COMPACT_JSON.encode(bounded)) <= MAX_EVENT_BYTES:
+        if len(_COMPACT_JSON.encode(bounded)) <= room:
             break
     else:
         for key in ("labels", "annotations"):
@@ -1755,10 +1755,11 @@ class Store(abc.ABC):
         """
         encode = _COMPACT_JSON.encode
         bodies = []
+        room = MAX_EVENT_BYTES - len(self.tag) - 96  # the id, the replica and a fold's count are added
         for event in events:
             body = encode(event)
-            if len(body) > MAX_EVENT_BYTES:
-                body = encode(bound_event(event))
+            if len(body) > room:
+                body = encode(bound_event(event, room))
             bodies.append(body)
         with self._order:
             first = self._next_id
@@ -1770,7 +1771,8 @@ class Store(abc.ABC):
             for event, (event_id, _text) in zip(events, texts):
                 event["id"] = event_id
             # A repeat folds into an event recorded before or in this same call (its id is known now).
-            repeats = [(event["id"], when) for event, when in folds or ()]
+            # (one whose first event another thread has not recorded yet is left uncounted: rare)
+            repeats = [(event["id"], when) for event, when in folds or () if "id" in event]
             pending = _Pending(rows, texts, cooldowns or {}, repeats, control(first) if control else None,
                                heals or {}, held is not None)
             queued = self._keep(pending)
@@ -2383,24 +2385,23 @@ class SqliteStore(Store):
     def commit_now(self) -> bool:
         if not self._committing.acquire(blocking=False):
             return False
-        try:
-            while True:
-                with self._order:
-                    batch = [self._queue.popleft() for _ in range(min(len(self._queue), 1024))]
-                if not batch:
-                    return True
-                connection = self._connection
-                if connection is not None:
-                    connection.execute("PRAGMA busy_timeout = 0")  # another program's lock: not waited for
-                try:
-                    self._commit_batch(batch, wait=False)
-                except _Busy:
-                    with self._order:  # back where they were, in order, for a thread that may wait
-                        self._queue.extendleft(reversed(batch))
-                    return False
-                finally:
-                    if self._connection is not None:
-                        self._connection.execute("PRAGMA busy_timeout = 5000")
+        try:  # one batch: the caller asks again while what it waits for is not committed
+            with self._order:
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), 1024))]
+            if not batch:
+                return True
+            if self._connection is not None:
+                self._connection.execute("PRAGMA busy_timeout = 0")  # another program's lock: not waited for
+            try:
+                self._commit_batch(batch, wait=False)
+            except _Busy:
+                with self._order:  # back where they were, in order, for a thread that may wait
+                    self._queue.extendleft(reversed(batch))
+                return False
+            finally:
+                if self._connection is not None:
+                    self._connection.execute("PRAGMA busy_timeout = 5000")
+            return True
         finally:
             self._committing.release()
 
@@ -3384,7 +3385,7 @@ class EtcdClaims(Claims):
             leases: Dict[int, str] = {}
             for name in winners:
                 seconds = int(math.ceil(cooldown_of[name])) + self.spare
-                if seconds not in leases:
+                if cooldown_of[name] > 0 and seconds not in leases:  # no cooldown: no key to keep
                     leases[seconds] = self._call("lease/grant", {"TTL": seconds}, deadline)["ID"]
             slot_lease = self._call("lease/grant", {"TTL": BUDGET_WINDOW_SEC}, deadline)["ID"] if slots else None
             answer = self._call("kv/txn", self._claim_txn(winners, slots, cooldown_of, leases, slot_lease, fence, now),
@@ -3394,9 +3395,10 @@ class EtcdClaims(Claims):
                 with self._lock:
                     for name in winners:
                         seconds = int(math.ceil(cooldown_of[name])) + self.spare
-                        self._seen[name] = (revision, float(cooldown_of[name]), time.monotonic())
+                        if seconds in leases:
+                            self._seen[name] = (revision, float(cooldown_of[name]), time.monotonic())
+                            self._leases[name] = leases[seconds]
                         self._started[name] = now
-                        self._leases[name] = leases[seconds]
                         results[name] = Claim(True, cooldown_of[name])
                     self._budget_used += len(slots)
                 return self._expand(wanted, results)
@@ -3423,8 +3425,9 @@ class EtcdClaims(Claims):
         for name in winners:
             seconds = int(math.ceil(cooldown_of[name])) + self.spare
             value = json.dumps({"replica": self.replica, "started": now, "ttl": seconds, "cooldown": cooldown_of[name]})
-            writes.append({"request_put": {"key": _b64(self._key(name)), "value": _b64(value),
-                                           "lease": leases[seconds]}})
+            if cooldown_of[name] > 0:  # a cooldown of 0 keeps no key (only its budget slot, if any)
+                writes.append({"request_put": {"key": _b64(self._key(name)), "value": _b64(value),
+                                               "lease": leases[seconds]}})
             if name in slots:
                 compare.append({"key": _b64(slots[name]), "target": "CREATE", "create_revision": "0"})
                 writes.append({"request_put": {"key": _b64(slots[name]), "value": _b64(self.replica),
@@ -3492,11 +3495,10 @@ class EtcdClaims(Claims):
                 self._call("lease/revoke", {"ID": lease}, deadline)
 
     def rearm(self, alertname: str) -> None:
-        """End alertname's running cooldown now, on every replica: the key goes, and its lease with
-        it (a lease left alive would outlive the cooldown)."""
-        answer = self._call("kv/deleterange", {"key": _b64(self._key(alertname)), "prev_kv": True}, None)
-        for kv in answer.get("prev_kvs") or []:
-            self._forget(kv.get("lease"), None)
+        """End alertname's running cooldown now, on every replica: the key goes.  Its lease is left
+        to end with the cooldown it was granted for (other cooldowns claimed in the same webhook may
+        share it: revoking it would end them too)."""
+        self._call("kv/deleterange", {"key": _b64(self._key(alertname))}, None)
         with self._lock:
             self._see(alertname, None)
 
@@ -3718,9 +3720,8 @@ def _shrink_fold_targets(events: List[Dict[str, Any]]) -> None:
     its id: the rest goes, so that up to FOLD_KEYS_MAX of them cost bytes, not 16 KiB each."""
     for event in events:
         if event.get("kind") == "decision" and event.get("result") in ROUTINE_RESULTS and "id" in event:
-            event_id = event["id"]
-            event.clear()
-            event["id"] = event_id
+            for key in [key for key in event if key != "id"]:  # the id stays, for a repeat reading it now
+                del event[key]
 
 
 class Journal:
@@ -3776,23 +3777,27 @@ class Journal:
         held, self._held.records = self._held.records, None
         return held
 
-    def settle_now(self, held: List[Any]) -> bool:
-        """settle, if committing waits on nobody (Store.commit_now); False, nothing done, if it would."""
-        if any(not one.done for _events, _texts, pending in held for one in pending) and not self.store.commit_now():
-            return False
-        self.settle(held)
-        return True
+    def settle_now(self, held: List[Any]) -> Optional[bool]:
+        """settle, if committing waits on nobody (Store.commit_now); None, nothing done, if it would."""
+        while any(not one.done for _events, _texts, pending in held for one in pending):
+            if not self.store.commit_now():
+                return None
+        return self.settle(held)
 
-    def settle(self, held: List[Any]) -> None:
-        """Commit held records (this thread does it, in one commit), then log them (one write)."""
+    def settle(self, held: List[Any]) -> bool:
+        """Commit held records (this thread does it, in one commit), then log them (one write);
+        whether every one of them was committed."""
+        committed = True
         for _events, _texts, pending in held:
             for one in pending:
                 try:
                     self.store.wait(one)
                 except sqlite3.Error as exc:
                     self.log({"event": "error", "message": str(exc)}, "error")
+                    committed = False
         self._log_recorded([event for events, _texts, _pending in held for event in events],
                            [text for _events, texts, _pending in held for text in texts])
+        return committed
 
     def _log_recorded(self, events: List[Dict[str, Any]], texts: List[Tuple[int, str]]) -> None:
         if texts:
@@ -3980,8 +3985,14 @@ class Control:
         """
         until = self._settings_until
         if until is not None and self.clock() >= until:
-            with self._lock:
+            if not self._lock.acquire(blocking=False):
+                # A change or a lapse is being committed (it may wait on the disk): what is in force
+                # now, from the overrides as they are, without waiting and without keeping it.
+                return self._compute(self._stacks, self.clock())[0]
+            try:
                 self._build_settings(self.clock())
+            finally:
+                self._lock.release()
             with self.wake:  # and the lapse is recorded now, not at the next wake
                 self.wake.notify_all()
         return self._settings
@@ -4268,16 +4279,20 @@ class Control:
         return json.dumps(state)
 
     def _build_settings(self, now: float) -> None:
+        """The settings in force, kept until the next override lapses (the caller holds _lock)."""
+        self._settings, self._settings_until, self.next_lapse = self._compute(self._stacks, now)
+
+    def _compute(self, stacks: Stacks, now: float) -> Tuple[Settings, Optional[float], Optional[float]]:
         """Settings from the configuration and the overrides in force (the newest of each setting
-        that has not lapsed), kept until the next one lapses."""
+        that has not lapsed), until when they hold, and the next lapse to record."""
         config = self.config
         enabled, dry_run = config.enabled, config.dry_run
         cooldowns = {name: action.cooldown_sec for name, action in self.actions.items()}
         disabled = set()
         active = []
-        untils = [o.until for stack in self._stacks.values() for o in stack if o.until is not None]
-        self.next_lapse = min(untils) if untils and not self.shared else None
-        for stack in self._stacks.values():
+        untils = [o.until for stack in stacks.values() for o in stack if o.until is not None]
+        next_lapse = min(untils) if untils and not self.shared else None
+        for stack in stacks.values():
             live = [o for o in stack if self._live(o, now)]
             if not live:
                 continue
@@ -4291,10 +4306,10 @@ class Control:
                 cooldowns[top.alertname] = top.value
             elif top.setting == "action_enabled" and not top.value:
                 disabled.add(top.alertname)
-        self._settings = Settings(enabled, dry_run, cooldowns, config.max_actions_per_hour, frozenset(disabled),
-                                  tuple(sorted(active, key=lambda o: o.id)), self._fence())
+        settings = Settings(enabled, dry_run, cooldowns, config.max_actions_per_hour, frozenset(disabled),
+                            tuple(sorted(active, key=lambda o: o.id)), self._fence())
         live_untils = [until for until in untils if until > now]
-        self._settings_until = min(live_untils) if live_untils and not self.shared else None
+        return settings, (min(live_untils) if live_untils and not self.shared else None), next_lapse
 
     def _live(self, override: Override, now: float) -> bool:
         """Whether an override is still in force (one with a duration lapses at its until)."""
@@ -4388,12 +4403,13 @@ class SharedControl(Control):
 
         coordination = self.coordination
         uid = uuid.uuid4().hex
-        written: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None  # a write sent, its outcome unread
+        written: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None  # the last change sent
+        unknown = False  # whether the last write got no answer (it may have landed)
         for _attempt in range(CONTROL_CAS_ATTEMPTS):
             try:
                 self._adopt(*coordination.sync(), self.clock())
             except CoordinationUnavailable:
-                if written is not None:  # it may have landed: never say refused
+                if unknown:  # it may have landed: never say refused
                     raise OutcomeUnknown("etcd did not confirm whether the change was made; GET / shows what is "
                                          "in force, and the history records it as applied if a replica finds it")
                 raise
@@ -4402,6 +4418,7 @@ class SharedControl(Control):
             with self._lock:
                 plan = self._plan_now(command)
                 if isinstance(plan, str):
+                    self._unconfirmed.pop(uid, None)
                     return plan
                 now, planned, change = plan
                 change_id = self._seq + 1
@@ -4416,19 +4433,24 @@ class SharedControl(Control):
                     revision = coordination.put_control(self._text(stacks, changes, change_id, self._uids + [uid]),
                                                         self._revision, timed=timed)
                 except CoordinationUnavailable:
+                    unknown = True
                     continue
+                unknown = False
                 if not revision:
                     continue  # another replica changed them first: plan again on what it wrote
                 self._stacks, self._changes, self._seq, self._revision = stacks, changes, change_id, revision
                 self._uids = (self._uids + [uid])[-CHANGE_UIDS_KEPT:]
+                self._live_ids |= frozenset(timed or ())  # its key is alive: it is in force here at once
                 self._build_settings(now)
-            self._unconfirmed.pop(uid, None)
-            self.journal.record([event])
+                mine = self._unconfirmed.pop(uid, None)  # None: a poll found it first, and recorded it
+            if mine is not None:
+                self.journal.record(mine)
             return event, change
-        if written is not None:  # never confirmed either way
+        if unknown:  # never confirmed either way
             raise OutcomeUnknown("etcd did not confirm whether the change was made; GET / shows what is in "
                                  "force, and the history records it as applied if a replica finds it")
-        self._unconfirmed.pop(uid, None)
+        with self._lock:
+            self._unconfirmed.pop(uid, None)
         return f"the shared settings changed {CONTROL_CAS_ATTEMPTS} times while this change was planned; try again"
 
     def _keep_lapse(self, events: List[Dict[str, Any]], stacks: Stacks, changes: List[Dict[str, Any]]) -> bool:
@@ -4483,9 +4505,9 @@ class SharedControl(Control):
                 self._revision = revision
             self._live_ids = live
             self._build_settings(now)
-            confirmed = [uid for uid in self._unconfirmed if uid in self._uids]
-        for uid in confirmed:  # a change or lapse whose answer was lost: in force after all, recorded once
-            events = self._unconfirmed.pop(uid, None)
+            # A change or lapse whose answer was lost: in force after all, recorded once.
+            confirmed = [self._unconfirmed.pop(uid) for uid in list(self._unconfirmed) if uid in self._uids]
+        for events in confirmed:
             if events:
                 self.journal.record(events)
         if any(o.until is not None and o.id not in live for stack in self._stacks.values() for o in stack):
@@ -4840,31 +4862,55 @@ class Escalation:
     def _run_step(self, pending: Mapping[str, Any], step_action: Action, step: int) -> None:
         """Run one escalation step for the alert of a run that did not heal: the gates apply again
         (master switch, dry-run, a runtime disable, the budget: a slot taken by a claim of the step's
-        own, with no cooldown), then the command, its own verdict followed."""
+        own, with no cooldown, fenced like any claim), then the command, its own verdict followed."""
+        app = self.app
         try:
-            now = self.app.clock()
-            settings = self.app.effective()
             alert = {"status": "firing", "labels": dict(pending["labels"]), "annotations": dict(pending["annotations"]),
                      "startsAt": pending.get("starts_at", ""), "fingerprint": pending["fingerprint"]}
-            decision = judge(alert, settings, self.app.actions)
-            decision.step = step
-            if decision.result == "pending":
-                decision.action = step_action
-                claim = self.app.claims.claim(f"{decision.alertname}#step{step}", 0.0, settings.max_actions_per_hour, now)
-                decision.settle(claim, settings)
+            decision = self._judge_step(alert, step_action, step)
+            now = app.clock()
+            app.count([decision], received=False)  # a run is counted once it ends (App._run_one)
             runs = [(alert, decision)] if decision.result == "run" else []
             if runs:
                 decision.event = decision.event_of("run", alert, now)
-                self.app.journal.record([decision.event])
-                self.app.run_all(runs)
-            self.app.journal.record([decision.event_of("decision", alert, self.app.clock())],
-                                heals=self.app.heals.follow(runs, now) if runs else None)
-            self.app.count([decision], received=False)
+                app.journal.record([decision.event])
+                app.run_all(runs)
+            app.journal.record([decision.event_of("decision", alert, app.clock())],
+                               heals=app.heals.follow(runs, now) if runs else None)
             if runs:
-                self.app.runs.ended(decision.alertname, decision.event.get("id"), now, decision.result)
+                app.runs.ended(decision.alertname, decision.event.get("id"), now, decision.result)
         except Exception as exc:  # a step that fails to start is said, and the rest goes on
-            self.app.log({"event": "error", "message": f"escalation step {step} of {pending.get('alertname')}: "
-                      f"{type(exc).__name__}: {exc}"}, "error")
+            app.log({"event": "error", "message": f"escalation step {step} of {pending.get('alertname')}: "
+                     f"{type(exc).__name__}: {exc}"}, "error")
+
+    def _judge_step(self, alert: Dict[str, Any], step_action: Action, step: int) -> Decision:
+        """A step's decision, judged on the settings in force (read again when its fence finds them
+        stale, as for a webhook); its budget slot claimed."""
+        app = self.app
+        for attempt in range(3):
+            settings = app.effective()
+            decision = judge(alert, settings, app.actions)
+            decision.step = step
+            if decision.result != "pending":
+                return decision
+            decision.action = step_action
+            try:
+                [claim] = app.claims.claim_all([(f"{decision.alertname}#step{step}", 0.0)],
+                                               settings.max_actions_per_hour, app.clock(), None, settings.revision)
+            except StaleSettings:
+                if attempt < 2:
+                    with contextlib.suppress(CoordinationUnavailable):
+                        app.control.refresh()
+                    continue
+                claim = None
+            except CoordinationUnavailable:
+                claim = None
+            if claim is None:
+                decision.result, decision.reason = "error", "coordination_unavailable"
+            else:
+                decision.settle(claim, settings)
+            return decision
+        return decision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -6679,10 +6725,10 @@ class RoundCommitter:
                 self.log({"event": "error", "message": f"round: {type(exc).__name__}: {exc}"}, "error")
             self.done.append((answered, False))
             return
-        if done:  # committed at once: no other commit under way, nobody else's lock held
-            self.done.append((answered, True))
-        else:
+        if done is None:  # it would wait (another commit, or another program's lock): the committer's
             self._rounds.put((answered, held))
+        else:  # settled at once; a failed commit drops the round's connections: no answer without it
+            self.done.append((answered, done))
 
     def deliver(self, send: Callable[..., None], drop: Callable[[Any], None], now: float) -> None:
         """Send the answers of the rounds committed (or drop their connections: not committed)."""
@@ -6707,8 +6753,7 @@ class RoundCommitter:
                 return
             answered, held = item
             try:
-                self.journal.settle(held)
-                committed = True
+                committed = self.journal.settle(held)
             except Exception as exc:  # no answer without its commit: the round's connections are dropped
                 committed = False
                 with contextlib.suppress(Exception):

@@ -5794,6 +5794,35 @@ def agree(replica, name):
 
 
 @pytest.mark.etcd
+def test_a_timed_pause_is_in_force_at_once_on_the_replica_that_made_it(tmp_path, etcd):
+    """A timed override is in force while its key lives: the replica that wrote it must count it
+    at once, not at its next poll (an alert right after `pause 10m` ran on it)."""
+    ran = tmp_path / "paused.txt"
+    with Fleet(tmp_path, etcd, {"Paused": stamping(ran, 0)}) as fleet:
+        a = fleet.start("a")
+        for _ in range(5):
+            assert control(a, "pause 10m", by="ops")[0] == 200
+            result = a.post_alert(webhook(alert("Paused")))[1]["results"][0]
+            assert (result["result"], result.get("reason")) == ("dry_run", "disabled"), result
+            assert control(a, "undo", by="ops")[0] == 200
+        assert stamps(ran) == []
+
+
+@pytest.mark.etcd
+def test_rearm_of_one_alert_leaves_the_cooldowns_claimed_beside_it(tmp_path, etcd):
+    """Cooldowns of the same length claimed in one webhook share one lease: rearming one of them
+    must not revoke the others' (they would end on every replica at once)."""
+    with Fleet(tmp_path, etcd, {name: stamping(tmp_path / f"{name}.txt", 300) for name in ("One", "Two")}) as fleet:
+        a, b = fleet.start("a"), fleet.start("b")
+        results = a.post_alert(webhook(alert("One"), alert("Two")))[1]["results"]
+        assert [r["result"] for r in results] == ["executed", "executed"]
+        assert control(a, "rearm One", by="ops")[0] == 200
+        time.sleep(0.5)  # every replica's poll has seen it
+        assert b.post_alert(webhook(alert("Two")))[1]["results"][0]["result"] == "cooldown_skip"
+        assert b.post_alert(webhook(alert("One")))[1]["results"][0]["result"] == "executed"
+
+
+@pytest.mark.etcd
 def test_every_replica_shows_the_same_latest_run_and_its_own_verdict(tmp_path, etcd):
     """Issue 29 (11): one replica showed 'cooldown_skip / no verdict', the other 'executed / not
     healed' for the same action.  The latest run of each action is shared through etcd: every
