@@ -6576,13 +6576,17 @@ def send_parts(sock: socket.socket, answer: Union[bytes, List[bytes]]) -> None:
         return
     parts = [memoryview(part) for part in answer if part]
     while parts:
-        sent = sock.sendmsg(parts[:512])  # within IOV_MAX (1,024 on Linux)
-        while sent:
-            if sent >= len(parts[0]):
-                sent -= len(parts.pop(0))
-            else:
-                parts[0] = parts[0][sent:]
-                sent = 0
+        _drop_sent(parts, sock.sendmsg(parts[:512]))  # within IOV_MAX (1,024 on Linux)
+
+
+def _drop_sent(views: List[memoryview], sent: int) -> None:
+    """Take what a send took off the front of views."""
+    while sent:
+        if sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
 
 
 def send_some(sock: socket.socket, parts: List[Any]) -> List[memoryview]:
@@ -6591,13 +6595,7 @@ def send_some(sock: socket.socket, parts: List[Any]) -> List[memoryview]:
     views = [part if isinstance(part, memoryview) else memoryview(part) for part in parts if part]
     try:
         while views:
-            sent = sock.sendmsg(views[:512]) if hasattr(sock, "sendmsg") else sock.send(views[0])
-            while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views.pop(0))
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            _drop_sent(views, sock.sendmsg(views[:512]) if hasattr(sock, "sendmsg") else sock.send(views[0]))
     except (BlockingIOError, InterruptedError):
         pass
     return views
