@@ -3764,13 +3764,10 @@ class Journal:
             self._log_recorded(events, texts)
 
     def hold(self) -> None:
-        """From now on this thread's records are not waited for one by one: release waits for all
-        of them at once (one commit), before the thread answers any of its requests."""
+        """From now on this thread's records are not waited for one by one: take_held hands them
+        over, and settle (or settle_now) waits for all of them at once (one commit) before any of
+        the thread's requests is answered."""
         self._held.records = []
-
-    def release(self) -> None:
-        """Wait for the commit of everything recorded since hold, then log it (one write)."""
-        self.settle(self.take_held())
 
     def take_held(self) -> List[Any]:
         """What this thread recorded since hold, to be settled by any thread (settle)."""
