@@ -3994,6 +3994,11 @@ class Control:
                 self.wake.notify_all()
         return self._settings
 
+    def settings_at(self, when: float) -> Settings:
+        """The settings that will be in force at when, from the overrides as they are now (what
+        comes after a pause: the badge's "then LIVE")."""
+        return self._compute(self._stacks, when)[0]
+
     @property
     def persistent(self) -> bool:
         """Whether overrides survive a restart."""
@@ -4755,8 +4760,8 @@ class HealTracker:
 
 class Runs:
     """The latest run of each action, and its verdict: what GET / ("runs") and the page's
-    "healed?" show, never an older run's verdict.  With replicas it is shared through etcd
-    (<prefix>run/<alertname>), so every replica's page tells the same story."""
+    "latest run: verdict" column show, never an older run's verdict.  With replicas it is shared
+    through etcd (<prefix>run/<alertname>), so every replica's page tells the same story."""
 
     def __init__(self, replica: str, shared: Optional["EtcdClaims"], log: Callable[..., None]):
         self.replica = replica
@@ -5413,10 +5418,14 @@ class App:
         limit = settings.max_actions_per_hour
         runs = self.runs.latest()
         mode, paused_until = settings.mode(halted=self.coordination is not None and not self.coordination.up)
+        # What comes when the pause ends, from the overrides below it (another pause, dry-run, ...).
+        # (paused_until is in milliseconds, cut: 10 ms later is surely after it.)
+        then = self.control.settings_at(parse_rfc3339(paused_until) + 0.01).mode()[0] if paused_until else None
         answer = {
             "status": "ok",
             "mode": mode,
             "paused_until": paused_until,
+            "mode_after_pause": then,
             "enabled": settings.enabled,
             "dry_run": settings.dry_run,
             "actions": self.action_names,
@@ -5449,8 +5458,9 @@ class App:
         """GET / for a browser: the status, the last 24 hours of decisions, verdicts and events."""
         now = self.clock()
         summaries = self.store.summaries  # the marks only, never the events' texts: a page's size is bounded
+        latest = [json.loads(text) for _, text in self.store.query(20)]  # whole: their lines say why
         return render_status_page(self.status(), summaries(HISTORY_LIMIT_MAX, since=now - 86400, kind="decision"),
-                                  summaries(100, kind="heal"), summaries(20), now)
+                                  summaries(100, kind="heal"), latest, now)
 
     def render_metrics(self) -> str:
         """The Prometheus text exposition (0.0.4): every family of METRICS, in its order."""
@@ -5549,7 +5559,11 @@ button { font-size: .95em; padding: .35em .7em; margin: .15em; cursor: pointer; 
 .r-failed, .r-error, .r-not_healed { color: #cf222e; }
 .r-dry_run { color: #9a6700; }
 .r-cooldown_skip, .r-skipped, .r-rate_limited { color: #6e7781; }
-svg { width: 100%; min-width: 640px; height: auto; display: block; }
+.timeline { display: flex; }
+.timeline .labels { flex: 0 0 12em; width: 12em; overflow: hidden; display: block; }
+.timeline .scroll { flex: 1 1 auto; }
+svg.marks { width: 100%; min-width: 640px; display: block; }
+summary { cursor: pointer; color: #0969da; margin: .3em 0; }
 .muted { color: #6e7781; }
 .controls { margin: .5em 0; }
 input { font-size: 1em; padding: .3em; max-width: 100%; }
@@ -5560,6 +5574,7 @@ input { font-size: 1em; padding: .3em; max-width: 100%; }
   tr { display: block; border-bottom: 1px solid #ddd; padding: .4em 0; }
   td { display: inline-block; border: 0; padding: .15em .4em; }
   .mode { font-size: .8em; }
+  .timeline .labels { flex-basis: 8.5em; width: 8.5em; }
 }
 """
 # Colours of the 24-hour picture, by result; the legend says them in words.
@@ -5569,7 +5584,21 @@ _MARK_COLOURS = (("executed", "#1a7f37"), ("failed", "#cf222e"), ("error", "#825
 # as it loads, and by page.js, from the <template id="event-line"> the page carries, for each event
 # that arrives later.  The script finds the parts by their class.
 EVENT_LINE = ('<li><span class="what r-{result}"><span class="kind">{kind}</span> <span class="result">{result}'
-              '</span></span> <span class="alertname">{alertname}</span> {time}</li>')
+              '</span></span><span class="why">{why}</span> <span class="alertname">{alertname}</span> {time}</li>')
+WHY_MAX_CHARS = 160  # an event line's reason is cut here: the history has it whole
+
+
+def event_why(event: Mapping[str, Any]) -> str:
+    """Why, after an event line's result: a decision's or verdict's reason in brackets
+    ("skipped (not_opted_in)"), or a control change's command and who ran it ("applied: cooldown
+    X 5m by alice").  page.js's why() says the same."""
+    if event.get("kind") == "control":
+        text = f": {event['command']}" if event.get("command") else ""
+        text += f" by {event['by']}" if event.get("by") else ""
+    else:
+        reason = event.get("reason") or event.get("error")
+        text = f" ({reason})" if reason else ""
+    return text if len(text) <= WHY_MAX_CHARS else text[:WHY_MAX_CHARS - 3] + "..."
 
 
 def _time_tag(timestamp: Optional[float]) -> str:
@@ -5583,57 +5612,87 @@ def _time_tag(timestamp: Optional[float]) -> str:
 
 
 def render_event_line(event: Mapping[str, Any]) -> str:
-    """One event of the list (EVENT_LINE), every value escaped."""
+    """One event of the list (EVENT_LINE), every value escaped.  A control change names its
+    action in its command, so its alertname is not said twice."""
     import html
 
+    alertname = "" if event.get("kind") == "control" else str(event.get("alertname") or "")
     return EVENT_LINE.format(result=html.escape(str(event.get("result", ""))),
-                             kind=html.escape(str(event.get("kind", ""))),
-                             alertname=html.escape(str(event.get("alertname") or "")), time=_time_tag(event["ts"]))
+                             kind=html.escape(str(event.get("kind", ""))), why=html.escape(event_why(event)),
+                             alertname=html.escape(alertname), time=_time_tag(event["ts"]))
+
+
+def _then(status: Mapping[str, Any]) -> str:
+    """What comes after a pause, in words: ", then LIVE" (nothing when unknown)."""
+    after = status.get("mode_after_pause")
+    return f", then {MODE_WORDS[after]}" if after in MODE_WORDS else ""
 
 
 def mode_text(status: Mapping[str, Any]) -> str:
-    """GET /'s mode in the words people read: OFF, DRY-RUN, LIVE, HALTED, or PAUSED until <time>."""
+    """GET /'s mode in the words people read: OFF, DRY-RUN, LIVE, HALTED, or
+    PAUSED until <time>, then <mode>."""
     words = MODE_WORDS[status["mode"]]
-    return f"{words} until {status['paused_until']}" if status.get("paused_until") else words
+    return f"{words} until {status['paused_until']}{_then(status)}" if status.get("paused_until") else words
 
 
 def _mode_markup(status: Mapping[str, Any]) -> str:
     """The mode for the page's badge, a pause's end as a <time> (local and relative once the
-    script runs)."""
+    script runs), and what comes after it."""
     if status.get("paused_until"):
-        return f"{MODE_WORDS[status['mode']]} until {_time_tag(parse_rfc3339(status['paused_until']))}"
+        return (f"{MODE_WORDS[status['mode']]} until {_time_tag(parse_rfc3339(status['paused_until']))}"
+                f"{_then(status)}")
     return MODE_WORDS[status["mode"]]
 
 
-def render_timeline(names: List[str], decisions: List[Mapping[str, Any]], now: float) -> str:
-    """The last 24 hours as inline SVG: one row per action, one mark per decision, by result."""
+# The pictures' spans: the whole day, and its last hour zoomed (an hour of decisions is not one
+# blob at "now"), each with its tick marks (seconds before now) and their labels.
+TIMELINE_SPANS = {"day": (86400, [(h * 3600, f"-{h}h") for h in (24, 18, 12, 6)]),
+                  "hour": (3600, [(m * 60, f"-{m}m") for m in (60, 45, 30, 15)])}
+_ROW = 22  # pixels per action in both columns of a picture, so that a label faces its row
+
+
+def render_timeline(names: List[str], decisions: List[Mapping[str, Any]], now: float, span: str = "day") -> str:
+    """The last 24 hours (or hour) as inline SVG: one row per action, one mark per decision, by
+    result.  The labels are a column of their own that stays put; the marks scroll sideways on a
+    narrow screen (page.js starts them at "now").  x is in percent and y in pixels, so rows line
+    up with their labels at every width and the marks stay round."""
     import html
 
-    width, left, right, row = 960, 190, 930, 22
-    height = row * max(1, len(names)) + 30
+    seconds, ticks = TIMELINE_SPANS[span]
+    height = _ROW * max(1, len(names)) + 30
     colours = dict(_MARK_COLOURS)
     rows = {name: index for index, name in enumerate(names)}
-    parts = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="Decisions of the last 24 hours, '
-             f'one row per action">']
+    labels = [f'<svg class="labels" height="{height}" aria-hidden="true">']
+    marks = [f'<svg class="marks" height="{height}" role="img" aria-label="Decisions of the last '
+             f'{"24 hours" if span == "day" else "hour"}, one row per action">']
     for name, index in rows.items():
-        y = 20 + index * row
-        parts.append(f'<text x="0" y="{y + 4}" font-size="12">{html.escape(name[:28])}</text>'
-                     f'<line x1="{left}" y1="{y}" x2="{right}" y2="{y}" stroke="#eee"/>')
-    for hours in range(0, 25, 6):
-        x = left + (right - left) * (24 - hours) / 24
-        parts.append(f'<text x="{x - 12:.0f}" y="{height - 4}" font-size="10" fill="#6e7781">'
-                     f'{"now" if hours == 0 else f"-{hours}h"}</text>')
+        y = 20 + index * _ROW
+        labels.append(f'<text x="0" y="{y + 4}" font-size="12">{html.escape(name[:28])}</text>')
+        marks.append(f'<line x1="0" y1="{y}" x2="100%" y2="{y}" stroke="#eee"/>')
+    for before, text in ticks + [(0, "now")]:
+        x = 100 * (1 - before / seconds)
+        anchor = "start" if before == seconds else "end" if before == 0 else "middle"
+        marks.append(f'<text x="{x:.2f}%" y="{height - 4}" font-size="10" fill="#6e7781" text-anchor="{anchor}">'
+                     f'{text}</text>')
     for event in decisions:
         index = rows.get(event.get("alertname", ""))
-        if index is None or now - event["ts"] > 86400:
+        if index is None or now - event["ts"] > seconds:
             continue
-        x = left + (right - left) * (1 - (now - event["ts"]) / 86400)
+        x = 100 * (1 - (now - event["ts"]) / seconds)
         result = event.get("result", "")
-        parts.append(f'<circle cx="{x:.1f}" cy="{20 + index * row}" r="4" fill="{colours.get(result, "#999")}">'
+        marks.append(f'<circle cx="{x:.3f}%" cy="{20 + index * _ROW}" r="4" fill="{colours.get(result, "#999")}">'
                      f'<title>{html.escape(result)} at {format_rfc3339(event["ts"])}</title></circle>')
-    parts.append("</svg>")
+    scroll = ' id="timeline"' if span == "day" else ""
+    return (f'<div class="timeline">{"".join(labels)}</svg><div class="wrap scroll"{scroll}>{"".join(marks)}</svg>'
+            '</div></div>')
+
+
+def render_timelines(names: List[str], decisions: List[Mapping[str, Any]], now: float) -> str:
+    """The day's picture, its last hour behind a zoom that needs no script, and the legend."""
     legend = " ".join(f'<span style="color:{colour}">&#9679;</span> {result}' for result, colour in _MARK_COLOURS)
-    return '<div class="wrap" id="timeline">' + "".join(parts) + f'</div><p class="muted">{legend}</p>'
+    return (render_timeline(names, decisions, now) +
+            f'<details><summary>zoom: the last hour</summary>{render_timeline(names, decisions, now, "hour")}'
+            f'</details><p class="muted">{legend}</p>')
 
 
 def _action_rows(status: Mapping[str, Any], decisions: List[Mapping[str, Any]], heals: List[Mapping[str, Any]],
@@ -5706,7 +5765,7 @@ def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, A
         replica = (f'<p>Replica <code>{esc(coordination["replica"])}</code>, coordinated through etcd: ' + (
             "answering.</p>" if coordination["up"] else
             f'<strong>NOT ANSWERING: no action runs</strong> ({esc(coordination["error"] or "")}).</p>'))
-    blank_line = EVENT_LINE.format(result="", kind="", alertname="", time="<time></time>")
+    blank_line = EVENT_LINE.format(result="", kind="", why="", alertname="", time="<time></time>")
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">' + _NO_ICON +
@@ -5715,15 +5774,15 @@ def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, A
         f'<p>{esc(budget_text)}. Alertmanager: <code>{esc(status["alertmanager_url"])}</code>. '
         f'Version {esc(status["version"])}.</p>{replica}'
         '<h2>Actions</h2><div class="wrap"><table><thead><tr><th>action</th><th>cooldown</th><th>left</th>'
-        '<th>last decision</th><th>healed?</th><th></th></tr></thead>'
+        '<th>last decision</th><th>latest run: verdict</th><th></th></tr></thead>'
         f'<tbody>{_action_rows(status, decisions, heals, now)}</tbody></table></div>'
         f'<h2>Overrides</h2>{note}<ul id="overrides">{_override_items(status)}</ul>'
         '<div class="controls"><label>Admin token <input id="token" type="password" autocomplete="off" '
-        'placeholder="AUTOHEAL_ADMIN_TOKEN"></label><br>'
+        'size="24" placeholder="AUTOHEAL_ADMIN_TOKEN"></label><br>'
         '<button data-command="disable 1h">disable 1h</button><button data-command="enable">enable</button>'
         '<button data-command="dry-run on">dry-run on</button><button data-command="dry-run off">dry-run off</button>'
         '<span id="answer" class="muted" role="status"></span></div>'
-        f'<h2>The last 24 hours</h2>{render_timeline(status["actions"], decisions, now)}'
+        f'<h2>The last 24 hours</h2>{render_timelines(status["actions"], decisions, now)}'
         f'<h2>Latest events</h2><ul id="events">{"".join(render_event_line(e) for e in events)}</ul>'
         f'<template id="event-line">{blank_line}</template>'
         '<script src="page.js"></script></body></html>\n')
@@ -5733,6 +5792,7 @@ PAGE_SCRIPT = r"""'use strict';
 (function () {
   var token = '';  // kept in this page's memory only: never in a URL, storage or the history
   var WORDS = {off: 'OFF', dry_run: 'DRY-RUN', live: 'LIVE', paused: 'PAUSED', halted: 'HALTED'};
+  var WHY_MAX = 160;  // WHY_MAX_CHARS
 
   // A time in the reader's local time, and how long ago or from now.
   function local(iso) {
@@ -5760,6 +5820,23 @@ PAGE_SCRIPT = r"""'use strict';
     times(document);
   }
 
+  // Times in a server's text (RFC 3339, UTC) in the reader's local time, as the page shows them.
+  function localText(text) {
+    return String(text).replace(/\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z/g, local);
+  }
+
+  // Why, after an event line's result: the server's event_why() in the same words.
+  function why(event) {
+    var text = '';
+    if (event.kind === 'control') {
+      if (event.command) { text = ': ' + event.command; }
+      if (event.by) { text += ' by ' + event.by; }
+    } else if (event.reason || event.error) {
+      text = ' (' + (event.reason || event.error) + ')';
+    }
+    return text.length <= WHY_MAX ? text : text.slice(0, WHY_MAX - 3) + '...';
+  }
+
   function setTime(t, iso) {
     t.setAttribute('datetime', iso);
     t.title = iso;
@@ -5772,7 +5849,8 @@ PAGE_SCRIPT = r"""'use strict';
     line.querySelector('.what').className = 'what r-' + result;
     line.querySelector('.kind').textContent = String(event.kind || '');
     line.querySelector('.result').textContent = result;
-    line.querySelector('.alertname').textContent = String(event.alertname || '');
+    line.querySelector('.why').textContent = why(event);
+    line.querySelector('.alertname').textContent = event.kind === 'control' ? '' : String(event.alertname || '');
     setTime(line.querySelector('time'), new Date(event.ts * 1000).toISOString());
     var list = document.getElementById('events');
     list.insertBefore(line, list.firstChild);
@@ -5784,26 +5862,65 @@ PAGE_SCRIPT = r"""'use strict';
     source.onmessage = function (message) {
       var event = JSON.parse(message.data);
       show(event);
-      if (event.kind === 'control') { refreshMode(); }
+      if (event.kind === 'control') { refresh(); }
     };
   }
 
-  // The badge, from GET /'s mode and paused_until: the same words the server renders.
-  function refreshMode() {
+  function text(parent, words) {
+    parent.appendChild(document.createTextNode(words));
+  }
+
+  // The overrides in force, as the server's _override_items() lists them, each with its undo.
+  function showOverrides(overrides) {
+    var list = document.getElementById('overrides');
+    list.textContent = '';
+    overrides.forEach(function (o) {
+      var item = document.createElement('li');
+      text(item, '#' + o.id + ' ');
+      var setting = document.createElement('b');
+      setting.textContent = o.setting;
+      item.appendChild(setting);
+      text(item, (o.alertname ? ' ' + o.alertname : '') + ' = ' + JSON.stringify(o.value) + ' by ' + o.by);
+      if (o.until) {
+        text(item, ' until ');
+        var t = document.createElement('time');
+        setTime(t, o.until);
+        item.appendChild(t);
+      }
+      text(item, ' ');
+      var undo = document.createElement('button');
+      undo.setAttribute('data-command', 'undo ' + o.id);
+      undo.textContent = 'undo';
+      item.appendChild(undo);
+      list.appendChild(item);
+    });
+    if (!overrides.length) {
+      var none = document.createElement('li');
+      none.className = 'muted';
+      none.textContent = 'none: the environment is in force';
+      list.appendChild(none);
+    }
+    times(list);
+  }
+
+  // The badge and the overrides, from GET /: the same words the server renders.
+  function refresh() {
     fetch('./', {headers: {'Accept': 'application/json'}})
       .then(function (r) { return r.json(); })
       .then(function (s) {
         var el = document.getElementById('mode');
         el.textContent = WORDS[s.mode] || s.mode;
         if (s.paused_until) {
-          el.textContent += ' until ';
+          text(el, ' until ');
           var t = document.createElement('time');
           setTime(t, s.paused_until);
           el.appendChild(t);
+          if (WORDS[s.mode_after_pause]) { text(el, ', then ' + WORDS[s.mode_after_pause]); }
           times(el);
         }
         el.className = 'mode mode-' + s.mode;
         document.title = 'autoheal: ' + el.textContent;
+        showOverrides(s.overrides || []);
       });
   }
 
@@ -5817,7 +5934,7 @@ PAGE_SCRIPT = r"""'use strict';
       body: JSON.stringify({command: command, by: 'status page', source: 'page'})
     })
       .then(function (r) { return r.json(); })
-      .then(function (body) { answer.textContent = body.ok ? body.text : body.error; refreshMode(); });
+      .then(function (body) { answer.textContent = localText(body.ok ? body.text : body.error); refresh(); });
   }
 
   document.addEventListener('click', function (e) {
@@ -5826,8 +5943,14 @@ PAGE_SCRIPT = r"""'use strict';
   });
   tick();
   setInterval(tick, 1000);
-  var timeline = document.getElementById('timeline');
-  if (timeline) { timeline.scrollLeft = timeline.scrollWidth; }  // a narrow screen starts at "now"
+  document.querySelectorAll('.timeline .scroll').forEach(function (marks) {
+    marks.scrollLeft = marks.scrollWidth;  // a narrow screen starts at "now"
+  });
+  document.querySelectorAll('details').forEach(function (zoom) {
+    zoom.addEventListener('toggle', function () {
+      zoom.querySelectorAll('.scroll').forEach(function (marks) { marks.scrollLeft = marks.scrollWidth; });
+    });
+  });
   if (document.getElementById('events')) { listen(); }  // the status page; the ack pages only show times
 })();
 """

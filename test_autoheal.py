@@ -578,11 +578,21 @@ def test_get_root_says_the_one_mode_and_when_a_pause_ends(tmp_path):
             assert running.json("GET", "/")[1]["mode"] == mode
         status = running.json("GET", "/")[1]
         assert status["paused_until"] == autoheal.format_rfc3339(now[0] + 1800)
-        assert "autoheal is PAUSED until " + status["paused_until"] in autoheal.describe_settings(status)
+        assert status["mode_after_pause"] == "live"  # what comes next, under a stack of overrides
+        assert ("autoheal is PAUSED until " + status["paused_until"] + ", then LIVE"
+                in autoheal.describe_settings(status))
         page = running.request("GET", "/", headers={"Accept": "text/html"})[2].decode()
-        assert 'class="mode mode-paused">PAUSED until <time' in page
+        assert 'class="mode mode-paused">PAUSED until <time' in page and "</time>, then LIVE</span>" in page
+        # A longer pause under a shorter one: the badge says the second pause comes next.
+        assert running.json("POST", "/control", {"command": "pause 2h"}, token)[0] == 200
+        assert running.json("POST", "/control", {"command": "disable 10m"}, token)[0] == 200
+        status = running.json("GET", "/")[1]
+        assert (status["paused_until"], status["mode_after_pause"]) == (autoheal.format_rfc3339(now[0] + 600), "paused")
+        for command in ("undo", "undo"):
+            assert running.json("POST", "/control", {"command": command}, token)[0] == 200
         now[0] += 1801  # the pause is over: live again, with nothing to wait for
-        assert [running.json("GET", "/")[1][key] for key in ("mode", "paused_until")] == ["live", None]
+        assert [running.json("GET", "/")[1][key] for key in ("mode", "paused_until", "mode_after_pause")] == [
+            "live", None, None]
 
 
 def test_replicas_whose_etcd_does_not_answer_say_halted():
@@ -630,6 +640,7 @@ def test_render_timeline_golden():
 def test_render_status_page_golden():
     status = {
         "status": "ok", "mode": "paused", "paused_until": autoheal.format_rfc3339(GOLDEN_NOW + 1800),
+        "mode_after_pause": "live",
         "enabled": False, "dry_run": False, "actions": ["<script>x</script>", "TcpEndpointDownFast"],
         "alertmanager_url": "http://alertmanager:9093", "version": "0.1.0",
         "commands": {"<script>x</script>": "echo '<b>'", "TcpEndpointDownFast": "docker restart crm-api"},
@@ -642,7 +653,10 @@ def test_render_status_page_golden():
         "coordination": {"replica": "r1", "up": True, "error": None, "prefix": "/autoheal/"},
     }
     heals = [{"id": 4, "ts": GOLDEN_NOW - 30, "kind": "heal", "alertname": "TcpEndpointDownFast", "result": "healed"}]
-    events = [{"id": 5, "ts": GOLDEN_NOW - 10, "kind": "control", "result": "applied"}] + GOLDEN_DECISIONS
+    events = [{"id": 6, "ts": GOLDEN_NOW - 5, "kind": "control", "result": "applied",
+               "alertname": "TcpEndpointDownFast", "command": "cooldown TcpEndpointDownFast 5m", "by": "alice <a>"},
+              {"id": 5, "ts": GOLDEN_NOW - 10, "kind": "decision", "result": "skipped", "alertname": "Other",
+               "reason": "not_opted_in"}] + GOLDEN_DECISIONS
     golden("status-page.html", autoheal.render_status_page(status, GOLDEN_DECISIONS, heals, events, GOLDEN_NOW))
 
 
@@ -6326,15 +6340,29 @@ def test_chromium_shows_the_status_page_live_safely_and_its_buttons_work(tmp_pat
     hostile = "<img src=x onerror=\"window.pwned=1\">"
     path = actions_file(tmp_path, {"TcpEndpointDownFast": {"command": ["true"], "cooldown_sec": 300},
                                    "UptimeProbeFailing": {"command": ["false"], "cooldown_sec": 0}})
-    running = AutohealProcess({**ADMIN, **REAL, "AUTOHEAL_ACTIONS_FILE": path,
-                               "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}, tmp_path)
+    # Nothing answers at ALERTMANAGER_URL: when the grace ends, a verdict is "unknown".
+    running = AutohealProcess({**ADMIN, **REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_HEAL_GRACE_SEC": "4",
+                               "ALERTMANAGER_URL": "http://127.0.0.1:9", "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")},
+                              tmp_path)
     try:
-        running.post_alert(webhook(alert(instance=hostile), alert("UptimeProbeFailing"), alert("Unknown")))
+        started = time.time()
+        running.post_alert(webhook(alert(instance=hostile), alert("UptimeProbeFailing"), alert("Unknown"),
+                                   alert("NotOptedIn", opted_in=False)))
         url = f"http://127.0.0.1:{running.port}/"
         chromium.open(url)
         assert chromium.evaluate("document.getElementById('mode').textContent") == "LIVE"  # in words
-        assert chromium.evaluate("document.querySelectorAll('svg circle').length") >= 2  # the 24-hour picture
+        assert chromium.evaluate("document.querySelectorAll('#timeline svg circle').length") >= 2  # the 24 hours
         assert "executed" in chromium.evaluate("document.body.innerText")
+        # The row shows the latest run and its own verdict: pending until the grace ends.
+        row = "Array.from(document.querySelectorAll('tbody tr')).find(r => r.textContent.indexOf('{}') >= 0).innerText"
+        assert "pending" in chromium.evaluate(row.format("TcpEndpointDownFast"))
+        # An event line says why: a skipped alert's reason, served with the page.
+        lines = "Array.from(document.querySelectorAll('#events li')).map(l => l.textContent).join('\\n')"
+        assert "skipped (not_opted_in) NotOptedIn" in chromium.evaluate(lines)
+        # The zoom to the last hour is there without a reload, its marks as many as the day's.
+        chromium.evaluate("document.querySelector('details').open = true")
+        assert chromium.evaluate("document.querySelectorAll('details svg circle').length") == chromium.evaluate(
+            "document.querySelectorAll('#timeline svg circle').length")
         # A decision made after the page loaded appears without a reload.
         chromium.wait_for("typeof EventSource !== 'undefined' && document.querySelectorAll('#events li').length > 0")
         time.sleep(0.5)
@@ -6351,13 +6379,44 @@ def test_chromium_shows_the_status_page_live_safely_and_its_buttons_work(tmp_pat
         chromium.evaluate("document.getElementById('token').value = 'admin-secret-1'; "
                           "document.querySelector('button[data-command=\"disable 1h\"]').click(); true")
         chromium.wait_for("document.getElementById('mode').textContent.indexOf('PAUSED until') === 0")
+        assert chromium.evaluate("document.getElementById('mode').textContent").endswith(", then LIVE")
         status = running.json("GET", "/")[1]
         assert status["enabled"] is False and status["overrides"][0]["by"] == "status page"
+        # The overrides list shows it without a reload, and the confirmation's time is local.
+        chromium.wait_for("document.querySelector('#overrides button[data-command^=\"undo\"]') !== null")
+        overrides = chromium.evaluate("document.getElementById('overrides').innerText")
+        assert "enabled = false by status page until" in overrides and "(in 1 h)" in overrides, overrides
+        answer = chromium.evaluate("document.getElementById('answer').textContent")
+        assert "(in 1 h)" in answer and not re.search(r"\d\dZ", answer), answer
+        # The control change's event line says what was run and by whom.
+        chromium.wait_for("document.querySelector('#events li').textContent.indexOf("
+                          "'control applied: disable 1h by status page') === 0")
+        # Undo from the list: it empties again, still without a reload.
+        chromium.evaluate("document.querySelector('#overrides button[data-command^=\"undo\"]').click(); true")
+        chromium.wait_for("document.getElementById('overrides').innerText.indexOf('none: the environment') === 0")
+        chromium.wait_for("document.getElementById('mode').textContent === 'LIVE'")
+        # Once the grace has ended, the row shows that run's verdict (nothing answered: unknown).
+        time.sleep(max(0.0, 4 - (time.time() - started)))
+        wait_for(lambda: running.json("GET", "/")[1]["runs"]["TcpEndpointDownFast"]["verdict"] != "pending")
+        chromium.open(url)
+        assert "unknown" in chromium.evaluate(row.format("TcpEndpointDownFast"))
         assert not [line for line in running.lines if "admin-secret-1" in line]  # the token is in no log
         assert "admin-secret-1" not in json.dumps(running.json("GET", "/history?limit=100")[1])
         # Readable at 390 px: nothing scrolls sideways.
         chromium.open(url, width=390, height=844, mobile=True)
         assert chromium.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        # The picture's row labels stay on screen, and its marks start at "now".
+        assert chromium.evaluate("Array.from(document.querySelectorAll('#timeline')[0].parentNode"
+                                 ".querySelectorAll('.labels text')).every(t => { var r = t.getBoundingClientRect();"
+                                 " return r.width > 40 && r.left >= 0 && r.left < window.innerWidth; })")
+        assert chromium.evaluate("(function (m) { return m.scrollWidth > m.clientWidth && "
+                                 "m.scrollLeft + m.clientWidth >= m.scrollWidth - 1; })"
+                                 "(document.getElementById('timeline'))")
+        # The token field shows its whole placeholder.
+        assert chromium.evaluate("(function (i) { var c = document.createElement('canvas').getContext('2d');"
+                                 " var s = getComputedStyle(i); c.font = s.fontSize + ' ' + s.fontFamily;"
+                                 " return c.measureText(i.placeholder).width <= i.clientWidth; })"
+                                 "(document.getElementById('token'))")
         chromium.screenshot("status-390.png")
         assert chromium.problems() == []  # no script error, no CSP violation
     finally:
