@@ -249,7 +249,7 @@ DEFAULT_STATE_FILE = "autoheal-state.db"
 # The results a decision can have once the alert reached its action (README: "What happens to each alert"),
 # plus rate_limited (the global budget).  Every allow-listed alertname has a counter for each.
 ACTION_RESULTS = ("executed", "failed", "dry_run", "cooldown_skip", "error", "rate_limited")
-SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted", "disabled")
+SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted", "disabled", "missing_label", "target_refused")
 ACK_OUTCOMES = ("created", "existing", "extended", "previewed", "error")
 HEAL_RESULTS = ("healed", "not_healed", "acknowledged", "unknown")
 # A dry-run decision's verdict: what healing would have addressed (never counted as a heal).
@@ -269,6 +269,13 @@ BUILTIN_ACTIONS = (
 # Docker 20.10 speaks API 1.41, and every newer engine still serves it.
 DOCKER_API_VERSION = "1.41"
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+DEFAULT_COOLDOWN_BY = ("alertname",)
+DOCKER_IDLE_MAX = 4  # kept connections per Docker daemon
+DOCKER_IDLE_SEC = 30.0  # a kept connection unused this long is closed
+DOCKER_HOSTS_MAX = 256  # Docker daemons with a client kept
+# {label:NAME} in a command's argument or an action's docker_host: that label's value, checked.
+PLACEHOLDER = re.compile(r"\{label:([a-zA-Z_][a-zA-Z0-9_]*)\}")
+TARGET_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")  # what a substituted value may hold
 
 OUTPUT_TAIL_BYTES = 4096
 MAX_REQUEST_LINE = 8192
@@ -361,6 +368,20 @@ class Action:
     docker_api: bool = False
     escalate: Tuple[Any, ...] = ()  # further steps (Action each) when a run does not heal
     give_up_after: Optional[int] = None  # not_healed verdicts in a row that switch the action off
+    cooldown_by: Tuple[str, ...] = ("alertname",)  # the labels whose values key a cooldown (a target)
+    targets: Tuple[str, ...] = ()  # glob patterns every {label:NAME} value of the command must match
+    docker_host: Optional[str] = None  # this action's Docker engine (else DOCKER_HOST), maybe a template
+    docker_hosts: Tuple[str, ...] = ()  # glob patterns a {label:NAME} value in docker_host must match
+
+    @property
+    def per_target(self) -> bool:
+        """Whether its cooldowns are per target (cooldown_by names more than the alertname)."""
+        return self.cooldown_by != DEFAULT_COOLDOWN_BY
+
+    @property
+    def templated(self) -> bool:
+        """Whether its command or Docker host takes values from the alert's labels."""
+        return bool(self.targets or self.docker_hosts)
 
     @property
     def stop_timeout_sec(self) -> int:
@@ -404,6 +425,7 @@ class Config:
     events_heartbeat_sec: float = 15.0
     shutdown_grace_sec: float = 10.0
     docker_host: str = DEFAULT_DOCKER_HOST
+    docker_tls: Optional[Tuple[str, str, str]] = None  # DOCKER_TLS_VERIFY: ca.pem, cert.pem, key.pem
     compose_project: Optional[str] = None
     heal_grace_sec: float = 600.0
     alertmanager_public_url: Optional[str] = None
@@ -499,6 +521,8 @@ class Config:
         if bool(values.get("etcd_user")) != bool(values.get("etcd_password")):
             problems.append("AUTOHEAL_ETCD_USER and AUTOHEAL_ETCD_PASSWORD: set both or neither")
         values["compose_project"] = env.get("COMPOSE_PROJECT_NAME") or None
+        if env.get("DOCKER_TLS_VERIFY"):  # as the docker CLI: set to anything at all, TLS is on
+            values["docker_tls"] = docker_tls_files(env, problems)
         if "AUTOHEAL_STATE_FILE" in env:
             values["state_file"] = env["AUTOHEAL_STATE_FILE"]
             values["state_file_explicit"] = True
@@ -753,7 +777,7 @@ def build_actions(
         where = f"action {alertname!r}"
         if not alertname or not isinstance(entry, dict):
             raise ValueError(f"{where}: expected a table with a command")
-        unknown = set(entry) - {"command", "cooldown_sec", "timeout_sec", "docker_api", "escalate", "give_up_after"}
+        unknown = set(entry) - ACTION_KEYS
         if unknown:
             raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r}")
         cooldown = _number_field(entry, "cooldown_sec", where, allow_zero=True)
@@ -764,13 +788,72 @@ def build_actions(
         if give_up is not None and (isinstance(give_up, bool) or not isinstance(give_up, int) or give_up < 1
                                     or give_up > 1000):
             raise ValueError(f"{where}: give_up_after must be a whole number from 1 to 1000")
+        fleet = _fleet_fields(alertname, entry, where)
         first = _command_step(alertname, entry, f"{where}", cooldown, default_cooldown, default_timeout,
-                              named_cooldowns)
+                              named_cooldowns)._replace(**fleet)
         escalate = tuple(_command_step(alertname, step, f"{where}, escalate step {index}", cooldown,
-                                       default_cooldown, default_timeout, named_cooldowns, step=True)
+                                       default_cooldown, default_timeout, named_cooldowns, step=True)._replace(**fleet)
                          for index, step in enumerate(steps, start=2))
+        for command in (first,) + escalate:
+            _check_placeholders(command, where)
         actions[alertname] = first._replace(escalate=escalate, give_up_after=give_up)
     return actions
+
+
+ACTION_KEYS = {"command", "cooldown_sec", "timeout_sec", "docker_api", "docker_host", "escalate", "give_up_after",
+               "cooldown_by", "targets", "docker_hosts"}
+
+
+def _fleet_fields(alertname: str, entry: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """cooldown_by, targets and docker_hosts of an action (its steps share them), checked."""
+    fields: Dict[str, Any] = {}
+    by = entry.get("cooldown_by", list(DEFAULT_COOLDOWN_BY))
+    if (not isinstance(by, list) or not by or len(by) > 10
+            or not all(isinstance(name, str) and _LABEL_NAME.match(name) for name in by) or len(set(by)) != len(by)):
+        raise ValueError(f"{where}: cooldown_by must be a list of up to 10 distinct label names")
+    by = ["alertname"] + [name for name in by if name != "alertname"]
+    if len(by) > 1 and "/" in alertname:
+        raise ValueError(f"{where}: an action with cooldown_by by target cannot have '/' in its alertname")
+    fields["cooldown_by"] = tuple(by)
+    for key in ("targets", "docker_hosts"):
+        patterns = entry.get(key, [])
+        if (not isinstance(patterns, list) or len(patterns) > 100
+                or not all(isinstance(p, str) and 0 < len(p) <= 200 for p in patterns)):
+            raise ValueError(f"{where}: {key} must be a list of up to 100 glob patterns")
+        fields[key] = tuple(patterns)
+    return fields
+
+
+def _check_placeholders(action: Action, where: str) -> None:
+    """A {label:NAME} in a command needs targets; in docker_host, docker_hosts (else the start
+    stops, naming the action)."""
+    if any(PLACEHOLDER.search(word) for word in action.argv) and not action.targets:
+        raise ValueError(f"{where}: its command takes {{label:...}} values, so it must list targets: the glob "
+                         "patterns every value must match")
+    if action.docker_host and PLACEHOLDER.search(action.docker_host) and not action.docker_hosts:
+        raise ValueError(f"{where}: its docker_host takes {{label:...}} values, so it must list docker_hosts: "
+                         "the glob patterns every value must match")
+    if action.docker_host and not PLACEHOLDER.search(action.docker_host):
+        try:
+            parse_docker_host(action.docker_host)
+        except ValueError as exc:
+            raise ValueError(f"{where}: docker_host: {exc}") from None
+    if action.docker_host and not action.docker_api:
+        raise ValueError(f"{where}: docker_host is for docker_api actions (a command is run as it is)")
+
+
+def docker_tls_files(env: Mapping[str, str], problems: List[str]) -> Optional[Tuple[str, str, str]]:
+    """DOCKER_TLS_VERIFY: ca.pem, cert.pem and key.pem from DOCKER_CERT_PATH (default ~/.docker),
+    each readable (else a problem naming the file)."""
+    folder = env.get("DOCKER_CERT_PATH") or os.path.join(os.path.expanduser("~"), ".docker")
+    files = tuple(os.path.join(folder, name) for name in ("ca.pem", "cert.pem", "key.pem"))
+    for path in files:
+        try:
+            parse_readable_file(path)
+        except ValueError as exc:
+            problems.append(f"DOCKER_TLS_VERIFY is set, so {path} is needed (DOCKER_CERT_PATH): {exc}")
+            return None
+    return files  # type: ignore[return-value]
 
 
 def _command_step(alertname: str, entry: Any, where: str, cooldown: Optional[float], default_cooldown: float,
@@ -779,10 +862,10 @@ def _command_step(alertname: str, entry: Any, where: str, cooldown: Optional[flo
     if step:
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: expected a table with a command")
-        unknown = set(entry) - {"command", "timeout_sec", "docker_api"}
+        unknown = set(entry) - {"command", "timeout_sec", "docker_api", "docker_host"}
         if unknown:
             raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r} (a step takes command, timeout_sec, "
-                             "docker_api)")
+                             "docker_api, docker_host)")
     command = entry.get("command")
     if isinstance(command, str):
         try:
@@ -803,6 +886,9 @@ def _command_step(alertname: str, entry: Any, where: str, cooldown: Optional[flo
     docker_api = entry.get("docker_api", False)
     if not isinstance(docker_api, bool):
         raise ValueError(f"{where}: docker_api must be true or false")
+    docker_host = entry.get("docker_host")
+    if docker_host is not None and (not isinstance(docker_host, str) or not docker_host.strip()):
+        raise ValueError(f"{where}: docker_host must be a string such as tcp://host:2376")
     if docker_api:
         try:
             docker_plan(argv)
@@ -815,6 +901,7 @@ def _command_step(alertname: str, entry: Any, where: str, cooldown: Optional[flo
         cooldown_sec=cooldown if cooldown is not None else named_cooldowns.get(alertname, default_cooldown),
         timeout_sec=timeout if timeout is not None else default_timeout,
         docker_api=docker_api,
+        docker_host=docker_host.strip() if docker_host else None,
     )
 
 
@@ -1074,7 +1161,10 @@ METRICS = (
            ("alertname", "result")),
     Family("autoheal_action_last_timestamp", "gauge",
            "Unix time of the last action of an alertname (dry-run included), 0 before the first."),
-    Family("autoheal_cooldown_remaining_seconds", "gauge", "Seconds until the next action of an alertname is allowed."),
+    Family("autoheal_cooldown_remaining_seconds", "gauge",
+           "Seconds until the next action of an alertname is allowed (per-target: until its last target's)."),
+    Family("autoheal_cooldown_targets", "gauge",
+           "Targets of an alertname in cooldown now (label sets of its cooldown_by; 0 or 1 without one)."),
     Family("autoheal_cooldown_seconds", "gauge", "Configured cooldown of an alertname's action."),
     Family("autoheal_action_duration_seconds", "summary", "Wall time of commands that ran, by alertname."),
     Family("autoheal_action_budget_limit", "gauge", "Runs allowed per rolling hour across all alertnames (0: no budget)."),
@@ -1253,6 +1343,10 @@ class Exposition:
         claimed = self.app.claims.all_started()
         started = [claimed.get(name) or 0.0 for name in names]
         cooldowns = [settings.cooldowns[name] for name in names]
+        remaining, cooling = self.app.cooldowns_now(settings, now)
+        if cooling:  # per-target actions: the newest start and the longest wait of their targets
+            started = [max([started[index]] + [entry[1] for entry in cooling.get(name, ())])
+                       for index, name in enumerate(names)]
 
         def plain_labels() -> List[str]:
             return labels
@@ -1267,8 +1361,9 @@ class Exposition:
             "autoheal_actions_total": (self._result_series(ACTION_RESULTS),
                                        per_alertname_values(counters["autoheal_actions_total"], names, ACTION_RESULTS)),
             "autoheal_action_last_timestamp": (plain_labels, started),
-            "autoheal_cooldown_remaining_seconds": (plain_labels, self.app.claims.remaining_all(
-                names, settings.cooldowns, now)),
+            "autoheal_cooldown_remaining_seconds": (plain_labels, remaining),
+            "autoheal_cooldown_targets": (plain_labels, [len(cooling[name]) if name in cooling else int(left > 0)
+                                                         for name, left in zip(names, remaining)]),
             "autoheal_cooldown_seconds": (plain_labels, cooldowns),
             "autoheal_action_duration_seconds": summary("autoheal_action_duration_seconds"),
             "autoheal_heals_total": (self._result_series(HEAL_RESULTS),
@@ -1524,25 +1619,164 @@ class DockerRefused(Exception):
     """The Docker daemon answered with an error (no such container, conflict, ...)."""
 
 
+class DockerTlsError(OSError):
+    """TLS with a Docker daemon failed: its certificate does not verify, or it refused ours."""
+
+
+class DockerHosts:
+    """A DockerClient per daemon: DOCKER_HOST's, and each action's docker_host (templates filled
+    per alert, so at most DOCKER_HOSTS_MAX are kept, the least recently used closed first)."""
+
+    def __init__(self, default_host: str, tls: Optional[Tuple[str, str, str]]):
+        self.tls = tls
+        self.default = DockerClient(default_host, tls)
+        self._lock = threading.Lock()
+        self._clients: "collections.OrderedDict[str, DockerClient]" = collections.OrderedDict()
+
+    def get(self, host: Optional[str]) -> DockerClient:
+        """The client of host (None: DOCKER_HOST's); ValueError when host is not a Docker host."""
+        if host is None or host == self.default.docker_host:
+            return self.default
+        with self._lock:
+            client = self._clients.get(host)
+            if client is not None:
+                self._clients.move_to_end(host)
+                return client
+        client = DockerClient(parse_docker_host(host), self.tls)
+        with self._lock:
+            client = self._clients.setdefault(host, client)
+            self._clients.move_to_end(host)
+            dropped = self._clients.popitem(last=False)[1] if len(self._clients) > DOCKER_HOSTS_MAX else None
+        if dropped is not None:
+            dropped.close_idle(0)
+        return client
+
+    def close_idle(self) -> None:
+        """Close every connection unused for DOCKER_IDLE_SEC."""
+        with self._lock:
+            clients = [self.default] + list(self._clients.values())
+        for client in clients:
+            client.close_idle()
+
+
 class DockerClient:
-    """Just enough of the Docker Engine API: list containers, restart one."""
+    """Just enough of the Docker Engine API of one daemon (DOCKER_HOST, or an action's
+    docker_host): list containers, restart one.  A tcp:// daemon is spoken to over TLS when
+    DOCKER_TLS_VERIFY is set, as the docker CLI does: the daemon verified against ca.pem, and
+    cert.pem/key.pem presented.  Connections are kept for reuse, at most DOCKER_IDLE_MAX idle,
+    each closed once unused for DOCKER_IDLE_SEC; nothing is shared between daemons, so a slow one
+    never holds up calls to another."""
 
-    def __init__(self, docker_host: str):
+    def __init__(self, docker_host: str, tls: Optional[Tuple[str, str, str]] = None):
         self.docker_host = docker_host
+        self.tls = tls if docker_host.startswith("tcp://") else None
+        self._context: Any = None
+        self._lock = threading.Lock()
+        self._idle: List[Tuple[Any, float]] = []  # (connection, when it was last used), newest last
 
-    def call(self, method: str, path: str, timeout: float) -> Any:
-        """One API call; DockerRefused on an error answer, OSError when the daemon does not answer."""
-        import urllib.parse  # here: a start that never calls Docker does not import it
+    def _ssl_context(self) -> Any:
+        import ssl
+
+        with self._lock:
+            if self._context is None:
+                assert self.tls is not None
+                ca, cert, key = self.tls
+                context = ssl.create_default_context(cafile=ca)
+                context.load_cert_chain(cert, key)
+                self._context = context
+            return self._context
+
+    def _connect(self, timeout: float) -> Any:
+        import http.client
+        import urllib.parse
 
         parts = urllib.parse.urlsplit(self.docker_host)
-        unix_path = parts.path if parts.scheme == "unix" else None
-        base = "http://docker" if unix_path else f"http://{parts.netloc}"
-        status, raw = http_request(method, f"{base}/v{DOCKER_API_VERSION}{path}", timeout=timeout,
-                                   unix_path=unix_path)
-        data = decode_answer(raw)
-        if status >= 400:
-            raise DockerRefused(f"Error response from daemon: {answer_reason(data)}")
-        return data
+        if parts.scheme == "unix":
+            connection = http.client.HTTPConnection("docker", timeout=timeout)
+            connection.sock = _unix_socket(parts.path, timeout)
+        elif self.tls is not None:
+            connection = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout,
+                                                     context=self._ssl_context())
+        else:
+            connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+        return connection
+
+    def _take(self, timeout: float) -> Tuple[Any, bool]:
+        """An idle connection (True: reused) or a new one; idle ones unused too long are closed."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [connection for connection, used in self._idle if now - used > DOCKER_IDLE_SEC]
+            self._idle = [(connection, used) for connection, used in self._idle if now - used <= DOCKER_IDLE_SEC]
+            found = self._idle.pop()[0] if self._idle else None
+        for connection in stale:
+            connection.close()
+        if found is not None:
+            found.timeout = timeout
+            if found.sock is not None:
+                found.sock.settimeout(timeout)
+            return found, True
+        return self._connect(timeout), False
+
+    def _give_back(self, connection: Any) -> None:
+        with self._lock:
+            if len(self._idle) < DOCKER_IDLE_MAX:
+                self._idle.append((connection, time.monotonic()))
+                return
+        connection.close()
+
+    def close_idle(self, older_than: float = DOCKER_IDLE_SEC) -> None:
+        """Close the connections unused for older_than seconds (0: all of them)."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [connection for connection, used in self._idle if now - used >= older_than]
+            self._idle = [(connection, used) for connection, used in self._idle if now - used < older_than]
+        for connection in stale:
+            connection.close()
+
+    def call(self, method: str, path: str, timeout: float) -> Any:
+        """One API call; DockerRefused on an error answer, OSError when the daemon does not answer
+        (DockerTlsError when TLS with it fails)."""
+        import http.client
+        import ssl
+
+        for attempt in (1, 2):
+            connection, reused = self._take(timeout)
+            try:
+                connection.request(method, f"/v{DOCKER_API_VERSION}{path}", headers={"Host": "docker"})
+                response = connection.getresponse()
+                raw = response.read(8 << 20)
+            except ssl.SSLError as exc:
+                connection.close()
+                raise DockerTlsError(self._tls_problem(exc)) from None
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                connection.close()
+                if reused and attempt == 1:  # a kept connection the daemon had closed: once more, anew
+                    continue
+                raise
+            except http.client.HTTPException as exc:
+                connection.close()
+                raise OSError(f"bad answer: {exc!r}") from None
+            except OSError:
+                connection.close()
+                raise
+            if response.will_close:
+                connection.close()
+            else:
+                self._give_back(connection)
+            data = decode_answer(raw)
+            if response.status >= 400:
+                raise DockerRefused(f"Error response from daemon: {answer_reason(data)}")
+            return data
+        raise OSError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _tls_problem(self, exc: Any) -> str:
+        """What went wrong in TLS with the daemon, in words that say where to look."""
+        ca, cert, _key = self.tls or ("?", "?", "?")
+        if getattr(exc, "verify_message", None):
+            return (f"the Docker daemon's certificate at {self.docker_host} does not verify against {ca} "
+                    f"({exc.verify_message})")
+        return (f"TLS with the Docker daemon at {self.docker_host} failed ({getattr(exc, 'reason', None) or exc}); "
+                f"does it accept the client certificate {cert}?")
 
     def service_containers(self, service: str, project: Optional[str], timeout: float) -> List[str]:
         """Names of the containers of a compose service (within a project when given)."""
@@ -1595,6 +1829,9 @@ def run_docker_action(action: Action, client: DockerClient, project: Optional[st
     except DockerRefused as exc:
         lines.append(str(exc))
         return RunOutcome("failed", 1, time.monotonic() - started, "\n".join(lines) + "\n")
+    except DockerTlsError as exc:
+        return RunOutcome("error", None, time.monotonic() - started, "\n".join(lines) + "\n" if lines else "",
+                          str(exc))
     except OSError as exc:
         reason = str(exc) or type(exc).__name__
         return RunOutcome("error", None, time.monotonic() - started, "\n".join(lines) + "\n" if lines else "",
@@ -2760,7 +2997,7 @@ def validate_webhook(payload: Any) -> List[Dict[str, Any]]:
 
 CONTROL_USAGE = (
     "status | help | enable | disable [DURATION] (or pause [DURATION]) | dry-run on|off | cooldown NAME DURATION | "
-    "cooldown NAME default | rearm NAME | disable NAME [DURATION] | enable NAME | undo [ID] | reset"
+    "cooldown NAME default | rearm NAME [LABELS] | disable NAME [DURATION] | enable NAME | undo [ID] | reset"
 )
 CONTROL_HELP = (
     "status (or nothing): what is in force and who set it\n"
@@ -2769,13 +3006,16 @@ CONTROL_HELP = (
     "pause [DURATION] is disable [DURATION]\n"
     "dry-run on / dry-run off: only log and count, or run for real\n"
     "cooldown NAME DURATION / cooldown NAME default: the cooldown of one alertname\n"
-    "rearm NAME: end NAME's running cooldown now\n"
+    "rearm NAME: end NAME's running cooldown now (every target's, for a cooldown_by action)\n"
+    "rearm NAME label=\"value\",...: end the running cooldown of NAME's targets that match\n"
     "disable NAME [DURATION] / enable NAME: one action off / on\n"
     "undo [ID]: revert the latest change still in force, or the change with that history id\n"
     "reset: drop every override, back to the environment (final: nothing before it can be undone)\n"
     "DURATION: 90s, 30m, 2h, 1d, 1h30m"
 )
 MAX_COMMAND_CHARS = 500
+REARM_UNDO_MAX = 100
+TARGETS_SHOWN = 100  # GET /: the targets in cooldown listed per action (targets_total counts them all)  # a rearm of many targets: the undo gives back the cooldowns of the first 100
 SLACK_MAX_SKEW_SEC = 300  # Slack's own rule: a request more than five minutes old is a replay
 SLACK_ANSWER_SEC = 2.5  # within Slack's 3 seconds; later answers go to the request's response_url
 
@@ -2820,10 +3060,11 @@ class Override:
 class _Words:
     """The words of one command after its verb, and the checks its verb's parser makes of them."""
 
-    def __init__(self, verb: str, rest: List[str], actions: Mapping[str, Action]):
+    def __init__(self, verb: str, rest: List[str], actions: Mapping[str, Action], text: str = ""):
         self.verb = verb
         self.rest = rest
         self.actions = actions
+        self.text = text  # the whole command, for a verb that reads more than words (rearm's label set)
 
     def not_an_action(self, word: str) -> CommandError:
         actions = self.actions
@@ -2890,8 +3131,101 @@ def _parse_cooldown(words: _Words) -> Command:
 
 
 def _parse_rearm(words: _Words) -> Command:
-    rest = words.arity(1, 1)
-    return Command("rearm", words.name(rest[0]))
+    """rearm NAME, or rearm NAME label="value",... (one target's cooldown: a Prometheus label set)."""
+    if len(words.rest) < 2:
+        rest = words.arity(1, 1)
+        return Command("rearm", words.name(rest[0]))
+    name = words.name(words.rest[0])
+    try:
+        matchers = parse_matchers(words.text.strip().split(None, 2)[2])
+    except ValueError as exc:
+        raise CommandError(f"rearm {name}: {exc}") from None
+    return Command("rearm", name, value=matchers)
+
+
+_MATCHER_NAME = re.compile(r"\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*")
+_MATCHER_ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t", "r": "\r", "`": "`"}
+
+
+def parse_matchers(text: str) -> Tuple[Tuple[str, str, str], ...]:
+    """A label set as Prometheus writes matchers: name="value" (=, !=, =~, !~), comma-separated,
+    braces optional, values in double, single or back quotes (Go's escapes in the first two);
+    ValueError saying at which character it goes wrong."""
+    body = text.strip()
+    offset = len(text) - len(text.lstrip())
+    if body.startswith("{"):
+        if not body.endswith("}"):
+            raise ValueError(f"the label set opens with '{{' but does not end with '}}' (at character {offset + 1})")
+        body, offset = body[1:-1], offset + 1
+    matchers: List[Tuple[str, str, str]] = []
+    at = 0
+    while at < len(body) and body[at:].strip():
+        match = _MATCHER_NAME.match(body, at)
+        if not match:
+            raise ValueError(f"expected a label name and =, !=, =~ or !~ at character {offset + at + 1} of "
+                             f"{text.strip()[:80]!r}")
+        at = match.end()
+        value, at = _matcher_value(body, at, offset, text)
+        if match.group(2) in ("=~", "!~"):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"the regular expression of {match.group(1)} does not compile: {exc}") from None
+        matchers.append((match.group(1), match.group(2), value))
+        rest = body[at:].lstrip()
+        at = len(body) - len(rest)
+        if rest.startswith(","):
+            at += 1
+        elif rest:
+            raise ValueError(f"expected ',' or the end at character {offset + at + 1} of {text.strip()[:80]!r}")
+    if not matchers:
+        raise ValueError("the label set is empty: give label=\"value\" pairs, or no label set at all")
+    return tuple(matchers)
+
+
+def _matcher_value(body: str, at: int, offset: int, text: str) -> Tuple[str, int]:
+    """A quoted value starting at body[at]: (the value, where it ends)."""
+    quote = body[at:at + 1]
+    if quote not in ('"', "'", "`"):
+        raise ValueError(f"expected a quoted value at character {offset + at + 1} of {text.strip()[:80]!r}")
+    out: List[str] = []
+    index = at + 1
+    while index < len(body):
+        char = body[index]
+        if char == quote:
+            return "".join(out), index + 1
+        if char == "\\" and quote != "`":
+            escaped = body[index + 1:index + 2]
+            if escaped not in _MATCHER_ESCAPES:
+                raise ValueError(f"unknown escape '\\{escaped}' at character {offset + index + 1}")
+            out.append(_MATCHER_ESCAPES[escaped])
+            index += 2
+            continue
+        out.append(char)
+        index += 1
+    raise ValueError(f"the value opened at character {offset + at + 1} is never closed")
+
+
+def format_matchers(matchers: Tuple[Tuple[str, str, str], ...]) -> str:
+    """A label set as Prometheus writes it: name="value", ..."""
+    return ", ".join(f"{name}{op}{json.dumps(value)}" for name, op, value in matchers)
+
+
+def matches(matchers: Tuple[Tuple[str, str, str], ...], labels: Mapping[str, str]) -> bool:
+    """Whether a label set matches every matcher (an absent label is the empty string, regular
+    expressions are anchored at both ends: Prometheus's rules)."""
+    for name, op, value in matchers:
+        have = labels.get(name, "")
+        if op == "=":
+            ok = have == value
+        elif op == "!=":
+            ok = have != value
+        else:
+            ok = re.fullmatch(value, have) is not None
+            ok = ok if op == "=~" else not ok
+        if not ok:
+            return False
+    return True
 
 
 def _parse_undo(words: _Words) -> Command:
@@ -2920,7 +3254,7 @@ def parse_command(text: str, actions: Mapping[str, Action]) -> Command:
     parser = COMMAND_PARSERS.get(verb)
     if parser is None:
         raise CommandError(f"unknown command {verb[:40]!r}; usage: {CONTROL_USAGE}")
-    return parser(_Words(verb, words[1:], actions))
+    return parser(_Words(verb, words[1:], actions, text))
 
 
 def slack_signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -3069,6 +3403,39 @@ class Claims:
     def begin(self, alertname: str, deadline: Optional[float] = None) -> None:
         """The action of a claimed cooldown starts now (replicas: its cooldown counts from here)."""
 
+    # -- targets: per-target cooldowns, keyed NAME/{labels} (cooldown_key) ------------------------
+
+    def _left_locked(self, key: str, cooldown: float, now: float) -> float:
+        """Seconds left of one key's cooldown (under the lock)."""
+        return cooldown_remaining(self._started.get(key) or None, cooldown, now)
+
+    def _keys_locked(self) -> Any:
+        """Every key a cooldown may be running under (under the lock)."""
+        return self._started
+
+    def cooling(self, cooldowns: Mapping[str, float], now: float) -> Dict[str, List[Tuple[float, float, str]]]:
+        """The targets in cooldown of every per-target action, at once: (seconds left, started,
+        key) each, by alertname.  One pass over the keys (GET /, /metrics)."""
+        found: Dict[str, List[Tuple[float, float, str]]] = {}
+        with self._lock:
+            for key in [key for key in self._keys_locked() if "/" in key]:
+                name = key.partition("/")[0]
+                cooldown = cooldowns.get(name)
+                if cooldown is None:
+                    continue
+                left = self._left_locked(key, cooldown, now)
+                if left > 0:
+                    found.setdefault(name, []).append((left, self._started.get(key) or 0.0, key))
+        return found
+
+    def rearm_targets(self, alertname: str, keys: List[str], everything: bool) -> None:
+        """End the running cooldowns of these keys of alertname (everything: all of its targets)."""
+        for key in keys:
+            self.rearm(key)
+
+    def prune(self, cooldowns: Mapping[str, float], now: float) -> None:
+        """Forget the targets whose cooldowns ended (a fleet's targets come and go)."""
+
 
 class LocalClaims(Claims):
     """Cooldowns and the hourly budget of one process, each claim one atomic step under one lock.
@@ -3114,9 +3481,18 @@ class LocalClaims(Claims):
                 self._budget.remove(now)
 
     def rearm(self, alertname: str) -> None:
-        """End alertname's running cooldown now (rearm NAME)."""
+        """End alertname's running cooldown now (rearm NAME), or one target's (its key)."""
         with self._lock:
             self._started[alertname] = 0.0
+
+    def prune(self, cooldowns: Mapping[str, float], now: float) -> None:
+        with self._lock:
+            ended = [key for key in self._started if "/" in key and (
+                cooldowns.get(key.partition("/")[0]) is None or self._left_locked(key, cooldowns[key.partition("/")[0]],
+                                                                                   now) <= 0)]
+            for key in ended:
+                del self._started[key]
+                self._replaced.pop(key, None)
 
     def restore(self, alertname: str, started: Optional[float], left: Optional[float] = None) -> None:
         """Put back a cooldown that rearm ended (its undo), unless the alertname acted since."""
@@ -3312,7 +3688,21 @@ class EtcdClaims(Claims):
         self.error: Optional[str] = None
 
     def _key(self, alertname: str) -> str:
-        return f"{self.prefix}cooldown/{alertname}"
+        """A cooldown's key in etcd: <prefix>cooldown/NAME, or for a target's
+        <prefix>cooldown/NAME/<digest of its label set> (the label set itself is in the value)."""
+        name, slash, labels = alertname.partition("/")
+        if not slash:
+            return f"{self.prefix}cooldown/{alertname}"
+        import hashlib
+
+        return f"{self.prefix}cooldown/{name}/{hashlib.sha256(labels.encode('utf-8')).hexdigest()[:32]}"
+
+    def _left_locked(self, key: str, cooldown: float, now: float) -> float:
+        seen = self._seen.get(key)
+        return 0.0 if seen is None else max(1.0, seen[1] - (time.monotonic() - seen[2]))
+
+    def _keys_locked(self) -> Any:
+        return self._seen
 
     def _call(self, path: str, body: Mapping[str, Any], deadline: Optional[float]) -> Dict[str, Any]:
         try:
@@ -3424,7 +3814,8 @@ class EtcdClaims(Claims):
         writes = []
         for name in winners:
             seconds = int(math.ceil(cooldown_of[name])) + self.spare
-            value = json.dumps({"replica": self.replica, "started": now, "ttl": seconds, "cooldown": cooldown_of[name]})
+            value = json.dumps({"replica": self.replica, "started": now, "ttl": seconds, "cooldown": cooldown_of[name],
+                                "key": name})
             if cooldown_of[name] > 0:  # a cooldown of 0 keeps no key (only its budget slot, if any)
                 writes.append({"request_put": {"key": _b64(self._key(name)), "value": _b64(value),
                                                "lease": leases[seconds]}})
@@ -3502,6 +3893,20 @@ class EtcdClaims(Claims):
         with self._lock:
             self._see(alertname, None)
 
+    def rearm_targets(self, alertname: str, keys: List[str], everything: bool) -> None:
+        """All of alertname's targets: every key under <prefix>cooldown/NAME/ at once, also those
+        another replica claimed that this one has not seen yet; some: theirs, 64 to a transaction."""
+        if everything:
+            prefix = f"{self.prefix}cooldown/{alertname}/"
+            self._call("kv/deleterange", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}, None)
+        else:
+            for start in range(0, len(keys), 64):
+                self._call("kv/txn", {"success": [{"request_delete_range": {"key": _b64(self._key(key))}}
+                                                  for key in keys[start:start + 64]]}, None)
+        with self._lock:
+            for key in keys:
+                self._see(key, None)
+
     def restore(self, alertname: str, started: Optional[float], left: Optional[float] = None) -> None:
         """Put back what a rearm took from a cooldown (its undo): a key on a lease of the seconds
         it had left then (no replica's clock is compared), unless the alertname acted since."""
@@ -3510,7 +3915,7 @@ class EtcdClaims(Claims):
         seconds = int(math.ceil(left)) + 1
         lease = self._call("lease/grant", {"TTL": seconds}, None)["ID"]
         key = _b64(self._key(alertname))
-        value = json.dumps({"replica": self.replica, "started": time.time(), "ttl": seconds})
+        value = json.dumps({"replica": self.replica, "started": time.time(), "ttl": seconds, "key": alertname})
         answer = self._call("kv/txn", {"compare": [{"key": key, "target": "CREATE", "create_revision": "0"}],
                                        "success": [{"request_put": {"key": key, "value": _b64(value),
                                                                     "lease": lease}}]}, None)
@@ -3563,7 +3968,7 @@ class EtcdClaims(Claims):
         for kv in latest.get("kvs") or []:
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 shared_runs[_unb64(kv["key"])[len(runs):]] = dict(json.loads(_unb64(kv.get("value", ""))))
-        found = {_unb64(kv["key"])[len(cooldowns):]: kv for kv in running.get("kvs") or []}
+        found = {self._name_of(_unb64(kv["key"])[len(cooldowns):], kv): kv for kv in running.get("kvs") or []}
         with self._lock:
             for name in set(self._seen) | set(found):
                 self._see(name, found.get(name))
@@ -3575,6 +3980,17 @@ class EtcdClaims(Claims):
         if not kvs:
             return None, 0, live
         return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"]), live
+
+    @staticmethod
+    def _name_of(suffix: str, kv: Mapping[str, Any]) -> str:
+        """What a cooldown key in etcd is claimed by here: NAME, or a target's key (from its value)."""
+        if "/" not in suffix:
+            return suffix
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            key = json.loads(_unb64(kv.get("value", ""))).get("key")
+            if isinstance(key, str) and key.partition("/")[0] == suffix.partition("/")[0]:
+                return key
+        return suffix
 
     def put_control(self, text: str, revision: int, deadline: Optional[float] = None,
                     timed: Optional[Mapping[int, float]] = None) -> int:
@@ -3612,7 +4028,84 @@ def judge(alert: Mapping[str, Any], settings: Settings, actions: Mapping[str, Ac
         return Decision(alertname, "skipped", "not_allowlisted")
     if alertname in settings.disabled:  # switched off at runtime (disable NAME)
         return Decision(alertname, "skipped", "disabled")
+    if action.per_target or action.templated:
+        return _fleet_decision(alertname, action, alert["labels"])
     return Decision(alertname, "pending", action=action)
+
+
+def _fleet_decision(alertname: str, action: Action, labels: Mapping[str, Any]) -> "Decision":
+    """An action of a fleet: its target (the cooldown_by labels, each one present) and its command
+    filled from the labels (each value checked), else skipped saying which label and why."""
+    target = None
+    if action.per_target:
+        target = {}
+        for name in action.cooldown_by:
+            value = labels.get(name)
+            if not isinstance(value, str):
+                return Decision(alertname, "skipped", "missing_label", detail={"label": name})
+            target[name] = value
+    filled = fill_action(action, labels) if action.templated else action
+    if isinstance(filled, dict):
+        return Decision(alertname, "skipped", "target_refused", detail=filled)
+    decision = Decision(alertname, "pending", action=filled)
+    if target is not None:
+        decision.key, decision.target = cooldown_key(alertname, target), target
+    return decision
+
+
+def cooldown_key(alertname: str, target: Mapping[str, str]) -> str:
+    """What claims a target's cooldown by: NAME/{"label":"value",...} (cooldown_by's order).  In
+    etcd its key is <prefix>cooldown/NAME/<digest of the label set> (EtcdClaims)."""
+    return alertname + "/" + json.dumps({name: value for name, value in target.items() if name != "alertname"},
+                                        separators=(",", ":"))
+
+
+def target_of_key(key: str) -> Dict[str, str]:
+    """The label set a cooldown key stands for (its alertname first)."""
+    name, _, rest = key.partition("/")
+    try:
+        labels = json.loads(rest) if rest else {}
+    except ValueError:
+        labels = {}
+    return {"alertname": name, **(labels if isinstance(labels, dict) else {})}
+
+
+def fill_action(action: Action, labels: Mapping[str, Any]) -> Union[Action, Dict[str, str]]:
+    """The action with its {label:NAME} placeholders filled (each value whole, within its own
+    argument, never through a shell), or why not: {"label", "value", "why"}.  A value must be
+    there, hold only [A-Za-z0-9][A-Za-z0-9_.:-]{0,127} and match one of the action's patterns
+    (targets for the command, docker_hosts for docker_host)."""
+    import fnmatch
+
+    refused: List[Dict[str, str]] = []
+
+    def fill(text: str, patterns: Tuple[str, ...], key: str) -> str:
+        def one(match: Any) -> str:
+            name = match.group(1)
+            value = labels.get(name)
+            if not isinstance(value, str):
+                why = "the alert has no such label"
+            elif not TARGET_VALUE.fullmatch(value):
+                why = "it holds characters outside [A-Za-z0-9][A-Za-z0-9_.:-]{0,127}"
+            elif not any(fnmatch.fnmatchcase(value, pattern) for pattern in patterns):
+                why = f"it matches none of the action's {key}"
+            else:
+                return value
+            if not refused:
+                shown = json.dumps(value[:64])[1:-1] if isinstance(value, str) else None
+                refused.append({"label": name, "value": shown, "why": why} if shown is not None
+                               else {"label": name, "why": why})
+            return ""
+
+        return PLACEHOLDER.sub(one, text)
+
+    argv = tuple(fill(word, action.targets, "targets") for word in action.argv)
+    host = fill(action.docker_host, action.docker_hosts, "docker_hosts") if action.docker_host else None
+    if refused:
+        return refused[0]
+    if argv == action.argv and host == action.docker_host:
+        return action
+    return action._replace(argv=argv, display=shlex.join(argv), docker_host=host)
 
 
 # Every kind of event the history holds, with the results it can have (/history?kind=&result=
@@ -3643,11 +4136,14 @@ class Decision:
     """What the gates decided for one alert; result "run" until the command ends."""
 
     __slots__ = ("alertname", "result", "reason", "action", "cooldown_remaining", "outcome", "event", "fold_into",
-                 "claim", "step")
+                 "claim", "step", "key", "target", "detail")
 
     def __init__(self, alertname: str, result: str, reason: Optional[str] = None, action: Optional[Action] = None,
-                 cooldown_remaining: float = 0.0):
+                 cooldown_remaining: float = 0.0, detail: Optional[Dict[str, str]] = None):
         self.alertname = alertname
+        self.key = alertname  # what its cooldown is claimed by: the alertname, or a target's key
+        self.target: Optional[Dict[str, str]] = None  # a per-target action's target (cooldown_by's labels)
+        self.detail = detail  # a skip's particulars: the label missing or refused
         self.result = result
         self.reason = reason
         self.action = action
@@ -3678,7 +4174,8 @@ class Decision:
         """Its history event: a run starting (kind "run") or the decision."""
         action = self.action
         event = make_event(kind, now, alertname=self.alertname, result="started" if kind == "run" else self.result,
-                           reason=self.reason or None, action=action.display if action is not None else None,
+                           reason=self.reason or None, **(self.detail or {}), target=self.target,
+                           action=action.display if action is not None else None,
                            cooldown_remaining_seconds=math.ceil(self.cooldown_remaining) if action is not None
                            else None, step=self.step if self.step > 1 else None, labels=alert["labels"],
                            fingerprint=alert.get("fingerprint", ""), starts_at=alert.get("startsAt", ""))
@@ -3694,10 +4191,14 @@ class Decision:
     def answer(self) -> Dict[str, Any]:
         """Its part of the webhook's answer."""
         if self.result == "skipped":
+            if self.detail:
+                return {"alertname": self.alertname, "result": "skipped", "reason": self.reason, **self.detail}
             return {"alertname": self.alertname, "result": "skipped", "reason": self.reason}
         answer: Dict[str, Any] = {"alertname": self.alertname, "result": self.result,
                                   "action": self.action.display if self.action else None,
                                   "cooldown_remaining_seconds": math.ceil(self.cooldown_remaining)}
+        if self.target is not None:
+            answer["target"] = self.target
         if self.reason:
             answer["reason"] = self.reason
         outcome = self.outcome
@@ -4057,8 +4558,13 @@ class Control:
     def _change_running_cooldown(self, command: Command, change: Mapping[str, Any], event: Mapping[str, Any]) -> None:
         """rearm ends a running cooldown; its undo puts it back."""
         try:
-            if command.verb == "rearm":
+            if command.verb == "rearm" and "ended" in change:  # targets
+                self.claims.rearm_targets(change["alertname"], change["ended"], change["everything"])
+            elif command.verb == "rearm":
                 self.claims.rearm(command.alertname or "")
+            elif command.verb == "undo" and change["target"]["kind"] == "rearm" and "keys" in change["target"]:
+                for key, started, left in change["target"]["keys"]:
+                    self.claims.restore(key, started, left)
             elif command.verb == "undo" and change["target"]["kind"] == "rearm":
                 self.claims.restore(change["alertname"], change["started"], change.get("left"))
         except CoordinationUnavailable as exc:
@@ -4136,6 +4642,8 @@ class Control:
             return ({"setting": setting, "alertname": alertname, "old": self._current(setting, alertname), "new": new,
                      "until": format_rfc3339(until) if until else None},
                     {"kind": "override", "setting": setting, "alertname": alertname, "value": value, "until": until})
+        if command.verb == "rearm" and (command.value or self.actions[command.alertname or ""].per_target):
+            return self._plan_rearm_targets(command, now)
         if command.verb == "rearm":
             started = self.claims.started(command.alertname or "")
             left = self.claims.remaining(command.alertname or "", self._settings.cooldowns[command.alertname], now)
@@ -4149,6 +4657,28 @@ class Control:
             # before it can be undone any more (undo of an earlier change: 409).
             return ({"setting": "all", "old": dropped, "new": 0}, {"kind": "reset"})
         return self._plan_undo(command)
+
+    def _plan_rearm_targets(self, command: Command, now: float) -> Any:
+        """rearm NAME of a per-target action (every target in cooldown), or rearm NAME with a label
+        set (the targets that match it): the keys to end, and the first REARM_UNDO_MAX of them
+        with what they had left, for an undo."""
+        name = command.alertname or ""
+        cooldown = self._settings.cooldowns[name]
+        if self.actions[name].per_target:
+            cooling = self.claims.cooling({name: cooldown}, now).get(name, [])
+        else:
+            left = self.claims.remaining(name, cooldown, now)
+            cooling = [(left, self.claims.started(name) or 0.0, name)] if left > 0 else []
+        matchers = command.value or ()
+        ended = sorted((entry for entry in cooling if matches(matchers, target_of_key(entry[2]))), reverse=True)
+        if matchers and not ended:
+            return f"no target of {name} in cooldown matches {{{format_matchers(matchers)}}}"
+        most = max((left for left, _started, _key in ended), default=0.0)
+        return ({"setting": "cooldown_running", "alertname": name, "old": math.ceil(most), "new": 0,
+                 "targets": len(ended)},
+                {"kind": "rearm", "alertname": name, "started": None, "left": most,
+                 "keys": [[key, started, left] for left, started, key in ended[:REARM_UNDO_MAX]],
+                 "ended": [key for _left, _started, key in ended], "everything": not matchers})
 
     def _plan_undo(self, command: Command) -> Any:
         targets = [change for change in self._changes if command.value is None or change["id"] == command.value]
@@ -4169,8 +4699,12 @@ class Control:
             return ({"setting": target["setting"], "alertname": alertname, "old": self._current(*key),
                      "new": self._value_in(after, *key, now), "undoes": target["id"]},
                     {"kind": "undo", "target": target})
-        left = (cooldown_remaining(target["started"] or None, self._settings.cooldowns[alertname], now)
-                if not self.shared else target.get("left") or 0.0)
+        if "keys" in target:  # targets' cooldowns: the longest of what each gets back
+            left = max((cooldown_remaining(started or None, self._settings.cooldowns[alertname], now)
+                        if not self.shared else kept or 0.0 for _key, started, kept in target["keys"]), default=0.0)
+        else:
+            left = (cooldown_remaining(target["started"] or None, self._settings.cooldowns[alertname], now)
+                    if not self.shared else target.get("left") or 0.0)
         return ({"setting": "cooldown_running", "alertname": alertname, "old": 0, "new": math.ceil(left),
                  "undoes": target["id"]},
                 {"kind": "undo", "target": target, "alertname": alertname, "started": target["started"],
@@ -4203,7 +4737,8 @@ class Control:
                             "alertname": change["alertname"]})
         elif kind == "rearm":
             changes.append({"id": event_id, "kind": "rearm", "alertname": change["alertname"],
-                            "started": change["started"], "left": change.get("left")})
+                            "started": change["started"], "left": change.get("left"),
+                            **({"keys": change["keys"]} if "keys" in change else {})})
         elif kind == "reset":
             stacks, changes = {}, []
         else:  # undo
@@ -4339,10 +4874,12 @@ class LocalControl(Control):
                 built.append(self._apply(change, event_id, fields["by"], now))
                 return self._text(*built[0])
 
-            cooldowns = {command.alertname: 0.0} if command.verb == "rearm" else None
-            if change["kind"] == "undo" and change["target"]["kind"] == "rearm" and \
-                    self.claims.started(change["alertname"]) in (None, 0.0) and change["started"]:
-                cooldowns = {change["alertname"]: change["started"]}
+            cooldowns = ({key: 0.0 for key in change.get("ended", [command.alertname])} if command.verb == "rearm"
+                         else None)
+            if change["kind"] == "undo" and change["target"]["kind"] == "rearm":
+                kept = change["target"].get("keys") or [[change["alertname"], change["started"], None]]
+                cooldowns = {key: started for key, started, _left in kept
+                             if started and self.claims.started(key) in (None, 0.0)} or None
             self.journal.record([event], cooldowns, control=after)
             self._stacks, self._changes = built[0]
             self._build_settings(now)
@@ -4758,6 +5295,35 @@ class HealTracker:
                 self.after_verdict(pending, result)
 
 
+def cooldowns_now(claims: Claims, names: List[str], per_target: FrozenSet[str], settings: Settings,
+                  now: float) -> Tuple[List[float], Dict[str, List[Tuple[float, float, str]]]]:
+    """Seconds left of each action's cooldown (a per-target action's: of its longest-waiting
+    target), and the targets in cooldown of the per-target ones (Claims.cooling)."""
+    left = claims.remaining_all(names, settings.cooldowns, now)
+    if not per_target:
+        return left, {}
+    cooling = claims.cooling(settings.cooldowns, now)
+    return [max((entry[0] for entry in cooling.get(name, ())), default=0.0) if name in per_target else remaining
+            for name, remaining in zip(names, left)], cooling
+
+
+def cooldown_status(name: str, remaining: float, cooling: Mapping[str, List[Tuple[float, float, str]]],
+                    settings: Settings, per_target: bool) -> Dict[str, Any]:
+    """GET /'s cooldowns[NAME]: its length, what is left, the targets in cooldown (newest first,
+    at most TARGETS_SHOWN) and how many; per target, when the first of them may act again."""
+    from heapq import nlargest
+
+    targets = cooling.get(name) or ([(remaining, 0.0, name)] if remaining > 0 and not per_target else [])
+    shown = nlargest(TARGETS_SHOWN, targets, key=lambda entry: entry[1])
+    status = {"cooldown_seconds": settings.cooldowns[name], "remaining_seconds": round(remaining, 3),
+              "targets": [{"target": target_of_key(key), "remaining_seconds": round(left, 3)}
+                          for left, _started, key in shown],
+              "targets_total": len(targets)}
+    if per_target:
+        status["soonest_seconds"] = round(min((entry[0] for entry in targets), default=0.0), 3)
+    return status
+
+
 class Runs:
     """The latest run of each action, and its verdict: what GET / ("runs") and the page's
     "latest run: verdict" column show, never an older run's verdict.  With replicas it is shared
@@ -4793,9 +5359,10 @@ class Runs:
         with self._lock:
             self._latest = runs
 
-    def ended(self, alertname: str, run_id: Optional[int], at: float, result: str) -> None:
-        record = {"id": run_id, "at": format_rfc3339(at), "target": {"alertname": alertname}, "replica": self.replica,
-                  "result": result, "verdict": "pending" if result == "executed" else None}
+    def ended(self, alertname: str, run_id: Optional[int], at: float, result: str,
+              target: Optional[Mapping[str, str]] = None) -> None:
+        record = {"id": run_id, "at": format_rfc3339(at), "target": dict(target or {"alertname": alertname}),
+                  "replica": self.replica, "result": result, "verdict": "pending" if result == "executed" else None}
         with self._lock:
             self._latest[alertname] = record
         self._share(alertname, record, new=True)
@@ -4880,7 +5447,7 @@ class Escalation:
             app.journal.record([decision.event_of("decision", alert, app.clock())],
                                heals=app.heals.follow(runs, now) if runs else None)
             if runs:
-                app.runs.ended(decision.alertname, decision.event.get("id"), now, decision.result)
+                app.runs.ended(decision.alertname, decision.event.get("id"), now, decision.result, decision.target)
         except Exception as exc:  # a step that fails to start is said, and the rest goes on
             app.log({"event": "error", "message": f"escalation step {step} of {pending.get('alertname')}: "
                      f"{type(exc).__name__}: {exc}"}, "error")
@@ -4895,7 +5462,12 @@ class Escalation:
             decision.step = step
             if decision.result != "pending":
                 return decision
-            decision.action = step_action
+            filled = fill_action(step_action, alert["labels"]) if step_action.templated else step_action
+            if isinstance(filled, dict):
+                decision.result, decision.reason, decision.detail, decision.action = ("skipped", "target_refused",
+                                                                                      filled, None)
+                return decision
+            decision.action = filled
             try:
                 [claim] = app.claims.claim_all([(f"{decision.alertname}#step{step}", 0.0)],
                                                settings.max_actions_per_hour, app.clock(), None, settings.revision)
@@ -5073,12 +5645,13 @@ class App:
         self.config = config
         self.actions = config.actions
         self.action_names = sorted(self.actions)
+        self._per_target = frozenset(name for name, action in self.actions.items() if action.per_target)
         self.env = dict(env or {})
         self.clock = clock
         self.processes = ProcessRegistry()
         self.started_at = clock()
         self.alertmanager = AlertmanagerClient(config.alertmanager_url, config.alertmanager_timeout_sec)
-        self.docker = DockerClient(config.docker_host)
+        self.docker = DockerHosts(config.docker_host, config.docker_tls)
         self.journal = Journal(clock, log_stream)
         self.log = self.journal.log
         self.feed = EventFeed(config.max_event_listeners)
@@ -5144,7 +5717,8 @@ class App:
             self.store.tag = f'"replica":{json.dumps(config.replica)},'
             return EtcdClaims(client, config.etcd_prefix, config.replica)
         return LocalClaims(
-            {name: min(started, now) for name, started in self.store.load_cooldowns().items() if name in self.actions},
+            {name: min(started, now) for name, started in self.store.load_cooldowns().items()
+             if name.partition("/")[0] in self.actions and started},
             self.store.load_budget_times(now - BUDGET_WINDOW_SEC, config.max_actions_per_hour))
 
     def effective(self) -> Settings:
@@ -5195,6 +5769,9 @@ class App:
                 seen = now_served
             elif now_served != trimmed:
                 self.store.tidy()
+                self.docker.close_idle()
+                if self._per_target:
+                    self.claims.prune(self.effective().cooldowns, self.clock())
                 if trim is not None:
                     self.feed.compact()
                     self.heals.compact()
@@ -5243,7 +5820,8 @@ class App:
             self.journal.record([decision.event_of("decision", alert, self.clock()) for alert, decision in runs],
                                 heals=self.heals.follow(runs, now))
             for _alert, decision in runs:
-                self.runs.ended(decision.alertname, (decision.event or {}).get("id"), now, decision.result)
+                self.runs.ended(decision.alertname, (decision.event or {}).get("id"), now, decision.result,
+                                decision.target)
         if self.heals.following:
             self.heals.resolve(alerts, self.clock())
         return [decision.answer() for decision in decisions]
@@ -5263,7 +5841,7 @@ class App:
             try:
                 # One atomic claim per alert: however many deliveries of an alert arrive at once,
                 # one of them wins the cooldown window.
-                claims = self.claims.claim_all([(d.alertname, settings.cooldowns[d.alertname]) for d in pending],
+                claims = self.claims.claim_all([(d.key, settings.cooldowns[d.alertname]) for d in pending],
                                                settings.max_actions_per_hour, now, deadline, settings.revision)
             except StaleSettings:
                 if attempt < 2:
@@ -5282,7 +5860,7 @@ class App:
                 continue
             decision.settle(claims[index], settings)
             if decision.result in ("dry_run", "run"):
-                cooldowns[decision.alertname] = now
+                cooldowns[decision.key] = now
         return decisions, cooldowns, settings
 
     def count(self, decisions: List[Decision], received: bool = True) -> None:
@@ -5338,7 +5916,7 @@ class App:
         one is an error (state_unavailable) instead, its claim given back, and nothing runs."""
         for decision in decisions:
             if decision.claim is not None:
-                self.claims.release(decision.alertname, decision.claim, now)
+                self.claims.release(decision.key, decision.claim, now)
                 decision.result, decision.reason = "error", "state_unavailable"
                 decision.claim = decision.event = None
                 decision.cooldown_remaining = 0.0  # given back: no cooldown runs
@@ -5389,14 +5967,19 @@ class App:
         assert action is not None
         with self._action_slots:
             try:
-                self.claims.begin(decision.alertname)  # replicas: the cooldown counts from here
+                self.claims.begin(decision.key)  # replicas: the cooldown counts from here
             except CoordinationUnavailable as exc:
                 decision.result, decision.reason = "error", "coordination_unavailable"
                 decision.outcome = RunOutcome("error", None, 0.0, "", f"not started: etcd did not answer ({exc})")
                 self.counters.add("autoheal_actions_total", (action.alertname, "error"))
                 return
             if action.docker_api:
-                outcome = run_docker_action(action, self.docker, self.config.compose_project)
+                try:
+                    client = self.docker.get(action.docker_host)
+                except ValueError as exc:  # a template filled into something that is no Docker host
+                    outcome = RunOutcome("error", None, 0.0, "", f"docker_host {action.docker_host!r}: {exc}")
+                else:
+                    outcome = run_docker_action(action, client, self.config.compose_project)
             else:
                 outcome = run_command(action.argv, command_environment(self.env, alert), action.timeout_sec,
                                       self.processes)
@@ -5408,12 +5991,17 @@ class App:
 
     # -- what people and scrapers read ----------------------------------------------------
 
+    def cooldowns_now(self, settings: Settings,
+                      now: float) -> Tuple[List[float], Dict[str, List[Tuple[float, float, str]]]]:
+        """Seconds left of each action's cooldown, and the targets in cooldown (cooldowns_now)."""
+        return cooldowns_now(self.claims, self.action_names, self._per_target, settings, now)
+
     def status(self) -> Dict[str, Any]:
         """The answer of GET /."""
         now = self.clock()
         settings = self.effective()
-        left = self.claims.remaining_all(self.action_names, settings.cooldowns, now)
-        cooldowns = {name: {"cooldown_seconds": settings.cooldowns[name], "remaining_seconds": round(remaining, 3)}
+        left, cooling = self.cooldowns_now(settings, now)
+        cooldowns = {name: cooldown_status(name, remaining, cooling, settings, name in self._per_target)
                      for name, remaining in zip(self.action_names, left)}
         limit = settings.max_actions_per_hour
         runs = self.runs.latest()
@@ -5713,6 +6301,11 @@ def _action_rows(status: Mapping[str, Any], decisions: List[Mapping[str, Any]], 
         remaining = cooldown["remaining_seconds"]
         left = (f'<span class="countdown" data-until="{format_rfc3339(now + remaining)}">'
                 f'{esc(format_duration(remaining))}</span>' if remaining > 0 else "ready")
+        if "soonest_seconds" in cooldown:  # per target: how many are cooling, and the first to end
+            total, soonest = cooldown.get("targets_total", 0), cooldown["soonest_seconds"]
+            left = "ready" if not total else (
+                f'{total} target{"s" if total != 1 else ""} cooling, the first ready in <span class="countdown" '
+                f'data-until="{format_rfc3339(now + soonest)}">{esc(format_duration(soonest))}</span>')
         decision = last_decision.get(name)
         last = (f'<span class="r-{esc(decision["result"])}">{esc(decision["result"])}</span> '
                 f'{_time_tag(decision["ts"])}' if decision else "none yet")

@@ -2328,6 +2328,7 @@ def test_a_scrape_shows_what_changed_since_the_last_one_and_nothing_else():
         changed = {line for line in after.splitlines()} - {line for line in first.splitlines()}
         assert all(line.startswith(("autoheal_actions_total", "autoheal_alerts_received_total",
                                     "autoheal_action_last_timestamp", "autoheal_cooldown_remaining_seconds",
+                                    "autoheal_cooldown_targets",
                                     "autoheal_state_commits_total", "autoheal_action_budget_remaining",
                                     "autoheal_history_oldest_timestamp")) for line in changed), changed
 
