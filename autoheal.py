@@ -3014,8 +3014,8 @@ CONTROL_HELP = (
     "DURATION: 90s, 30m, 2h, 1d, 1h30m"
 )
 MAX_COMMAND_CHARS = 500
-REARM_UNDO_MAX = 100
-TARGETS_SHOWN = 100  # GET /: the targets in cooldown listed per action (targets_total counts them all)  # a rearm of many targets: the undo gives back the cooldowns of the first 100
+REARM_UNDO_MAX = 100  # a rearm of many targets: the undo gives back the cooldowns of the first 100
+TARGETS_SHOWN = 100  # GET /: the targets in cooldown listed per action (targets_total counts them all)
 SLACK_MAX_SKEW_SEC = 300  # Slack's own rule: a request more than five minutes old is a replay
 SLACK_ANSWER_SEC = 2.5  # within Slack's 3 seconds; later answers go to the request's response_url
 
