@@ -794,8 +794,8 @@ def build_actions(
         escalate = tuple(_command_step(alertname, step, f"{where}, escalate step {index}", cooldown,
                                        default_cooldown, default_timeout, named_cooldowns, step=True)._replace(**fleet)
                          for index, step in enumerate(steps, start=2))
-        for command in (first,) + escalate:
-            _check_placeholders(command, where)
+        for index, command in enumerate((first,) + escalate, start=1):
+            _check_placeholders(command, where if index == 1 else f"{where}, escalate step {index}")
         actions[alertname] = first._replace(escalate=escalate, give_up_after=give_up)
     return actions
 

@@ -2040,6 +2040,173 @@ def test_without_etcd_nothing_changes_no_replica_key_no_coordination_series():
 
 
 # ---------------------------------------------------------------------------------------------
+# Fleets: per-target cooldowns, targets from labels, rearm by a label set
+# ---------------------------------------------------------------------------------------------
+
+
+FLEET = {"TcpEndpointDownFast": {"command": ["true"], "cooldown_sec": 300, "cooldown_by": ["instance"]}}
+
+
+def results(answer):
+    return [result["result"] for result in answer[1]["results"]]
+
+
+def test_per_target_cooldowns_heal_each_instance_once_and_say_which_target(tmp_path):
+    clock = FakeClock()
+    env = {**REAL, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, FLEET), "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "3"}
+    with serving(env, clock=clock) as running:
+        status, body = running.post_alert(webhook(alert(instance="web-1:80"), alert(instance="web-2:80")))
+        assert status == 200 and results((status, body)) == ["executed", "executed"]
+        assert body["results"][0]["target"] == {"alertname": "TcpEndpointDownFast", "instance": "web-1:80"}
+        # A repeat of one target finds its own cooldown; the other target's is its own.
+        again = running.post_alert(webhook(alert(instance="web-1:80")))
+        assert results(again) == ["cooldown_skip"] and again[1]["results"][0]["target"]["instance"] == "web-1:80"
+        # Without the label that keys the cooldown: skipped, naming it.
+        assert running.post_alert(webhook(alert()))[1]["results"] == [
+            {"alertname": "TcpEndpointDownFast", "result": "skipped", "reason": "missing_label", "label": "instance"}]
+        # The hourly budget stays one budget across targets.
+        clock.advance(1)
+        assert results(running.post_alert(webhook(alert(instance="web-3:80"), alert(instance="web-4:80")))) == [
+            "executed", "rate_limited"]
+        clock.advance(10)
+        cooldown = running.json("GET", "/")[1]["cooldowns"]["TcpEndpointDownFast"]
+        assert cooldown["targets_total"] == 3 and cooldown["remaining_seconds"] == 290
+        assert [entry["target"]["instance"] for entry in cooldown["targets"]][0] == "web-3:80"  # newest first
+        assert [entry["remaining_seconds"] for entry in cooldown["targets"]] == [290, 289, 289]
+        assert cooldown["soonest_seconds"] == 289
+        assert running.metric('autoheal_cooldown_targets{alertname="TcpEndpointDownFast"}') == 3
+        metrics = running.request("GET", "/metrics")[2].decode()
+        assert "web-1" not in metrics  # the metrics keep the alertname label only
+        executed = running.json("GET", "/history?kind=decision&result=executed")[1]["events"]
+        assert sorted(event["target"]["instance"] for event in executed) == ["web-1:80", "web-2:80", "web-3:80"]
+        page = running.request("GET", "/", headers={"Accept": "text/html"})[2].decode()
+        assert "3 targets cooling, the first ready in" in page
+        clock.advance(290)  # every target's cooldown is over
+        assert running.json("GET", "/")[1]["cooldowns"]["TcpEndpointDownFast"]["targets_total"] == 0
+        assert running.metric('autoheal_cooldown_targets{alertname="TcpEndpointDownFast"}') == 0
+
+
+def test_rearm_ends_one_targets_cooldown_by_its_label_set_and_undo_puts_it_back(tmp_path):
+    clock = FakeClock()
+    env = {**ADMIN, **REAL, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, FLEET)}
+    with serving(env, clock=clock) as running:
+        assert results(running.post_alert(webhook(alert(instance="web-1:80"), alert(instance="web-2:80")))) == [
+            "executed", "executed"]
+        status, body = control(running, 'rearm TcpEndpointDownFast instance="web-1:80"')
+        assert status == 200 and body["ok"], body
+        assert results(running.post_alert(webhook(alert(instance="web-1:80"), alert(instance="web-2:80")))) == [
+            "executed", "cooldown_skip"]
+        # The label set is read as Prometheus reads matchers; bad syntax says where.
+        status, body = control(running, "rearm TcpEndpointDownFast instance=web-1:80")
+        assert status == 400 and "expected a quoted value at character 10" in body["error"], body
+        status, body = control(running, 'rearm TcpEndpointDownFast {instance=~"web-9.*"}')
+        assert status == 409 and "no target of TcpEndpointDownFast in cooldown matches" in body["error"], body
+        # A regular expression ends the cooldowns of every target that matches.
+        status, body = control(running, 'rearm TcpEndpointDownFast {instance=~"web-[12]:80"}')
+        assert status == 200, body
+        assert running.json("GET", "/")[1]["cooldowns"]["TcpEndpointDownFast"]["targets_total"] == 0
+        # Its undo gives both their cooldowns back.
+        assert control(running, "undo")[0] == 200
+        cooldown = running.json("GET", "/")[1]["cooldowns"]["TcpEndpointDownFast"]
+        assert cooldown["targets_total"] == 2, cooldown
+        # rearm NAME ends all of them.
+        assert control(running, "rearm TcpEndpointDownFast")[0] == 200
+        assert results(running.post_alert(webhook(alert(instance="web-1:80"), alert(instance="web-2:80")))) == [
+            "executed", "executed"]
+
+
+def test_per_target_cooldowns_survive_a_restart(tmp_path):
+    env = {**REAL, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, FLEET), "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}
+    first = AutohealProcess(env, tmp_path)
+    try:
+        assert results(first.post_alert(webhook(alert(instance="web-1:80")))) == ["executed"]
+    finally:
+        assert first.stop() == 0
+    second = AutohealProcess(env, tmp_path)
+    try:
+        assert results(second.post_alert(webhook(alert(instance="web-1:80"), alert(instance="web-2:80")))) == [
+            "cooldown_skip", "executed"]
+        cooldown = second.json("GET", "/")[1]["cooldowns"]["TcpEndpointDownFast"]
+        assert sorted(entry["target"]["instance"] for entry in cooldown["targets"]) == ["web-1:80", "web-2:80"]
+    finally:
+        second.stop()
+
+
+def argv_recorder(tmp_path):
+    """A command that writes the arguments it was given, one per line, to argv.txt."""
+    script = tmp_path / "record.py"
+    script.write_text("import sys\nopen(sys.argv[1], 'a').write('\\n'.join(sys.argv[2:]) + '\\n---\\n')\n")
+    return [sys.executable, str(script), str(tmp_path / "argv.txt")]
+
+
+def test_a_label_fills_a_whole_argument_and_values_outside_the_patterns_are_refused(tmp_path):
+    command = argv_recorder(tmp_path) + ["{label:container}", "--name=x-{label:container}-y"]
+    actions = {"ContainerUnhealthy": {"command": command, "cooldown_sec": 0, "targets": ["crm-*", "web-?"],
+                                      "cooldown_by": ["container"]}}
+    env = {**REAL, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, actions)}
+    with serving(env) as running:
+        answer = running.post_alert(webhook(alert("ContainerUnhealthy", container="crm-api")))
+        assert results(answer) == ["executed"]
+        assert answer[1]["results"][0]["action"].endswith("crm-api --name=x-crm-api-y")  # the command as run
+        assert (tmp_path / "argv.txt").read_text() == "crm-api\n--name=x-crm-api-y\n---\n"
+        hostile = "crm-a b;touch " + str(tmp_path / "pwned") + "$(id)" + "x" * 100
+        refused = running.post_alert(webhook(alert("ContainerUnhealthy", container="billing-db"),
+                                             alert("ContainerUnhealthy", container=hostile),
+                                             alert("ContainerUnhealthy", container="web-10"),
+                                             alert("ContainerUnhealthy", host="crm-x")))[1]["results"]
+        assert [r["reason"] for r in refused] == ["missing_label"] * 0 + ["target_refused"] * 3 + ["missing_label"]
+        assert refused[0]["label"] == "container" and refused[0]["value"] == "billing-db"
+        assert "none of the action's targets" in refused[0]["why"]
+        assert len(refused[1]["value"]) <= 64 and "characters outside" in refused[1]["why"]
+        assert refused[2]["value"] == "web-10"  # web-? is one character
+        assert not (tmp_path / "pwned").exists()
+        assert (tmp_path / "argv.txt").read_text().count("---") == 1  # nothing else ran
+        assert running.metric('autoheal_alerts_skipped_total{reason="target_refused"}') == 3
+        events = running.json("GET", "/history?result=skipped")[1]["events"]
+        assert {event["reason"] for event in events} == {"target_refused", "missing_label"}
+
+
+def test_a_placeholder_without_patterns_stops_the_start_naming_the_action(tmp_path):
+    for actions, words in (
+            ({"A": {"command": ["docker", "restart", "{label:container}"]}}, ["'A'", "targets"]),
+            ({"B": {"command": "docker restart crm", "docker_api": True, "docker_host": "tcp://{label:h}:2376"}},
+             ["'B'", "docker_hosts"]),
+            ({"C": {"command": ["true"], "cooldown_by": "instance"}}, ["'C'", "cooldown_by"]),
+            ({"D": {"command": ["true"], "escalate": [{"command": ["echo", "{label:x}"]}], "targets": []}},
+             ["'D'", "escalate step 2", "targets"])):
+        path = actions_file(tmp_path, actions)
+        done = run_module([], env={"AUTOHEAL_ACTIONS_FILE": path})
+        assert done.returncode == 2 and all(word in done.stderr for word in words), (actions, done.stderr)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('instance="web-1:80"', (("instance", "=", "web-1:80"),)),
+    ('{instance="a", job!=\'b\',}', (("instance", "=", "a"), ("job", "!=", "b"))),
+    ('instance=~`web-.*` , zone!~"eu\\\\d"', (("instance", "=~", "web-.*"), ("zone", "!~", "eu\\d"))),
+    ('x="say \\"hi\\""', (("x", "=", 'say "hi"'),)),
+])
+def test_a_label_set_parses_as_prometheus_matchers(text, expected):
+    assert autoheal.parse_matchers(text) == expected
+
+
+@pytest.mark.parametrize("text, where", [
+    ("instance=web", "character 10"), ('instance="a" job="b"', "character 14"), ('{instance="a"', "does not end"),
+    ('instance="a', "never closed"), ('1x="a"', "character 1"), ('x=~"("', "does not compile"), ("{}", "empty"),
+])
+def test_a_bad_label_set_says_where(text, where):
+    with pytest.raises(ValueError, match=where):
+        autoheal.parse_matchers(text)
+
+
+def test_matchers_match_as_prometheus_does():
+    labels = {"instance": "web-1:80"}
+    assert autoheal.matches((("instance", "=~", "web-.*"),), labels)
+    assert not autoheal.matches((("instance", "=~", "web"),), labels)  # anchored at both ends
+    assert autoheal.matches((("job", "=", ""),), labels)  # an absent label is the empty string
+    assert not autoheal.matches((("instance", "!=", "web-1:80"),), labels)
+
+
+# ---------------------------------------------------------------------------------------------
 # The application over HTTP: the webhook, its gates, status, refusals
 # ---------------------------------------------------------------------------------------------
 
@@ -5835,6 +6002,30 @@ def test_rearm_of_one_alert_leaves_the_cooldowns_claimed_beside_it(tmp_path, etc
         time.sleep(0.5)  # every replica's poll has seen it
         assert b.post_alert(webhook(alert("Two")))[1]["results"][0]["result"] == "cooldown_skip"
         assert b.post_alert(webhook(alert("One")))[1]["results"][0]["result"] == "executed"
+
+
+@pytest.mark.etcd
+def test_per_target_cooldowns_are_shared_by_replicas_and_rearmed_one_target_at_a_time(tmp_path, etcd):
+    """Issue 31: two instances of one alertname both heal, a repeat of one does not on the other
+    replica, and a rearm of one target from one replica lets the other replica heal it again."""
+    action = dict(stamping(tmp_path / "fleet.txt", 300), cooldown_by=["instance"])
+    with Fleet(tmp_path, etcd, {"TcpEndpointDownFast": action}) as fleet:
+        a, b = fleet.start("a"), fleet.start("b")
+        one, two = alert(instance="web-1:80"), alert(instance="web-2:80")
+        assert results(a.post_alert(webhook(one, two))) == ["executed", "executed"]
+        assert results(b.post_alert(webhook(one))) == ["cooldown_skip"]
+        keys = etcd.keys(f"{fleet.prefix}cooldown/TcpEndpointDownFast/")
+        assert len(keys) == 2 and all(re.fullmatch(r".*/TcpEndpointDownFast/[0-9a-f]{32}", key) for key in keys)
+        wait_for(lambda: root_of(b)["cooldowns"]["TcpEndpointDownFast"]["targets_total"] == 2, timeout=5)
+        shown = root_of(b)["cooldowns"]["TcpEndpointDownFast"]["targets"]
+        assert sorted(entry["target"]["instance"] for entry in shown) == ["web-1:80", "web-2:80"]
+        assert control(a, 'rearm TcpEndpointDownFast instance="web-2:80"', by="ops")[0] == 200
+        assert results(b.post_alert(webhook(one, two))) == ["cooldown_skip", "executed"]
+        assert len(stamps(tmp_path / "fleet.txt")) == 3
+        # rearm NAME ends every target's cooldown, also those this replica has not seen yet.
+        assert control(b, "rearm TcpEndpointDownFast", by="ops")[0] == 200
+        assert etcd.keys(f"{fleet.prefix}cooldown/TcpEndpointDownFast/") == {}
+        assert results(a.post_alert(webhook(one))) == ["executed"]
 
 
 @pytest.mark.etcd
