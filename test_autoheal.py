@@ -2116,7 +2116,8 @@ def test_rearm_ends_one_targets_cooldown_by_its_label_set_and_undo_puts_it_back(
 
 
 def test_per_target_cooldowns_survive_a_restart(tmp_path):
-    env = {**REAL, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, FLEET), "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}
+    env = {**REAL, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, FLEET),
+           "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}
     first = AutohealProcess(env, tmp_path)
     try:
         assert results(first.post_alert(webhook(alert(instance="web-1:80")))) == ["executed"]
