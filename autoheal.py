@@ -1340,13 +1340,12 @@ class Exposition:
         """The families with a series per alertname, on the pre-escaped label sets."""
         names = self.app.action_names
         labels = self._series_labels
-        claimed = self.app.claims.all_started()
-        started = [claimed.get(name) or 0.0 for name in names]
+        started = [moment or 0.0 for moment in self.app.claims.started_of(names)]
         cooldowns = [settings.cooldowns[name] for name in names]
         remaining, cooling = self.app.cooldowns_now(settings, now)
-        if cooling:  # per-target actions: the newest start and the longest wait of their targets
-            started = [max([started[index]] + [entry[1] for entry in cooling.get(name, ())])
-                       for index, name in enumerate(names)]
+        if self.app.per_target:  # per-target actions: the newest start of their targets
+            last = self.app.claims.last_target_starts()
+            started = [max(started[index], last.get(name, 0.0)) for index, name in enumerate(names)]
 
         def plain_labels() -> List[str]:
             return labels
@@ -1362,7 +1361,7 @@ class Exposition:
                                        per_alertname_values(counters["autoheal_actions_total"], names, ACTION_RESULTS)),
             "autoheal_action_last_timestamp": (plain_labels, started),
             "autoheal_cooldown_remaining_seconds": (plain_labels, remaining),
-            "autoheal_cooldown_targets": (plain_labels, [len(cooling[name]) if name in cooling else int(left > 0)
+            "autoheal_cooldown_targets": (plain_labels, [cooling[name][0] if name in cooling else int(left > 0)
                                                          for name, left in zip(names, remaining)]),
             "autoheal_cooldown_seconds": (plain_labels, cooldowns),
             "autoheal_action_duration_seconds": summary("autoheal_action_duration_seconds"),
@@ -3371,11 +3370,20 @@ class Claims:
     def __init__(self, started: Mapping[str, float]):
         self._lock = threading.Lock()
         self._started: Dict[str, float] = dict(started)
+        # Per-target actions: the keys of each one's targets in cooldown, oldest start first, so that
+        # counting them and showing the newest costs the same with 10 targets as with 100,000.
+        self._targets: Dict[str, "collections.OrderedDict[str, float]"] = {}
+        self._last_target: Dict[str, float] = {}  # per per-target action: its newest target's start
+        for key, moment in sorted(((key, moment) for key, moment in self._started.items() if "/" in key),
+                                  key=lambda item: item[1]):
+            self._put_target(key, moment)
 
-    def all_started(self) -> Dict[str, float]:
-        """When each alertname's last cooldown started, at once (status and /metrics)."""
+    def started_of(self, names: List[str]) -> List[Optional[float]]:
+        """When each name's last cooldown started (None: never), at once (status and /metrics):
+        only these names are read, however many targets' cooldowns are kept beside them."""
         with self._lock:
-            return dict(self._started)
+            started = self._started
+            return [started.get(name) for name in names]
 
     def started(self, alertname: str) -> Optional[float]:
         """When alertname's last cooldown started (None: never)."""
@@ -3392,8 +3400,8 @@ class Claims:
 
     def remaining_all(self, names: List[str], cooldowns: Mapping[str, float], now: float) -> List[float]:
         """Seconds left of each name's cooldown, at once (GET /, /metrics)."""
-        started = self.all_started()
-        return [cooldown_remaining(started.get(name) or None, cooldowns[name], now) for name in names]
+        return [cooldown_remaining(started or None, cooldowns[name], now)
+                for name, started in zip(names, self.started_of(names))]
 
     def claim_all(self, wanted: List[Tuple[str, float]], budget: int, now: float,
                   deadline: Optional[float] = None, fence: Optional[int] = None) -> List[Claim]:
@@ -3413,28 +3421,75 @@ class Claims:
         """Every key a cooldown may be running under (under the lock)."""
         return self._started
 
-    def cooling(self, cooldowns: Mapping[str, float], now: float) -> Dict[str, List[Tuple[float, float, str]]]:
-        """The targets in cooldown of every per-target action, at once: (seconds left, started,
-        key) each, by alertname.  One pass over the keys (GET /, /metrics)."""
-        found: Dict[str, List[Tuple[float, float, str]]] = {}
+    def _put_target(self, key: str, started: float) -> None:
+        """A target's cooldown started (under the lock): its key goes to the end of its action's."""
+        keys = self._targets.get(key.partition("/")[0])
+        if keys is None:
+            keys = self._targets[key.partition("/")[0]] = collections.OrderedDict()
+        keys[key] = started
+        keys.move_to_end(key)
+        name = key.partition("/")[0]
+        if started > self._last_target.get(name, 0.0):
+            self._last_target[name] = started
+
+    def last_target_starts(self) -> Dict[str, float]:
+        """When each per-target action's newest target started (its last action)."""
         with self._lock:
-            for key in [key for key in self._keys_locked() if "/" in key]:
-                name = key.partition("/")[0]
+            return dict(self._last_target)
+
+    def _drop_target(self, key: str) -> None:
+        """A target's cooldown ended before its time (under the lock)."""
+        keys = self._targets.get(key.partition("/")[0])
+        if keys is not None:
+            keys.pop(key, None)
+
+    def _trim_locked(self, name: str, cooldown: float, now: float) -> "collections.OrderedDict[str, float]":
+        """name's targets still in cooldown: those that ended are dropped from the front (the
+        oldest first), each once, and forgotten."""
+        keys = self._targets.get(name) or collections.OrderedDict()
+        while keys:
+            key = next(iter(keys))
+            if self._left_locked(key, cooldown, now) > 0:
+                break
+            keys.popitem(last=False)
+            self._forget_locked(key)
+        return keys
+
+    def _forget_locked(self, key: str) -> None:
+        """A target whose cooldown ended: nothing of it is kept."""
+        self._started.pop(key, None)
+
+    def cooling(self, cooldowns: Mapping[str, float], now: float,
+                limit: int = 100) -> Dict[str, Tuple[int, List[Tuple[float, float, str]], float]]:
+        """Per per-target action: how many targets are in cooldown, the newest limit of them
+        ((seconds left, started, key), newest first) and the seconds left of the oldest."""
+        found: Dict[str, Tuple[int, List[Tuple[float, float, str]], float]] = {}
+        with self._lock:
+            for name in list(self._targets):
                 cooldown = cooldowns.get(name)
                 if cooldown is None:
                     continue
-                left = self._left_locked(key, cooldown, now)
-                if left > 0:
-                    found.setdefault(name, []).append((left, self._started.get(key) or 0.0, key))
+                keys = self._trim_locked(name, cooldown, now)
+                if not keys:
+                    continue
+                newest = [(self._left_locked(key, cooldown, now), moment, key)
+                          for key, moment in itertools.islice(reversed(keys.items()), limit)]
+                found[name] = (len(keys), newest, self._left_locked(next(iter(keys)), cooldown, now))
         return found
+
+    def target_keys(self, name: str, cooldown: float, now: float) -> List[Tuple[float, float, str]]:
+        """Every target of name in cooldown: (seconds left, started, key), newest first."""
+        with self._lock:
+            keys = self._trim_locked(name, cooldown, now)
+            return [(self._left_locked(key, cooldown, now), moment, key) for key, moment in reversed(keys.items())]
 
     def rearm_targets(self, alertname: str, keys: List[str], everything: bool) -> None:
         """End the running cooldowns of these keys of alertname (everything: all of its targets)."""
         for key in keys:
             self.rearm(key)
 
-    def prune(self, cooldowns: Mapping[str, float], now: float) -> None:
-        """Forget the targets whose cooldowns ended (a fleet's targets come and go)."""
+    def commit_done(self, keys: List[str]) -> None:
+        """The cooldown starts of these keys are committed (LocalClaims forgets what they replaced)."""
 
 
 class LocalClaims(Claims):
@@ -3465,6 +3520,8 @@ class LocalClaims(Claims):
                 self._budget.append(now)
             self._replaced[alertname] = self._started.get(alertname)
             self._started[alertname] = now
+            if "/" in alertname:
+                self._put_target(alertname, now)
             return Claim(True, cooldown)
 
     def release(self, alertname: str, claim: Claim, now: float) -> None:
@@ -3475,23 +3532,32 @@ class LocalClaims(Claims):
                 previous = self._replaced.pop(alertname, None)
                 if previous is None:
                     self._started.pop(alertname, None)
+                    self._drop_target(alertname)
                 else:
                     self._started[alertname] = previous
+                    if "/" in alertname:
+                        self._put_target(alertname, previous)
             with contextlib.suppress(ValueError):
                 self._budget.remove(now)
 
     def rearm(self, alertname: str) -> None:
         """End alertname's running cooldown now (rearm NAME), or one target's (its key)."""
         with self._lock:
-            self._started[alertname] = 0.0
+            if "/" in alertname:  # a target: forgotten
+                self._drop_target(alertname)
+                self._forget_locked(alertname)
+            else:
+                self._started[alertname] = 0.0
 
-    def prune(self, cooldowns: Mapping[str, float], now: float) -> None:
+    def _forget_locked(self, key: str) -> None:
+        self._started.pop(key, None)
+        self._replaced.pop(key, None)
+
+    def commit_done(self, keys: List[str]) -> None:
+        """The cooldown starts of these keys are committed: what they replaced is no longer needed
+        (release gives back only a claim whose start could not be committed)."""
         with self._lock:
-            ended = [key for key in self._started if "/" in key and (
-                cooldowns.get(key.partition("/")[0]) is None or self._left_locked(key, cooldowns[key.partition("/")[0]],
-                                                                                   now) <= 0)]
-            for key in ended:
-                del self._started[key]
+            for key in keys:
                 self._replaced.pop(key, None)
 
     def restore(self, alertname: str, started: Optional[float], left: Optional[float] = None) -> None:
@@ -3499,6 +3565,8 @@ class LocalClaims(Claims):
         with self._lock:
             if self._started.get(alertname) in (None, 0.0) and started:
                 self._started[alertname] = started
+                if "/" in alertname:
+                    self._put_target(alertname, started)
 
     def budget_used(self, now: float) -> int:
         """Runs (real or dry) within the rolling hour of the global budget."""
@@ -3717,7 +3785,10 @@ class EtcdClaims(Claims):
         """Note a cooldown key as read (None: there is none), under the lock."""
         if kv is None:
             self._seen.pop(alertname, None)
-            if alertname in self._started:
+            if "/" in alertname:  # a target: forgotten
+                self._started.pop(alertname, None)
+                self._drop_target(alertname)
+            elif alertname in self._started:
                 self._started[alertname] = 0.0
             return
         revision = str(kv.get("mod_revision"))
@@ -3732,6 +3803,8 @@ class EtcdClaims(Claims):
             length, started = MAX_COOLDOWN_SEC, 0.0
         self._seen[alertname] = (revision, length, time.monotonic())
         self._started[alertname] = started
+        if "/" in alertname:
+            self._put_target(alertname, started)
 
     def remaining(self, alertname: str, cooldown: float, now: float) -> float:
         return self.remaining_all([alertname], {alertname: cooldown}, now)[0]
@@ -3788,6 +3861,8 @@ class EtcdClaims(Claims):
                         if seconds in leases:
                             self._seen[name] = (revision, float(cooldown_of[name]), time.monotonic())
                             self._leases[name] = leases[seconds]
+                            if "/" in name:
+                                self._put_target(name, now)
                         self._started[name] = now
                         results[name] = Claim(True, cooldown_of[name])
                     self._budget_used += len(slots)
@@ -4665,7 +4740,7 @@ class Control:
         name = command.alertname or ""
         cooldown = self._settings.cooldowns[name]
         if self.actions[name].per_target:
-            cooling = self.claims.cooling({name: cooldown}, now).get(name, [])
+            cooling = self.claims.target_keys(name, cooldown, now)
         else:
             left = self.claims.remaining(name, cooldown, now)
             cooling = [(left, self.claims.started(name) or 0.0, name)] if left > 0 else []
@@ -5296,31 +5371,33 @@ class HealTracker:
 
 
 def cooldowns_now(claims: Claims, names: List[str], per_target: FrozenSet[str], settings: Settings,
-                  now: float) -> Tuple[List[float], Dict[str, List[Tuple[float, float, str]]]]:
+                  now: float) -> Tuple[List[float], Dict[str, Tuple[int, List[Tuple[float, float, str]], float]]]:
     """Seconds left of each action's cooldown (a per-target action's: of its longest-waiting
     target), and the targets in cooldown of the per-target ones (Claims.cooling)."""
     left = claims.remaining_all(names, settings.cooldowns, now)
     if not per_target:
         return left, {}
-    cooling = claims.cooling(settings.cooldowns, now)
-    return [max((entry[0] for entry in cooling.get(name, ())), default=0.0) if name in per_target else remaining
+    cooling = claims.cooling(settings.cooldowns, now, TARGETS_SHOWN)
+    return [(cooling[name][1][0][0] if name in cooling else 0.0) if name in per_target else remaining
             for name, remaining in zip(names, left)], cooling
 
 
-def cooldown_status(name: str, remaining: float, cooling: Mapping[str, List[Tuple[float, float, str]]],
+def cooldown_status(name: str, remaining: float,
+                    cooling: Mapping[str, Tuple[int, List[Tuple[float, float, str]], float]],
                     settings: Settings, per_target: bool) -> Dict[str, Any]:
     """GET /'s cooldowns[NAME]: its length, what is left, the targets in cooldown (newest first,
     at most TARGETS_SHOWN) and how many; per target, when the first of them may act again."""
-    from heapq import nlargest
-
-    targets = cooling.get(name) or ([(remaining, 0.0, name)] if remaining > 0 and not per_target else [])
-    shown = nlargest(TARGETS_SHOWN, targets, key=lambda entry: entry[1])
+    if name in cooling:
+        total, shown, soonest = cooling[name]
+    else:
+        total, shown, soonest = (1, [(remaining, 0.0, name)], remaining) if remaining > 0 and not per_target else (
+            0, [], 0.0)
     status = {"cooldown_seconds": settings.cooldowns[name], "remaining_seconds": round(remaining, 3),
               "targets": [{"target": target_of_key(key), "remaining_seconds": round(left, 3)}
                           for left, _started, key in shown],
-              "targets_total": len(targets)}
+              "targets_total": total}
     if per_target:
-        status["soonest_seconds"] = round(min((entry[0] for entry in targets), default=0.0), 3)
+        status["soonest_seconds"] = round(soonest, 3)
     return status
 
 
@@ -5645,7 +5722,7 @@ class App:
         self.config = config
         self.actions = config.actions
         self.action_names = sorted(self.actions)
-        self._per_target = frozenset(name for name, action in self.actions.items() if action.per_target)
+        self.per_target = frozenset(name for name, action in self.actions.items() if action.per_target)
         self.env = dict(env or {})
         self.clock = clock
         self.processes = ProcessRegistry()
@@ -5770,8 +5847,8 @@ class App:
             elif now_served != trimmed:
                 self.store.tidy()
                 self.docker.close_idle()
-                if self._per_target:
-                    self.claims.prune(self.effective().cooldowns, self.clock())
+                if self.per_target:  # targets whose cooldowns ended are forgotten, read or not
+                    self.claims.cooling(self.effective().cooldowns, self.clock(), 0)
                 if trim is not None:
                     self.feed.compact()
                     self.heals.compact()
@@ -5905,6 +5982,7 @@ class App:
                 continue
             try:
                 self.journal.record(events, cooldowns, folds, required=True)
+                self.claims.commit_done(list(cooldowns))
             except StateUnavailable:
                 self._fail_closed(decisions, now)
                 return
@@ -5994,14 +6072,14 @@ class App:
     def cooldowns_now(self, settings: Settings,
                       now: float) -> Tuple[List[float], Dict[str, List[Tuple[float, float, str]]]]:
         """Seconds left of each action's cooldown, and the targets in cooldown (cooldowns_now)."""
-        return cooldowns_now(self.claims, self.action_names, self._per_target, settings, now)
+        return cooldowns_now(self.claims, self.action_names, self.per_target, settings, now)
 
     def status(self) -> Dict[str, Any]:
         """The answer of GET /."""
         now = self.clock()
         settings = self.effective()
         left, cooling = self.cooldowns_now(settings, now)
-        cooldowns = {name: cooldown_status(name, remaining, cooling, settings, name in self._per_target)
+        cooldowns = {name: cooldown_status(name, remaining, cooling, settings, name in self.per_target)
                      for name, remaining in zip(self.action_names, left)}
         limit = settings.max_actions_per_hour
         runs = self.runs.latest()

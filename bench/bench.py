@@ -57,7 +57,14 @@ BUDGETS = {
     "resident memory after all": ("MiB", 30, False),
     "--check, whole process (script)": ("ms", 40, False),
     "SIGTERM to exit, idle": ("ms", 100, False),
+    # A fleet (issue 31): one action with cooldown_by ["instance"] and 100,000 targets in cooldown.
+    "fleet: memory of 100,000 targets": ("MiB", 80, False),
+    "fleet: POST of one more target": ("ms", 5, False),
+    "fleet: GET /metrics, 100,000 targets": ("ms", 5, False),
+    "fleet: /metrics bytes added by them": ("B", 100, False),
+    "fleet: start, 100,000 in the state file": ("ms", 1000, False),
 }
+FLEET_TARGETS = 100_000
 
 
 def pinned(cpu: int) -> list:
@@ -245,16 +252,68 @@ def check_ms(port: int) -> float:
     return elapsed
 
 
+def prepare(workdir: Path, actions: dict) -> None:
+    """The working directory of a run: the action map, and autoheal.py compiled as the image has it."""
+    (workdir / "actions.json").write_text(json.dumps({"actions": actions}))
+    (workdir / "app").mkdir()
+    shutil.copy(AUTOHEAL, workdir / "app" / "autoheal.py")
+    subprocess.run([PYTHON, "-m", "compileall", "-q", str(workdir / "app")], check=True)
+
+
+def fleet_body(first: int, count: int) -> bytes:
+    """count alerts of FleetAlert, each a target of its own (instance host-<n>:9100)."""
+    return json.dumps({"version": "4", "alerts": [
+        {"status": "firing", "labels": {"alertname": "FleetAlert", "instance": f"host-{n:06d}:9100"},
+         "annotations": {"autoheal": "true"}} for n in range(first, first + count)]}, separators=(",", ":")).encode()
+
+
+def fleet_run() -> dict:
+    """100,000 targets of one per-target action put in cooldown (dry-run: the claims and the
+    cooldown starts are the same), 5,000 to a webhook: the memory they take above the idle
+    figure, what one more target's webhook costs then, /metrics (its time, and that it does not
+    grow), and a start that reads them back from the state file."""
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="autoheal-fleet-") as name:
+        workdir = Path(name)
+        prepare(workdir, {"FleetAlert": {"command": ["true"], "cooldown_sec": 86400, "cooldown_by": ["instance"]}})
+        server = Server(workdir, True)
+        try:
+            time.sleep(1)
+            idle = resident_mib(server.process.pid)
+            before = raw_get(server.port, "/metrics")[1]
+            for first in range(0, FLEET_TARGETS, 5000):
+                one_post_ms(server.port, fleet_body(first, 5000))
+            time.sleep(0.5)  # the quiet moment's housekeeping (a heap trim) has run
+            figures["fleet: memory of 100,000 targets"] = resident_mib(server.process.pid) - idle
+            status = json.loads(raw_get(server.port, "/")[1])
+            assert status["cooldowns"]["FleetAlert"]["targets_total"] == FLEET_TARGETS, status["cooldowns"]
+            figures["fleet: POST of one more target"] = statistics.median(
+                one_post_ms(server.port, fleet_body(FLEET_TARGETS + n, 1)) for n in range(20))
+            timings = []
+            for _ in range(20):
+                started = time.perf_counter()
+                after = raw_get(server.port, "/metrics")[1]
+                timings.append((time.perf_counter() - started) * 1000)
+            figures["fleet: GET /metrics, 100,000 targets"] = statistics.median(timings)
+            figures["fleet: /metrics bytes added by them"] = len(after) - len(before)
+        finally:
+            server.stop()
+        server = Server(workdir, True)
+        try:
+            figures["fleet: start, 100,000 in the state file"] = (server.ready - server.started) * 1000
+            status = json.loads(raw_get(server.port, "/")[1])
+            assert status["cooldowns"]["FleetAlert"]["targets_total"] >= FLEET_TARGETS, status["cooldowns"]
+        finally:
+            server.stop()
+    return figures
+
+
 def one_run(quick: bool, use_wrk: bool) -> dict:
     figures = {}
     seconds = 2 if quick else 10
     with tempfile.TemporaryDirectory(prefix="autoheal-bench-") as name:
         workdir = Path(name)
-        (workdir / "actions.json").write_text(json.dumps(
-            {"actions": {alertname: {"command": ["true"], "cooldown_sec": 0} for alertname in ALERTNAMES}}))
-        (workdir / "app").mkdir()
-        shutil.copy(AUTOHEAL, workdir / "app" / "autoheal.py")
-        subprocess.run([PYTHON, "-m", "compileall", "-q", str(workdir / "app")], check=True)
+        prepare(workdir, {alertname: {"command": ["true"], "cooldown_sec": 0} for alertname in ALERTNAMES})
         server = Server(workdir, True, image=False)
         figures["cold start to first 200, script"] = (server.ready - server.started) * 1000
         time.sleep(1)
@@ -299,6 +358,7 @@ def one_run(quick: bool, use_wrk: bool) -> dict:
         server = Server(workdir, True)
         time.sleep(0.5)
         figures["SIGTERM to exit, idle"] = server.stop()
+    figures.update(fleet_run())
     return figures
 
 
