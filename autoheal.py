@@ -14,6 +14,7 @@ Usage:
                                    check a live deployment, one PASS/FAIL line per check
     python3 autoheal.py --control "<command>" [--reason TEXT] [--url URL]
                                    send one runtime control command (token from AUTOHEAL_ADMIN_TOKEN)
+    python3 autoheal.py --notify-test   send a test message to each notification channel
     python3 autoheal.py --help     this text
     python3 autoheal.py --version
 
@@ -75,7 +76,13 @@ with exit status 2 and one line naming the variable):
     AUTOHEAL_ETCD_PASSWORD=unset         that user's password
     AUTOHEAL_REPLICA=<host name>         this replica's name, in each event of its history ("replica")
     DOCKER_HOST=unix:///var/run/docker.sock   Docker Engine API of docker_api actions (or tcp://host:port)
+    DOCKER_TLS_VERIFY=unset              set: tcp:// Docker hosts over TLS, with DOCKER_CERT_PATH's
+    DOCKER_CERT_PATH=~/.docker           ca.pem (verifies the daemon), cert.pem and key.pem (ours)
     COMPOSE_PROJECT_NAME=unset           docker compose restart acts within this project only
+    AUTOHEAL_NOTIFY_SLACK_URL=unset      a Slack incoming webhook told what autoheal did (a secret)
+    AUTOHEAL_NOTIFY_WEBHOOK_URLS=unset   JSON receivers, comma-separated, told the same (secrets)
+    AUTOHEAL_NOTIFY_ON=unset             only these kinds or results (run, heal, control, not_healed, ...)
+    AUTOHEAL_NOTIFY_MAX_PENDING=1000     messages waiting per channel; past it the oldest are dropped
 
 Endpoints:
     GET  /                 status: enabled, dry_run, actions, cooldowns, public_base_url, version
@@ -89,9 +96,10 @@ Endpoints:
                            recorded events, newest first; an unknown parameter is a 400
     POST /control          {"command": "disable 1h", "reason": "...", "by": "..."} with the admin token:
                            runtime control (commands: status, help, enable, disable [DURATION],
-                           dry-run on|off, cooldown NAME DURATION|default, rearm NAME,
+                           dry-run on|off, cooldown NAME DURATION|default, rearm NAME [LABELS],
                            disable NAME [DURATION], enable NAME, undo [ID], reset)
     POST /slack/command    the same commands as a Slack slash command (/autoheal <command>)
+    POST /slack/interact   Slack's buttons on autoheal's messages (Ack 30m/2h/24h, Pause NAME 1h)
     GET  /events           Server-Sent Events: "id: <history id>" and "data: <JSON>" per new event;
                            a client reconnecting with Last-Event-ID first gets what it missed
 
@@ -126,7 +134,7 @@ from __future__ import annotations
 #   shared state        replicas share through etcd only what must agree (claims; the control state
 #                       under compare-and-swap, SharedControl); the rest stays per replica in its Store.
 #   a new job           a class of its own with its own lock (Journal, EventFeed, Control, HealTracker,
-#                       Acknowledgements, Exposition), wired together in App.__init__.
+#                       Acknowledgements, Notifier, Exposition), wired together in App.__init__.
 #   a new metric        one row in METRICS.  A counter's values live in App.counters (Counters) under
 #                       the family's name, its preset series in the row, its samples come by its
 #                       labels; any other family's samples are named in Exposition._samples.
@@ -153,12 +161,13 @@ from __future__ import annotations
 #   14. Runtime control: overrides, undo, lapses
 #   15. Did it heal? Verdicts on runs, and escalation
 #   16. Acknowledgements: silences in Alertmanager
-#   17. The application: the parts, wired together, and the webhook's path through them
-#   18. Pages for people
-#   19. Reading requests: HTTP/1.1 framing and parsing
-#   20. The HTTP handler: routes, and what each answers
-#   21. The server
-#   22. Command line
+#   17. Telling people: notifications to Slack and webhooks, and Slack's buttons
+#   18. The application: the parts, wired together, and the webhook's path through them
+#   19. Pages for people
+#   20. Reading requests: HTTP/1.1 framing and parsing
+#   21. The HTTP handler: routes, and what each answers
+#   22. The server
+#   23. Command line
 
 __version__ = "0.1.0"
 
@@ -434,6 +443,11 @@ class Config:
     slack_admins: Tuple[str, ...] = ()
     slack_response_prefix: str = "https://hooks.slack.com/"
     allowed_hosts: Tuple[str, ...] = ()  # host names browsers may reach autoheal by (DNS rebinding)
+    # Telling people (section "Telling people"): the receivers' URLs are secrets.
+    notify_slack_url: Optional[str] = None
+    notify_webhook_urls: Tuple[str, ...] = ()
+    notify_on: Optional[FrozenSet[str]] = None  # kinds and results to send (None: every one of NOTIFY_RESULTS)
+    notify_max_pending: int = 1000
     # Replicas (section "Running more than one"): empty endpoints is one process on its own.
     etcd_endpoints: Tuple[str, ...] = ()
     etcd_prefix: str = "/autoheal/"
@@ -452,7 +466,9 @@ class Config:
 
     def __repr__(self) -> str:
         # Tokens never reach a log line, even through a repr.
-        shown = {name: ("<set>" if value and name.endswith(("_token", "_secret", "_password")) else value)
+        shown = {name: ("<set>" if value and (name.endswith(("_token", "_secret", "_password"))
+                                              or name.startswith("notify_") and name.endswith(("_url", "_urls")))
+                        else value)
                  for name, value in zip(self._fields, self) if name != "actions"}
         return f"Config({', '.join(f'{name}={value!r}' for name, value in shown.items())}, actions={sorted(self.actions)})"
 
@@ -469,7 +485,8 @@ class Config:
             try:
                 into[key] = parse(raw)
             except ValueError as exc:
-                if parse is parse_token:  # a secret: the variable is named, its value never shown
+                if parse in (parse_token, parse_secret_urls) or key == "notify_slack_url":  # a secret: the
+                    # variable is named, its value never shown
                     problems.append(f"{name}: {exc} (the value is a secret: not shown)")
                     return
                 shown = raw if len(raw) <= 60 else raw[:60] + f"... ({len(raw)} characters)"
@@ -521,6 +538,11 @@ class Config:
         if bool(values.get("etcd_user")) != bool(values.get("etcd_password")):
             problems.append("AUTOHEAL_ETCD_USER and AUTOHEAL_ETCD_PASSWORD: set both or neither")
         values["compose_project"] = env.get("COMPOSE_PROJECT_NAME") or None
+        take("notify_slack_url", "AUTOHEAL_NOTIFY_SLACK_URL", lambda raw: parse_secret_urls(raw)[0] if raw.strip()
+             else None)
+        take("notify_webhook_urls", "AUTOHEAL_NOTIFY_WEBHOOK_URLS", parse_secret_urls)
+        take("notify_on", "AUTOHEAL_NOTIFY_ON", parse_notify_on)
+        take("notify_max_pending", "AUTOHEAL_NOTIFY_MAX_PENDING", lambda raw: parse_int(raw, 1, 1_000_000))
         if env.get("DOCKER_TLS_VERIFY"):  # as the docker CLI: set to anything at all, TLS is on
             values["docker_tls"] = docker_tls_files(env, problems)
         if "AUTOHEAL_STATE_FILE" in env:
@@ -616,6 +638,29 @@ def parse_urls(raw: str) -> str:
     if not urls:
         raise ValueError("expected an http:// or https:// URL with a host")
     return ",".join(urls)
+
+
+def parse_secret_urls(raw: str) -> Tuple[str, ...]:
+    """Receivers' URLs, comma-separated (a Slack incoming webhook's holds its secret): each an
+    http(s) URL; ValueError never shows one (take() shows the value: this says it is a secret)."""
+    urls = []
+    for index, part in enumerate(part for part in raw.split(",") if part.strip()):
+        try:
+            urls.append(parse_url(part))
+        except ValueError as exc:
+            raise ValueError(f"URL {index + 1}: {exc}") from None
+    return tuple(urls)
+
+
+def parse_notify_on(raw: str) -> Optional[FrozenSet[str]]:
+    """Kinds and results to notify, comma-separated (run, heal, control, approval; executed,
+    failed, not_healed, ...); empty: all."""
+    words = frozenset(word.strip() for word in raw.split(",") if word.strip())
+    known = set(NOTIFY_RESULTS) | {result for results in NOTIFY_RESULTS.values() for result in results} | {"run"}
+    unknown = sorted(words - known)
+    if unknown:
+        raise ValueError(f"unknown kind or result {unknown[0]!r}; expected some of {', '.join(sorted(known))}")
+    return words or None
 
 
 def parse_etcd_endpoints(raw: str) -> Tuple[str, ...]:
@@ -1203,6 +1248,10 @@ METRICS = (
     Family("autoheal_gave_up_total", "counter",
            "Times autoheal switched an action off itself after give_up_after not_healed verdicts in a row.",
            ("alertname",)),
+    Family("autoheal_notifications_total", "counter",
+           "Notifications by channel (slack, webhook1, ...) and result: sent, failed (an attempt), dropped.",
+           ("channel", "result")),
+    Family("autoheal_notifications_pending", "gauge", "Notifications waiting to be sent, by channel."),
     Family("autoheal_event_listeners", "gauge", "Clients connected to /events."),
     Family("autoheal_connections_dropped_total", "counter",
            "Connections closed with an answer the client did not read: unread_answer (past "
@@ -1326,6 +1375,8 @@ class Exposition:
             "autoheal_overrides": [("", len(settings.overrides))],
             "autoheal_coordination_up": None if app.coordination is None else [("", int(app.coordination.up))],
             "autoheal_event_listeners": [("", app.feed.listeners())],
+            "autoheal_notifications_pending": None if app.notifier is None else [
+                (format_labels({"channel": name}), count) for name, count in app.notifier.pending().items()],
             "autoheal_actions_running": [("", app.processes.count())],
             "autoheal_start_time_seconds": [("", app.started_at)],
         })
@@ -1650,12 +1701,12 @@ class DockerHosts:
             dropped.close_idle(0)
         return client
 
-    def close_idle(self) -> None:
-        """Close every connection unused for DOCKER_IDLE_SEC."""
+    def close_idle(self, older_than: float = DOCKER_IDLE_SEC) -> None:
+        """Close every connection unused for older_than seconds (0: all of them, at the end)."""
         with self._lock:
             clients = [self.default] + list(self._clients.values())
         for client in clients:
-            client.close_idle()
+            client.close_idle(older_than)
 
 
 class DockerClient:
@@ -4311,6 +4362,7 @@ class Journal:
         self._stream = log_stream
         self._lock = threading.Lock()
         self._held = threading.local()  # .records: what this thread recorded and holds (hold)
+        self.on_recorded: Optional[Callable[[List[Dict[str, Any]]], None]] = None  # told of committed events
 
     def log(self, event: Mapping[str, Any], level: str = "info") -> None:
         """Write one JSON log line: its event first, then time (RFC 3339 UTC) and level."""
@@ -4373,6 +4425,8 @@ class Journal:
         return committed
 
     def _log_recorded(self, events: List[Dict[str, Any]], texts: List[Tuple[int, str]]) -> None:
+        if events and self.on_recorded is not None:  # the notifier: told once the events are committed
+            self.on_recorded(events)
         if texts:
             # The recorded text, with time and level in front: one serialisation per event.
             prefix = '{"time":"' + format_rfc3339(self.clock()) + '","level":"'
@@ -5579,6 +5633,12 @@ class _AckCall:
         self.error: Optional[str] = None
 
 
+def autoheals_silence(silence: Mapping[str, Any]) -> bool:
+    """Whether autoheal made a silence: through an /ack link (createdBy "autoheal"), or a Slack
+    button (createdBy the person, the comment "ACK! by <@USERID>")."""
+    return silence.get("createdBy") == CREATED_BY or str(silence.get("comment") or "").startswith("ACK! by <@")
+
+
 class Acknowledgements:
     """/ack and its undo: exact silences in Alertmanager, created (or reused, or extended) and
     expired, each recorded and counted."""
@@ -5594,7 +5654,7 @@ class Acknowledgements:
         self._inflight: Dict[Any, _AckCall] = {}
 
     def acknowledge(self, labels: Dict[str, str], seconds: float, text: str, client: str, user_agent: str,
-                    preview: bool) -> Dict[str, Any]:
+                    preview: bool, created_by: str = CREATED_BY) -> Dict[str, Any]:
         """Create (or reuse, or extend) the exact silence of labels for seconds; PeerError when
         Alertmanager refuses or does not answer.  A preview creates nothing."""
         matchers = matchers_for(labels)
@@ -5604,7 +5664,7 @@ class Acknowledgements:
                     "duration": format_duration(seconds),
                     "message": "a preview creates nothing; open the link to acknowledge"}
         try:
-            outcome, silence_id, ends_at = self._one_at_a_time(matchers, seconds, text)
+            outcome, silence_id, ends_at = self._one_at_a_time(matchers, seconds, text, created_by)
         except PeerError as exc:
             self.counters.add("autoheal_acks_total", ("error",))
             self.journal.record([make_event("ack", self.clock(), result="error", reason=str(exc),
@@ -5614,12 +5674,13 @@ class Acknowledgements:
         self.counters.add("autoheal_acks_total", (outcome,))
         self.journal.record([make_event("ack", self.clock(), result=outcome, alertname=labels["alertname"],
                                         labels=labels, silence_id=silence_id, ends_at=format_rfc3339(ends_at),
-                                        duration=format_duration(seconds), comment=text, client=client,
-                                        user_agent=user_agent)])
+                                        duration=format_duration(seconds), comment=text, created_by=created_by,
+                                        client=client, user_agent=user_agent)])
         return {"ok": True, "silence_id": silence_id, "ends_at": format_rfc3339(ends_at), "matchers": matchers,
                 "outcome": outcome, "labels": labels}
 
-    def _one_at_a_time(self, matchers: List[Dict[str, Any]], seconds: float, text: str) -> Tuple[str, str, float]:
+    def _one_at_a_time(self, matchers: List[Dict[str, Any]], seconds: float, text: str,
+                       created_by: str) -> Tuple[str, str, float]:
         """One click at a time per label set (a double tap must not stack two silences); the wait
         is on an Event, so no lock is held while Alertmanager answers.  A tap behind one that
         failed fails with it: taps never queue one timeout after another."""
@@ -5635,7 +5696,7 @@ class Acknowledgements:
             if other.error is not None:
                 raise PeerError(other.error)
         try:
-            return self._silence(matchers, key, seconds, text)
+            return self._silence(matchers, key, seconds, text, created_by)
         except PeerError as exc:
             mine.error = str(exc)
             raise
@@ -5644,13 +5705,14 @@ class Acknowledgements:
                 self._inflight.pop(key, None)
             mine.done.set()
 
-    def _silence(self, matchers: List[Dict[str, Any]], key: Any, seconds: float, text: str) -> Tuple[str, str, float]:
+    def _silence(self, matchers: List[Dict[str, Any]], key: Any, seconds: float, text: str,
+                 created_by: str) -> Tuple[str, str, float]:
         now = self.clock()
         ends_at = now + seconds
         existing = []
         alertname = next(value for name, value, _regex, _equal in key if name == "alertname")
         for silence in self.alertmanager.silences(alertname):
-            if (silence.get("createdBy") == CREATED_BY and (silence.get("status") or {}).get("state") == "active"
+            if (autoheals_silence(silence) and (silence.get("status") or {}).get("state") == "active"
                     and matcher_key(silence.get("matchers") or []) == key):
                 try:
                     existing.append((parse_rfc3339(silence.get("endsAt", "")), silence))
@@ -5664,12 +5726,12 @@ class Acknowledgements:
             # cannot, it expires the old one and answers with a new id, which is the one we report.
             silence_id = self.alertmanager.post_silence({
                 "id": current["id"], "matchers": matchers, "startsAt": current["startsAt"],
-                "endsAt": format_rfc3339(ends_at), "createdBy": CREATED_BY, "comment": text,
+                "endsAt": format_rfc3339(ends_at), "createdBy": created_by, "comment": text,
             })
             return "extended", silence_id, ends_at
         silence_id = self.alertmanager.post_silence({
             "matchers": matchers, "startsAt": format_rfc3339(now), "endsAt": format_rfc3339(ends_at),
-            "createdBy": CREATED_BY, "comment": text,
+            "createdBy": created_by, "comment": text,
         })
         return "created", silence_id, ends_at
 
@@ -5688,7 +5750,7 @@ class Acknowledgements:
             if exc.status in (404, 500):  # Alertmanager answers an unknown id with 404 or 500
                 raise Unknown(f"silence_id: Alertmanager has no silence {silence_id}") from None
             raise
-        if not isinstance(silence, dict) or silence.get("createdBy") != CREATED_BY:
+        if not isinstance(silence, dict) or not autoheals_silence(silence):
             raise Forbidden(f"silence {silence_id} was not created by autoheal; autoheal expires only its own")
         state = (silence.get("status") or {}).get("state")
         if state != "expired":
@@ -5701,6 +5763,354 @@ class Acknowledgements:
                                         client=client, user_agent=user_agent)])
         return {"ok": True, "silence_id": silence_id, "expired": True, "labels": labels,
                 "was_already_expired": state == "expired"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Telling people: notifications to Slack and webhooks, and Slack's buttons
+# ---------------------------------------------------------------------------------------------
+
+# What is told, by event kind: the results of each kind that make a message (a dry run never does).
+NOTIFY_RESULTS: Dict[str, Tuple[str, ...]] = {
+    "decision": ("executed", "failed", "error"),  # runs (escalation steps among them)
+    "heal": ("healed", "not_healed", "acknowledged", "unknown"),  # verdicts
+    "control": ("applied",),  # runtime changes, giving up among them
+}
+NOTIFY_RETRY_SEC = 86400.0  # a message the receiver keeps refusing is dropped after this
+NOTIFY_BACKOFF_MAX_SEC = 300.0
+NOTIFY_KEY = "notify/"  # kept records (Store.record's heals) holding each channel's cursor
+ACK_BUTTONS = (("Ack 30m", "30m"), ("Ack 2h", "2h"), ("Ack 24h", "24h"))
+
+
+def notifiable(event: Mapping[str, Any], only: Optional[FrozenSet[str]]) -> bool:
+    """Whether an event makes a message (AUTOHEAL_NOTIFY_ON: its kind, "run", or its result named)."""
+    kind, result = event.get("kind"), event.get("result")
+    if result not in NOTIFY_RESULTS.get(kind, ()) or event.get("dry_run"):  # type: ignore[arg-type]
+        return False
+    return only is None or kind in only or result in only or (kind == "decision" and "run" in only)
+
+
+def _where(event: Mapping[str, Any]) -> str:
+    """The target in a few words: its labels but the alertname (the alert's, when no target)."""
+    labels = event.get("target") or event.get("labels") or {}
+    shown = [f"{name}={value}" for name, value in sorted(labels.items()) if name != "alertname"][:4]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
+def _did(action: str) -> str:
+    """What a command did, in words: "Restarted crm-api", or "Ran `true`"."""
+    words = action.split()
+    if words[:2] == ["docker", "restart"]:
+        return "Restarted " + " ".join(words[2:])
+    if words[:3] == ["docker", "compose", "restart"]:
+        return "Restarted the services " + " ".join(words[3:])
+    return f"Ran `{action}`"
+
+
+def notification_text(event: Mapping[str, Any]) -> str:
+    """The one line a person reads at a glance, e.g. "Restarted crm-api for TcpEndpointDownFast
+    (instance=web-1:80): exit 0 in 1.2 s"."""
+    kind, result, name = event.get("kind"), event.get("result"), event.get("alertname") or ""
+    action, where = str(event.get("action") or ""), _where(event)
+    step = f"Escalation step {event['step']}: " if (event.get("step") or 1) > 1 else ""
+    if kind == "decision":
+        took = f" in {float(event.get('duration_seconds') or 0):.1f} s"
+        if result == "executed":
+            return f"{step}{_did(action)} for {name}{where}: exit 0{took}"
+        if result == "failed":
+            return f"{step}`{action}` failed for {name}{where}: exit {event.get('exit_status')}{took}"
+        return f"{step}Could not run `{action}` for {name}{where}: {event.get('error') or event.get('reason')}"
+    if kind == "heal":
+        if result == "healed":
+            after = f" {float(event['seconds']):.0f} s after its run" if event.get("seconds") is not None else ""
+            return f"{step}{name}{where} healed{after}"
+        if result == "not_healed":
+            return f"{step}{name}{where} did not heal within {float(event.get('grace_seconds') or 0):.0f} s of its run"
+        if result == "acknowledged":
+            return f"{step}{name}{where} was acknowledged (silenced) before it healed: a person took over"
+        return f"{step}Whether {name}{where} healed is unknown: {event.get('reason') or 'no answer'}"
+    if event.get("by") == "autoheal":
+        return f"autoheal {event.get('reason') or 'changed itself'}: `{event.get('command')}`"
+    return f"{event.get('by')} changed autoheal: `{event.get('command')}`"
+
+
+def _slack_escape(text: str) -> str:
+    """Slack's mrkdwn escapes: &, < and > only."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def sign_value(secret: str, value: str) -> str:
+    """A button's value that only autoheal can make: value.<HMAC>; Slack sends it back on a click."""
+    import hashlib
+    import hmac
+
+    return value + "." + hmac.new(secret.encode("utf-8"), b"button:" + value.encode("utf-8"),
+                                  hashlib.sha256).hexdigest()[:40]
+
+
+def verify_value(secret: str, signed: str) -> Optional[str]:
+    """The value a button carried, if autoheal signed it (None: forged or changed)."""
+    import hmac
+
+    value, _, _mac = signed.rpartition(".")
+    return value if value and hmac.compare_digest(sign_value(secret, value), signed) else None
+
+
+def slack_message(event: Mapping[str, Any], text: str, config: Config) -> Dict[str, Any]:
+    """A Slack message in Block Kit: the line, the target's labels, a link to the page, and for a
+    run, buttons (Ack 30m, 2h, 24h for anyone; Pause NAME 1h for admins) whose values are signed."""
+    blocks: List[Dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": _slack_escape(text)[:3000]}}]
+    labels = event.get("labels") or event.get("target") or {}
+    if labels:
+        shown = ", ".join(f"{name}={value}" for name, value in sorted(labels.items()))
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _slack_escape(shown)[:2000]}]})
+    page = config.public_url.rstrip("/") + "/"
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{page}|autoheal> · event "
+                                                                             f"#{event.get('id', '?')}"}]})
+    secret = config.slack_signing_secret
+    if secret and event.get("kind") in ("decision", "heal") and event.get("labels") and event.get("id"):
+        buttons = [{"type": "button", "text": {"type": "plain_text", "text": label}, "action_id": f"ack_{duration}",
+                    "value": sign_value(secret, f"ack:{event['id']}:{duration}")} for label, duration in ACK_BUTTONS]
+        name = str(event.get("alertname") or "")
+        buttons.append({"type": "button", "text": {"type": "plain_text", "text": f"Pause {name} 1h"[:75]},
+                        "action_id": "pause_1h", "style": "danger",
+                        "value": sign_value(secret, f"pause:{event['id']}")})
+        blocks.append({"type": "actions", "block_id": f"autoheal-{event['id']}", "elements": buttons})
+    return {"text": text, "blocks": blocks}
+
+
+class SlackButtons:
+    """POST /slack/interact: a click on a button of autoheal's Slack messages, signed by Slack as a
+    slash command is (Handler._slack_form).  A button's value is signed by autoheal (sign_value),
+    so a click can only ack the alert of the message it came with.  Ack 30m/2h/24h: any member, an
+    exact silence as /ack makes it, createdBy the person's Slack name, comment "ACK! by <@ID>".
+    Pause NAME 1h: AUTOHEAL_SLACK_ADMINS only, as disable NAME 1h.  What was done, and by whom,
+    replaces the message's buttons, through the click's response_url (only under
+    AUTOHEAL_SLACK_RESPONSE_URL_PREFIX), once it is done: the click itself is answered at once."""
+
+    def __init__(self, app: "App"):
+        self.app = app
+
+    def click(self, form: Mapping[str, str], client: str) -> Dict[str, Any]:
+        """Check the click (HttpError 400/403 saying what is wrong), then do it on a thread of its own."""
+        try:
+            payload = json.loads(form.get("payload") or "")
+        except ValueError:
+            raise HttpError(400, "payload: expected the JSON of Slack's block_actions") from None
+        if not isinstance(payload, dict) or payload.get("type") != "block_actions" or not isinstance(
+                payload.get("actions"), list) or not payload["actions"] or not isinstance(payload["actions"][0], dict):
+            raise HttpError(400, 'payload: expected type "block_actions" with one action')
+        secret = self.app.config.slack_signing_secret or ""
+        value = verify_value(secret, str(payload["actions"][0].get("value") or ""))
+        if value is None:
+            raise HttpError(403, "this button's value was not made by autoheal: nothing is done")
+        user = payload.get("user") if isinstance(payload.get("user"), dict) else {}
+        user_id = str(user.get("id") or "")[:40]
+        name = str(user.get("username") or user.get("name") or user_id)[:80]
+        threading.Thread(target=self._do, args=(value, user_id, name, payload, client), name="slack-button",
+                         daemon=True).start()
+        return {"ok": True}
+
+    def _do(self, value: str, user_id: str, name: str, payload: Mapping[str, Any], client: str) -> None:
+        app = self.app
+        what, _, rest = value.partition(":")
+        event_id, _, duration = rest.partition(":")
+        event = app.store.get(int(event_id)) if event_id.isdigit() else None
+        try:
+            if event is None or not isinstance(event.get("labels"), dict):
+                said = "Not done: the alert of this message is no longer in autoheal's history"
+            elif what == "ack":
+                done = app.acks.acknowledge({str(k): str(v) for k, v in event["labels"].items()},
+                                            parse_duration(duration), f"ACK! by <@{user_id}>", client, "Slack",
+                                            preview=False, created_by=name)
+                said = (f"Acknowledged for {duration} by <@{user_id}>: silence {done['silence_id']} "
+                        f"({done['outcome']}), until {done['ends_at']}")
+            elif user_id not in app.config.slack_admins:
+                said = f"Not done: <@{user_id}> is not one of autoheal's Slack admins (AUTOHEAL_SLACK_ADMINS)"
+            else:
+                result, _change, message = app.control.run(f"disable {event.get('alertname')} 1h", "slack",
+                                                           f"{user_id} ({name})", client)
+                said = (f"<@{user_id}> paused {event.get('alertname')} for 1h" if result == "applied"
+                        else f"Not done ({result}): {message}")
+        except PeerError as exc:
+            said = f"Not done: Alertmanager did not take the silence ({exc})"
+        except Exception as exc:  # said in Slack and logged; the thread ends either way
+            app.log({"event": "error", "message": f"slack button: {type(exc).__name__}: {exc}"}, "error")
+            said = "Not done (error): autoheal's log has the details"
+        self._answer(payload, said)
+
+    def _answer(self, payload: Mapping[str, Any], said: str) -> None:
+        """The message again, its buttons replaced by what was done (response_url)."""
+        config = self.app.config
+        url = str(payload.get("response_url") or "")
+        if not url.startswith(config.slack_response_prefix.rstrip("/") + "/"):
+            return
+        message = payload.get("message") if isinstance(payload.get("message"), dict) else {}
+        blocks = [block for block in message.get("blocks") or [] if isinstance(block, dict)
+                  and block.get("type") != "actions"]
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _slack_escape(said)[:3000]}})
+        body = {"replace_original": True, "text": f"{message.get('text') or ''}\n{said}".strip(), "blocks": blocks}
+        try:
+            http_request("POST", url, json.dumps(body).encode("utf-8"), {"Content-Type": "application/json"},
+                         timeout=10)
+        except OSError as exc:
+            self.app.log({"event": "warning", "message": f"Slack response_url did not answer: {exc}"}, "warning")
+
+
+class Channel:
+    """One receiver: Slack's incoming webhook, or a JSON webhook.  Its name is what logs, metrics
+    and errors say; its URL, a secret, is said nowhere."""
+
+    def __init__(self, name: str, url: str, slack: bool, cursor: int):
+        self.name = name
+        self.url = url
+        self.slack = slack
+        self.cursor = cursor  # the id of the last event told (or passed over): the outbox is what follows it
+        self.pending = 0  # messages waiting
+        self.failing_since: Optional[float] = None
+        self.attempts = 0
+        self.dirty = False  # something was recorded since the sender last looked
+
+
+class Notifier:
+    """Tells the receivers what autoheal did, from the history itself: the outbox of a channel is
+    the events after its cursor that make a message (notifiable), sent in order, each once the
+    receiver took it (2xx), the cursor then kept in the state file with the next commit.  Nothing
+    is added to a decision's path but a wake-up; a thread per channel sends, so a slow receiver
+    holds up no other.  A receiver that refuses or does not answer is tried again with backoff
+    (1 s doubling to 5 min) for up to 24 hours, then that message is dropped and counted; past
+    AUTOHEAL_NOTIFY_MAX_PENDING waiting, the oldest are dropped and counted.  An answer lost after
+    the receiver took the message sends it again (at least once, in order)."""
+
+    def __init__(self, config: Config, journal: Journal, counters: Counters, clock: Callable[[], float],
+                 kept: Mapping[str, str]):
+        self.config = config
+        self.journal = journal
+        self.counters = counters
+        self.clock = clock
+        newest = journal.store.query(1)
+        start = newest[0][0] if newest else 0  # a new channel starts at now: the old history is not told
+        urls = [("slack", config.notify_slack_url, True)] if config.notify_slack_url else []
+        urls += [(f"webhook{index}", url, False) for index, url in enumerate(config.notify_webhook_urls, start=1)]
+        self.channels = []
+        for name, url, slack in urls:
+            cursor = start
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                cursor = int(json.loads(kept[NOTIFY_KEY + name])["cursor"])
+            self.channels.append(Channel(name, url, slack, cursor))
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._threads: List[threading.Thread] = []
+
+    def start(self) -> None:
+        for channel in self.channels:
+            channel.pending = self._waiting(channel.cursor)
+            thread = threading.Thread(target=self._loop, args=(channel,), name=f"notify-{channel.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _waiting(self, cursor: int) -> int:
+        """How many events after cursor make a message (at a start: what the outbox holds)."""
+        count = 0
+        while True:
+            rows = self.journal.store.query(HISTORY_LIMIT_MAX, after=cursor)
+            if not rows:
+                return count
+            count += sum(1 for _id, text in rows if notifiable(json.loads(text), self.config.notify_on))
+            cursor = rows[-1][0]
+
+    def offer(self, events: List[Mapping[str, Any]]) -> None:
+        """Events just recorded (Journal): wake the senders when any of them makes a message."""
+        count = sum(1 for event in events if notifiable(event, self.config.notify_on))
+        if count:
+            with self._wake:
+                for channel in self.channels:
+                    channel.pending += count
+                    channel.dirty = True
+                self._wake.notify_all()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=2)
+
+    def _next(self, channel: Channel) -> Tuple[Optional[Tuple[int, Dict[str, Any]]], bool]:
+        """The first event after the channel's cursor that makes a message, the cursor moved past
+        those that do not (in memory: kept with the next message); and whether more may follow."""
+        rows = self.journal.store.query(500, after=channel.cursor)
+        for event_id, text in rows:
+            try:
+                event = json.loads(text)
+            except ValueError:
+                event = {}
+            if notifiable(event, self.config.notify_on):
+                return (event_id, event), True
+            channel.cursor = event_id
+        return None, len(rows) == 500
+
+    def _loop(self, channel: Channel) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                channel.dirty = False
+            found, more = self._next(channel)
+            if found is None:
+                with self._wake:
+                    if not more:
+                        channel.pending = 0
+                        if not channel.dirty and not self._stop.is_set():
+                            self._wake.wait(30)
+                continue
+            event_id, event = found
+            if channel.pending > self.config.notify_max_pending:  # the oldest waiting go first
+                self._done(channel, event_id, "dropped")
+                continue
+            error = self.send(channel, event)
+            if error is None:
+                self._done(channel, event_id, "sent")
+                continue
+            now = self.clock()
+            channel.failing_since = channel.failing_since or now
+            channel.attempts += 1
+            self.counters.add("autoheal_notifications_total", (channel.name, "failed"))
+            self.journal.log({"event": "warning", "message": f"notification to {channel.name} not taken "
+                              f"(attempt {channel.attempts}): {error}"}, "warning")
+            if now - channel.failing_since >= NOTIFY_RETRY_SEC:
+                self._done(channel, event_id, "dropped")
+                continue
+            self._stop.wait(min(NOTIFY_BACKOFF_MAX_SEC, 2.0 ** (channel.attempts - 1)))
+
+    def _done(self, channel: Channel, event_id: int, result: str) -> None:
+        """A message sent (or dropped): the cursor moves past it and is kept; counted."""
+        channel.cursor = event_id
+        channel.failing_since, channel.attempts = None, 0
+        with self._wake:
+            channel.pending = max(0, channel.pending - 1)
+        self.counters.add("autoheal_notifications_total", (channel.name, result))
+        self.journal.record([], heals={NOTIFY_KEY + channel.name: json.dumps({"cursor": event_id})})
+
+    def send(self, channel: Channel, event: Mapping[str, Any]) -> Optional[str]:
+        """Send one event's message; None once the receiver took it, else what went wrong (never
+        the URL)."""
+        text = notification_text(event)
+        body = slack_message(event, text, self.config) if channel.slack else {"text": text, "event": dict(event)}
+        return self.post(channel, body)
+
+    @staticmethod
+    def post(channel: Channel, body: Mapping[str, Any]) -> Optional[str]:
+        try:
+            status, raw = http_request("POST", channel.url, json.dumps(body).encode("utf-8"),
+                                       {"Content-Type": "application/json"}, timeout=10, limit=65536, whole=True)
+        except OSError as exc:
+            return f"{channel.name} did not answer ({type(exc).__name__}: {str(exc)[:200]})"
+        if 200 <= status < 300:
+            return None
+        return f"{channel.name} answered {status}: {raw[:200].decode('utf-8', 'replace')}"
+
+    def pending(self) -> Dict[str, int]:
+        """Messages waiting, per channel (autoheal_notifications_pending)."""
+        with self._wake:
+            return {channel.name: channel.pending for channel in self.channels}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5745,8 +6155,14 @@ class App:
         parts = (config, self.journal, self.claims, self.counters, self.wake, clock, self.status)
         self.control: Control = SharedControl(*parts) if self.coordination else LocalControl(*parts)
         self.runs = Runs(config.replica, self.coordination, self.log)
-        self.heals = HealTracker(config, self.journal, self.counters, self.wake, self.store.load_heals(),
+        kept = self.store.load_heals()  # pending verdicts, and the notifier's cursors (NOTIFY_KEY)
+        self.heals = HealTracker(config, self.journal, self.counters, self.wake,
+                                 {key: body for key, body in kept.items() if not key.startswith(NOTIFY_KEY)},
                                  self.runs.verdict, self.alertmanager)
+        self.notifier: Optional[Notifier] = None
+        if config.notify_slack_url or config.notify_webhook_urls:
+            self.notifier = Notifier(config, self.journal, self.counters, clock, kept)
+            self.journal.on_recorded = self.notifier.offer
         self.escalation = Escalation(self)
         self.heals.after_verdict = self.escalation.escalate
         if self.coordination is None:
@@ -5754,12 +6170,15 @@ class App:
         self.acks = Acknowledgements(config, self.alertmanager, self.journal, self.counters, clock)
         self.exposition = Exposition(self)
         self.slack_signatures = SeenOnce(2 * SLACK_MAX_SKEW_SEC)  # a timestamp may be 5 minutes either way
+        self.buttons = SlackButtons(self)
         self._lock = threading.Lock()
         self._action_slots = threading.BoundedSemaphore(config.max_concurrent_actions)
         self._folds: "collections.OrderedDict[Tuple[str, str, str, Optional[str]], List[Any]]" = collections.OrderedDict()
         self.control.load(now)
         self._timers = threading.Thread(target=self._timer_loop, name="timers", daemon=True)
         self._timers.start()
+        if self.notifier is not None:
+            self.notifier.start()
 
     def _open_store(self) -> Store:
         config = self.config
@@ -5859,10 +6278,13 @@ class App:
         """Close the listeners, the timers and control threads and the state store."""
         self.feed.close()
         self.control.close()
+        if self.notifier is not None:
+            self.notifier.close()
         with self.wake:
             self._closed = True
             self.wake.notify_all()
         self._timers.join(timeout=5)
+        self.docker.close_idle(0)
         self.store.close()
 
     def rejected(self, method: str, path: Optional[str], status: int, reason: str, client: str) -> None:
@@ -6825,6 +7247,7 @@ ROUTES: Dict[str, Route] = {
     "/page.js": Route("script", ("GET",), "quick"),
     "/control": Route("control", ("POST",), "control", changes=True),
     "/slack/command": Route("slack", ("POST",), "control"),
+    "/slack/interact": Route("interact", ("POST",), "control"),
 }
 
 
@@ -7278,6 +7701,10 @@ class Handler:
             return parse_query(body.decode("utf-8"))
         except UnicodeDecodeError:
             raise HttpError(400, "body is not UTF-8 form data") from None
+
+    def route_interact(self, method: str, params: Mapping[str, str]) -> None:
+        """POST /slack/interact: a click on a button of autoheal's Slack messages (SlackButtons)."""
+        self._send_json(200, self.app.buttons.click(self._slack_form(self._read_body()), self.request.client))
 
     def route_slack(self, method: str, params: Mapping[str, str]) -> None:
         """POST /slack/command: a Slack slash command, verified by its signature over the raw body."""
@@ -8279,6 +8706,33 @@ def control_cli(args: List[str], env: Mapping[str, str]) -> int:
     return 0
 
 
+def notify_test(env: Mapping[str, str]) -> int:
+    """--notify-test: one test message to each channel; each channel's answer printed (by its
+    name: the URLs are secrets); exit 0 only when every channel took it."""
+    try:
+        config = Config.from_env(env)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    channels = [Channel("slack", config.notify_slack_url, True, 0)] if config.notify_slack_url else []
+    channels += [Channel(f"webhook{index}", url, False, 0)
+                 for index, url in enumerate(config.notify_webhook_urls, start=1)]
+    if not channels:
+        print("error: no channel to test: set AUTOHEAL_NOTIFY_SLACK_URL or AUTOHEAL_NOTIFY_WEBHOOK_URLS",
+              file=sys.stderr)
+        return 2
+    text = (f"autoheal {__version__} on {config.replica}: a test message (--notify-test). If you read this, "
+            f"autoheal's notifications reach you. Its page: {config.public_url}")
+    event = make_event("control", time.time(), result="applied", source="cli", by="--notify-test", command="test")
+    failed = 0
+    for channel in channels:
+        body = {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": _slack_escape(text)}}]}
+        error = Notifier.post(channel, body if channel.slack else {"text": text, "event": event})
+        print(f"{channel.name}: {'took it' if error is None else 'NOT taken: ' + error}")
+        failed += error is not None
+    return 1 if failed else 0
+
+
 def main(argv: Optional[List[str]] = None, detach: bool = False) -> Optional[int]:
     """Run autoheal; returns the process exit status.  detach (python3 autoheal.py): once the
     server is listening, return None and serve when the script has ended (see the end)."""
@@ -8295,6 +8749,8 @@ def main(argv: Optional[List[str]] = None, detach: bool = False) -> Optional[int
         return smoke(args[1:], os.environ)
     if args[:1] == ["--control"]:
         return control_cli(args[1:], os.environ)
+    if args[:1] == ["--notify-test"]:
+        return notify_test(os.environ)
     if args:
         print(f"error: unknown argument {args[0]!r}; see --help", file=sys.stderr)
         return 2
@@ -8324,6 +8780,9 @@ def main(argv: Optional[List[str]] = None, detach: bool = False) -> Optional[int
              "public_url": config.public_url, "webhook_token_set": config.webhook_token is not None,
              "ack_token_set": config.ack_token is not None, "admin_token_set": config.admin_token is not None,
              "slack_signing_secret_set": config.slack_signing_secret is not None,
+             "notify": {"channels": [channel.name for channel in app.notifier.channels],
+                        "outbox": "state file" if app.store.persistent else "memory only: lost at a restart"}
+             if app.notifier else None,
              "state_file": config.state_file if app.store.persistent else None,
              "etcd": {"endpoints": list(config.etcd_endpoints), "prefix": config.etcd_prefix, "replica": config.replica,
                       "user": config.etcd_user, "password_set": config.etcd_password is not None,

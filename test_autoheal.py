@@ -26,6 +26,7 @@ import socket
 import sqlite3
 import struct
 import subprocess
+import tarfile
 import sys
 import threading
 import time
@@ -6405,6 +6406,308 @@ def test_dockerd_builds_the_image_on_the_oldest_supported_python(docker_engine):
         assert status == 200 and body["results"][0]["result"] == "dry_run", body
     finally:
         docker_engine.docker("rm", "-f", name, check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real peers: fleets on Docker engines: targets from labels, and a second dockerd over mutual TLS
+# ---------------------------------------------------------------------------------------------
+
+
+def answer_of(running, one_alert):
+    """The one result of POST /alert with one alert, as autoheal answers it."""
+    status, body = running.post_alert(webhook(one_alert))
+    assert status == 200, body
+    [result] = body["results"]
+    return result
+
+
+TINYBOX = "tinybox:latest"
+
+_OPENSSL_CNF = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+def _openssl(folder, *args):
+    done = subprocess.run(["openssl", *args], cwd=folder, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OPENSSL_CONF": str(folder / "openssl.cnf")})
+    assert done.returncode == 0, f"openssl {' '.join(args)}: {done.stdout}{done.stderr}"
+
+
+def make_certs(folder, name="good"):
+    """folder/name/ with ca.pem (+ ca-key.pem), server-cert.pem/server-key.pem (IP:127.0.0.1, serverAuth)
+    and cert.pem/key.pem (clientAuth): the layout DOCKER_CERT_PATH expects. EC P-256, unencrypted, 1 day.
+    Each name gets its own CA (with its own subject), so two folders never trust each other."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is not installed (.ci/run installs openssl)")
+    out = Path(folder) / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / "openssl.cnf").write_text(_OPENSSL_CNF)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    _openssl(out, "req", "-config", "openssl.cnf", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca.pem",
+             "-days", "1", "-subj", f"/CN=autoheal test CA {name}", "-extensions", "ca")
+    for kind, cert, key, subject in (("server", "server-cert.pem", "server-key.pem", "127.0.0.1"),
+                                     ("client", "cert.pem", "key.pem", f"autoheal test client {name}")):
+        _openssl(out, "req", "-config", "openssl.cnf", "-new", *ec, "-keyout", key, "-out", f"{kind}.csr",
+                 "-subj", f"/CN={subject}")
+        _openssl(out, "x509", "-req", "-in", f"{kind}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+                 "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "1",
+                 "-extfile", "openssl.cnf", "-extensions", kind, "-out", cert)
+        (out / f"{kind}.csr").unlink()
+    (out / "openssl.cnf").unlink()
+    for key in ("ca-key.pem", "server-key.pem", "key.pem"):
+        (out / key).chmod(0o600)
+    return out
+
+
+def busybox_image_tar(cache):
+    """A root file system holding Debian's static busybox as bin/busybox, with bin/sh and bin/sleep."""
+    busybox = Path("/bin/busybox")
+    if not busybox.is_file():
+        pytest.fail("/bin/busybox is missing (.ci/run installs busybox-static)")
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    tarball = cache / "tinybox.tar"
+    if tarball.exists() and tarball.stat().st_mtime >= busybox.stat().st_mtime:
+        return tarball
+    partial = cache / f"tinybox.tar.{os.getpid()}"
+    with tarfile.open(partial, "w") as tar:
+        folder = tarfile.TarInfo("bin")
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(folder)
+        info = tar.gettarinfo(str(busybox), "bin/busybox")
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        info.mode = 0o755
+        with open(busybox, "rb") as binary:
+            tar.addfile(info, binary)
+        for applet in ("sh", "sleep"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname, link.mode = tarfile.SYMTYPE, "busybox", 0o777
+            tar.addfile(link)
+    partial.replace(tarball)
+    return tarball
+
+
+class TlsDockerEngine:
+    """A dockerd on private paths, reaching nothing outside, that serves its API on a unix socket (for the
+    test's own docker CLI) and on tcp://127.0.0.1:PORT with mutual TLS (--tlsverify: clients need a
+    certificate signed by certs/ca.pem). Its root must be short (containerd's socket path must fit)."""
+
+    def __init__(self, root, certs):
+        self.root = root = Path(root)
+        self.certs = certs = Path(certs)
+        self.socket = root / "docker.sock"
+        self.host = f"unix://{self.socket}"
+        self.port = free_port()
+        self.tcp_host = f"tcp://127.0.0.1:{self.port}"
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH", "DOCKER_CONTEXT")}
+        self.env = {**env, "DOCKER_HOST": self.host, "DOCKER_API_VERSION": "1.41", "DOCKER_BUILDKIT": "0"}
+        (root / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        (root / "daemon.json").write_text("{}\n")
+        flags = (f"--data-root {root}/data --exec-root {root}/exec --host {self.host} --host {self.tcp_host}"
+                 f" --pidfile {root}/docker.pid"
+                 f" --tlsverify --tlscacert {certs}/ca.pem --tlscert {certs}/server-cert.pem"
+                 f" --tlskey {certs}/server-key.pem"
+                 f" --bridge=none --iptables=false --ip6tables=false --ip-masq=false --userland-proxy=false"
+                 f" --dns 127.0.0.1 --config-file {root}/daemon.json")
+        self.log = open(root / "dockerd.log", "wb")
+        (root / "run-containerd").mkdir(exist_ok=True)
+        # Its own mount namespace, so that the private resolv.conf (no DNS at all) is all it sees; and an empty
+        # /run/containerd there: dockerd 20.10 uses a system containerd whenever /run/containerd/containerd.sock
+        # exists (which could not see the container mounts made in this namespace), else starts its own.
+        self.process = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "slave", "--", "sh", "-c",
+             f"mount --bind {root}/resolv.conf /etc/resolv.conf && mkdir -p /run/containerd"
+             f" && mount --bind {root}/run-containerd /run/containerd && exec dockerd {flags}"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**env, "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""})
+        deadline = time.time() + 30
+        while time.time() < deadline and self.process.poll() is None:
+            if self.docker("version", "--format", "{{.Server.Version}}", check=False, timeout=10).returncode == 0:
+                return
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail("dockerd with TLS could not start here (set AUTOHEAL_SKIP_DOCKER=1 to skip the Docker tests"
+                    " by hand): " + (root / "dockerd.log").read_text(errors="replace")[-1500:])
+
+    def docker(self, *args, check=True, timeout=120):
+        done = subprocess.run(["docker", *args], capture_output=True, text=True, env=self.env, timeout=timeout)
+        if check:
+            assert done.returncode == 0, f"docker {' '.join(args)}: {done.stdout}{done.stderr}"
+        return done
+
+    def load_tinybox(self, cache=None):
+        """Imports tinybox:latest (CMD sleep); the tar is cached where the suite caches its base images."""
+        cache = cache or Path(os.environ.get("AUTOHEAL_TEST_CACHE", "/var/cache/autoheal-tests"))
+        self.docker("import", "--change", 'CMD ["/bin/sleep","1000000"]', str(busybox_image_tar(cache)), TINYBOX)
+
+    def run_sleeper(self, name):
+        """A detached tinybox container; --init so that SIGTERM (docker stop/restart) ends it at once."""
+        self.docker("rm", "-f", name, check=False)
+        self.docker("run", "-d", "--name", name, "--network", "none", "--init", "--pull", "never", TINYBOX)
+        return self.started_at(name)
+
+    def started_at(self, name):
+        return self.docker("inspect", "--format", "{{.State.StartedAt}}", name).stdout.strip()
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # dockerd and the containerd it started
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def tls_docker_engine():
+    """A TlsDockerEngine with tinybox imported; its certificates in <root>/certs/good."""
+    if os.environ.get("AUTOHEAL_SKIP_DOCKER") == "1":
+        pytest.skip("AUTOHEAL_SKIP_DOCKER=1 was set by hand")
+    for binary in ("dockerd", "docker", "unshare", "openssl"):
+        if shutil.which(binary) is None:
+            pytest.fail(f"{binary} is not installed (.ci/run installs it; AUTOHEAL_SKIP_DOCKER=1 skips by hand)")
+    root = Path(f"/tmp/ahf-{os.getpid()}")  # short: containerd's socket path must fit
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    engine = TlsDockerEngine(root, make_certs(root / "certs"))
+    try:
+        engine.load_tinybox()
+        yield engine
+    finally:
+        engine.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.dockerd
+def test_dockerd_a_label_names_the_container_to_restart_and_one_outside_the_patterns_is_not(docker_engine,
+                                                                                            tmp_path):
+    started = {name: docker_engine.run_sleeper(name)["StartedAt"] for name in ("crm-api", "billing-db")}
+    path = actions_file(tmp_path, {"ContainerUnhealthy": {
+        "command": "docker restart {label:container}", "docker_api": True, "targets": ["crm-*"],
+        "cooldown_by": ["container"]}})
+
+    def started_at(name):
+        return docker_engine.inspect(name)["State"]["StartedAt"]
+
+    with serving({**REAL, "DOCKER_HOST": docker_engine.host, "AUTOHEAL_ACTIONS_FILE": path}) as running:
+        result = answer_of(running, alert("ContainerUnhealthy", container="crm-api"))
+        assert (result["result"], result.get("action"), result.get("exit_status")) == (
+            "executed", "docker restart crm-api", 0), result
+        assert result["target"] == {"alertname": "ContainerUnhealthy", "container": "crm-api"}
+        assert started_at("crm-api") != started["crm-api"]
+        assert docker_engine.inspect("crm-api")["State"]["Running"]
+
+        result = answer_of(running, alert("ContainerUnhealthy", container="billing-db"))
+        assert result == {"alertname": "ContainerUnhealthy", "result": "skipped", "reason": "target_refused",
+                          "label": "container", "value": "billing-db",
+                          "why": "it matches none of the action's targets"}
+        assert started_at("billing-db") == started["billing-db"]
+
+        # "crm-*" matches it, but a ';' is no part of a container name: refused before any pattern helps it.
+        restarted = started_at("crm-api")
+        result = answer_of(running, alert("ContainerUnhealthy", container="crm-api;reboot"))
+        assert (result["result"], result.get("reason"), result.get("label"), result.get("value")) == (
+            "skipped", "target_refused", "container", "crm-api;reboot"), result
+        assert "characters outside" in result["why"], result
+        assert started_at("crm-api") == restarted
+
+        # Nothing ran for either refusal: the history has one run, crm-api's.
+        events = running.json("GET", "/history")[1]["events"]
+        assert [e.get("output_tail") for e in events if e["kind"] == "decision" and e["result"] == "executed"] == [
+            "restarted crm-api\n"]
+
+
+@pytest.mark.dockerd
+def test_dockerd_over_tls_restarts_a_container_and_a_wrong_ca_is_an_error_that_says_so(tls_docker_engine,
+                                                                                       tmp_path):
+    engine = tls_docker_engine
+    good, wrong = engine.certs, make_certs(tmp_path, "wrong")
+    before = engine.run_sleeper("tls-box")
+    path = actions_file(tmp_path, {
+        "ContainerUnhealthy": {"command": "docker restart tls-box", "docker_api": True,
+                               "docker_host": engine.tcp_host},
+        "EngineContainerUnhealthy": {"command": "docker restart tls-box", "docker_api": True,
+                                     "docker_host": f"tcp://{{label:docker_host}}:{engine.port}",
+                                     "docker_hosts": ["127.0.0.*"]}})
+    env = {**REAL, "AUTOHEAL_ACTIONS_FILE": path, "DOCKER_TLS_VERIFY": "1"}
+
+    with serving({**env, "DOCKER_CERT_PATH": str(wrong)}) as running:
+        result = answer_of(running, alert("ContainerUnhealthy"))
+    assert result["result"] == "error", result
+    assert "does not verify against" in result["error"] and str(wrong / "ca.pem") in result["error"], result
+    assert engine.tcp_host in result["error"]
+    assert engine.started_at("tls-box") == before
+
+    with serving({**env, "DOCKER_CERT_PATH": str(good)}) as running:
+        result = answer_of(running, alert("ContainerUnhealthy"))
+        assert (result["result"], result.get("action"), result.get("exit_status")) == (
+            "executed", "docker restart tls-box", 0), result
+        after = engine.started_at("tls-box")
+        assert after != before
+
+        result = answer_of(running, alert("EngineContainerUnhealthy", docker_host="10.9.9.9"))
+        assert result == {"alertname": "EngineContainerUnhealthy", "result": "skipped", "reason": "target_refused",
+                          "label": "docker_host", "value": "10.9.9.9",
+                          "why": "it matches none of the action's docker_hosts"}
+        assert engine.started_at("tls-box") == after
+
+        result = answer_of(running, alert("EngineContainerUnhealthy", docker_host="127.0.0.1"))
+        assert (result["result"], result.get("action"), result.get("exit_status")) == (
+            "executed", "docker restart tls-box", 0), result
+        assert engine.started_at("tls-box") != after
+
+
+def test_docker_tls_verify_without_certificate_files_stops_the_start(tmp_path):
+    missing = tmp_path / "none"
+    done = run_module([], {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(missing)})
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: DOCKER_TLS_VERIFY is set, so ") and str(missing / "ca.pem") in line
+
+    certs = make_certs(tmp_path)
+    (certs / "key.pem").unlink()  # ca.pem and cert.pem are there: the one missing is named
+    done = run_module([], {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(certs)})
+    assert done.returncode == 2 and str(certs / "key.pem") in done.stderr, done.stdout + done.stderr
+
+    path = actions_file(tmp_path, {"ContainerUnhealthy": {"command": "docker restart {label:container}",
+                                                          "docker_api": True, "cooldown_by": ["container"]}})
+    done = run_module([], {"AUTOHEAL_ACTIONS_FILE": path})
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: AUTOHEAL_ACTIONS_FILE: action 'ContainerUnhealthy': ") and "targets" in line
+
+    path = actions_file(tmp_path, {"EngineContainerUnhealthy": {
+        "command": "docker restart tls-box", "docker_api": True, "docker_host": "tcp://{label:docker_host}:2376"}})
+    done = run_module([], {"AUTOHEAL_ACTIONS_FILE": path})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "action 'EngineContainerUnhealthy'" in done.stderr and "docker_hosts" in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------
