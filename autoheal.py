@@ -643,12 +643,18 @@ def parse_urls(raw: str) -> str:
 def parse_secret_urls(raw: str) -> Tuple[str, ...]:
     """Receivers' URLs, comma-separated (a Slack incoming webhook's holds its secret): each an
     http(s) URL; ValueError never shows one (take() shows the value: this says it is a secret)."""
+    import urllib.parse
+
     urls = []
-    for index, part in enumerate(part for part in raw.split(",") if part.strip()):
+    for index, part in enumerate(part.strip() for part in raw.split(",") if part.strip()):
         try:
-            urls.append(parse_url(part))
-        except ValueError as exc:
-            raise ValueError(f"URL {index + 1}: {exc}") from None
+            parts = urllib.parse.urlsplit(part)
+            parts.port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+            raise ValueError(f"URL {index + 1}: expected an http:// or https:// URL with a host (a query is fine)")
+        urls.append(part)
     return tuple(urls)
 
 
@@ -5992,11 +5998,16 @@ class Notifier:
         urls = [("slack", config.notify_slack_url, True)] if config.notify_slack_url else []
         urls += [(f"webhook{index}", url, False) for index, url in enumerate(config.notify_webhook_urls, start=1)]
         self.channels = []
+        new: Dict[str, Optional[str]] = {}
         for name, url, slack in urls:
-            cursor = start
-            with contextlib.suppress(ValueError, TypeError, KeyError):
+            try:
                 cursor = int(json.loads(kept[NOTIFY_KEY + name])["cursor"])
+            except (ValueError, TypeError, KeyError):
+                cursor = start
+                new[NOTIFY_KEY + name] = json.dumps({"cursor": start})
             self.channels.append(Channel(name, url, slack, cursor))
+        if new:  # kept at once: what is recorded from now on is told, also after a crash before any send
+            journal.record([], heals=new)
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []

@@ -3434,6 +3434,184 @@ def test_sigterm_kills_what_outlives_the_grace_period_and_records_it(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Telling people: notifications, through a stand-in for Slack and a JSON receiver
+# ---------------------------------------------------------------------------------------------
+
+
+class SlackStandIn:
+    """Stands in for Slack, which cannot run here: its incoming webhook (POST /incoming/<name>,
+    answering 200 "ok" as Slack does, or what the test sets: 503, or no answer at all), a plain
+    JSON receiver beside it (POST /hook/<name>), and the response_url of an interaction (POST
+    /response/<n>).  Every message it takes is recorded; a Slack message is first checked
+    against Slack's documented Block Kit: block types section, context and actions; text objects
+    mrkdwn or plain_text within their lengths; buttons with plain_text labels of at most 75
+    characters, an action_id of at most 255, a value of at most 2,000 and style primary or danger."""
+
+    def __init__(self):
+        import http.server
+
+        self.taken = []  # (path, body)
+        self.refused = 0
+        self.status = 200  # what the receivers answer; None: the connection is closed unanswered
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if stand_in.status is None:
+                    stand_in.refused += 1
+                    self.close_connection = True
+                    return
+                if stand_in.status == 200:
+                    if self.path.startswith("/incoming/"):
+                        check_block_kit(body)
+                    stand_in.taken.append((self.path, body))
+                else:
+                    stand_in.refused += 1
+                self.send_response(stand_in.status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok" if stand_in.status == 200 else b"no")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def messages(self, path):
+        return [body for taken_path, body in self.taken if taken_path == path]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def check_block_kit(message):
+    """A Slack message as Slack's Block Kit reference documents it (what the stand-in checks)."""
+    assert isinstance(message.get("text"), str) and message["text"]
+    for block in message.get("blocks", []):
+        assert block["type"] in ("section", "context", "actions"), block
+        if block["type"] == "section":
+            assert block["text"]["type"] in ("mrkdwn", "plain_text") and 0 < len(block["text"]["text"]) <= 3000
+        elif block["type"] == "context":
+            assert 0 < len(block["elements"]) <= 10
+            assert all(e["type"] in ("mrkdwn", "plain_text") and len(e["text"]) <= 3000 for e in block["elements"])
+        else:
+            assert 0 < len(block["elements"]) <= 25 and len(block.get("block_id", "")) <= 255
+            for button in block["elements"]:
+                assert button["type"] == "button" and button["text"]["type"] == "plain_text"
+                assert 0 < len(button["text"]["text"]) <= 75 and 0 < len(button["action_id"]) <= 255
+                assert 0 < len(button["value"]) <= 2000 and button.get("style", "primary") in ("primary", "danger")
+
+
+@pytest.fixture
+def slack():
+    stand_in = SlackStandIn()
+    yield stand_in
+    stand_in.close()
+
+
+def notify_env(tmp_path, slack, **extra):
+    actions = {"TcpEndpointDownFast": {"command": ["true"], "cooldown_sec": 300, "cooldown_by": ["instance"]},
+               "UptimeProbeFailing": {"command": ["false"], "cooldown_sec": 0}}
+    return {**ADMIN, **REAL, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, actions),
+            "AUTOHEAL_NOTIFY_SLACK_URL": f"{slack.url}/incoming/T000/B000/XXXXsecretXXXX",
+            "AUTOHEAL_NOTIFY_WEBHOOK_URLS": f"{slack.url}/hook/one?key=hooksecret", **extra}
+
+
+def test_notifications_reach_slack_in_block_kit_and_a_webhook_and_never_show_their_urls(tmp_path, slack):
+    env = notify_env(tmp_path, slack, AUTOHEAL_STATE_FILE=str(tmp_path / "s.db"))
+    running = AutohealProcess(env, tmp_path)
+    try:
+        assert results(running.post_alert(webhook(alert(instance="web-1:80"), alert("UptimeProbeFailing"),
+                                                  alert(instance="web-2:80", opted_in=False)))) == [
+            "executed", "failed", "skipped"]
+        wait_for(lambda: len(slack.messages("/hook/one?key=hooksecret")) == 2)
+        wait_for(lambda: len(slack.messages("/incoming/T000/B000/XXXXsecretXXXX")) == 2)
+        first, second = slack.messages("/incoming/T000/B000/XXXXsecretXXXX")
+        assert first["text"] == "Ran `true` for TcpEndpointDownFast (instance=web-1:80): exit 0 in 0.0 s"
+        assert second["text"].startswith("`false` failed for UptimeProbeFailing: exit 1 in ")
+        assert "alertname=TcpEndpointDownFast, instance=web-1:80" in json.dumps(first["blocks"])
+        [buttons] = [block["elements"] for block in first["blocks"] if block["type"] == "actions"]
+        assert [b["text"]["text"] for b in buttons] == ["Ack 30m", "Ack 2h", "Ack 24h", "Pause TcpEndpointDownFast 1h"]
+        hook = slack.messages("/hook/one?key=hooksecret")[0]
+        assert hook["text"] == first["text"] and hook["event"]["kind"] == "decision"
+        assert hook["event"]["target"] == {"alertname": "TcpEndpointDownFast", "instance": "web-1:80"}
+        assert running.metric('autoheal_notifications_total{channel="slack",result="sent"}') == 2
+        assert running.metric('autoheal_notifications_total{channel="webhook1",result="sent"}') == 2
+        assert running.metric('autoheal_notifications_pending{channel="slack"}') == 0
+        # The URLs are secrets: in no log line, the history, /metrics, GET /, the page.
+        seen = "\n".join(running.lines) + json.dumps(running.json("GET", "/history?limit=100")[1])
+        seen += running.request("GET", "/metrics")[2].decode() + json.dumps(running.json("GET", "/")[1])
+        seen += running.request("GET", "/", headers={"Accept": "text/html"})[2].decode()
+        assert "secret" not in seen.replace("AUTOHEAL_SLACK_SIGNING_SECRET", "").replace("slack_signing_secret", "")
+        assert '"notify": {"channels": ["slack", "webhook1"]' in "\n".join(running.lines).replace('":{"', '": {"')\
+            or '"notify":{"channels":["slack","webhook1"]' in "\n".join(running.lines)
+    finally:
+        running.stop()
+
+
+def test_a_receiver_down_then_up_gets_every_message_once_in_order_also_across_a_sigkill(tmp_path, slack):
+    env = notify_env(tmp_path, slack, AUTOHEAL_STATE_FILE=str(tmp_path / "s.db"))
+    slack.status = 503
+    first = AutohealProcess(env, tmp_path)
+    try:
+        for index in range(3):
+            assert results(first.post_alert(webhook(alert(instance=f"web-{index}:80")))) == ["executed"]
+        wait_for(lambda: first.metric('autoheal_notifications_total{channel="slack",result="failed"}') or 0 >= 1)
+        assert first.metric('autoheal_notifications_pending{channel="slack"}') == 3
+    finally:
+        first.stop(signal.SIGKILL)
+    slack.status = None  # down another way: connections closed unanswered
+    second = AutohealProcess(env, tmp_path)
+    try:
+        wait_for(lambda: (second.metric('autoheal_notifications_total{channel="slack",result="failed"}') or 0) >= 1)
+        assert results(second.post_alert(webhook(alert(instance="web-3:80")))) == ["executed"]
+        slack.status = 200
+        wait_for(lambda: len(slack.messages("/incoming/T000/B000/XXXXsecretXXXX")) >= 4, timeout=20)
+        wait_for(lambda: len(slack.messages("/hook/one?key=hooksecret")) >= 4, timeout=20)
+        time.sleep(1)  # nothing more comes
+        for path in ("/incoming/T000/B000/XXXXsecretXXXX", "/hook/one?key=hooksecret"):
+            texts = [message["text"] for message in slack.messages(path)]
+            assert texts == [f"Ran `true` for TcpEndpointDownFast (instance=web-{n}:80): exit 0 in 0.0 s"
+                             for n in range(4)], texts
+        assert second.metric('autoheal_notifications_pending{channel="webhook1"}') == 0
+    finally:
+        second.stop()
+
+
+def test_past_max_pending_the_oldest_messages_are_dropped_and_counted(tmp_path, slack):
+    env = notify_env(tmp_path, slack, AUTOHEAL_NOTIFY_MAX_PENDING="2", AUTOHEAL_NOTIFY_ON="executed")
+    slack.status = 503
+    with serving(env) as running:
+        for index in range(5):
+            assert results(running.post_alert(webhook(alert(instance=f"web-{index}:80")))) == ["executed"]
+        assert results(running.post_alert(webhook(alert("UptimeProbeFailing")))) == ["failed"]  # not told: ON
+        wait_for(lambda: running.metric('autoheal_notifications_total{channel="slack",result="dropped"}') == 3,
+                 timeout=20)
+        slack.status = 200
+        wait_for(lambda: len(slack.messages("/incoming/T000/B000/XXXXsecretXXXX")) == 2, timeout=20)
+        assert [m["text"].split("(")[1][:14] for m in slack.messages("/incoming/T000/B000/XXXXsecretXXXX")] == [
+            "instance=web-3", "instance=web-4"]
+
+
+def test_notify_test_sends_one_message_to_each_channel_and_says_what_each_answered(tmp_path, slack):
+    env = notify_env(tmp_path, slack)
+    done = run_module(["--notify-test"], env)
+    assert done.returncode == 0 and done.stdout.splitlines() == ["slack: took it", "webhook1: took it"], done
+    assert "a test message" in slack.messages("/incoming/T000/B000/XXXXsecretXXXX")[0]["text"]
+    slack.status = 500
+    done = run_module(["--notify-test"], env)
+    assert done.returncode == 1 and "webhook1: NOT taken: webhook1 answered 500" in done.stdout, done
+    assert "secret" not in done.stdout + done.stderr
+    assert run_module(["--notify-test"], {}).returncode == 2  # no channel: nothing to test
+    bad = run_module([], {"AUTOHEAL_NOTIFY_WEBHOOK_URLS": "ftp://x/?key=topsecret"})
+    assert bad.returncode == 2 and "AUTOHEAL_NOTIFY_WEBHOOK_URLS" in bad.stderr and "topsecret" not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
 # Real peers' own tools check the shipped files: promtool, amtool, docker-compose, hadolint, haproxy
 # ---------------------------------------------------------------------------------------------
 
@@ -4205,6 +4383,65 @@ def test_fuzz_never_gets_a_5xx_nor_kills_the_server_and_memory_stays_bounded(tmp
     finally:
         assert running.stop() == 0
     assert not [e for e in running.events() if e.get("event") == "error"]
+
+
+@pytest.mark.alertmanager
+def test_slack_buttons_ack_with_the_persons_name_and_only_admins_pause(tmp_path, slack, alertmanager):
+    env = notify_env(tmp_path, slack, ALERTMANAGER_URL=alertmanager.url,
+                     AUTOHEAL_SLACK_RESPONSE_URL_PREFIX=f"{slack.url}/response/")
+    incoming = "/incoming/T000/B000/XXXXsecretXXXX"
+    with serving(env) as running:
+        assert results(running.post_alert(webhook(alert(instance="web-1:80")))) == ["executed"]
+        wait_for(lambda: len(slack.messages(incoming)) == 1)
+        message = slack.messages(incoming)[0]
+        [buttons] = [block["elements"] for block in message["blocks"] if block["type"] == "actions"]
+        by_label = {button["text"]["text"]: button for button in buttons}
+
+        def click(button, user_id, username, response, value=None, body=None):
+            payload = {"type": "block_actions", "user": {"id": user_id, "username": username},
+                       "actions": [{"action_id": button["action_id"], "value": value or button["value"]}],
+                       "response_url": f"{slack.url}/response/{response}", "message": message}
+            body = body or urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
+            timestamp = int(time.time())
+            headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Slack-Request-Timestamp": str(timestamp),
+                       "X-Slack-Signature": independent_slack_signature(ADMIN["AUTOHEAL_SLACK_SIGNING_SECRET"],
+                                                                        timestamp, body)}
+            return running.json("POST", "/slack/interact", body, headers), body
+
+        (status, _), sent = click(by_label["Ack 2h"], "U0ALICE", "alice", 1)
+        assert status == 200
+        wait_for(lambda: slack.messages("/response/1"))
+        update = slack.messages("/response/1")[0]
+        assert update["replace_original"] is True and "Acknowledged for 2h by <@U0ALICE>" in update["text"]
+        assert not [block for block in update["blocks"] if block["type"] == "actions"]  # the buttons went
+        [silence] = silences_for(alertmanager, "TcpEndpointDownFast")
+        assert (silence["createdBy"], silence["comment"]) == ("alice", "ACK! by <@U0ALICE>")
+        assert sorted((m["name"], m["value"], m["isRegex"]) for m in silence["matchers"]) == [
+            ("alertname", "TcpEndpointDownFast", False), ("instance", "web-1:80", False)]
+        # The same signed request again is a replay: refused, nothing done.
+        assert click(by_label["Ack 2h"], "U0ALICE", "alice", 1, body=sent)[0][0] == 401
+        # A second ack (anyone may) finds the first.
+        assert click(by_label["Ack 30m"], "U0BOB", "bob", 2)[0][0] == 200
+        wait_for(lambda: slack.messages("/response/2"))
+        assert "(existing)" in slack.messages("/response/2")[0]["text"]
+        assert len(silences_for(alertmanager, "TcpEndpointDownFast")) == 1
+        # A value autoheal did not sign (another event's id) does nothing.
+        forged = by_label["Ack 2h"]["value"].replace("ack:", "ack:1", 1)
+        status, body = click(by_label["Ack 2h"], "U0ALICE", "alice", 9, value=forged)[0]
+        assert status == 403 and "not made by autoheal" in body["error"]
+        # Pause: a member who is no admin is told so, and nothing changes; an admin pauses it.
+        assert click(by_label["Pause TcpEndpointDownFast 1h"], "U0BOB", "bob", 3)[0][0] == 200
+        wait_for(lambda: slack.messages("/response/3"))
+        assert "is not one of autoheal's Slack admins" in slack.messages("/response/3")[0]["text"]
+        assert running.json("GET", "/")[1]["overrides"] == []
+        assert click(by_label["Pause TcpEndpointDownFast 1h"], "U0ADMIN1", "root", 4)[0][0] == 200
+        wait_for(lambda: slack.messages("/response/4"))
+        assert "<@U0ADMIN1> paused TcpEndpointDownFast for 1h" in slack.messages("/response/4")[0]["text"]
+        [override] = running.json("GET", "/")[1]["overrides"]
+        assert (override["setting"], override["alertname"], override["by"]) == (
+            "action_enabled", "TcpEndpointDownFast", "U0ADMIN1 (root)")
+        acks = running.json("GET", "/history?kind=ack")[1]["events"]
+        assert {event["created_by"] for event in acks} == {"alice", "bob"}
 
 
 # ---------------------------------------------------------------------------------------------
