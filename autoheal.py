@@ -83,6 +83,7 @@ with exit status 2 and one line naming the variable):
     AUTOHEAL_NOTIFY_WEBHOOK_URLS=unset   JSON receivers, comma-separated, told the same (secrets)
     AUTOHEAL_NOTIFY_ON=unset             only these kinds or results (run, heal, control, not_healed, ...)
     AUTOHEAL_NOTIFY_MAX_PENDING=1000     messages waiting per channel; past it the oldest are dropped
+    AUTOHEAL_APPROVAL_TIMEOUT_SEC=900    an approval nobody answers within this closes as expired
 
 Endpoints:
     GET  /                 status: enabled, dry_run, actions, cooldowns, public_base_url, version
@@ -257,7 +258,8 @@ DEFAULT_STATE_FILE = "autoheal-state.db"
 
 # The results a decision can have once the alert reached its action (README: "What happens to each alert"),
 # plus rate_limited (the global budget).  Every allow-listed alertname has a counter for each.
-ACTION_RESULTS = ("executed", "failed", "dry_run", "cooldown_skip", "error", "rate_limited")
+ACTION_RESULTS = ("executed", "failed", "dry_run", "cooldown_skip", "error", "rate_limited", "awaiting_approval")
+APPROVAL_RESULTS = ("approved", "denied", "expired")  # how an approval closes (it opens "opened")
 SKIP_REASONS = ("resolved", "not_opted_in", "not_allowlisted", "disabled", "missing_label", "target_refused")
 ACK_OUTCOMES = ("created", "existing", "extended", "previewed", "error")
 HEAL_RESULTS = ("healed", "not_healed", "acknowledged", "unknown")
@@ -381,6 +383,7 @@ class Action:
     targets: Tuple[str, ...] = ()  # glob patterns every {label:NAME} value of the command must match
     docker_host: Optional[str] = None  # this action's Docker engine (else DOCKER_HOST), maybe a template
     docker_hosts: Tuple[str, ...] = ()  # glob patterns a {label:NAME} value in docker_host must match
+    approve: bool = False  # a person approves each run first (approve ID / deny ID, Slack's buttons)
 
     @property
     def per_target(self) -> bool:
@@ -448,6 +451,7 @@ class Config:
     notify_webhook_urls: Tuple[str, ...] = ()
     notify_on: Optional[FrozenSet[str]] = None  # kinds and results to send (None: every one of NOTIFY_RESULTS)
     notify_max_pending: int = 1000
+    approval_timeout_sec: float = 900.0
     # Replicas (section "Running more than one"): empty endpoints is one process on its own.
     etcd_endpoints: Tuple[str, ...] = ()
     etcd_prefix: str = "/autoheal/"
@@ -543,6 +547,7 @@ class Config:
         take("notify_webhook_urls", "AUTOHEAL_NOTIFY_WEBHOOK_URLS", parse_secret_urls)
         take("notify_on", "AUTOHEAL_NOTIFY_ON", parse_notify_on)
         take("notify_max_pending", "AUTOHEAL_NOTIFY_MAX_PENDING", lambda raw: parse_int(raw, 1, 1_000_000))
+        take("approval_timeout_sec", "AUTOHEAL_APPROVAL_TIMEOUT_SEC", seconds_up_to(MAX_DURATION_SEC))
         if env.get("DOCKER_TLS_VERIFY"):  # as the docker CLI: set to anything at all, TLS is on
             values["docker_tls"] = docker_tls_files(env, problems)
         if "AUTOHEAL_STATE_FILE" in env:
@@ -839,6 +844,9 @@ def build_actions(
         if give_up is not None and (isinstance(give_up, bool) or not isinstance(give_up, int) or give_up < 1
                                     or give_up > 1000):
             raise ValueError(f"{where}: give_up_after must be a whole number from 1 to 1000")
+        if entry.get("approve") is True and steps:
+            raise ValueError(f"{where}: approve and escalate together are not supported yet (a step would run "
+                             "without its own approval)")
         fleet = _fleet_fields(alertname, entry, where)
         first = _command_step(alertname, entry, f"{where}", cooldown, default_cooldown, default_timeout,
                               named_cooldowns)._replace(**fleet)
@@ -852,7 +860,7 @@ def build_actions(
 
 
 ACTION_KEYS = {"command", "cooldown_sec", "timeout_sec", "docker_api", "docker_host", "escalate", "give_up_after",
-               "cooldown_by", "targets", "docker_hosts"}
+               "cooldown_by", "targets", "docker_hosts", "approve"}
 
 
 def _fleet_fields(alertname: str, entry: Mapping[str, Any], where: str) -> Dict[str, Any]:
@@ -872,6 +880,9 @@ def _fleet_fields(alertname: str, entry: Mapping[str, Any], where: str) -> Dict[
                 or not all(isinstance(p, str) and 0 < len(p) <= 200 for p in patterns)):
             raise ValueError(f"{where}: {key} must be a list of up to 100 glob patterns")
         fields[key] = tuple(patterns)
+    if not isinstance(entry.get("approve", False), bool):
+        raise ValueError(f"{where}: approve must be true or false")
+    fields["approve"] = entry.get("approve", False)
     return fields
 
 
@@ -1254,6 +1265,9 @@ METRICS = (
     Family("autoheal_gave_up_total", "counter",
            "Times autoheal switched an action off itself after give_up_after not_healed verdicts in a row.",
            ("alertname",)),
+    Family("autoheal_approvals_total", "counter", "Approvals closed, by alertname and result: approved, denied, expired.",
+           ("alertname", "result")),
+    Family("autoheal_approvals_pending", "gauge", "Approvals open now, waiting for a person."),
     Family("autoheal_notifications_total", "counter",
            "Notifications by channel (slack, webhook1, ...) and result: sent, failed (an attempt), dropped.",
            ("channel", "result")),
@@ -1381,6 +1395,7 @@ class Exposition:
             "autoheal_overrides": [("", len(settings.overrides))],
             "autoheal_coordination_up": None if app.coordination is None else [("", int(app.coordination.up))],
             "autoheal_event_listeners": [("", app.feed.listeners())],
+            "autoheal_approvals_pending": [("", len(app.approvals.pending()))],
             "autoheal_notifications_pending": None if app.notifier is None else [
                 (format_labels({"channel": name}), count) for name, count in app.notifier.pending().items()],
             "autoheal_actions_running": [("", app.processes.count())],
@@ -1399,7 +1414,8 @@ class Exposition:
         labels = self._series_labels
         started = [moment or 0.0 for moment in self.app.claims.started_of(names)]
         cooldowns = [settings.cooldowns[name] for name in names]
-        remaining, cooling = self.app.cooldowns_now(settings, now)
+        app = self.app
+        remaining, cooling = cooldowns_now(app.claims, app.action_names, app.per_target, settings, now)
         if self.app.per_target:  # per-target actions: the newest start of their targets
             last = self.app.claims.last_target_starts()
             started = [max(started[index], last.get(name, 0.0)) for index, name in enumerate(names)]
@@ -3053,7 +3069,8 @@ def validate_webhook(payload: Any) -> List[Dict[str, Any]]:
 
 CONTROL_USAGE = (
     "status | help | enable | disable [DURATION] (or pause [DURATION]) | dry-run on|off | cooldown NAME DURATION | "
-    "cooldown NAME default | rearm NAME [LABELS] | disable NAME [DURATION] | enable NAME | undo [ID] | reset"
+    "cooldown NAME default | rearm NAME [LABELS] | disable NAME [DURATION] | enable NAME | undo [ID] | reset | "
+    "approve ID | deny ID"
 )
 CONTROL_HELP = (
     "status (or nothing): what is in force and who set it\n"
@@ -3067,6 +3084,7 @@ CONTROL_HELP = (
     "disable NAME [DURATION] / enable NAME: one action off / on\n"
     "undo [ID]: revert the latest change still in force, or the change with that history id\n"
     "reset: drop every override, back to the environment (final: nothing before it can be undone)\n"
+    "approve ID / deny ID: answer an open approval (an action with approve: true waits for one)\n"
     "DURATION: 90s, 30m, 2h, 1d, 1h30m"
 )
 MAX_COMMAND_CHARS = 500
@@ -3284,6 +3302,14 @@ def matches(matchers: Tuple[Tuple[str, str, str], ...], labels: Mapping[str, str
     return True
 
 
+def _parse_approval(words: _Words) -> Command:
+    """approve ID / deny ID: the answer to an open approval (its history id)."""
+    rest = words.arity(1, 1)
+    if not re.fullmatch(r"[0-9]{1,18}", rest[0]):
+        raise CommandError(f"{words.verb} takes the id of an open approval (GET / lists them), got {rest[0][:40]!r}")
+    return Command(words.verb, value=int(rest[0]))
+
+
 def _parse_undo(words: _Words) -> Command:
     rest = words.arity(0, 1)
     if rest and not re.fullmatch(r"[0-9]{1,18}", rest[0]):
@@ -3295,7 +3321,7 @@ def _parse_undo(words: _Words) -> Command:
 COMMAND_PARSERS: Dict[str, Callable[[_Words], Command]] = {
     "status": _parse_alone, "help": _parse_alone, "reset": _parse_alone, "enable": _parse_enable,
     "disable": _parse_disable, "pause": _parse_disable, "dry-run": _parse_dry_run, "cooldown": _parse_cooldown,
-    "rearm": _parse_rearm, "undo": _parse_undo,
+    "rearm": _parse_rearm, "undo": _parse_undo, "approve": _parse_approval, "deny": _parse_approval,
 }
 
 
@@ -4250,6 +4276,7 @@ EVENT_KINDS: Dict[str, Tuple[str, ...]] = {
     "unack": ("expired", "already_expired"),  # an acknowledgement undone
     "control": ("applied", "refused", "invalid", "lapsed", "unknown"),  # a runtime control command, or a lapse
     "state": ("recovered",),  # the state file was damaged and replaced
+    "approval": ("opened",) + APPROVAL_RESULTS,  # a run waiting for a person (approve: true), and the answer
 }
 EVENT_RESULTS = tuple(sorted({result for results in EVENT_KINDS.values() for result in results}))
 
@@ -4268,7 +4295,7 @@ class Decision:
     """What the gates decided for one alert; result "run" until the command ends."""
 
     __slots__ = ("alertname", "result", "reason", "action", "cooldown_remaining", "outcome", "event", "fold_into",
-                 "claim", "step", "key", "target", "detail")
+                 "claim", "step", "key", "target", "detail", "approved_by")
 
     def __init__(self, alertname: str, result: str, reason: Optional[str] = None, action: Optional[Action] = None,
                  cooldown_remaining: float = 0.0, detail: Optional[Dict[str, str]] = None):
@@ -4276,6 +4303,7 @@ class Decision:
         self.key = alertname  # what its cooldown is claimed by: the alertname, or a target's key
         self.target: Optional[Dict[str, str]] = None  # a per-target action's target (cooldown_by's labels)
         self.detail = detail  # a skip's particulars: the label missing or refused
+        self.approved_by: Optional[str] = None  # who approved the run (approve: true)
         self.result = result
         self.reason = reason
         self.action = action
@@ -4309,7 +4337,8 @@ class Decision:
                            reason=self.reason or None, **(self.detail or {}), target=self.target,
                            action=action.display if action is not None else None,
                            cooldown_remaining_seconds=math.ceil(self.cooldown_remaining) if action is not None
-                           else None, step=self.step if self.step > 1 else None, labels=alert["labels"],
+                           else None, step=self.step if self.step > 1 else None, approved_by=self.approved_by,
+                           labels=alert["labels"],
                            fingerprint=alert.get("fingerprint", ""), starts_at=alert.get("startsAt", ""))
         outcome = self.outcome
         if outcome is not None and kind == "decision":
@@ -4331,6 +4360,8 @@ class Decision:
                                   "cooldown_remaining_seconds": math.ceil(self.cooldown_remaining)}
         if self.target is not None:
             answer["target"] = self.target
+        if self.detail:  # an approval's id, for one that awaits it
+            answer.update(self.detail)
         if self.reason:
             answer["reason"] = self.reason
         outcome = self.outcome
@@ -4594,6 +4625,8 @@ class Control:
         self.journal = journal
         self.claims = claims
         self.counters = counters
+        # approve ID / deny ID: answered by Approvals (its answer: (event, message), or why not)
+        self.answer_approval: Optional[Callable[[str, int, Dict[str, Any]], Any]] = None
         self.wake = wake  # the timers' condition: a change, a new deadline
         self.clock = clock
         self.status = status  # GET /'s answer, for the status command
@@ -4667,6 +4700,12 @@ class Control:
             return self._refusal("refused", f"{by} may run status and help only (not an admin)",
                                  text, source, by, client, reason)
         fields = {"source": source, "by": by, "client": client, "command": text, "reason": reason}
+        if command.verb in ("approve", "deny") and self.answer_approval is not None:
+            answered = self.answer_approval(command.verb, command.value, fields)
+            if isinstance(answered, str):
+                return self._refusal("refused", answered, text, source, by, client, reason)
+            self.counters.add("autoheal_control_commands_total", (source, "applied"))
+            return ("applied",) + answered
         try:
             done = self._change(command, fields)
         except OutcomeUnknown as exc:  # never "refused": it may be in force
@@ -5430,37 +5469,6 @@ class HealTracker:
                 self.after_verdict(pending, result)
 
 
-def cooldowns_now(claims: Claims, names: List[str], per_target: FrozenSet[str], settings: Settings,
-                  now: float) -> Tuple[List[float], Dict[str, Tuple[int, List[Tuple[float, float, str]], float]]]:
-    """Seconds left of each action's cooldown (a per-target action's: of its longest-waiting
-    target), and the targets in cooldown of the per-target ones (Claims.cooling)."""
-    left = claims.remaining_all(names, settings.cooldowns, now)
-    if not per_target:
-        return left, {}
-    cooling = claims.cooling(settings.cooldowns, now, TARGETS_SHOWN)
-    return [(cooling[name][1][0][0] if name in cooling else 0.0) if name in per_target else remaining
-            for name, remaining in zip(names, left)], cooling
-
-
-def cooldown_status(name: str, remaining: float,
-                    cooling: Mapping[str, Tuple[int, List[Tuple[float, float, str]], float]],
-                    settings: Settings, per_target: bool) -> Dict[str, Any]:
-    """GET /'s cooldowns[NAME]: its length, what is left, the targets in cooldown (newest first,
-    at most TARGETS_SHOWN) and how many; per target, when the first of them may act again."""
-    if name in cooling:
-        total, shown, soonest = cooling[name]
-    else:
-        total, shown, soonest = (1, [(remaining, 0.0, name)], remaining) if remaining > 0 and not per_target else (
-            0, [], 0.0)
-    status = {"cooldown_seconds": settings.cooldowns[name], "remaining_seconds": round(remaining, 3),
-              "targets": [{"target": target_of_key(key), "remaining_seconds": round(left, 3)}
-                          for left, _started, key in shown],
-              "targets_total": total}
-    if per_target:
-        status["soonest_seconds"] = round(soonest, 3)
-    return status
-
-
 class Runs:
     """The latest run of each action, and its verdict: what GET / ("runs") and the page's
     "latest run: verdict" column show, never an older run's verdict.  With replicas it is shared
@@ -5565,7 +5573,8 @@ class Escalation:
             threading.Thread(target=self._run_step, args=(pending, action.escalate[step - 2], step),
                              name="escalate", daemon=True).start()
 
-    def _run_step(self, pending: Mapping[str, Any], step_action: Action, step: int) -> None:
+    def _run_step(self, pending: Mapping[str, Any], step_action: Action, step: int,
+                  approved_by: Optional[str] = None, slot: Optional[str] = None) -> None:
         """Run one escalation step for the alert of a run that did not heal: the gates apply again
         (master switch, dry-run, a runtime disable, the budget: a slot taken by a claim of the step's
         own, with no cooldown, fenced like any claim), then the command, its own verdict followed."""
@@ -5573,7 +5582,8 @@ class Escalation:
         try:
             alert = {"status": "firing", "labels": dict(pending["labels"]), "annotations": dict(pending["annotations"]),
                      "startsAt": pending.get("starts_at", ""), "fingerprint": pending["fingerprint"]}
-            decision = self._judge_step(alert, step_action, step)
+            decision = self._judge_step(alert, step_action, step, slot or f"step{step}")
+            decision.approved_by = approved_by
             now = app.clock()
             app.count([decision], received=False)  # a run is counted once it ends (App._run_one)
             runs = [(alert, decision)] if decision.result == "run" else []
@@ -5586,10 +5596,10 @@ class Escalation:
             if runs:
                 app.runs.ended(decision.alertname, decision.event.get("id"), now, decision.result, decision.target)
         except Exception as exc:  # a step that fails to start is said, and the rest goes on
-            app.log({"event": "error", "message": f"escalation step {step} of {pending.get('alertname')}: "
+            app.log({"event": "error", "message": f"{slot or f'escalation step {step}'} of {pending.get('alertname')}: "
                      f"{type(exc).__name__}: {exc}"}, "error")
 
-    def _judge_step(self, alert: Dict[str, Any], step_action: Action, step: int) -> Decision:
+    def _judge_step(self, alert: Dict[str, Any], step_action: Action, step: int, slot: str) -> Decision:
         """A step's decision, judged on the settings in force (read again when its fence finds them
         stale, as for a webhook); its budget slot claimed."""
         app = self.app
@@ -5606,7 +5616,7 @@ class Escalation:
                 return decision
             decision.action = filled
             try:
-                [claim] = app.claims.claim_all([(f"{decision.alertname}#step{step}", 0.0)],
+                [claim] = app.claims.claim_all([(f"{decision.alertname}#{slot}", 0.0)],
                                                settings.max_actions_per_hour, app.clock(), None, settings.revision)
             except StaleSettings:
                 if attempt < 2:
@@ -5780,6 +5790,7 @@ NOTIFY_RESULTS: Dict[str, Tuple[str, ...]] = {
     "decision": ("executed", "failed", "error"),  # runs (escalation steps among them)
     "heal": ("healed", "not_healed", "acknowledged", "unknown"),  # verdicts
     "control": ("applied",),  # runtime changes, giving up among them
+    "approval": ("opened",) + APPROVAL_RESULTS,  # approvals asked, and answered
 }
 NOTIFY_RETRY_SEC = 86400.0  # a message the receiver keeps refusing is dropped after this
 NOTIFY_BACKOFF_MAX_SEC = 300.0
@@ -5834,6 +5845,13 @@ def notification_text(event: Mapping[str, Any]) -> str:
         if result == "acknowledged":
             return f"{step}{name}{where} was acknowledged (silenced) before it healed: a person took over"
         return f"{step}Whether {name}{where} healed is unknown: {event.get('reason') or 'no answer'}"
+    if kind == "approval":
+        if result == "opened":
+            return (f"Approval needed: `{action}` for {name}{where}: `approve {event.get('id')}` or "
+                    f"`deny {event.get('id')}` before {event.get('expires_at')}")
+        if result == "expired":
+            return f"Nobody answered approval #{event.get('approval_id')} (`{action}` for {name}{where}): nothing ran"
+        return f"{event.get('by')} {result} `{action}` for {name}{where} (approval #{event.get('approval_id')})"
     if event.get("by") == "autoheal":
         return f"autoheal {event.get('reason') or 'changed itself'}: `{event.get('command')}`"
     return f"{event.get('by')} changed autoheal: `{event.get('command')}`"
@@ -5881,7 +5899,109 @@ def slack_message(event: Mapping[str, Any], text: str, config: Config) -> Dict[s
                         "action_id": "pause_1h", "style": "danger",
                         "value": sign_value(secret, f"pause:{event['id']}")})
         blocks.append({"type": "actions", "block_id": f"autoheal-{event['id']}", "elements": buttons})
+    elif secret and event.get("kind") == "approval" and event.get("result") == "opened" and event.get("id"):
+        blocks.append({"type": "actions", "block_id": f"autoheal-{event['id']}", "elements": [
+            {"type": "button", "text": {"type": "plain_text", "text": "Approve"}, "action_id": "approve",
+             "style": "primary", "value": sign_value(secret, f"approve:{event['id']}")},
+            {"type": "button", "text": {"type": "plain_text", "text": "Deny"}, "action_id": "deny", "style": "danger",
+             "value": sign_value(secret, f"deny:{event['id']}")}]})
     return {"text": text, "blocks": blocks}
+
+
+class Approvals:
+    """Actions with approve: true wait for a person.  A run they would make is the decision
+    awaiting_approval (its cooldown starts, so repeats do not ask again) and an approval event
+    (kind "approval", result "opened") whose history id is the approval's id; it closes with
+    approved, denied or expired (AUTOHEAL_APPROVAL_TIMEOUT_SEC), recorded with who answered.  An
+    approved run goes through the gates again at that moment (the master switch, dry-run, a
+    runtime disable, the hourly budget: Escalation's path, with approved_by on its events).  The
+    open approvals are the history's: a restart finds them there (one process; with replicas,
+    each replica answers for the approvals it opened)."""
+
+    def __init__(self, app: "App"):
+        self.app = app
+        self.timeout = app.config.approval_timeout_sec
+        self._lock = threading.Lock()
+        self._open: Dict[int, Dict[str, Any]] = {}  # id: its "opened" event
+
+    def load(self, now: float) -> None:
+        """The approvals still open, as the history tells (those past their time expire now)."""
+        events = [json.loads(text) for _id, text in self.app.store.query(
+            HISTORY_LIMIT_MAX, since=now - self.timeout - 3600, kind="approval")]
+        closed = {event.get("approval_id") for event in events if event.get("result") != "opened"}
+        with self._lock:
+            self._open = {event["id"]: event for event in events
+                          if event.get("result") == "opened" and event.get("id") not in closed}
+        self.expire_due(now)
+
+    def open(self, waiting: List[Tuple[Dict[str, Any], Decision]], now: float) -> None:
+        """Open an approval for each decision awaiting one; they are told (Notifier) like any event."""
+        events = []
+        for alert, decision in waiting:
+            action = decision.action
+            assert action is not None
+            events.append(make_event("approval", now, result="opened", alertname=decision.alertname,
+                                     target=decision.target, action=action.display, labels=alert["labels"],
+                                     annotations=alert.get("annotations") or {},
+                                     fingerprint=alert.get("fingerprint", ""), starts_at=alert.get("startsAt", ""),
+                                     decision_id=(decision.event or {}).get("id"),
+                                     expires_at=format_rfc3339(now + self.timeout)))
+        self.app.journal.record(events)
+        with self._lock:
+            for event in events:
+                self._open[event["id"]] = event
+        for (_alert, decision), event in zip(waiting, events):
+            decision.detail = {"approval_id": event["id"]}
+        with self.app.wake:
+            self.app.wake.notify_all()
+
+    def answer(self, verb: str, approval_id: int, fields: Mapping[str, Any]) -> Any:
+        """approve ID / deny ID (Control.run): (the closing event, a message), or why not.  Each
+        approval is answered once: a second click finds it closed."""
+        with self._lock:
+            opened = self._open.pop(approval_id, None)
+        if opened is None:
+            return f"no open approval #{approval_id}: it was answered or expired already, or never opened"
+        result = "approved" if verb == "approve" else "denied"
+        event = self._close(opened, result, fields)
+        by = fields.get("by")
+        if result == "approved":
+            name = opened["alertname"]
+            action = self.app.actions.get(name)
+            if action is not None:  # the gates again, then the run (a thread: the answer does not wait for it)
+                threading.Thread(target=self.app.escalation._run_step, name="approved", daemon=True,
+                                 args=(opened, action, 1, by, f"approval{approval_id}")).start()
+        return event, f"approval #{approval_id} ({opened['alertname']}: {opened.get('action')}) {result} by {by}"
+
+    def _close(self, opened: Mapping[str, Any], result: str, fields: Mapping[str, Any]) -> Dict[str, Any]:
+        event = make_event("approval", self.app.clock(), result=result, alertname=opened["alertname"],
+                           approval_id=opened["id"], target=opened.get("target"), action=opened.get("action"),
+                           labels=opened.get("labels"), by=fields.get("by"), source=fields.get("source"),
+                           client=fields.get("client"))
+        self.app.journal.record([event])
+        self.app.counters.add("autoheal_approvals_total", (opened["alertname"], result))
+        return event
+
+    def next_expiry(self) -> Optional[float]:
+        with self._lock:
+            return min((parse_rfc3339(event["expires_at"]) for event in self._open.values()), default=None)
+
+    def expire_due(self, now: float) -> None:
+        """Close as expired every approval nobody answered in time: nothing runs."""
+        with self._lock:
+            due = [approval_id for approval_id, event in self._open.items()
+                   if parse_rfc3339(event["expires_at"]) <= now]
+            expired = [self._open.pop(approval_id) for approval_id in due]
+        for opened in expired:
+            self._close(opened, "expired", {"by": "autoheal", "source": "autoheal"})
+
+    def pending(self) -> List[Dict[str, Any]]:
+        """GET / approvals: the open ones, oldest first."""
+        with self._lock:
+            return [{"id": event["id"], "alertname": event["alertname"], "target": event.get("target"),
+                     "action": event.get("action"), "labels": event.get("labels"),
+                     "opened_at": format_rfc3339(event["ts"]), "expires_at": event["expires_at"]}
+                    for event in sorted(self._open.values(), key=lambda event: event["id"])]
 
 
 class SlackButtons:
@@ -5932,6 +6052,10 @@ class SlackButtons:
                         f"({done['outcome']}), until {done['ends_at']}")
             elif user_id not in app.config.slack_admins:
                 said = f"Not done: <@{user_id}> is not one of autoheal's Slack admins (AUTOHEAL_SLACK_ADMINS)"
+            elif what in ("approve", "deny"):
+                result, _change, message = app.control.run(f"{what} {event_id}", "slack", f"{user_id} ({name})",
+                                                           client)
+                said = message if result == "applied" else f"Not done ({result}): {message}"
             else:
                 result, _change, message = app.control.run(f"disable {event.get('alertname')} 1h", "slack",
                                                            f"{user_id} ({name})", client)
@@ -6129,6 +6253,65 @@ class Notifier:
 # ---------------------------------------------------------------------------------------------
 
 
+def housekeeping(app: "App", served: Callable[[], int], stop: threading.Event) -> None:
+    """Once requests are done (served() has not moved for 0.05 s): the housekeeping that no
+    request should wait for (the history's pruning near its bounds, SqliteStore.tidy), and
+    giving the heap that requests freed back to the system.
+
+    glibc keeps freed memory for reuse; after compiling this module at start, a storm of
+    thousands of alerts or a scrape of 1,000 alertnames, most of it would stay resident for
+    good (about 18 MiB after the compile alone).  malloc_trim(0) returns it.  Elsewhere
+    (musl, macOS, no ctypes) there is nothing to trim.
+    """
+    trim = heap_trimmer()
+    seen, trimmed = served(), -1
+    while not stop.wait(0.05):
+        now_served = served()
+        if now_served != seen:  # still busy: wait for a quiet moment
+            seen = now_served
+        elif now_served != trimmed:
+            app.store.tidy()
+            app.docker.close_idle()
+            if app.per_target:  # targets whose cooldowns ended are forgotten, read or not
+                app.claims.cooling(app.effective().cooldowns, app.clock(), 0)
+            if trim is not None:
+                app.feed.compact()
+                app.heals.compact()
+                trim()
+            trimmed = now_served
+
+
+def cooldowns_now(claims: Claims, names: List[str], per_target: FrozenSet[str], settings: Settings,
+                  now: float) -> Tuple[List[float], Dict[str, Tuple[int, List[Tuple[float, float, str]], float]]]:
+    """Seconds left of each action's cooldown (a per-target action's: of its longest-waiting
+    target), and the targets in cooldown of the per-target ones (Claims.cooling)."""
+    left = claims.remaining_all(names, settings.cooldowns, now)
+    if not per_target:
+        return left, {}
+    cooling = claims.cooling(settings.cooldowns, now, TARGETS_SHOWN)
+    return [(cooling[name][1][0][0] if name in cooling else 0.0) if name in per_target else remaining
+            for name, remaining in zip(names, left)], cooling
+
+
+def cooldown_status(name: str, remaining: float,
+                    cooling: Mapping[str, Tuple[int, List[Tuple[float, float, str]], float]],
+                    settings: Settings, per_target: bool) -> Dict[str, Any]:
+    """GET /'s cooldowns[NAME]: its length, what is left, the targets in cooldown (newest first,
+    at most TARGETS_SHOWN) and how many; per target, when the first of them may act again."""
+    if name in cooling:
+        total, shown, soonest = cooling[name]
+    else:
+        total, shown, soonest = (1, [(remaining, 0.0, name)], remaining) if remaining > 0 and not per_target else (
+            0, [], 0.0)
+    status = {"cooldown_seconds": settings.cooldowns[name], "remaining_seconds": round(remaining, 3),
+              "targets": [{"target": target_of_key(key), "remaining_seconds": round(left, 3)}
+                          for left, _started, key in shown],
+              "targets_total": total}
+    if per_target:
+        status["soonest_seconds"] = round(soonest, 3)
+    return status
+
+
 class App:
     """Everything autoheal knows and decides, composed of parts with one job each: the journal
     (log and history), the /events feed, the claims (cooldowns and budget), runtime control, heal
@@ -6182,10 +6365,13 @@ class App:
         self.exposition = Exposition(self)
         self.slack_signatures = SeenOnce(2 * SLACK_MAX_SKEW_SEC)  # a timestamp may be 5 minutes either way
         self.buttons = SlackButtons(self)
+        self.approvals = Approvals(self)
+        self.control.answer_approval = self.approvals.answer
         self._lock = threading.Lock()
         self._action_slots = threading.BoundedSemaphore(config.max_concurrent_actions)
         self._folds: "collections.OrderedDict[Tuple[str, str, str, Optional[str]], List[Any]]" = collections.OrderedDict()
         self.control.load(now)
+        self.approvals.load(now)
         self._timers = threading.Thread(target=self._timer_loop, name="timers", daemon=True)
         self._timers.start()
         if self.notifier is not None:
@@ -6240,7 +6426,8 @@ class App:
             with self.wake:
                 if self._closed:
                     return
-                due = [moment for moment in (self.control.next_lapse, heal) if moment is not None]
+                due = [moment for moment in (self.control.next_lapse, heal, self.approvals.next_expiry())
+                       if moment is not None]
                 wait = 60.0 if not due else max(0.0, min(60.0, min(due) - self.clock()))
                 if wait > 0:
                     self.wake.wait(wait)
@@ -6254,36 +6441,10 @@ class App:
                 heal = self.heals.next_deadline()
                 if heal is not None and now >= heal:
                     self.heals.overdue(now)
+                self.approvals.expire_due(now)
             except Exception as exc:  # the loop must outlive a failed write; the next wake retries
                 self.log({"event": "error", "message": f"timer: {type(exc).__name__}: {exc}"}, "error")
                 time.sleep(1)
-
-    def housekeeping(self, served: Callable[[], int], stop: threading.Event) -> None:
-        """Once requests are done (served() has not moved for 0.05 s): the housekeeping that no
-        request should wait for (the history's pruning near its bounds, SqliteStore.tidy), and
-        giving the heap that requests freed back to the system.
-
-        glibc keeps freed memory for reuse; after compiling this module at start, a storm of
-        thousands of alerts or a scrape of 1,000 alertnames, most of it would stay resident for
-        good (about 18 MiB after the compile alone).  malloc_trim(0) returns it.  Elsewhere
-        (musl, macOS, no ctypes) there is nothing to trim.
-        """
-        trim = heap_trimmer()
-        seen, trimmed = served(), -1
-        while not stop.wait(0.05):
-            now_served = served()
-            if now_served != seen:  # still busy: wait for a quiet moment
-                seen = now_served
-            elif now_served != trimmed:
-                self.store.tidy()
-                self.docker.close_idle()
-                if self.per_target:  # targets whose cooldowns ended are forgotten, read or not
-                    self.claims.cooling(self.effective().cooldowns, self.clock(), 0)
-                if trim is not None:
-                    self.feed.compact()
-                    self.heals.compact()
-                    trim()
-                trimmed = now_served
 
     def close(self) -> None:
         """Close the listeners, the timers and control threads and the state store."""
@@ -6319,6 +6480,10 @@ class App:
         decisions, cooldowns, settings = self._judge_all(alerts, settings, now)
         self._record_decisions(alerts, decisions, cooldowns, settings, now)
         self.count(decisions)
+        waiting = [(alert, decision) for alert, decision in zip(alerts, decisions)
+                   if decision.result == "awaiting_approval"]
+        if waiting:
+            self.approvals.open(waiting, now)
         dry = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result == "dry_run"]
         if dry:  # a dry-run decision's own verdict, after the grace
             followed = self.heals.follow(dry, now)
@@ -6369,7 +6534,9 @@ class App:
                 decision.result, decision.reason = "error", "coordination_unavailable"
                 continue
             decision.settle(claims[index], settings)
-            if decision.result in ("dry_run", "run"):
+            if decision.result == "run" and decision.action is not None and decision.action.approve:
+                decision.result = "awaiting_approval"  # its cooldown starts: a repeat does not ask again
+            if decision.result in ("dry_run", "run", "awaiting_approval"):
                 cooldowns[decision.key] = now
         return decisions, cooldowns, settings
 
@@ -6502,16 +6669,11 @@ class App:
 
     # -- what people and scrapers read ----------------------------------------------------
 
-    def cooldowns_now(self, settings: Settings,
-                      now: float) -> Tuple[List[float], Dict[str, List[Tuple[float, float, str]]]]:
-        """Seconds left of each action's cooldown, and the targets in cooldown (cooldowns_now)."""
-        return cooldowns_now(self.claims, self.action_names, self.per_target, settings, now)
-
     def status(self) -> Dict[str, Any]:
         """The answer of GET /."""
         now = self.clock()
         settings = self.effective()
-        left, cooling = self.cooldowns_now(settings, now)
+        left, cooling = cooldowns_now(self.claims, self.action_names, self.per_target, settings, now)
         cooldowns = {name: cooldown_status(name, remaining, cooling, settings, name in self.per_target)
                      for name, remaining in zip(self.action_names, left)}
         limit = settings.max_actions_per_hour
@@ -6535,6 +6697,7 @@ class App:
             "cooldowns": cooldowns,
             # The latest run of each action and its verdict (pending, healed, not_healed, ...).
             "runs": {name: runs.get(name) for name in self.action_names},
+            "approvals": self.approvals.pending(),  # open ones: answer with approve ID / deny ID
             "max_actions_per_hour": limit,
             "action_budget_remaining": max(0, limit - self.claims.budget_used(now)) if limit else None,
             "state_persistent": self.store.persistent,
@@ -6853,6 +7016,18 @@ def _override_items(status: Mapping[str, Any]) -> str:
     return "".join(items) or '<li class="muted">none: the environment is in force</li>'
 
 
+def _approval_items(status: Mapping[str, Any]) -> str:
+    """The open approvals, each with Approve and Deny for a token holder (nothing when none)."""
+    import html
+
+    esc = html.escape
+    items = [f'<li>#{a["id"]} <b>{esc(a["alertname"])}</b>: <code>{esc(str(a.get("action")))}</code>'
+             f'{esc(_where(a))} until {_time_tag(parse_rfc3339(a["expires_at"]))} '
+             f'<button data-command="approve {a["id"]}">approve</button>'
+             f'<button data-command="deny {a["id"]}">deny</button></li>' for a in status.get("approvals") or []]
+    return f'<h2>Waiting for approval</h2><ul id="approvals">{"".join(items)}</ul>' if items else ""
+
+
 def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, Any]],
                        heals: List[Mapping[str, Any]], events: List[Mapping[str, Any]], now: float) -> str:
     """GET / for people: complete as of the load without script; page.js keeps it live."""
@@ -6880,7 +7055,7 @@ def render_status_page(status: Mapping[str, Any], decisions: List[Mapping[str, A
         '<h2>Actions</h2><div class="wrap"><table><thead><tr><th>action</th><th>cooldown</th><th>left</th>'
         '<th>last decision</th><th>latest run: verdict</th><th></th></tr></thead>'
         f'<tbody>{_action_rows(status, decisions, heals, now)}</tbody></table></div>'
-        f'<h2>Overrides</h2>{note}<ul id="overrides">{_override_items(status)}</ul>'
+        f'{_approval_items(status)}<h2>Overrides</h2>{note}<ul id="overrides">{_override_items(status)}</ul>'
         '<div class="controls"><label>Admin token <input id="token" type="password" autocomplete="off" '
         'size="24" placeholder="AUTOHEAL_ADMIN_TOKEN"></label><br>'
         '<button data-command="disable 1h">disable 1h</button><button data-command="enable">enable</button>'
@@ -8069,7 +8244,7 @@ class Server:
     def serve_forever(self) -> None:
         """Accept and read until stop() is called."""
         next_sweep = time.monotonic() + 0.5
-        threading.Thread(target=self.app.housekeeping, args=(lambda: self.served, self._stop_requested),
+        threading.Thread(target=housekeeping, args=(self.app, lambda: self.served, self._stop_requested),
                          name="memory", daemon=True).start()
         try:
             while not self._stop_requested.is_set():

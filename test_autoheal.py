@@ -3438,7 +3438,7 @@ def test_sigterm_kills_what_outlives_the_grace_period_and_records_it(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-class SlackStandIn:
+class SlackReceivers:
     """Stands in for Slack, which cannot run here: its incoming webhook (POST /incoming/<name>,
     answering 200 "ok" as Slack does, or what the test sets: 503, or no answer at all), a plain
     JSON receiver beside it (POST /hook/<name>), and the response_url of an interaction (POST
@@ -3508,7 +3508,7 @@ def check_block_kit(message):
 
 @pytest.fixture
 def slack():
-    stand_in = SlackStandIn()
+    stand_in = SlackReceivers()
     yield stand_in
     stand_in.close()
 
@@ -3609,6 +3609,96 @@ def test_notify_test_sends_one_message_to_each_channel_and_says_what_each_answer
     assert run_module(["--notify-test"], {}).returncode == 2  # no channel: nothing to test
     bad = run_module([], {"AUTOHEAL_NOTIFY_WEBHOOK_URLS": "ftp://x/?key=topsecret"})
     assert bad.returncode == 2 and "AUTOHEAL_NOTIFY_WEBHOOK_URLS" in bad.stderr and "topsecret" not in bad.stderr
+
+
+def approval_env(tmp_path, **extra):
+    actions = {"Risky": dict(stamping(tmp_path / "risky.txt", 300), approve=True, cooldown_by=["instance"])}
+    return {**ADMIN, **REAL, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, actions), **extra}
+
+
+def test_an_approved_run_runs_once_and_a_denied_expired_or_switched_off_one_runs_nothing(tmp_path):
+    with serving(approval_env(tmp_path, AUTOHEAL_APPROVAL_TIMEOUT_SEC="2")) as running:
+        answer = running.post_alert(webhook(alert("Risky", instance="a")))[1]["results"][0]
+        assert answer["result"] == "awaiting_approval" and answer["approval_id"]
+        assert results(running.post_alert(webhook(alert("Risky", instance="a")))) == ["cooldown_skip"]  # asked once
+        [waiting] = running.json("GET", "/")[1]["approvals"]
+        assert (waiting["id"], waiting["alertname"], waiting["target"]) == (
+            answer["approval_id"], "Risky", {"alertname": "Risky", "instance": "a"})
+        page = running.request("GET", "/", headers={"Accept": "text/html"})[2].decode()
+        assert f'data-command="approve {waiting["id"]}"' in page and f'data-command="deny {waiting["id"]}"' in page
+        # Only an admin answers: a wrong token, and a Slack member who is no admin, do nothing.
+        assert control(running, f"approve {waiting['id']}", token="wrong")[0] == 401
+        assert "may run status and help only" in slack_post(running, f"approve {waiting['id']}", "U0NOBODY")[1]["text"]
+        status, body = control(running, f"approve {waiting['id']}", by="ops")
+        assert status == 200 and "approved by ops" in body["text"], body
+        assert control(running, f"approve {waiting['id']}", by="ops")[0] == 409  # a second click: answered already
+        wait_for(lambda: len(stamps(tmp_path / "risky.txt")) == 1)
+        runs = running.json("GET", "/history?kind=decision&result=executed")[1]["events"]
+        assert [event["approved_by"] for event in runs] == ["ops"]
+        # Denied: nothing runs.
+        denied = running.post_alert(webhook(alert("Risky", instance="b")))[1]["results"][0]["approval_id"]
+        assert control(running, f"deny {denied}", by="ops")[0] == 200
+        # Nobody answers within AUTOHEAL_APPROVAL_TIMEOUT_SEC: expired, nothing runs.
+        expired = running.post_alert(webhook(alert("Risky", instance="c")))[1]["results"][0]["approval_id"]
+        wait_for(lambda: running.json("GET", "/")[1]["approvals"] == [], timeout=10)
+        assert control(running, f"approve {expired}")[0] == 409
+        # Approved while the master switch is off: the gates are checked again, and nothing runs.
+        late = running.post_alert(webhook(alert("Risky", instance="d")))[1]["results"][0]["approval_id"]
+        assert control(running, "disable")[0] == 200
+        assert control(running, f"approve {late}", by="ops")[0] == 200
+        wait_for(lambda: running.json("GET", "/history?kind=decision&result=skipped")[1]["events"]
+                 or running.json("GET", "/history?kind=decision&result=dry_run")[1]["events"])
+        time.sleep(0.5)
+        assert len(stamps(tmp_path / "risky.txt")) == 1
+        closed = running.json("GET", "/history?kind=approval")[1]["events"]
+        assert sorted(event["result"] for event in closed) == ["approved", "approved", "denied", "expired", "opened",
+                                                                "opened", "opened", "opened"]
+        for result, count in (("approved", 2), ("denied", 1), ("expired", 1)):
+            assert running.metric(f'autoheal_approvals_total{{alertname="Risky",result="{result}"}}') == count
+        assert running.metric("autoheal_approvals_pending") == 0
+
+
+def test_open_approvals_survive_a_restart_and_slack_approve_runs_once_for_an_admin(tmp_path, slack):
+    env = approval_env(tmp_path, AUTOHEAL_STATE_FILE=str(tmp_path / "s.db"),
+                       AUTOHEAL_NOTIFY_SLACK_URL=f"{slack.url}/incoming/x",
+                       AUTOHEAL_SLACK_RESPONSE_URL_PREFIX=f"{slack.url}/response/")
+    first = AutohealProcess(env, tmp_path)
+    try:
+        approval_id = first.post_alert(webhook(alert("Risky", instance="a")))[1]["results"][0]["approval_id"]
+        wait_for(lambda: slack.messages("/incoming/x"))
+    finally:
+        first.stop(signal.SIGKILL)
+    [message] = slack.messages("/incoming/x")
+    assert message["text"].startswith("Approval needed: `sh -c") and f"`approve {approval_id}`" in message["text"]
+    [buttons] = [block["elements"] for block in message["blocks"] if block["type"] == "actions"]
+    approve = next(button for button in buttons if button["text"]["text"] == "Approve")
+    second = AutohealProcess(env, tmp_path)
+    try:
+        assert [a["id"] for a in second.json("GET", "/")[1]["approvals"]] == [approval_id]
+
+        def click(user_id, response):
+            payload = {"type": "block_actions", "user": {"id": user_id, "username": user_id.lower()},
+                       "actions": [{"action_id": "approve", "value": approve["value"]}],
+                       "response_url": f"{slack.url}/response/{response}", "message": message}
+            body = urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
+            timestamp = int(time.time())
+            return second.json("POST", "/slack/interact", body, {
+                "Content-Type": "application/x-www-form-urlencoded", "X-Slack-Request-Timestamp": str(timestamp),
+                "X-Slack-Signature": independent_slack_signature(ADMIN["AUTOHEAL_SLACK_SIGNING_SECRET"], timestamp,
+                                                                 body)})
+
+        assert click("U0NOBODY", 1)[0] == 200
+        wait_for(lambda: slack.messages("/response/1"))
+        assert "is not one of autoheal's Slack admins" in slack.messages("/response/1")[0]["text"]
+        assert click("U0ADMIN1", 2)[0] == 200 and click("U0ADMIN1", 3)[0] == 200  # clicked twice
+        wait_for(lambda: slack.messages("/response/2") and slack.messages("/response/3"))
+        said = sorted(slack.messages(f"/response/{n}")[0]["text"] for n in (2, 3))
+        assert "approved by U0ADMIN1 (u0admin1)" in said[0] + said[1] and "no open approval" in said[0] + said[1]
+        wait_for(lambda: len(stamps(tmp_path / "risky.txt")) == 1)
+        time.sleep(0.5)
+        assert len(stamps(tmp_path / "risky.txt")) == 1
+    finally:
+        second.stop()
 
 
 # ---------------------------------------------------------------------------------------------
