@@ -3834,6 +3834,7 @@ class EtcdClaims(Claims):
         # and the lease counts from when etcd took it.  So it is never shorter, at most this late.
         self.spare = 1 + int(math.ceil(client.timeout))
         self._runs: Dict[str, Dict[str, Any]] = {}  # the latest run of each action, as etcd holds it
+        self._approvals: Dict[int, Dict[str, Any]] = {}  # the open approvals, as etcd holds them
         self._run_revisions: Dict[str, str] = {}  # the revision of the run record this replica wrote last
         self.up = False
         self.error: Optional[str] = None
@@ -4106,6 +4107,40 @@ class EtcdClaims(Claims):
                 self._run_revisions[alertname] = str(answer["header"]["revision"])
                 self._runs[alertname] = dict(record)
 
+    # -- approvals: any replica takes the answer, exactly one runs it ----------------------------
+
+    def put_approval(self, approval_id: int, record: Mapping[str, Any], seconds: float) -> None:
+        """Share an open approval under <prefix>approval/<id>, on a lease a little longer than it
+        may wait (its opener closes it as expired; the lease only tidies up after a dead one)."""
+        lease = self._call("lease/grant", {"TTL": int(math.ceil(seconds)) + self.spare + 60}, None)["ID"]
+        record = {**record, "replica": self.replica}
+        self._call("kv/put", {"key": _b64(f"{self.prefix}approval/{approval_id}"),
+                              "value": _b64(json.dumps(record)), "lease": lease}, None)
+        with self._lock:
+            self._approvals[approval_id] = record
+
+    def take_approval(self, approval_id: int) -> Optional[Dict[str, Any]]:
+        """Answer an open approval: whichever replica deletes its key first has it (its record);
+        None when another was first, or it was never opened."""
+        key = _b64(f"{self.prefix}approval/{approval_id}")
+        answer = self._call("kv/txn", {
+            "compare": [{"key": key, "target": "CREATE", "create_revision": "0", "result": "NOT_EQUAL"}],
+            "success": [{"request_delete_range": {"key": key, "prev_kv": True}}]}, None)
+        with self._lock:
+            self._approvals.pop(approval_id, None)
+        if not answer.get("succeeded"):
+            return None
+        taken = ((answer.get("responses") or [{}])[0].get("response_delete_range") or {}).get("prev_kvs") or []
+        try:
+            return dict(json.loads(_unb64(taken[0].get("value", "")))) if taken else None
+        except (ValueError, TypeError):
+            return None
+
+    def approvals(self) -> Dict[int, Dict[str, Any]]:
+        """The open approvals of every replica, as the last poll (or this replica's writes) saw them."""
+        with self._lock:
+            return dict(self._approvals)
+
     # -- the shared runtime control state ------------------------------------------------------
 
     def sync(self) -> Tuple[Optional[str], int, FrozenSet[int]]:
@@ -4113,15 +4148,21 @@ class EtcdClaims(Claims):
         none yet), the timed overrides still alive (their ids), the cooldowns and the budget
         slots in use (kept for the status page)."""
         cooldowns, budget, overrides = f"{self.prefix}cooldown/", f"{self.prefix}budget/", f"{self.prefix}override/"
-        runs = f"{self.prefix}run/"
+        runs, approvals = f"{self.prefix}run/", f"{self.prefix}approval/"
         answer = self._call("kv/txn", {"success": [
             {"request_range": {"key": _b64(f"{self.prefix}control")}},
             {"request_range": {"key": _b64(cooldowns), "range_end": _b64(_prefix_end(cooldowns))}},
             {"request_range": {"key": _b64(budget), "range_end": _b64(_prefix_end(budget)), "count_only": True}},
             {"request_range": {"key": _b64(overrides), "range_end": _b64(_prefix_end(overrides)), "keys_only": True}},
             {"request_range": {"key": _b64(runs), "range_end": _b64(_prefix_end(runs))}},
+            {"request_range": {"key": _b64(approvals), "range_end": _b64(_prefix_end(approvals))}},
         ]}, None)
-        control, running, slots, alive, latest = [r.get("response_range", {}) for r in answer.get("responses", [])]
+        control, running, slots, alive, latest, waiting = [r.get("response_range", {})
+                                                           for r in answer.get("responses", [])]
+        shared_approvals: Dict[int, Dict[str, Any]] = {}
+        for kv in waiting.get("kvs") or []:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                shared_approvals[int(_unb64(kv["key"])[len(approvals):])] = dict(json.loads(_unb64(kv["value"])))
         shared_runs: Dict[str, Dict[str, Any]] = {}
         for kv in latest.get("kvs") or []:
             with contextlib.suppress(ValueError, TypeError, AttributeError):
@@ -4132,6 +4173,7 @@ class EtcdClaims(Claims):
                 self._see(name, found.get(name))
             self._budget_used = int(slots.get("count", 0))
             self._runs = shared_runs
+            self._approvals = shared_approvals
         live: FrozenSet[int] = frozenset(int(_unb64(kv["key"])[len(overrides):]) for kv in alive.get("kvs") or []
                                          if _unb64(kv["key"])[len(overrides):].isdigit())
         kvs = control.get("kvs") or []
@@ -5915,11 +5957,13 @@ class Approvals:
     approved, denied or expired (AUTOHEAL_APPROVAL_TIMEOUT_SEC), recorded with who answered.  An
     approved run goes through the gates again at that moment (the master switch, dry-run, a
     runtime disable, the hourly budget: Escalation's path, with approved_by on its events).  The
-    open approvals are the history's: a restart finds them there (one process; with replicas,
-    each replica answers for the approvals it opened)."""
+    open approvals are the history's: a restart finds them there.  With replicas each open
+    approval is in etcd too (<prefix>approval/<id>): every replica lists it, any replica takes the
+    answer, and the one that deletes its key first (one transaction) closes it and runs it."""
 
     def __init__(self, app: "App"):
         self.app = app
+        self.shared = app.coordination  # replicas: every open approval is in etcd too (EtcdClaims)
         self.timeout = app.config.approval_timeout_sec
         self._lock = threading.Lock()
         self._open: Dict[int, Dict[str, Any]] = {}  # id: its "opened" event
@@ -5950,6 +5994,12 @@ class Approvals:
         with self._lock:
             for event in events:
                 self._open[event["id"]] = event
+        for event in events if self.shared is not None else ():
+            try:
+                self.shared.put_approval(event["id"], event, self.timeout)
+            except CoordinationUnavailable as exc:
+                self.app.log({"event": "warning", "message": f"approval #{event['id']} is not shared: etcd did not "
+                              f"answer ({exc}); only this replica can answer it"}, "warning")
         for (_alert, decision), event in zip(waiting, events):
             decision.detail = {"approval_id": event["id"]}
         with self.app.wake:
@@ -5960,6 +6010,15 @@ class Approvals:
         approval is answered once: a second click finds it closed."""
         with self._lock:
             opened = self._open.pop(approval_id, None)
+        if self.shared is not None:  # whichever replica takes it from etcd first answers it
+            try:
+                taken = self.shared.take_approval(approval_id)
+            except CoordinationUnavailable as exc:
+                if opened is not None:
+                    with self._lock:
+                        self._open[approval_id] = opened
+                return f"etcd does not answer, so no replica can answer approvals now ({exc})"
+            opened = taken  # None: another replica answered it (or it was never opened)
         if opened is None:
             return f"no open approval #{approval_id}: it was answered or expired already, or never opened"
         result = "approved" if verb == "approve" else "denied"
@@ -5993,15 +6052,25 @@ class Approvals:
                    if parse_rfc3339(event["expires_at"]) <= now]
             expired = [self._open.pop(approval_id) for approval_id in due]
         for opened in expired:
+            if self.shared is not None:  # answered on another replica meanwhile: nothing to close here
+                try:
+                    if self.shared.take_approval(opened["id"]) is None:
+                        continue
+                except CoordinationUnavailable:
+                    with self._lock:  # tried again at the next wake
+                        self._open[opened["id"]] = opened
+                    continue
             self._close(opened, "expired", {"by": "autoheal", "source": "autoheal"})
 
     def pending(self) -> List[Dict[str, Any]]:
         """GET / approvals: the open ones, oldest first."""
         with self._lock:
-            return [{"id": event["id"], "alertname": event["alertname"], "target": event.get("target"),
-                     "action": event.get("action"), "labels": event.get("labels"),
-                     "opened_at": format_rfc3339(event["ts"]), "expires_at": event["expires_at"]}
-                    for event in sorted(self._open.values(), key=lambda event: event["id"])]
+            mine = dict(self._open)
+        found = self.shared.approvals() if self.shared is not None else mine
+        return [{"id": event["id"], "alertname": event["alertname"], "target": event.get("target"),
+                 "action": event.get("action"), "labels": event.get("labels"), "replica": event.get("replica"),
+                 "opened_at": format_rfc3339(event["ts"]), "expires_at": event["expires_at"]}
+                for event in sorted(found.values(), key=lambda event: event["id"])]
 
 
 class SlackButtons:

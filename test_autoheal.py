@@ -1013,6 +1013,66 @@ def test_docker_daemon_unreachable_or_silent_is_error(tmp_path):
             assert result["result"] == "error" and f"Docker daemon at {docker_host} did not answer" in result["error"]
 
 
+class EngineStandIn:
+    """A stand-in for a Docker daemon's Engine API over plain TCP (POST .../restart answered 204,
+    HTTP/1.1 keep-alive, an optional delay per request): how many connections a client opens is
+    what these tests count, and the real dockerd does not show that from outside."""
+
+    def __init__(self, delay=0.0):
+        import http.server
+
+        self.connections = 0
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                stand_in.connections += 1
+                super().setup()
+
+            def do_POST(self):
+                time.sleep(delay)
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"tcp://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_docker_connections_are_kept_per_daemon_closed_when_idle_and_a_slow_daemon_holds_up_no_other():
+    fast, slow = EngineStandIn(), EngineStandIn(delay=3)
+    hosts = autoheal.DockerHosts(fast.host, None)
+    try:
+        client = hosts.get(None)
+        for name in ("a", "b", "c"):
+            client.restart(name, 0, 5)
+        assert fast.connections == 1  # one connection, kept and reused
+        hosts.close_idle(0)  # the quiet moment's housekeeping, past DOCKER_IDLE_SEC
+        client.restart("d", 0, 5)
+        assert fast.connections == 2
+        slow_call = threading.Thread(target=hosts.get(slow.host).restart, args=("e", 0, 10))
+        slow_call.start()
+        time.sleep(0.2)  # the slow daemon is answering its call now
+        started = time.monotonic()
+        hosts.get(fast.host).restart("f", 0, 5)
+        assert time.monotonic() - started < 1.0  # not held up behind the slow daemon
+        slow_call.join()
+    finally:
+        hosts.close_idle(0)
+        fast.close()
+        slow.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # The state store: cooldowns and the audit history, durable across restarts, kills and broken disks
 # ---------------------------------------------------------------------------------------------
@@ -3956,7 +4016,7 @@ def test_dockerfile_follows_the_rules_and_hadolint_finds_nothing():
     assert lines[0] == "ARG PYTHON_IMAGE=python:3.12-slim" and lines[1] == "FROM ${PYTHON_IMAGE}"
     assert [line for line in lines if line.startswith(("COPY", "ADD"))] == ["COPY autoheal.py /app/autoheal.py"]
     assert any(line.startswith("USER ") and not line.startswith(("USER root", "USER 0")) for line in lines)
-    assert 'HEALTHCHECK' in text and 'CMD ["python", "autoheal.py", "--check"]' in text
+    assert 'HEALTHCHECK' in text and 'CMD ["python", "-m", "autoheal", "--check"]' in text
     assert "EXPOSE 9009" in lines and "AUTOHEAL_STATE_FILE=/data/autoheal-state.db" in text
     assert 'VOLUME ["/data"]' in lines and "pip" not in text
     hadolint = require("hadolint")
@@ -6358,6 +6418,33 @@ def test_per_target_cooldowns_are_shared_by_replicas_and_rearmed_one_target_at_a
 
 
 @pytest.mark.etcd
+def test_an_approval_opened_on_one_replica_is_answered_on_another_and_runs_once(tmp_path, etcd):
+    """Issue 32: open approvals live in etcd; whichever replica gets the click answers it, exactly
+    one runs it, and its opener neither runs it nor closes it as expired later."""
+    action = dict(stamping(tmp_path / "risky.txt", 300), approve=True, cooldown_by=["instance"])
+    with Fleet(tmp_path, etcd, {"Risky": action}, AUTOHEAL_APPROVAL_TIMEOUT_SEC="3") as fleet:
+        a, b = fleet.start("a"), fleet.start("b")
+        approval_id = a.post_alert(webhook(alert("Risky", instance="x")))[1]["results"][0]["approval_id"]
+        wait_for(lambda: [found["id"] for found in root_of(b)["approvals"]] == [approval_id], timeout=5)
+        assert root_of(b)["approvals"][0]["replica"] == "a"
+        assert control(b, f"approve {approval_id}", by="ops")[0] == 200
+        assert control(a, f"approve {approval_id}", by="ops")[0] == 409  # answered already, on b
+        wait_for(lambda: len(stamps(tmp_path / "risky.txt")) == 1)
+        # Another one nobody answers: its opener closes it as expired, and nothing runs.
+        other = b.post_alert(webhook(alert("Risky", instance="y")))[1]["results"][0]["approval_id"]
+        wait_for(lambda: root_of(a)["approvals"] == [] and root_of(b)["approvals"] == [], timeout=10)
+        time.sleep(1.5)  # a's timer has passed the first approval's time too
+        assert len(stamps(tmp_path / "risky.txt")) == 1
+
+        def closed(replica):
+            return sorted((event.get("approval_id"), event["result"])
+                          for event in replica.json("GET", "/history?kind=approval")[1]["events"]
+                          if event["result"] != "opened")
+
+        assert closed(a) == [] and closed(b) == sorted([(approval_id, "approved"), (other, "expired")])
+
+
+@pytest.mark.etcd
 def test_every_replica_shows_the_same_latest_run_and_its_own_verdict(tmp_path, etcd):
     """Issue 29 (11): one replica showed 'cooldown_skip / no verdict', the other 'executed / not
     healed' for the same action.  The latest run of each action is shared through etcd: every
@@ -6703,7 +6790,7 @@ def test_dockerd_runs_the_shipped_image_as_non_root_healthy_healing_a_sibling(do
 
 
 def wait_healthy(engine, name, timeout=60):
-    """Wait until Docker's health check (python autoheal.py --check) calls the container healthy."""
+    """Wait until Docker's health check (python -m autoheal --check) calls the container healthy."""
     deadline = time.time() + timeout
     health = None
     while time.time() < deadline:
