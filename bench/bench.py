@@ -3,6 +3,7 @@
     python3 bench/bench.py            5 runs of every figure (about 3 minutes)
     python3 bench/bench.py --quick    1 short run of every figure (under a minute), for the test suite
     python3 bench/bench.py --runs 3
+    python3 bench/bench.py --replicas  the replica figures (a real 3-member etcd on loopback, Debian's etcd-server)
 
 Two ways of starting are measured. "script": python3 autoheal.py, the README's command, which
 compiles the whole file at every start. "image": python -m autoheal from bytecode compiled
@@ -112,7 +113,7 @@ class Server:
     autoheal.py and its compiled bytecode (the malloc arena limit is autoheal's own now).
     """
 
-    def __init__(self, workdir: Path, state: bool, image: bool = True):
+    def __init__(self, workdir: Path, state: bool, image: bool = True, extra: dict = None):
         self.port = free_port()
         self.workdir = workdir
         env = {"PATH": os.environ["PATH"], "AUTOHEAL_HOST": "127.0.0.1", "AUTOHEAL_PORT": str(self.port),
@@ -120,6 +121,7 @@ class Server:
                "AUTOHEAL_ALERTMANAGER_TIMEOUT_SEC": "1"}
         if not state:
             env["AUTOHEAL_STATE_FILE"] = ""
+        env.update(extra or {})
         command = [PYTHON, str(AUTOHEAL)]
         if image:
             command = [PYTHON, "-m", "autoheal"]
@@ -312,6 +314,102 @@ def fleet_run() -> dict:
     return figures
 
 
+def start_etcd(folder: Path) -> tuple:
+    """A 3-member etcd cluster on loopback: (its processes, the client URLs)."""
+    clients, peers = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{port}" for port in clients]
+    cluster = ",".join(f"e{i}=http://127.0.0.1:{port}" for i, port in enumerate(peers))
+    processes = [subprocess.Popen(
+        ["etcd", "--name", f"e{i}", "--data-dir", str(folder / f"e{i}"), "--listen-client-urls", urls[i],
+         "--advertise-client-urls", urls[i], "--listen-peer-urls", f"http://127.0.0.1:{peers[i]}",
+         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peers[i]}", "--initial-cluster", cluster,
+         "--initial-cluster-state", "new", "--initial-cluster-token", f"b{clients[0]}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True) for i in range(3)]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if all(raw_get(int(url.rsplit(":", 1)[1]), "/health")[0] == 200 for url in urls):
+            return processes, urls
+        time.sleep(0.2)
+    raise SystemExit("etcd did not start")
+
+
+def etcd_requests(urls: list) -> float:
+    """The requests every member has handled (gRPC, which its HTTP gateway goes through)."""
+    total = 0.0
+    for url in urls:
+        text = raw_get(int(url.rsplit(":", 1)[1]), "/metrics")[1].decode()
+        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("grpc_server_handled_total{") and 'grpc_type="unary"' in line)
+    return total
+
+
+def latencies_ms(port: int, count: int, names: list) -> list:
+    """count single-alert webhooks, one after the other on one connection: each one's time."""
+    timings = []
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = sock.makefile("rb")
+        for index in range(count):
+            body = alert_body([names[index % len(names)]])
+            started = time.perf_counter()
+            sock.sendall(b"POST /alert HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            status = stream.readline()
+            length = 0
+            for line in iter(stream.readline, b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            stream.read(length)
+            timings.append((time.perf_counter() - started) * 1000)
+            if b" 200 " not in status:
+                raise SystemExit(f"a webhook failed: {status!r}")
+    return timings
+
+
+def replica_run(count: int = 300) -> dict:
+    """Live webhooks (enabled, not dry-run: each runs true), single-alert, every alertname a new
+    cooldown claim: against one process, then against a replica whose claims go to a real
+    3-member etcd on loopback.  The etcd requests per webhook, p50 and p99 of both, and the time
+    to judge a 10-alert webhook (10 new claims) on the replica."""
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="autoheal-replicas-") as name:
+        workdir = Path(name)
+        prepare(workdir, {alertname: {"command": ["true"], "cooldown_sec": 3600} for alertname in ALERTNAMES})
+        live = {"AUTOHEAL_ENABLED": "true", "AUTOHEAL_DRY_RUN": "false"}
+        server = Server(workdir, True, extra=live)
+        try:
+            single = latencies_ms(server.port, count, ALERTNAMES)
+        finally:
+            server.stop()
+        for path in workdir.glob("autoheal-state.db*"):
+            path.unlink()
+        processes, urls = start_etcd(workdir)
+        try:
+            server = Server(workdir, True, extra={**live, "AUTOHEAL_ETCD_ENDPOINTS": ",".join(urls),
+                                                  "AUTOHEAL_REPLICA": "bench"})
+            try:
+                time.sleep(1.5)  # its first polls of the shared state are done
+                before = etcd_requests(urls)
+                replica = latencies_ms(server.port, count, ALERTNAMES)
+                polls_before = etcd_requests(urls)
+                time.sleep(2)
+                polling = (etcd_requests(urls) - polls_before) / 2  # requests per second when idle
+                spent = sum(replica) / 1000
+                figures["replicas: etcd requests per webhook"] = (polls_before - before - polling * spent) / count
+                ten = alert_body(ALERTNAMES[count:count + 10])
+                figures["replicas: judge a 10-alert webhook"] = one_post_ms(server.port, ten)
+            finally:
+                server.stop()
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait()
+    for label, timings in (("one process", single), ("replica", replica)):
+        timings.sort()
+        figures[f"live POST p50, {label}"] = timings[len(timings) // 2]
+        figures[f"live POST p99, {label}"] = timings[int(len(timings) * 0.99)]
+    return figures
+
+
 def one_run(quick: bool, use_wrk: bool) -> dict:
     figures = {}
     seconds = 2 if quick else 10
@@ -368,6 +466,28 @@ def one_run(quick: bool, use_wrk: bool) -> dict:
     return figures
 
 
+REPLICA_BUDGETS = {
+    "replicas: etcd requests per webhook": ("requests", 1, False),
+    "live POST p50, one process": ("ms", 10, False),
+    "live POST p50, replica": ("ms", 20, False),
+    "live POST p99, one process": ("ms", 20, False),
+    "live POST p99, replica": ("ms", 40, False),
+    "replicas: judge a 10-alert webhook": ("ms", 60, False),
+}
+
+
+def print_replicas(results: list, runs: int) -> int:
+    print(f"autoheal replica benchmark: {runs} run(s), 300 live single-alert webhooks each; {machine()}")
+    print(f"{'figure':36} {'median':>9} {'spread':>17} {'budget':>12}  verdict")
+    for figure, (unit, budget, higher) in REPLICA_BUDGETS.items():
+        values = [run[figure] for run in results]
+        median = statistics.median(values)
+        ok = median >= budget if higher else median <= budget
+        print(f"{figure:36} {median:>9.2f} {min(values):.2f}-{max(values):.2f}".ljust(64) +
+              f"{('>= ' if higher else '<= ') + str(budget):>9} {unit:9} {'ok' if ok else 'MISSED'}")
+    return 0
+
+
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown CPU")
@@ -380,6 +500,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=None, help="runs of every figure (default 5, 1 with --quick)")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even with wrk")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--replicas", action="store_true", help="the replica figures only (needs etcd)")
     options = parser.parse_args()
     runs = options.runs or (1 if options.quick else 5)
     global PYTHON
@@ -387,6 +508,8 @@ def main() -> int:
     venv.create(environment, with_pip=False, symlinks=True)
     PYTHON = str(environment / "bin" / "python")
     use_wrk = bool(shutil.which("wrk")) and not options.python_load
+    if options.replicas:
+        return print_replicas([replica_run() for _ in range(runs)], runs)
     results = [one_run(options.quick, use_wrk) for _ in range(runs)]
     print(f"autoheal benchmark: {runs} run(s){' (quick)' if options.quick else ''}, load from "
           f"{'wrk' if use_wrk else 'the Python generator (a lower bound for req/s)'}; {machine()}")
