@@ -490,7 +490,7 @@ class Config:
             try:
                 into[key] = parse(raw)
             except ValueError as exc:
-                if parse in (parse_token, parse_secret_urls) or key == "notify_slack_url":  # a secret: the
+                if parse in (parse_token, parse_secret_urls, parse_secret_url):  # a secret: the
                     # variable is named, its value never shown
                     problems.append(f"{name}: {exc} (the value is a secret: not shown)")
                     return
@@ -543,8 +543,7 @@ class Config:
         if bool(values.get("etcd_user")) != bool(values.get("etcd_password")):
             problems.append("AUTOHEAL_ETCD_USER and AUTOHEAL_ETCD_PASSWORD: set both or neither")
         values["compose_project"] = env.get("COMPOSE_PROJECT_NAME") or None
-        take("notify_slack_url", "AUTOHEAL_NOTIFY_SLACK_URL", lambda raw: parse_secret_urls(raw)[0] if raw.strip()
-             else None)
+        take("notify_slack_url", "AUTOHEAL_NOTIFY_SLACK_URL", parse_secret_url)
         take("notify_webhook_urls", "AUTOHEAL_NOTIFY_WEBHOOK_URLS", parse_secret_urls)
         take("notify_on", "AUTOHEAL_NOTIFY_ON", parse_notify_on)
         take("notify_max_pending", "AUTOHEAL_NOTIFY_MAX_PENDING", lambda raw: parse_int(raw, 1, 1_000_000))
@@ -658,10 +657,19 @@ def parse_secret_urls(raw: str) -> Tuple[str, ...]:
             parts.port
         except ValueError:
             parts = None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment
+                or not (part.isascii() and part.isprintable()) or " " in part):
             raise ValueError(f"URL {index + 1}: expected an http:// or https:// URL with a host (a query is fine)")
         urls.append(part)
     return tuple(urls)
+
+
+def parse_secret_url(raw: str) -> Optional[str]:
+    """One receiver's URL (a secret), or none."""
+    urls = parse_secret_urls(raw)
+    if len(urls) > 1 or raw.strip() and not urls:
+        raise ValueError("expected one http:// or https:// URL")
+    return urls[0] if urls else None
 
 
 def parse_notify_on(raw: str) -> Optional[FrozenSet[str]]:
@@ -1822,7 +1830,7 @@ class DockerClient:
             except ssl.SSLError as exc:
                 connection.close()
                 raise DockerTlsError(self._tls_problem(exc)) from None
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            except (http.client.RemoteDisconnected, BrokenPipeError):
                 connection.close()
                 if reused and attempt == 1:  # a kept connection the daemon had closed: once more, anew
                     continue
@@ -3576,6 +3584,10 @@ class Claims:
     def commit_done(self, keys: List[str]) -> None:
         """The cooldown starts of these keys are committed (LocalClaims forgets what they replaced)."""
 
+    def settled(self, key: str) -> None:
+        """A claim won for an action that does not start now (dry-run, awaiting approval): its
+        cooldown counts from the claim (EtcdClaims forgets the lease begin would keep alive)."""
+
 
 class LocalClaims(Claims):
     """Cooldowns and the hourly budget of one process, each claim one atomic step under one lock.
@@ -3603,6 +3615,8 @@ class LocalClaims(Claims):
                 if len(self._budget) >= budget:
                     return Claim(False, 0.0, "budget")
                 self._budget.append(now)
+            if cooldown <= 0 and "#" in alertname:  # a budget slot of a step or an approval: nothing to keep
+                return Claim(True, cooldown)
             self._replaced[alertname] = self._started.get(alertname)
             self._started[alertname] = now
             if "/" in alertname:
@@ -4026,6 +4040,10 @@ class EtcdClaims(Claims):
         """One alertname's claim (claim_all of one)."""
         return self.claim_all([(alertname, cooldown)], budget, now, deadline)[0]
 
+    def settled(self, key: str) -> None:
+        with self._lock:
+            self._leases.pop(key, None)
+
     def begin(self, alertname: str, deadline: Optional[float] = None) -> None:
         """The action of a claimed cooldown starts now: its lease is kept alive once more, so the
         cooldown counts from here (CoordinationUnavailable: it must not start)."""
@@ -4116,8 +4134,13 @@ class EtcdClaims(Claims):
         may wait (its opener closes it as expired; the lease only tidies up after a dead one)."""
         lease = self._call("lease/grant", {"TTL": int(math.ceil(seconds)) + self.spare + 60}, None)["ID"]
         record = {**record, "replica": self.replica}
-        self._call("kv/put", {"key": _b64(f"{self.prefix}approval/{approval_id}"),
-                              "value": _b64(json.dumps(record)), "lease": lease}, None)
+        key = _b64(f"{self.prefix}approval/{approval_id}")
+        answer = self._call("kv/txn", {"compare": [{"key": key, "target": "CREATE", "create_revision": "0"}],
+                                       "success": [{"request_put": {"key": key, "value": _b64(json.dumps(record)),
+                                                                    "lease": lease}}]}, None)
+        if not answer.get("succeeded"):  # another replica's approval has this id: never overwritten
+            self._forget(lease, None)
+            raise CoordinationUnavailable(f"etcd holds another approval #{approval_id} already")
         with self._lock:
             self._approvals[approval_id] = record
 
@@ -4303,6 +4326,11 @@ def fill_action(action: Action, labels: Mapping[str, Any]) -> Union[Action, Dict
 
     argv = tuple(fill(word, action.targets, "targets") for word in action.argv)
     host = fill(action.docker_host, action.docker_hosts, "docker_hosts") if action.docker_host else None
+    if host and not refused and any(":" in (labels.get(name) or "") for name in PLACEHOLDER.findall(
+            action.docker_host)):  # a host's value is a host: never a port of the value's choosing
+        name = next(name for name in PLACEHOLDER.findall(action.docker_host) if ":" in (labels.get(name) or ""))
+        refused.append({"label": name, "value": json.dumps(str(labels[name])[:64])[1:-1],
+                        "why": "a Docker host's value may not hold ':'"})
     if refused:
         return refused[0]
     if argv == action.argv and host == action.docker_host:
@@ -5822,7 +5850,7 @@ class Acknowledgements:
             if exc.status in (404, 500):  # Alertmanager answers an unknown id with 404 or 500
                 raise Unknown(f"silence_id: Alertmanager has no silence {silence_id}") from None
             raise
-        if not isinstance(silence, dict) or not autoheals_silence(silence):
+        if not isinstance(silence, dict) or silence.get("createdBy") != CREATED_BY:
             raise Forbidden(f"silence {silence_id} was not created by autoheal; autoheal expires only its own")
         state = (silence.get("status") or {}).get("state")
         if state != "expired":
@@ -5947,13 +5975,18 @@ def slack_message(event: Mapping[str, Any], text: str, config: Config) -> Dict[s
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{page}|autoheal> · event "
                                                                              f"#{event.get('id', '?')}"}]})
     secret = config.slack_signing_secret
-    if secret and event.get("kind") in ("decision", "heal") and event.get("labels") and event.get("id"):
+    # A button's value holds what it acts on, signed: the alert's labels (whole: never a label set
+    # the history had to cut, which would silence more than the alert), the action, the approval.
+    labels_json = json.dumps(event.get("labels") or {}, separators=(",", ":"), sort_keys=True)
+    whole = isinstance(event.get("labels"), dict) and "labels_cut" not in event and len(labels_json) <= 1800
+    if secret and event.get("kind") in ("decision", "heal") and whole and event.get("id"):
         buttons = [{"type": "button", "text": {"type": "plain_text", "text": label}, "action_id": f"ack_{duration}",
-                    "value": sign_value(secret, f"ack:{event['id']}:{duration}")} for label, duration in ACK_BUTTONS]
+                    "value": sign_value(secret, f"ack:{duration}:{labels_json}")}
+                   for label, duration in ACK_BUTTONS if parse_duration(duration) <= config.ack_max_duration_sec]
         name = str(event.get("alertname") or "")
-        buttons.append({"type": "button", "text": {"type": "plain_text", "text": f"Pause {name} 1h"[:75]},
-                        "action_id": "pause_1h", "style": "danger",
-                        "value": sign_value(secret, f"pause:{event['id']}")})
+        if name in config.actions:
+            buttons.append({"type": "button", "text": {"type": "plain_text", "text": f"Pause {name} 1h"[:75]},
+                            "action_id": "pause_1h", "style": "danger", "value": sign_value(secret, f"pause:{name}")})
         blocks.append({"type": "actions", "block_id": f"autoheal-{event['id']}", "elements": buttons})
     elif secret and event.get("kind") == "approval" and event.get("result") == "opened" and event.get("id"):
         blocks.append({"type": "actions", "block_id": f"autoheal-{event['id']}", "elements": [
@@ -5981,6 +6014,8 @@ class Approvals:
         self.timeout = app.config.approval_timeout_sec
         self._lock = threading.Lock()
         self._open: Dict[int, Dict[str, Any]] = {}  # id: its "opened" event
+        self._unshared: set = set()  # replicas: the ids etcd did not take (this replica answers them alone)
+        self._retry: Dict[int, float] = {}  # an expiry etcd could not confirm: when it is tried again
 
     def load(self, now: float) -> None:
         """The approvals still open, as the history tells (those past their time expire now)."""
@@ -6012,8 +6047,10 @@ class Approvals:
             try:
                 self.shared.put_approval(event["id"], event, self.timeout)
             except CoordinationUnavailable as exc:
+                with self._lock:
+                    self._unshared.add(event["id"])
                 self.app.log({"event": "warning", "message": f"approval #{event['id']} is not shared: etcd did not "
-                              f"answer ({exc}); only this replica can answer it"}, "warning")
+                              f"take it ({exc}); only this replica can answer it"}, "warning")
         for (_alert, decision), event in zip(waiting, events):
             decision.detail = {"approval_id": event["id"]}
         with self.app.wake:
@@ -6024,14 +6061,16 @@ class Approvals:
         approval is answered once: a second click finds it closed."""
         with self._lock:
             opened = self._open.pop(approval_id, None)
-        if self.shared is not None:  # whichever replica takes it from etcd first answers it
+            unshared = approval_id in self._unshared
+            self._unshared.discard(approval_id)
+        if self.shared is not None and not unshared:  # whichever replica takes it from etcd first answers it
             try:
                 taken = self.shared.take_approval(approval_id)
             except CoordinationUnavailable as exc:
                 if opened is not None:
                     with self._lock:
                         self._open[approval_id] = opened
-                return f"etcd does not answer, so no replica can answer approvals now ({exc})"
+                return f"etcd does not answer, so no replica can answer approvals now ({exc}); try again"
             opened = taken  # None: another replica answered it (or it was never opened)
         if opened is None:
             return f"no open approval #{approval_id}: it was answered or expired already, or never opened"
@@ -6057,23 +6096,28 @@ class Approvals:
 
     def next_expiry(self) -> Optional[float]:
         with self._lock:
-            return min((parse_rfc3339(event["expires_at"]) for event in self._open.values()), default=None)
+            return min((max(parse_rfc3339(event["expires_at"]), self._retry.get(approval_id, 0.0))
+                        for approval_id, event in self._open.items()), default=None)
 
     def expire_due(self, now: float) -> None:
         """Close as expired every approval nobody answered in time: nothing runs."""
         with self._lock:
             due = [approval_id for approval_id, event in self._open.items()
-                   if parse_rfc3339(event["expires_at"]) <= now]
-            expired = [self._open.pop(approval_id) for approval_id in due]
-        for opened in expired:
-            if self.shared is not None:  # answered on another replica meanwhile: nothing to close here
+                   if parse_rfc3339(event["expires_at"]) <= now and self._retry.get(approval_id, 0.0) <= now]
+            expired = [(self._open.pop(approval_id), approval_id in self._unshared) for approval_id in due]
+        for opened, unshared in expired:
+            if self.shared is not None and not unshared:  # answered on another replica meanwhile: nothing here
                 try:
                     if self.shared.take_approval(opened["id"]) is None:
                         continue
                 except CoordinationUnavailable:
-                    with self._lock:  # tried again at the next wake
+                    with self._lock:  # tried again in 5 s, not at once (the timers would spin)
                         self._open[opened["id"]] = opened
+                        self._retry[opened["id"]] = now + 5
                     continue
+            with self._lock:
+                self._retry.pop(opened["id"], None)
+                self._unshared.discard(opened["id"])
             self._close(opened, "expired", {"by": "autoheal", "source": "autoheal"})
 
     def pending(self) -> List[Dict[str, Any]]:
@@ -6103,7 +6147,7 @@ class SlackButtons:
         """Check the click (HttpError 400/403 saying what is wrong), then do it on a thread of its own."""
         try:
             payload = json.loads(form.get("payload") or "")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise HttpError(400, "payload: expected the JSON of Slack's block_actions") from None
         if not isinstance(payload, dict) or payload.get("type") != "block_actions" or not isinstance(
                 payload.get("actions"), list) or not payload["actions"] or not isinstance(payload["actions"][0], dict):
@@ -6120,29 +6164,30 @@ class SlackButtons:
         return {"ok": True}
 
     def _do(self, value: str, user_id: str, name: str, payload: Mapping[str, Any], client: str) -> None:
+        """Do what a signed value says: ack:DURATION:<labels JSON>, pause:NAME, approve:ID or
+        deny:ID.  Everything it needs is in the value, so any replica can do it."""
         app = self.app
         what, _, rest = value.partition(":")
-        event_id, _, duration = rest.partition(":")
-        event = app.store.get(int(event_id)) if event_id.isdigit() else None
         try:
-            if event is None or not isinstance(event.get("labels"), dict):
-                said = "Not done: the alert of this message is no longer in autoheal's history"
-            elif what == "ack":
-                done = app.acks.acknowledge({str(k): str(v) for k, v in event["labels"].items()},
-                                            parse_duration(duration), f"ACK! by <@{user_id}>", client, "Slack",
-                                            preview=False, created_by=name)
+            if what == "ack":
+                duration, _, labels_json = rest.partition(":")
+                labels = json.loads(labels_json)
+                seconds = parse_duration(duration)
+                if seconds > app.config.ack_max_duration_sec:
+                    raise ValueError(f"{duration} is longer than AUTOHEAL_ACK_MAX_DURATION")
+                done = app.acks.acknowledge({str(k): str(v) for k, v in labels.items()}, seconds,
+                                            f"ACK! by <@{user_id}>", client, "Slack", preview=False, created_by=name)
                 said = (f"Acknowledged for {duration} by <@{user_id}>: silence {done['silence_id']} "
                         f"({done['outcome']}), until {done['ends_at']}")
             elif user_id not in app.config.slack_admins:
                 said = f"Not done: <@{user_id}> is not one of autoheal's Slack admins (AUTOHEAL_SLACK_ADMINS)"
             elif what in ("approve", "deny"):
-                result, _change, message = app.control.run(f"{what} {event_id}", "slack", f"{user_id} ({name})",
-                                                           client)
+                result, _change, message = app.control.run(f"{what} {rest}", "slack", f"{user_id} ({name})", client)
                 said = message if result == "applied" else f"Not done ({result}): {message}"
             else:
-                result, _change, message = app.control.run(f"disable {event.get('alertname')} 1h", "slack",
-                                                           f"{user_id} ({name})", client)
-                said = (f"<@{user_id}> paused {event.get('alertname')} for 1h" if result == "applied"
+                result, _change, message = app.control.run(f"disable {rest} 1h", "slack", f"{user_id} ({name})",
+                                                           client)
+                said = (f"<@{user_id}> paused {rest} for 1h" if result == "applied"
                         else f"Not done ({result}): {message}")
         except PeerError as exc:
             said = f"Not done: Alertmanager did not take the silence ({exc})"
@@ -6269,34 +6314,44 @@ class Notifier:
 
     def _loop(self, channel: Channel) -> None:
         while not self._stop.is_set():
+            try:
+                self._step(channel)
+            except Exception as exc:  # a state file that fails now (busy, replaced): said, counted, tried again
+                self.counters.add("autoheal_notifications_total", (channel.name, "failed"))
+                self.journal.log({"event": "error", "message": f"notifications to {channel.name}: "
+                                  f"{type(exc).__name__}: {exc}"}, "error")
+                self._stop.wait(5)
+
+    def _step(self, channel: Channel) -> None:
+        """One turn of a channel's sender: wait, send the next message, or give one up."""
+        with self._wake:
+            channel.dirty = False
+        found, more = self._next(channel)
+        if found is None:
             with self._wake:
-                channel.dirty = False
-            found, more = self._next(channel)
-            if found is None:
-                with self._wake:
-                    if not more:
-                        channel.pending = 0
-                        if not channel.dirty and not self._stop.is_set():
-                            self._wake.wait(30)
-                continue
-            event_id, event = found
-            if channel.pending > self.config.notify_max_pending:  # the oldest waiting go first
-                self._done(channel, event_id, "dropped")
-                continue
-            error = self.send(channel, event)
-            if error is None:
-                self._done(channel, event_id, "sent")
-                continue
-            now = self.clock()
-            channel.failing_since = channel.failing_since or now
-            channel.attempts += 1
-            self.counters.add("autoheal_notifications_total", (channel.name, "failed"))
-            self.journal.log({"event": "warning", "message": f"notification to {channel.name} not taken "
-                              f"(attempt {channel.attempts}): {error}"}, "warning")
-            if now - channel.failing_since >= NOTIFY_RETRY_SEC:
-                self._done(channel, event_id, "dropped")
-                continue
-            self._stop.wait(min(NOTIFY_BACKOFF_MAX_SEC, 2.0 ** (channel.attempts - 1)))
+                if not more and not channel.dirty:
+                    channel.pending = 0
+                    if not self._stop.is_set():
+                        self._wake.wait(30)
+            return
+        event_id, event = found
+        if channel.pending > self.config.notify_max_pending:  # the oldest waiting go first
+            self._done(channel, event_id, "dropped")
+            return
+        error = self.send(channel, event)
+        if error is None:
+            self._done(channel, event_id, "sent")
+            return
+        now = self.clock()
+        channel.failing_since = channel.failing_since or now
+        channel.attempts += 1
+        self.counters.add("autoheal_notifications_total", (channel.name, "failed"))
+        self.journal.log({"event": "warning", "message": f"notification to {channel.name} not taken "
+                          f"(attempt {channel.attempts}): {error}"}, "warning")
+        if now - float(event.get("ts") or now) >= NOTIFY_RETRY_SEC:  # 24 hours after it happened
+            self._done(channel, event_id, "dropped")
+            return
+        self._stop.wait(min(NOTIFY_BACKOFF_MAX_SEC, 2.0 ** (channel.attempts - 1)))
 
     def _done(self, channel: Channel, event_id: int, result: str) -> None:
         """A message sent (or dropped): the cursor moves past it and is kept; counted."""
@@ -6319,8 +6374,8 @@ class Notifier:
         try:
             status, raw = http_request("POST", channel.url, json.dumps(body).encode("utf-8"),
                                        {"Content-Type": "application/json"}, timeout=10, limit=65536, whole=True)
-        except OSError as exc:
-            return f"{channel.name} did not answer ({type(exc).__name__}: {str(exc)[:200]})"
+        except Exception as exc:  # the error's text could hold the URL: only its kind is said
+            return f"{channel.name} did not answer ({type(exc).__name__})"
         if 200 <= status < 300:
             return None
         return f"{channel.name} answered {status}: {raw[:200].decode('utf-8', 'replace')}"
@@ -6493,8 +6548,9 @@ class App:
             self.store.tag = f'"replica":{json.dumps(config.replica)},'
             return EtcdClaims(client, config.etcd_prefix, config.replica)
         return LocalClaims(
-            {name: min(started, now) for name, started in self.store.load_cooldowns().items()
-             if name.partition("/")[0] in self.actions and started},
+            {name: min(started, now) for name, started in self.store.load_cooldowns().items() if started and (
+                name in self.actions or name.partition("/")[0] in self.actions
+                and self.actions[name.partition("/")[0]].per_target)},
             self.store.load_budget_times(now - BUDGET_WINDOW_SEC, config.max_actions_per_hour))
 
     def effective(self) -> Settings:
@@ -6621,6 +6677,8 @@ class App:
                 decision.result = "awaiting_approval"  # its cooldown starts: a repeat does not ask again
             if decision.result in ("dry_run", "run", "awaiting_approval"):
                 cooldowns[decision.key] = now
+            if decision.result in ("dry_run", "awaiting_approval"):  # no action starts now (begin)
+                self.claims.settled(decision.key)
         return decisions, cooldowns, settings
 
     def count(self, decisions: List[Decision], received: bool = True) -> None:

@@ -2228,6 +2228,15 @@ def test_a_label_fills_a_whole_argument_and_values_outside_the_patterns_are_refu
         assert {event["reason"] for event in events} == {"target_refused", "missing_label"}
 
 
+def test_a_docker_hosts_value_is_a_host_never_a_port_of_the_alerts_choosing():
+    action = autoheal.build_actions({"X": {"command": "docker restart crm", "docker_api": True,
+                                           "docker_host": "tcp://{label:node}:2376", "docker_hosts": ["node-*"]}},
+                                    600, 60, {})["X"]
+    assert autoheal.fill_action(action, {"node": "node-1"}).docker_host == "tcp://node-1:2376"
+    refused = autoheal.fill_action(action, {"node": "node-1:2375"})
+    assert refused["label"] == "node" and "may not hold ':'" in refused["why"]
+
+
 def test_a_placeholder_without_patterns_stops_the_start_naming_the_action(tmp_path):
     for actions, words in (
             ({"A": {"command": ["docker", "restart", "{label:container}"]}}, ["'A'", "targets"]),
@@ -3667,8 +3676,13 @@ def test_notify_test_sends_one_message_to_each_channel_and_says_what_each_answer
     assert done.returncode == 1 and "webhook1: NOT taken: webhook1 answered 500" in done.stdout, done
     assert "secret" not in done.stdout + done.stderr
     assert run_module(["--notify-test"], {}).returncode == 2  # no channel: nothing to test
-    bad = run_module([], {"AUTOHEAL_NOTIFY_WEBHOOK_URLS": "ftp://x/?key=topsecret"})
-    assert bad.returncode == 2 and "AUTOHEAL_NOTIFY_WEBHOOK_URLS" in bad.stderr and "topsecret" not in bad.stderr
+    for name, value in (("AUTOHEAL_NOTIFY_WEBHOOK_URLS", "ftp://x/?key=topsecret"),
+                        ("AUTOHEAL_NOTIFY_SLACK_URL", "https://hooks.slack.com/services/T0/B0/top secret"),
+                        ("AUTOHEAL_NOTIFY_SLACK_URL", "https://a/topsecret,https://b/topsecret"),
+                        ("AUTOHEAL_NOTIFY_SLACK_URL", ",")):
+        bad = run_module([], {name: value})
+        assert bad.returncode == 2 and name in bad.stderr and "topsecret" not in bad.stderr, bad
+        assert "Traceback" not in bad.stderr
 
 
 def approval_env(tmp_path, **extra):
@@ -4575,8 +4589,8 @@ def test_slack_buttons_ack_with_the_persons_name_and_only_admins_pause(tmp_path,
         wait_for(lambda: slack.messages("/response/2"))
         assert "(existing)" in slack.messages("/response/2")[0]["text"]
         assert len(silences_for(alertmanager, "TcpEndpointDownFast")) == 1
-        # A value autoheal did not sign (another event's id) does nothing.
-        forged = by_label["Ack 2h"]["value"].replace("ack:", "ack:1", 1)
+        # A value autoheal did not sign (another alert's labels) does nothing.
+        forged = by_label["Ack 2h"]["value"].replace("web-1:80", "web-2:80", 1)
         status, body = click(by_label["Ack 2h"], "U0ALICE", "alice", 9, value=forged)[0]
         assert status == 403 and "not made by autoheal" in body["error"]
         # Pause: a member who is no admin is told so, and nothing changes; an admin pauses it.
