@@ -6173,7 +6173,10 @@ def test_a_cooldown_never_ends_early_when_etcd_answers_late(tmp_path, etcd, held
     ran = tmp_path / "boom.txt"
     cooldown, timeout = 2, 4  # its lease: 2 s + a spare of 1 + 4 s (the slow replica's etcd timeout)
     with Fleet(tmp_path, etcd, {"Boom": stamping(ran, cooldown)}) as fleet:
-        test = is_claim_commit(fleet.prefix) if held == "commit" else is_keepalive
+        # A keepalive is sent only when the action starts more than KEEPALIVE_SKIP_SEC after its
+        # lease was asked for: holding the claim's commit as well makes it start that late.
+        commit = is_claim_commit(fleet.prefix)
+        test = commit if held == "commit" else (lambda path, body: commit(path, body) or is_keepalive(path, body))
         proxy = FaultProxy(etcd.urls[0], test)
         try:
             proxy.hold = seconds
