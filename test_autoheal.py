@@ -6942,7 +6942,7 @@ def busybox_image_tar(cache):
     return tarball
 
 
-class TlsDockerEngine:
+class TlsDockerEngine(DockerEngine):
     """A dockerd on private paths, reaching nothing outside, that serves its API on a unix socket (for the
     test's own docker CLI) and on tcp://127.0.0.1:PORT with mutual TLS (--tlsverify: clients need a
     certificate signed by certs/ca.pem). Its root must be short (containerd's socket path must fit)."""
@@ -6985,12 +6985,6 @@ class TlsDockerEngine:
         pytest.fail("dockerd with TLS could not start here (set AUTOHEAL_SKIP_DOCKER=1 to skip the Docker tests"
                     " by hand): " + (root / "dockerd.log").read_text(errors="replace")[-1500:])
 
-    def docker(self, *args, check=True, timeout=120):
-        done = subprocess.run(["docker", *args], capture_output=True, text=True, env=self.env, timeout=timeout)
-        if check:
-            assert done.returncode == 0, f"docker {' '.join(args)}: {done.stdout}{done.stderr}"
-        return done
-
     def load_tinybox(self, cache=None):
         """Imports tinybox:latest (CMD sleep); the tar is cached where the suite caches its base images."""
         cache = cache or Path(os.environ.get("AUTOHEAL_TEST_CACHE", "/var/cache/autoheal-tests"))
@@ -7004,16 +6998,6 @@ class TlsDockerEngine:
 
     def started_at(self, name):
         return self.docker("inspect", "--format", "{{.State.StartedAt}}", name).stdout.strip()
-
-    def stop(self):
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # dockerd and the containerd it started
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log.close()
 
 
 @pytest.fixture

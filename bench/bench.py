@@ -187,6 +187,17 @@ def load_with_wrk(port: int, seconds: float, workdir: Path) -> tuple:
     return rate, float(p99.group(1)) * scale, int(errors.group(1)) if errors else 0
 
 
+def read_answer(stream) -> bytes:
+    """Read one HTTP answer (its Content-Length body) from a keep-alive stream: its status line."""
+    status = stream.readline()
+    length = 0
+    for line in iter(stream.readline, b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    stream.read(length)
+    return status
+
+
 def load_with_python(port: int, seconds: float) -> tuple:
     """The fallback generator: 16 threads, keep-alive sockets (it, not autoheal, is the limit)."""
     bodies = [alert_body([name]) for name in ALERTNAMES]
@@ -206,12 +217,7 @@ def load_with_python(port: int, seconds: float) -> tuple:
             started = time.perf_counter()
             sock.sendall(b"POST /alert HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            status = stream.readline()
-            length = 0
-            for line in iter(stream.readline, b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            stream.read(length)
+            status = read_answer(stream)
             mine.append(time.perf_counter() - started)
             if b" 200 " not in status:
                 errors[0] += 1
@@ -353,12 +359,7 @@ def latencies_ms(port: int, count: int, names: list) -> list:
             body = alert_body([names[index % len(names)]])
             started = time.perf_counter()
             sock.sendall(b"POST /alert HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            status = stream.readline()
-            length = 0
-            for line in iter(stream.readline, b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            stream.read(length)
+            status = read_answer(stream)
             timings.append((time.perf_counter() - started) * 1000)
             if b" 200 " not in status:
                 raise SystemExit(f"a webhook failed: {status!r}")
