@@ -7290,7 +7290,7 @@ PAGE_SCRIPT = r"""'use strict';
     source.onmessage = function (message) {
       var event = JSON.parse(message.data);
       show(event);
-      if (event.kind === 'control') { refresh(); }
+      if (event.kind === 'control' || event.kind === 'approval') { refresh(); }
     };
   }
 
@@ -7331,6 +7331,18 @@ PAGE_SCRIPT = r"""'use strict';
     times(list);
   }
 
+  // The open approvals, as the server's _approval_items() lists them: answered ones go at once.
+  function showApprovals(approvals) {
+    var list = document.getElementById('approvals');
+    if (!list) { return; }  // none when the page loaded: a reload shows new ones
+    var open = {};
+    approvals.forEach(function (a) { open[a.id] = true; });
+    Array.prototype.slice.call(list.children).forEach(function (item) {
+      var button = item.querySelector('button[data-command^="approve "]');
+      if (button && !open[button.getAttribute('data-command').slice(8)]) { list.removeChild(item); }
+    });
+  }
+
   // The badge and the overrides, from GET /: the same words the server renders.
   function refresh() {
     fetch('./', {headers: {'Accept': 'application/json'}})
@@ -7349,6 +7361,7 @@ PAGE_SCRIPT = r"""'use strict';
         el.className = 'mode mode-' + s.mode;
         document.title = 'autoheal: ' + el.textContent;
         showOverrides(s.overrides || []);
+        showApprovals(s.approvals || []);
       });
   }
 

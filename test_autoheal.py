@@ -7335,6 +7335,24 @@ def test_chromium_shows_the_status_page_live_safely_and_its_buttons_work(tmp_pat
 
 
 @pytest.mark.chromium
+def test_chromium_answers_an_approval_from_the_page_and_the_list_follows(tmp_path, chromium):
+    running = AutohealProcess(approval_env(tmp_path), tmp_path)
+    try:
+        approval_id = running.post_alert(webhook(alert("Risky", instance="a")))[1]["results"][0]["approval_id"]
+        chromium.open(f"http://127.0.0.1:{running.port}/")
+        assert "Waiting for approval" in chromium.evaluate("document.body.innerText")
+        assert chromium.evaluate("document.querySelectorAll('#approvals li').length") == 1
+        chromium.evaluate("document.getElementById('token').value = 'admin-secret-1'; "
+                          f"document.querySelector('button[data-command=\"approve {approval_id}\"]').click(); true")
+        chromium.wait_for("document.querySelectorAll('#approvals li').length === 0")  # no reload
+        assert "approved by status page" in chromium.evaluate("document.getElementById('answer').textContent")
+        wait_for(lambda: len(stamps(tmp_path / "risky.txt")) == 1)
+        assert chromium.problems() == []
+    finally:
+        running.stop()
+
+
+@pytest.mark.chromium
 def test_chromium_without_javascript_still_shows_the_state_as_of_the_load(tmp_path, chromium):
     with serving({**ADMIN, "AUTOHEAL_ENABLED": "true"}) as running:
         running.post_alert(WEBHOOK)
