@@ -623,19 +623,26 @@ def seconds_up_to(high: float, positive: bool = True) -> Callable[[str], float]:
     return parse
 
 
-def parse_url(raw: str) -> str:
-    """An http(s) URL with a host; the trailing slash is dropped."""
+def parse_url(raw: str, receiver: bool = False) -> str:
+    """An http(s) URL with a host; the trailing slash is dropped.  receiver: a notification
+    receiver's, kept as given, which may have a query (its key) and must be printable ASCII
+    without spaces; the error never shows the URL (it is a secret)."""
     import urllib.parse  # where needed (0.4 MiB with ipaddress): the default settings never need it
 
     text = raw.strip()
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise ValueError("expected an http:// or https:// URL with a host")
+    try:
+        parts: Any = urllib.parse.urlsplit(text)
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment
+            or (parts.query and not receiver)
+            or receiver and (not (text.isascii() and text.isprintable()) or " " in text)):
+        raise ValueError("expected an http:// or https:// URL with a host" + (" (a query is fine)" if receiver else ""))
     try:
         parts.port
     except ValueError:
         raise ValueError("expected a valid port in the URL") from None
-    return text.rstrip("/")
+    return text if receiver else text.rstrip("/")
 
 
 def parse_urls(raw: str) -> str:
@@ -649,19 +656,12 @@ def parse_urls(raw: str) -> str:
 def parse_secret_urls(raw: str) -> Tuple[str, ...]:
     """Receivers' URLs, comma-separated (a Slack incoming webhook's holds its secret): each an
     http(s) URL; ValueError never shows one (take() shows the value: this says it is a secret)."""
-    import urllib.parse
-
     urls = []
-    for index, part in enumerate(part.strip() for part in raw.split(",") if part.strip()):
+    for index, part in enumerate(part for part in raw.split(",") if part.strip()):
         try:
-            parts = urllib.parse.urlsplit(part)
-            parts.port
-        except ValueError:
-            parts = None
-        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment
-                or not (part.isascii() and part.isprintable()) or " " in part):
-            raise ValueError(f"URL {index + 1}: expected an http:// or https:// URL with a host (a query is fine)")
-        urls.append(part)
+            urls.append(parse_url(part, receiver=True))
+        except ValueError as exc:
+            raise ValueError(f"URL {index + 1}: {exc}") from None
     return tuple(urls)
 
 
@@ -1406,7 +1406,7 @@ class Exposition:
             "autoheal_overrides": [("", len(settings.overrides))],
             "autoheal_coordination_up": None if app.coordination is None else [("", int(app.coordination.up))],
             "autoheal_event_listeners": [("", app.feed.listeners())],
-            "autoheal_approvals_pending": [("", len(app.approvals.pending()))],
+            "autoheal_approvals_pending": [("", app.approvals.count())],
             "autoheal_notifications_pending": None if app.notifier is None else [
                 (format_labels({"channel": name}), count) for name, count in app.notifier.pending().items()],
             "autoheal_actions_running": [("", app.processes.count())],
@@ -1786,13 +1786,9 @@ class DockerClient:
 
     def _take(self, timeout: float) -> Tuple[Any, bool]:
         """An idle connection (True: reused) or a new one; idle ones unused too long are closed."""
-        now = time.monotonic()
+        self.close_idle()
         with self._lock:
-            stale = [connection for connection, used in self._idle if now - used > DOCKER_IDLE_SEC]
-            self._idle = [(connection, used) for connection, used in self._idle if now - used <= DOCKER_IDLE_SEC]
             found = self._idle.pop()[0] if self._idle else None
-        for connection in stale:
-            connection.close()
         if found is not None:
             found.timeout = timeout
             if found.sock is not None:
@@ -4307,7 +4303,8 @@ def fill_action(action: Action, labels: Mapping[str, Any]) -> Union[Action, Dict
     """The action with its {label:NAME} placeholders filled (each value whole, within its own
     argument, never through a shell), or why not: {"label", "value", "why"}.  A value must be
     there, hold only [A-Za-z0-9][A-Za-z0-9_.:-]{0,127} and match one of the action's patterns
-    (targets for the command, docker_hosts for docker_host)."""
+    (targets for the command, docker_hosts for docker_host, whose values are hosts: never a
+    port of the alert's choosing, so no ':')."""
     import fnmatch
 
     refused: List[Dict[str, str]] = []
@@ -4320,6 +4317,8 @@ def fill_action(action: Action, labels: Mapping[str, Any]) -> Union[Action, Dict
                 why = "the alert has no such label"
             elif not TARGET_VALUE.fullmatch(value):
                 why = "it holds characters outside [A-Za-z0-9][A-Za-z0-9_.:-]{0,127}"
+            elif key == "docker_hosts" and ":" in value:
+                why = "a Docker host's value may not hold ':'"
             elif not any(fnmatch.fnmatchcase(value, pattern) for pattern in patterns):
                 why = f"it matches none of the action's {key}"
             else:
@@ -4334,11 +4333,6 @@ def fill_action(action: Action, labels: Mapping[str, Any]) -> Union[Action, Dict
 
     argv = tuple(fill(word, action.targets, "targets") for word in action.argv)
     host = fill(action.docker_host, action.docker_hosts, "docker_hosts") if action.docker_host else None
-    if host and not refused and any(":" in (labels.get(name) or "") for name in PLACEHOLDER.findall(
-            action.docker_host)):  # a host's value is a host: never a port of the value's choosing
-        name = next(name for name in PLACEHOLDER.findall(action.docker_host) if ":" in (labels.get(name) or ""))
-        refused.append({"label": name, "value": json.dumps(str(labels[name])[:64])[1:-1],
-                        "why": "a Docker host's value may not hold ':'"})
     if refused:
         return refused[0]
     if argv == action.argv and host == action.docker_host:
@@ -6128,6 +6122,13 @@ class Approvals:
                 self._unshared.discard(opened["id"])
             self._close(opened, "expired", {"by": "autoheal", "source": "autoheal"})
 
+    def count(self) -> int:
+        """How many are open (autoheal_approvals_pending): with replicas, every replica's."""
+        if self.shared is not None:
+            return len(self.shared.approvals())
+        with self._lock:
+            return len(self._open)
+
     def pending(self) -> List[Dict[str, Any]]:
         """GET / approvals: the open ones, oldest first."""
         with self._lock:
@@ -6206,20 +6207,23 @@ class SlackButtons:
 
     def _answer(self, payload: Mapping[str, Any], said: str) -> None:
         """The message again, its buttons replaced by what was done (response_url)."""
-        config = self.app.config
-        url = str(payload.get("response_url") or "")
-        if not url.startswith(config.slack_response_prefix.rstrip("/") + "/"):
-            return
         message = payload.get("message") if isinstance(payload.get("message"), dict) else {}
         blocks = [block for block in message.get("blocks") or [] if isinstance(block, dict)
                   and block.get("type") != "actions"]
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _slack_escape(said)[:3000]}})
         body = {"replace_original": True, "text": f"{message.get('text') or ''}\n{said}".strip(), "blocks": blocks}
-        try:
-            http_request("POST", url, json.dumps(body).encode("utf-8"), {"Content-Type": "application/json"},
-                         timeout=10)
-        except OSError as exc:
-            self.app.log({"event": "warning", "message": f"Slack response_url did not answer: {exc}"}, "warning")
+        answer_slack(self.app, str(payload.get("response_url") or ""), body)
+
+
+def answer_slack(app: "App", url: str, body: Mapping[str, Any]) -> None:
+    """Answer a slash command or a click through its response_url, only under
+    AUTOHEAL_SLACK_RESPONSE_URL_PREFIX (anywhere else: nothing is sent)."""
+    if not url.startswith(app.config.slack_response_prefix.rstrip("/") + "/"):
+        return
+    try:
+        http_request("POST", url, json.dumps(body).encode("utf-8"), {"Content-Type": "application/json"}, timeout=10)
+    except OSError as exc:
+        app.log({"event": "warning", "message": f"Slack response_url did not answer: {exc}"}, "warning")
 
 
 class Channel:
@@ -6232,9 +6236,15 @@ class Channel:
         self.slack = slack
         self.cursor = cursor  # the id of the last event told (or passed over): the outbox is what follows it
         self.pending = 0  # messages waiting
-        self.failing_since: Optional[float] = None
-        self.attempts = 0
+        self.attempts = 0  # failed attempts at the message it is on (its backoff)
         self.dirty = False  # something was recorded since the sender last looked
+
+
+def channels_of(config: Config) -> List[Channel]:
+    """The configured channels, by the names everything says: slack, webhook1, webhook2, ..."""
+    channels = [Channel("slack", config.notify_slack_url, True, 0)] if config.notify_slack_url else []
+    return channels + [Channel(f"webhook{index}", url, False, 0)
+                       for index, url in enumerate(config.notify_webhook_urls, start=1)]
 
 
 class Notifier:
@@ -6255,17 +6265,14 @@ class Notifier:
         self.clock = clock
         newest = journal.store.query(1)
         start = newest[0][0] if newest else 0  # a new channel starts at now: the old history is not told
-        urls = [("slack", config.notify_slack_url, True)] if config.notify_slack_url else []
-        urls += [(f"webhook{index}", url, False) for index, url in enumerate(config.notify_webhook_urls, start=1)]
-        self.channels = []
+        self.channels = channels_of(config)
         new: Dict[str, Optional[str]] = {}
-        for name, url, slack in urls:
+        for channel in self.channels:
             try:
-                cursor = int(json.loads(kept[NOTIFY_KEY + name])["cursor"])
+                channel.cursor = int(json.loads(kept[NOTIFY_KEY + channel.name])["cursor"])
             except (ValueError, TypeError, KeyError):
-                cursor = start
-                new[NOTIFY_KEY + name] = json.dumps({"cursor": start})
-            self.channels.append(Channel(name, url, slack, cursor))
+                channel.cursor = start
+                new[NOTIFY_KEY + channel.name] = json.dumps({"cursor": start})
         if new:  # kept at once: what is recorded from now on is told, also after a crash before any send
             journal.record([], heals=new)
         self._wake = threading.Condition()
@@ -6351,7 +6358,6 @@ class Notifier:
             self._done(channel, event_id, "sent")
             return
         now = self.clock()
-        channel.failing_since = channel.failing_since or now
         channel.attempts += 1
         self.counters.add("autoheal_notifications_total", (channel.name, "failed"))
         self.journal.log({"event": "warning", "message": f"notification to {channel.name} not taken "
@@ -6364,7 +6370,7 @@ class Notifier:
     def _done(self, channel: Channel, event_id: int, result: str) -> None:
         """A message sent (or dropped): the cursor moves past it and is kept; counted."""
         channel.cursor = event_id
-        channel.failing_since, channel.attempts = None, 0
+        channel.attempts = 0
         with self._wake:
             channel.pending = max(0, channel.pending - 1)
         self.counters.add("autoheal_notifications_total", (channel.name, result))
@@ -8092,19 +8098,9 @@ class Handler:
             return
         except queue.Empty:
             pass
-        response_url = form.get("response_url", "")
-        if not response_url.startswith(config.slack_response_prefix.rstrip("/") + "/"):
-            response_url = ""
-
         def follow_up() -> None:
             worker.join()
-            answer = answers.get()
-            if response_url:
-                try:
-                    http_request("POST", response_url, json.dumps(answer).encode("utf-8"),
-                                 {"Content-Type": "application/json"}, timeout=10)
-                except OSError as exc:
-                    app.log({"event": "warning", "message": f"Slack response_url did not answer: {exc}"}, "warning")
+            answer_slack(app, form.get("response_url", ""), answers.get())
 
         threading.Thread(target=follow_up, name="slack-follow-up", daemon=True).start()
         self._send_json(200, {"response_type": "ephemeral",
@@ -9062,9 +9058,7 @@ def notify_test(env: Mapping[str, str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    channels = [Channel("slack", config.notify_slack_url, True, 0)] if config.notify_slack_url else []
-    channels += [Channel(f"webhook{index}", url, False, 0)
-                 for index, url in enumerate(config.notify_webhook_urls, start=1)]
+    channels = channels_of(config)
     if not channels:
         print("error: no channel to test: set AUTOHEAL_NOTIFY_SLACK_URL or AUTOHEAL_NOTIFY_WEBHOOK_URLS",
               file=sys.stderr)
