@@ -8670,6 +8670,7 @@ class Server:
             connection, request = task
             large = len(request) >= TRIM_AFTER_BYTES
             answer: Any = None
+            handler: Optional[Handler] = None
             try:
                 answer, handler = self._respond(connection, request)
                 connection.closing = handler is None or handler.close_connection
@@ -8688,8 +8689,9 @@ class Server:
                     connection.sock.settimeout(min(5.0, self.config.request_timeout_sec))
                     send_parts(connection.sock, answer)
                 connection.sock.close()
-            # An idle worker must not keep its last request alive: a storm's is megabytes.
-            del task, connection, request, answer
+            # An idle worker must not keep its last request alive (its handler holds it, and its
+            # answer): a storm's is megabytes, and each of the pool's workers would keep one.
+            del task, connection, request, answer, handler
             self.served += 1  # ended: a quiet moment counts from here, not from its start
             if large:  # a storm of alerts: its memory goes back now, not after the next quiet moment
                 trim = heap_trimmer()
