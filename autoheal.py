@@ -627,9 +627,12 @@ def parse_url(raw: str, receiver: bool = False) -> str:
     """An http(s) URL with a host; the trailing slash is dropped.  receiver: a notification
     receiver's, kept as given, which may have a query (its key) and must be printable ASCII
     without spaces; the error never shows the URL (it is a secret)."""
-    import urllib.parse  # where needed (0.4 MiB with ipaddress): the default settings never need it
-
     text = raw.strip()
+    match = _SIMPLE_URL.fullmatch(text)
+    if match and int(match.group(1) or 0) <= 65535:  # what urlsplit takes too, without its import
+        return text if receiver else text.rstrip("/")
+    import urllib.parse  # where needed (0.4 MiB with ipaddress, 2 ms): a plain URL never needs it
+
     try:
         parts: Any = urllib.parse.urlsplit(text)
     except ValueError:
@@ -643,6 +646,11 @@ def parse_url(raw: str, receiver: bool = False) -> str:
     except ValueError:
         raise ValueError("expected a valid port in the URL") from None
     return text if receiver else text.rstrip("/")
+
+
+# http(s)://host[:port][/path]: nothing in it that urlsplit would read otherwise (no user, query,
+# fragment, brackets or spaces), so parse_url takes it as it is.
+_SIMPLE_URL = re.compile(r"https?://[A-Za-z0-9._-]+(?::([0-9]{1,5}))?(?:/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?")
 
 
 def parse_urls(raw: str) -> str:
@@ -843,9 +851,8 @@ def build_actions(
         where = f"action {alertname!r}"
         if not alertname or not isinstance(entry, dict):
             raise ValueError(f"{where}: expected a table with a command")
-        unknown = set(entry) - ACTION_KEYS
-        if unknown:
-            raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        if not ACTION_KEYS.issuperset(entry):
+            raise ValueError(f"{where}: unknown key {sorted(set(entry) - ACTION_KEYS)[0]!r}")
         cooldown = _number_field(entry, "cooldown_sec", where, allow_zero=True)
         steps = entry.get("escalate", [])
         if not isinstance(steps, list) or len(steps) > 10:
@@ -858,14 +865,14 @@ def build_actions(
             raise ValueError(f"{where}: approve and escalate together are not supported yet (a step would run "
                              "without its own approval)")
         fleet = _fleet_fields(alertname, entry, where)
-        first = _command_step(alertname, entry, f"{where}", cooldown, default_cooldown, default_timeout,
-                              named_cooldowns)._replace(**fleet)
+        first = _command_step(alertname, entry, where, cooldown, default_cooldown, default_timeout,
+                              named_cooldowns, fleet)
         escalate = tuple(_command_step(alertname, step, f"{where}, escalate step {index}", cooldown,
-                                       default_cooldown, default_timeout, named_cooldowns, step=True)._replace(**fleet)
+                                       default_cooldown, default_timeout, named_cooldowns, fleet, step=True)
                          for index, step in enumerate(steps, start=2))
         for index, command in enumerate((first,) + escalate, start=1):
             _check_placeholders(command, where if index == 1 else f"{where}, escalate step {index}")
-        actions[alertname] = first._replace(escalate=escalate, give_up_after=give_up)
+        actions[alertname] = first._replace(escalate=escalate, give_up_after=give_up) if steps or give_up else first
     return actions
 
 
@@ -875,6 +882,8 @@ ACTION_KEYS = {"command", "cooldown_sec", "timeout_sec", "docker_api", "docker_h
 
 def _fleet_fields(alertname: str, entry: Mapping[str, Any], where: str) -> Dict[str, Any]:
     """cooldown_by, targets and docker_hosts of an action (its steps share them), checked."""
+    if not any(key in entry for key in PLAIN_FLEET):  # most actions: one per alertname, as always
+        return PLAIN_FLEET
     fields: Dict[str, Any] = {}
     by = entry.get("cooldown_by", list(DEFAULT_COOLDOWN_BY))
     if (not isinstance(by, list) or not by or len(by) > 10
@@ -895,6 +904,10 @@ def _fleet_fields(alertname: str, entry: Mapping[str, Any], where: str) -> Dict[
     fields["approve"] = entry.get("approve", False)
     fields["fleet"] = len(by) > 1 or bool(fields["targets"] or fields["docker_hosts"])
     return fields
+
+
+PLAIN_FLEET = {"cooldown_by": DEFAULT_COOLDOWN_BY, "targets": (), "docker_hosts": (), "approve": False,
+               "fleet": False}
 
 
 def _check_placeholders(action: Action, where: str) -> None:
@@ -930,8 +943,10 @@ def docker_tls_files(env: Mapping[str, str], problems: List[str]) -> Optional[Tu
 
 
 def _command_step(alertname: str, entry: Any, where: str, cooldown: Optional[float], default_cooldown: float,
-                  default_timeout: float, named_cooldowns: Mapping[str, float], step: bool = False) -> Action:
-    """One command of an action (the action itself, or a step of its escalate list)."""
+                  default_timeout: float, named_cooldowns: Mapping[str, float], fleet: Mapping[str, Any],
+                  step: bool = False) -> Action:
+    """One command of an action (the action itself, or a step of its escalate list), with the
+    action's fleet fields (_fleet_fields)."""
     if step:
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: expected a table with a command")
@@ -975,6 +990,7 @@ def _command_step(alertname: str, entry: Any, where: str, cooldown: Optional[flo
         timeout_sec=timeout if timeout is not None else default_timeout,
         docker_api=docker_api,
         docker_host=docker_host.strip() if docker_host else None,
+        **fleet,
     )
 
 
@@ -2575,10 +2591,11 @@ class SqliteStore(Store):
         return row[0] if row else None
 
     def existing_file(self) -> str:
-        """The state file as an SQLite URI that never creates it (mode=rw)."""
-        import urllib.parse  # here, not at the top: a start with the default settings never needs it
-
-        return f"file:{urllib.parse.quote(self.path)}?mode=rw"
+        """The state file as an SQLite URI that never creates it (mode=rw).  Only '%', '?' and
+        '#' mean something in its path (SQLite's URI filenames): escaped here, without importing
+        urllib.parse (2 ms and 0.4 MiB of every start)."""
+        path = self.path.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
+        return f"file:{path}?mode=rw"
 
 
     def _check_identity(self) -> None:
@@ -8171,6 +8188,51 @@ def simple_response(status: int, message: str) -> bytes:
             f"Connection: close\r\n\r\n").encode("latin-1") + body
 
 
+class _Pool:
+    """One pool of POOLS: worker threads started as work arrives, up to size, and kept.  A
+    server that has not been asked for much has started few of them (each thread's stack and
+    state count in an idle server's memory; 24 threads started for nothing, 0.4 MiB)."""
+
+    def __init__(self, name: str, size: int, work: Callable[["_Pool"], None]):
+        self.name = name
+        self.size = size
+        self.threads: List[threading.Thread] = []
+        self.tasks: "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]" = queue.SimpleQueue()
+        self._work = work
+        self._lock = threading.Lock()
+        self._backlog = 0  # tasks put, not taken yet
+        self._idle = 0  # workers waiting for a task (or about to)
+
+    def put(self, task: Tuple["_Connection", bytes]) -> None:
+        """Hand a task to a worker: a new one when every worker started is busy, up to size."""
+        with self._lock:
+            self._backlog += 1
+            if self._backlog > self._idle and len(self.threads) < self.size:
+                thread = threading.Thread(target=self._work, args=(self,), name=f"{self.name}-{len(self.threads)}",
+                                          daemon=True)
+                self.threads.append(thread)
+                thread.start()
+        self.tasks.put(task)
+
+    def take(self) -> Optional[Tuple["_Connection", bytes]]:
+        """A worker's next task (None: stop)."""
+        with self._lock:
+            self._idle += 1
+        task = self.tasks.get()
+        with self._lock:
+            self._idle -= 1
+            self._backlog -= task is not None
+        return task
+
+    def stop(self) -> List[threading.Thread]:
+        """Tell every worker to stop; its threads, to join."""
+        with self._lock:
+            threads = list(self.threads)
+        for _thread in threads:
+            self.tasks.put(None)
+        return threads
+
+
 class _Connection:
     __slots__ = ("sock", "address", "buffer", "deadline", "continued", "closing", "unsent", "unsent_bytes",
                  "waiting")
@@ -8384,17 +8446,11 @@ class Server:
         self._unsent = 0
         self._unsent_limit = max(64 << 20, 8 * self.config.max_body_bytes)
         # The pools of POOLS, chosen by the route (Route.pool).
-        sizes = pool_sizes(self.config)
-        self._pools: Dict[str, "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]"] = {
-            name: queue.SimpleQueue() for name in sizes}
+        self._pools = {name: _Pool(name, size, self._work) for name, size in pool_sizes(self.config).items()}
         self._busy = 0
         self._busy_changed = threading.Condition()
         self.streams = EventStreams(app.feed, self.config.events_heartbeat_sec, self.config.request_timeout_sec)
         self._stopped = threading.Event()
-        self._workers = [threading.Thread(target=self._work, args=(self._pools[name],), name=f"{name}-{index}",
-                                          daemon=True) for name, size in sizes.items() for index in range(size)]
-        for worker in self._workers:
-            worker.start()
         self.rounds = RoundCommitter(app.journal, app.log, self._wake)
 
     # -- the selector thread --------------------------------------------------------------
@@ -8660,11 +8716,11 @@ class Server:
 
     # -- the workers ----------------------------------------------------------------------
 
-    def _work(self, tasks: "queue.SimpleQueue[Optional[Tuple[_Connection, bytes]]]") -> None:
+    def _work(self, pool: _Pool) -> None:
         """A worker answers whole requests and hands each answer to the selector thread, which
         writes what the socket takes: a client that does not read its answers never holds one."""
         while True:
-            task = tasks.get()
+            task = pool.take()
             if task is None:
                 return
             connection, request = task
@@ -8747,11 +8803,10 @@ class Server:
                 end = time.monotonic() + 5
                 while self._busy and time.monotonic() < end:
                     self._busy_changed.wait(end - time.monotonic())
-        for worker in self._workers:
-            self._pools[worker.name.partition("-")[0]].put(None)
+        workers = [thread for pool in self._pools.values() for thread in pool.stop()]
         self.rounds.close()
         self.app.feed.close()
-        for thread in self._workers + [self.rounds.thread] + self.streams.threads():
+        for thread in workers + [self.rounds.thread] + self.streams.threads():
             thread.join(timeout=2)
         self._selector.close()
         self._wake_read.close()
@@ -9167,7 +9222,47 @@ def main(argv: Optional[List[str]] = None, detach: bool = False) -> Optional[int
     return None
 
 
+def bytecode_hand_over() -> None:
+    """Started as a script (python3 autoheal.py, no arguments: the server), become the module
+    loaded from its bytecode cache: the same interpreter, its flags and sys.path (this file's
+    folder first), exec'd in place (the same process id).  Returns, doing nothing, where that
+    cache can be neither read nor written.
+
+    Why: CPython compiles a script in full to run it, and what the compiler frees stays
+    scattered among what it made: 2-3 MiB resident for good, measured.  Loaded from bytecode,
+    the module is laid out densely.  The price is one more interpreter start (about 15 ms) on
+    top of the compile that already happened."""
+    import importlib.util
+
+    source = os.path.abspath(__file__)
+    try:
+        cache = importlib.util.cache_from_source(source)
+        with open(cache, "rb") as file:
+            head = file.read(16)
+        stat = os.stat(source)
+        fresh = (head[:4] == importlib.util.MAGIC_NUMBER and head[4:8] == bytes(4)
+                 and int.from_bytes(head[8:12], "little") == int(stat.st_mtime) & 0xFFFFFFFF
+                 and int.from_bytes(head[12:16], "little") == stat.st_size & 0xFFFFFFFF)
+    except (OSError, NotImplementedError):
+        fresh, cache = False, ""
+    folder = os.path.dirname(cache) if cache else ""
+    writable = bool(cache) and not sys.dont_write_bytecode and (
+        os.access(folder, os.W_OK) if os.path.isdir(folder) else os.access(os.path.dirname(folder), os.W_OK))
+    if not (fresh or writable) or not sys.executable or not sys.path or sys.path[0] != os.path.dirname(source):
+        return
+    import subprocess
+
+    code = (f"import sys; sys.path[0] = {sys.path[0]!r}; import autoheal; "
+            "raise SystemExit(autoheal.main([]))")
+    try:
+        os.execv(sys.executable, [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code])
+    except OSError:
+        return
+
+
 if __name__ == "__main__":
+    if not sys.argv[1:]:  # the server; the short commands (--check, --control, ...) stay as they are
+        bytecode_hand_over()
     # Run as a script, CPython keeps the file's whole syntax tree (about 11 MiB here) until the
     # script's code returns.  So the script returns once the server listens, and the main thread
     # serves from an exit handler: the first thing the interpreter does after the script (every
