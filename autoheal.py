@@ -326,6 +326,27 @@ _EVENT_LEVELS = {"failed": "warning", "error": "error", "not_healed": "warning"}
 # encoder for each call.
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
+
+def _compact_encoder() -> Callable[[Any], str]:
+    """_COMPACT_JSON.encode without its Python frames around the C encoder, which it makes anew
+    for every call: 2.6 instead of 3.6 us an event, 5 ms of a storm of 5,000.  The same text
+    (checked here once); _COMPACT_JSON.encode itself where the C encoder is missing."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _COMPACT_JSON.encode
+    encoder = make(None, _COMPACT_JSON.default, json.encoder.encode_basestring_ascii, None, ":", ",", False,
+                   False, True)
+    sample = {"a": [1, 2.5, None, True, "\u00e9\n"], "b": {"c": ""}}
+
+    def encode(document: Any) -> str:
+        chunks = encoder(document, 0)
+        return chunks if isinstance(chunks, str) else "".join(chunks)
+
+    return encode if encode(sample) == _COMPACT_JSON.encode(sample) else _COMPACT_JSON.encode
+
+
+compact_json = _compact_encoder()
+
 # Link-preview robots fetch every URL posted in a chat to render a card.  They must never
 # create a silence.  Slack identifies itself as "Slackbot-LinkExpanding" (and "Slackbot" for
 # others), Teams as "SkypeUriPreview" or "MicrosoftPreview", and so on.  Only robots' names:
@@ -2085,7 +2106,7 @@ class Store(abc.ABC):
         database, the log and the /events listeners.  Its id is spliced in front under the order
         lock.
         """
-        encode = _COMPACT_JSON.encode
+        encode = compact_json
         bodies = []
         room = MAX_EVENT_BYTES - len(self.tag) - 96  # the id, the replica and a fold's count are added
         for event in events:
@@ -3620,22 +3641,32 @@ class LocalClaims(Claims):
         """Start alertname's cooldown (and take a budget slot) unless either forbids it (deadline:
         for claims that wait on a peer; this one never waits)."""
         with self._lock:
-            remaining = cooldown_remaining(self._started.get(alertname), cooldown, now)
-            if remaining > 0:
-                return Claim(False, remaining, "cooldown")
-            if budget:
-                while self._budget and self._budget[0] <= now - BUDGET_WINDOW_SEC:
-                    self._budget.popleft()
-                if len(self._budget) >= budget:
-                    return Claim(False, 0.0, "budget")
-                self._budget.append(now)
-            if cooldown <= 0 and "#" in alertname:  # a budget slot of a step or an approval: nothing to keep
-                return Claim(True, cooldown)
-            self._replaced[alertname] = self._started.get(alertname)
-            self._started[alertname] = now
-            if "/" in alertname:
-                self._put_target(alertname, now)
+            return self._claim_locked(alertname, cooldown, budget, now)
+
+    def claim_all(self, wanted: List[Tuple[str, float]], budget: int, now: float,
+                  deadline: Optional[float] = None, fence: Optional[int] = None) -> List[Claim]:
+        """The claims of one webhook, in order, in one hold of the lock (a storm's 5,000 too)."""
+        with self._lock:
+            return [self._claim_locked(name, cooldown, budget, now) for name, cooldown in wanted]
+
+    def _claim_locked(self, alertname: str, cooldown: float, budget: int, now: float) -> Claim:
+        started = self._started.get(alertname)
+        remaining = cooldown_remaining(started, cooldown, now) if started else 0.0
+        if remaining > 0:
+            return Claim(False, remaining, "cooldown")
+        if budget:
+            while self._budget and self._budget[0] <= now - BUDGET_WINDOW_SEC:
+                self._budget.popleft()
+            if len(self._budget) >= budget:
+                return Claim(False, 0.0, "budget")
+            self._budget.append(now)
+        if cooldown <= 0 and "#" in alertname:  # a budget slot of a step or an approval: nothing to keep
             return Claim(True, cooldown)
+        self._replaced[alertname] = started
+        self._started[alertname] = now
+        if "/" in alertname:
+            self._put_target(alertname, now)
+        return Claim(True, cooldown)
 
     def release(self, alertname: str, claim: Claim, now: float) -> None:
         """Give back a claim won at now whose action will not run after all (its cooldown start
