@@ -4452,11 +4452,12 @@ class Decision:
         else:  # a claims object that answers with a reason nobody maps would be mislabelled
             raise ValueError(f"claim lost for an unknown reason {claim.reason!r}; expected one of {CLAIM_REASONS}")
 
-    def event_of(self, kind: str, alert: Mapping[str, Any], now: float) -> Dict[str, Any]:
-        """Its history event: a run starting (kind "run") or the decision."""
+    def event_of(self, kind: str, alert: Mapping[str, Any], now: float, ts: Optional[float] = None) -> Dict[str, Any]:
+        """Its history event: a run starting (kind "run") or the decision (ts: now rounded as
+        events have it, when the caller has it already)."""
         action = self.action
         # make_event's fields, built in place: a storm of 5,000 alerts builds 5,000 of them.
-        event: Dict[str, Any] = {"ts": round(now, 6), "kind": kind, "alertname": self.alertname,
+        event: Dict[str, Any] = {"ts": round(now, 6) if ts is None else ts, "kind": kind, "alertname": self.alertname,
                                  "result": "started" if kind == "run" else self.result}
         if self.reason:
             event["reason"] = self.reason
@@ -6762,9 +6763,10 @@ class App:
         """Record each decision (a routine repeat folds into its first); runs as "run" events."""
         routine = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result in ROUTINE_RESULTS]
         if routine:
+            ts = round(now, 6)
             with self._lock:
                 for alert, decision in routine:
-                    self._fold_locked(alert, decision, now, settings)
+                    self._fold_locked(alert, decision, now, settings, ts)
         # Recorded in chunks, so that the events of a storm of thousands of alerts are not all in
         # memory at once; every chunk is committed before the answer, cooldowns with the first.
         # A cooldown start that cannot be committed fails closed: nothing of it runs.
@@ -6802,19 +6804,24 @@ class App:
                 decision.claim = decision.event = None
                 decision.cooldown_remaining = 0.0  # given back: no cooldown runs
 
-    def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float, settings: Settings) -> None:
+    def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float, settings: Settings,
+                     ts: float) -> None:
         """A routine decision repeating one of the same alert (alertname and fingerprint), result
-        and reason within one cooldown window folds into that one's event (count, last_ts)."""
-        key = (_short(decision.alertname), _short(alert.get("fingerprint") or ""), decision.result, decision.reason)
-        entry = self._folds.get(key)
-        if entry is not None and now < entry[1]:
-            decision.fold_into = entry[0]
-            self._folds.move_to_end(key)
-            return
+        and reason within one cooldown window folds into that one's event (count, last_ts).  ts:
+        now as events say it (rounded once for a whole webhook)."""
         window = decision.cooldown_remaining if decision.result == "cooldown_skip" else (
             settings.cooldowns.get(decision.alertname, self.config.default_cooldown_sec))
-        decision.event = decision.event_of("decision", alert, now)
-        if window > 0:
+        key = None
+        if self._folds or window > 0:  # nothing to fold into, nothing to keep: no key to make
+            key = (_short(decision.alertname), _short(alert.get("fingerprint") or ""), decision.result,
+                   decision.reason)
+            entry = self._folds.get(key)
+            if entry is not None and now < entry[1]:
+                decision.fold_into = entry[0]
+                self._folds.move_to_end(key)
+                return
+        decision.event = decision.event_of("decision", alert, now, ts)
+        if key is not None and window > 0:
             self._folds[key] = [decision.event, now + window]
             if len(self._folds) > FOLD_KEYS_MAX:
                 self._folds.popitem(last=False)
@@ -7460,7 +7467,8 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 
 
 def frame_request(buffer: bytes, max_body: int) -> int:
-    """Length of the first whole request in buffer, 0 while incomplete; HttpError for bad framing.
+    """Length of the first whole request in buffer; 0 while its head is incomplete, and minus its
+    length while its body is (the length it will have); HttpError for bad framing.
 
     Only framing is checked here (request line, head size, Content-Length); parse_request reads
     the request itself once it is whole.
@@ -7499,7 +7507,7 @@ def frame_request(buffer: bytes, max_body: int) -> int:
     if length > max_body:
         raise HttpError(413, f"body of {length} bytes is over AUTOHEAL_MAX_BODY_BYTES ({max_body})")
     if len(buffer) < head_end + length:
-        return 0
+        return -(head_end + length)
     return head_end + length
 
 _EXPECT_CONTINUE = re.compile(rb"\nexpect:[ \t]*100-continue", re.IGNORECASE)
@@ -8266,7 +8274,7 @@ class _Pool:
 
 class _Connection:
     __slots__ = ("sock", "address", "buffer", "deadline", "continued", "closing", "unsent", "unsent_bytes",
-                 "waiting")
+                 "waiting", "parts", "parts_bytes", "wanted")
 
     def __init__(self, sock: socket.socket, address: Any, deadline: float):
         self.sock = sock
@@ -8278,6 +8286,9 @@ class _Connection:
         self.unsent: List[memoryview] = []  # what the socket did not take yet of its answer
         self.unsent_bytes = 0
         self.waiting = False  # its answer waits for its records' commit (an inline round)
+        self.parts: List[bytes] = []  # what arrived of a large request (wanted: its whole length)
+        self.parts_bytes = 0
+        self.wanted = 0
 
 
 class EventStreams:
@@ -8570,8 +8581,16 @@ class Server:
         if self._buffered + len(data) > self._buffered_limit:
             self._close(connection)  # the server is holding too much unfinished input already
             return
-        connection.buffer += data
         self._buffered += len(data)
+        if connection.wanted:  # a large body arriving: its pieces are joined once, when it is whole
+            connection.parts.append(data)
+            connection.parts_bytes += len(data)
+            if len(connection.buffer) + connection.parts_bytes < connection.wanted:
+                return
+            connection.buffer = b"".join([connection.buffer, *connection.parts])
+            connection.parts, connection.parts_bytes, connection.wanted = [], 0, 0
+        else:
+            connection.buffer += data
         self._try_dispatch(connection)
 
     def _try_dispatch(self, connection: _Connection) -> None:
@@ -8587,7 +8606,9 @@ class Server:
         except HttpError as exc:
             self._refuse(connection, exc)
             return
-        if not length:
+        if length <= 0:
+            if -length - len(buffer) > 65536:  # 1.9 MB in 30 reads: not copied 30 times (_read)
+                connection.wanted = -length
             if not connection.continued and _EXPECT_CONTINUE.search(buffer, 0, MAX_HEAD_BYTES) and (
                     _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)):
                 # curl and others wait for this before sending a body (RFC 9110 10.1.1).
@@ -8690,8 +8711,7 @@ class Server:
         except OSError:
             self._close(connection)
             return
-        self._buffered -= len(connection.buffer)
-        connection.buffer = b""
+        self._drop_input(connection)
         connection.closing = True
         connection.deadline = min(connection.deadline, now + 2.0)
 
@@ -8725,9 +8745,14 @@ class Server:
             self._send_answer(connection, answer, connection.closing, now)
         self.rounds.deliver(self._send_answer, self._close, now)
 
-    def _close(self, connection: _Connection) -> None:
-        self._buffered -= len(connection.buffer)
+    def _drop_input(self, connection: _Connection) -> None:
+        """Forget a connection's unread input (the pieces of a body arriving too)."""
+        self._buffered -= len(connection.buffer) + connection.parts_bytes
         connection.buffer = b""
+        connection.parts, connection.parts_bytes, connection.wanted = [], 0, 0
+
+    def _close(self, connection: _Connection) -> None:
+        self._drop_input(connection)
         self._unsent -= connection.unsent_bytes
         connection.unsent, connection.unsent_bytes = [], 0
         fileno = connection.sock.fileno()
