@@ -219,6 +219,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--check"]:
 import abc  # noqa: E402 - after the health check's early exit, on purpose (loaded by collections anyway)
 import collections  # noqa: E402
 import contextlib
+import gc
 import itertools
 import json
 import math
@@ -315,6 +316,7 @@ BUDGET_WINDOW_SEC = 3600  # the global action budget counts runs in a rolling ho
 COORDINATION_POLL_SEC = 0.25  # replicas: how often each reads the shared state in etcd
 CONTROL_CAS_ATTEMPTS = 5  # replicas: a change planned again when another replica's landed first
 MAX_UNDOABLE_CHANGES = 1000  # the control state keeps the last changes undo can take back, no more
+LEASE_REUSE_SEC = 0.5  # replicas: a lease asked for this recently serves further claims of its length
 KEEPALIVE_SKIP_SEC = 1.0  # replicas: an action starting this soon after its lease was asked for needs no keepalive
 CHANGE_UIDS_KEPT = 100  # replicas: the unique ids of the latest changes, by which a retry finds its own
 REFUSALS_PER_MINUTE = 3  # refused attempts (a wrong token) one client may make before it gets 429
@@ -1383,10 +1385,11 @@ class Exposition:
 
     def __init__(self, app: "App"):
         self.app = app
-        # Each alertname's label set, escaped once: /metrics must not escape 1,000 label values at
-        # every scrape.  The (alertname, result) label sets are built from them when a family is
-        # formatted again (_per_alertname_text), not kept: 8,000 strings, 0.8 MiB.
-        self._series_labels = [format_labels({"alertname": name}) for name in app.action_names]
+        # Each alertname's label set, escaped once (at the first scrape: not at start, 2 ms): /metrics
+        # must not escape 1,000 label values at every scrape.  The (alertname, result) label sets
+        # are built from them when a family is formatted again (_per_alertname_text), not kept:
+        # 8,000 strings, 0.8 MiB.
+        self._series_labels: Optional[List[str]] = None
         self._texts: Dict[str, Tuple[Any, ...]] = {}  # each per-alertname family's last text
         self._lock = threading.Lock()
 
@@ -1414,7 +1417,13 @@ class Exposition:
 
     def _result_series(self, results: Tuple[str, ...]) -> Callable[[], List[str]]:
         """The label sets of a per-(alertname, result) family, in per_alertname_values' order."""
-        return lambda: [f'{label[:-1]},result="{result}"}}' for label in self._series_labels for result in results]
+        return lambda: [f'{label[:-1]},result="{result}"}}' for label in self._labels() for result in results]
+
+    def _labels(self) -> List[str]:
+        labels = self._series_labels
+        if labels is None:  # two first scrapes at once make the same list: no harm
+            labels = self._series_labels = [format_labels({"alertname": name}) for name in self.app.action_names]
+        return labels
 
     def _samples(self, now: float) -> Dict[str, Any]:
         """The samples of each family: (suffix and labels, value) pairs, or for the families with
@@ -1459,7 +1468,7 @@ class Exposition:
                        now: float) -> Dict[str, Any]:
         """The families with a series per alertname, on the pre-escaped label sets."""
         names = self.app.action_names
-        labels = self._series_labels
+        labels = self._labels()
         started = [moment or 0.0 for moment in self.app.claims.started_of(names)]
         cooldowns = [settings.cooldowns[name] for name in names]
         app = self.app
@@ -3861,13 +3870,79 @@ class StaleSettings(Exception):
     with were read.  The webhook is judged again on the new ones."""
 
 
+class RunRecords:
+    """The latest run of each action as replicas share it in etcd (<prefix>run/<alertname>): what
+    the last poll read, and this replica's runs, written with the next poll (share), the runs of
+    many webhooks in one transaction: a webhook waits for none of them."""
+
+    def __init__(self, prefix: str, call: Callable[[str, Mapping[str, Any], Optional[float]], Dict[str, Any]]):
+        self._prefix = prefix
+        self._call = call  # to etcd (EtcdClaims._call: it notes whether etcd answers)
+        self._lock = threading.Lock()
+        self._read: Dict[str, Dict[str, Any]] = {}  # as the last poll read them
+        self._revisions: Dict[str, str] = {}  # the revision of the record this replica wrote last, each
+        self._unshared: Dict[str, Tuple[Dict[str, Any], bool]] = {}  # put since, for the next poll
+
+    def latest(self) -> Dict[str, Dict[str, Any]]:
+        """The latest run of each action, as the last poll saw it, and this replica's not yet shared."""
+        with self._lock:
+            return {**self._read, **{name: dict(record) for name, (record, _new) in self._unshared.items()}}
+
+    def seen(self, read: Dict[str, Dict[str, Any]]) -> None:
+        """What a poll read (written after what this replica put: share comes first)."""
+        with self._lock:
+            self._read = read
+
+    def put(self, alertname: str, record: Mapping[str, Any], new: bool) -> None:
+        """A run to share (new), or its verdict: a new run replaces whatever was there; its
+        verdict only the record this replica wrote (a newer run's is never overwritten)."""
+        with self._lock:
+            waiting = self._unshared.get(alertname)
+            self._unshared[alertname] = (dict(record), new or (waiting is not None and waiting[1]))
+
+    def share(self, deadline: Optional[float] = None) -> None:
+        """Write the runs put since the last poll, in one transaction (then in a second without the
+        verdicts, when one of them was overtaken by a newer run elsewhere); kept for the next poll
+        when etcd does not answer (CoordinationUnavailable)."""
+        with self._lock:
+            waiting, self._unshared = self._unshared, {}
+            revisions = dict(self._revisions)
+        try:
+            for attempt in range(2):
+                compare, writes = [], []
+                for name, (record, new) in waiting.items():
+                    key = _b64(f"{self._prefix}run/{name}")
+                    if not new:
+                        if revisions.get(name) is None or attempt:
+                            continue  # not this replica's record to update (any more)
+                        compare.append({"key": key, "target": "MOD", "mod_revision": revisions[name]})
+                    writes.append({"request_put": {"key": key, "value": _b64(json.dumps(record))}})
+                if not writes:
+                    return
+                answer = self._call("kv/txn", {"compare": compare, "success": writes}, deadline)
+                if answer.get("succeeded", True):
+                    with self._lock:
+                        for name, (record, new) in waiting.items():
+                            if new or not attempt:
+                                self._revisions[name] = str(answer["header"]["revision"])
+                                self._read[name] = dict(record)
+                    return
+        except CoordinationUnavailable:
+            with self._lock:  # again with the next poll, unless a newer record of the same came meanwhile
+                for name, (record, new) in waiting.items():
+                    later = self._unshared.get(name)
+                    self._unshared[name] = (later[0], later[1] or new) if later else (record, new)
+            raise
+
+
 class EtcdClaims(Claims):
     """Cooldowns and the hourly budget shared by every replica, in etcd: the same answers as
     LocalClaims, the claims of one webhook one compare-and-swap transaction.
 
     <prefix>cooldown/<alertname> exists while that cooldown runs: it is put on a lease of the
     cooldown's length plus a spare (a second, as etcd counts whole seconds, and the longest a call
-    may take, AUTOHEAL_ETCD_TIMEOUT_SEC), asked for just before the claim; if the action starts
+    may take, AUTOHEAL_ETCD_TIMEOUT_SEC), asked for just before the claim (or up to LEASE_REUSE_SEC
+    before: the claims of one moment share a lease); if the action starts
     later than KEEPALIVE_SKIP_SEC after that, the lease is kept alive once more first (begin:
     an ended lease means the claim came too late, and nothing runs).  So the cooldown is measured
     from the start of the action by etcd's lease clock, never shorter,
@@ -3892,13 +3967,13 @@ class EtcdClaims(Claims):
         self._seen: Dict[str, Tuple[str, float, float]] = {}  # alertname: (mod_revision, cooldown, seen at)
         # The lease of each cooldown this replica claimed last, and when it was asked for (monotonic).
         self._leases: Dict[str, Tuple[str, float]] = {}
+        self._lease_cache: Dict[int, Tuple[str, float]] = {}  # a lease of each length asked for lately (_lease)
         # A cooldown's lease outlives it by a second (etcd counts whole seconds) and by the longest a
         # keepalive may take (AUTOHEAL_ETCD_TIMEOUT_SEC): the command starts when its answer comes,
         # and the lease counts from when etcd took it.  So it is never shorter, at most this late.
         self.spare = 1 + int(math.ceil(client.timeout))
-        self._runs: Dict[str, Dict[str, Any]] = {}  # the latest run of each action, as etcd holds it
+        self.run_records = RunRecords(prefix, self._call)  # the latest run of each action, as etcd holds it
         self._approvals: Dict[int, Dict[str, Any]] = {}  # the open approvals, as etcd holds them
-        self._run_revisions: Dict[str, str] = {}  # the revision of the run record this replica wrote last
         self.up = False
         self.error: Optional[str] = None
 
@@ -3964,26 +4039,29 @@ class EtcdClaims(Claims):
 
     def claim_all(self, wanted: List[Tuple[str, float]], budget: int, now: float,
                   deadline: Optional[float] = None, fence: Optional[int] = None) -> List[Claim]:
-        """The claims of one webhook: one read of every key concerned, then one transaction that
-        compares them as read (and the budget's slots as free, and the control state's revision
-        as fence) and writes the cooldowns won.  Of any number of replicas at once, one wins each
-        cooldown; the others read again and see it."""
+        """The claims of one webhook in one transaction, as a rule: it compares every key concerned
+        as absent (and the budget's slots it takes as free, and the control state's revision as
+        fence) and writes the cooldowns won.  When a compare fails, the same transaction reads
+        instead what made it fail: the cooldowns running are refused, the slots taken avoided, a
+        newer control state is StaleSettings; the rest are claimed again.  Of any number of
+        replicas at once, one wins each cooldown; the others find it there."""
         import random
 
         cooldown_of: Dict[str, float] = {}
         for name, cooldown in wanted:
             cooldown_of.setdefault(name, cooldown)
-        names = list(cooldown_of)
+        results: Dict[str, Claim] = {}
         budget_prefix = f"{self.prefix}budget/"
+        taken: Optional[set] = None  # the budget's slots known taken (None: not read yet)
         if deadline is None:
             deadline = time.monotonic() + self.client.timeout
         while True:
-            results, winners, taken = self._read_claims(names, budget_prefix, deadline)
+            winners = [name for name in cooldown_of if name not in results]
             slots: Dict[str, str] = {}
-            if budget and winners:  # slots of a larger budget before a change count too
-                # Free slots picked at random, so that replicas at once rarely collide.
-                free = list(itertools.islice((n for n in range(budget) if str(n) not in taken), 64 + len(winners)))
-                random.shuffle(free)
+            if budget and winners:  # free slots picked at random, so that replicas at once rarely collide
+                known = taken or set()  # a sample this large holds enough free slots, if there are
+                free = [n for n in random.sample(range(budget), min(budget, len(winners) + len(known)))
+                        if str(n) not in known]
                 for name in list(winners):
                     if free:
                         slots[name] = f"{budget_prefix}{free.pop()}"
@@ -3992,15 +4070,16 @@ class EtcdClaims(Claims):
                         results[name] = Claim(False, 0.0, "budget")
             if not winners:
                 return self._expand(wanted, results)
-            leases: Dict[int, str] = {}
-            asked = time.monotonic()  # each lease counts from after this: etcd grants it once asked
+            leases: Dict[int, Tuple[str, float]] = {}
             for name in winners:
                 seconds = int(math.ceil(cooldown_of[name])) + self.spare
                 if cooldown_of[name] > 0 and seconds not in leases:  # no cooldown: no key to keep
-                    leases[seconds] = self._call("lease/grant", {"TTL": seconds}, deadline)["ID"]
-            slot_lease = self._call("lease/grant", {"TTL": BUDGET_WINDOW_SEC}, deadline)["ID"] if slots else None
+                    leases[seconds] = self._lease(seconds, deadline)
+            # a slot's lease outlives its hour by a second: a lease asked for a little earlier serves
+            slot_lease = self._lease(BUDGET_WINDOW_SEC + 1, deadline)[0] if slots else None
             answer = self._call("kv/txn", self._claim_txn(winners, slots, cooldown_of, leases, slot_lease, fence, now),
                                 deadline)
+            responses = [response.get("response_range") or {} for response in answer.get("responses") or []]
             if answer.get("succeeded"):
                 revision = str(answer["header"]["revision"])
                 with self._lock:
@@ -4008,69 +4087,106 @@ class EtcdClaims(Claims):
                         seconds = int(math.ceil(cooldown_of[name])) + self.spare
                         if seconds in leases:
                             self._seen[name] = (revision, float(cooldown_of[name]), time.monotonic())
-                            self._leases[name] = (leases[seconds], asked)
+                            self._leases[name] = leases[seconds]
                             if "/" in name:
                                 self._put_target(name, now)
                         self._started[name] = now
                         results[name] = Claim(True, cooldown_of[name])
-                    self._budget_used += len(slots)
+                    if slots:  # the slots in use before this transaction, and its own
+                        self._budget_used = int(responses[0].get("count", 0)) + len(slots)
                 return self._expand(wanted, results)
-            # Another replica was first (a cooldown, a slot), or the settings changed: give the
-            # leases back; read again, or judge again.
-            for unused in list(leases.values()) + [slot_lease]:
-                self._forget(unused, deadline)
-            kvs = ((answer.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+            # The failure branch read the control state, each cooldown key compared, and the slots.
+            known = (len(results), taken)
+            found = [(response.get("kvs") or [None])[0] for response in responses[1:len(winners) + 1]]
+            if any(self._claimed_here(kv, now) for kv in found):
+                # This very transaction, sent to a member whose answer was lost and then to the
+                # next: it was made the first time (all of it: a transaction is atomic).
+                with self._lock:
+                    for name, kv in zip(winners, found):
+                        seconds = int(math.ceil(cooldown_of[name])) + self.spare
+                        if kv is not None and seconds in leases:
+                            self._seen[name] = (str(kv.get("mod_revision")), float(cooldown_of[name]), time.monotonic())
+                            self._leases[name] = leases[seconds]
+                            if "/" in name:
+                                self._put_target(name, now)
+                        self._started[name] = now
+                        results[name] = Claim(True, cooldown_of[name])
+                return self._expand(wanted, results)
+            kvs = responses[0].get("kvs") or []
             current = int(kvs[0]["mod_revision"]) if kvs else 0
             if fence is not None and current != fence:
                 raise StaleSettings(f"the shared settings changed (revision {fence} -> {current})")
+            with self._lock:
+                for name, response in zip(winners, responses[1:]):
+                    kvs = response.get("kvs") or []
+                    self._see(name, kvs[0] if kvs else None)
+                    if kvs:  # another replica was first: its cooldown runs
+                        seen = self._seen[name]
+                        results[name] = Claim(False, max(1.0, seen[1] - (time.monotonic() - seen[2])), "cooldown")
+                if slots:
+                    slot_keys = responses[len(winners) + 1].get("kvs") or []
+                    taken = {_unb64(kv["key"])[len(budget_prefix):] for kv in slot_keys}
+                    self._budget_used = len(taken)
+            if (len(results), taken) == known:  # nothing read explains the refusal: not tried forever
+                raise CoordinationUnavailable("etcd refused the claim's transaction for a reason it did not show")
+
+    def _claimed_here(self, kv: Optional[Mapping[str, Any]], now: float) -> bool:
+        """Whether a cooldown key read is this replica's claim made at now (_claim_txn's value)."""
+        if kv is None:
+            return False
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            value = json.loads(_unb64(kv.get("value", "")))
+            return value.get("replica") == self.replica and value.get("started") == now
+        return False
+
+    def _lease(self, seconds: int, deadline: Optional[float]) -> Tuple[str, float]:
+        """A lease of seconds, and when it was asked for (monotonic).  One asked for within
+        LEASE_REUSE_SEC serves again, so that webhooks a millisecond apart cost no grant each:
+        their keys end at most that much earlier than their own lease would have them end, as
+        with a slow claim (the spare and begin's keepalive see to it)."""
+        with self._lock:
+            cached = self._lease_cache.get(seconds)
+            if cached is not None and time.monotonic() - cached[1] <= LEASE_REUSE_SEC:
+                return cached
+        asked = time.monotonic()  # the lease counts from after this: etcd grants it once asked
+        lease = (self._call("lease/grant", {"TTL": seconds}, deadline)["ID"], asked)
+        with self._lock:
+            self._lease_cache[seconds] = lease
+            if len(self._lease_cache) > 64:  # many lengths of cooldown: the oldest asked go
+                for stale in sorted(self._lease_cache, key=lambda key: self._lease_cache[key][1])[:32]:
+                    del self._lease_cache[stale]
+        return lease
 
     def _claim_txn(self, winners: List[str], slots: Mapping[str, str], cooldown_of: Mapping[str, float],
-                   leases: Mapping[int, str], slot_lease: Optional[str], fence: Optional[int],
+                   leases: Mapping[int, Tuple[str, float]], slot_lease: Optional[str], fence: Optional[int],
                    now: float) -> Dict[str, Any]:
         """The transaction that claims: each cooldown key still absent, each slot still free, the
-        control state at the fence's revision; then every key and slot written on its lease."""
+        control state at the fence's revision; then the slots counted, and every key and slot
+        written on its lease.  Failing, it reads the control state, each key and the slots."""
         control = _b64(f"{self.prefix}control")
+        budget = f"{self.prefix}budget/"
+        slot_range = {"key": _b64(budget), "range_end": _b64(_prefix_end(budget))}
         compare = [{"key": _b64(self._key(name)), "target": "CREATE", "create_revision": "0"} for name in winners]
         if fence is not None:  # the settings it was judged with are still the shared ones
             compare.append({"key": control, "target": "MOD", "mod_revision": str(fence)} if fence
                            else {"key": control, "target": "CREATE", "create_revision": "0"})
-        writes = []
+        writes: List[Dict[str, Any]] = [{"request_range": dict(slot_range, count_only=True)}] if slots else []
         for name in winners:
             seconds = int(math.ceil(cooldown_of[name])) + self.spare
             value = json.dumps({"replica": self.replica, "started": now, "ttl": seconds, "cooldown": cooldown_of[name],
                                 "key": name})
             if cooldown_of[name] > 0:  # a cooldown of 0 keeps no key (only its budget slot, if any)
                 writes.append({"request_put": {"key": _b64(self._key(name)), "value": _b64(value),
-                                               "lease": leases[seconds]}})
+                                               "lease": leases[seconds][0]}})
             if name in slots:
                 compare.append({"key": _b64(slots[name]), "target": "CREATE", "create_revision": "0"})
                 writes.append({"request_put": {"key": _b64(slots[name]), "value": _b64(self.replica),
                                                "lease": slot_lease}})
-        return {"compare": compare, "success": writes, "failure": [{"request_range": {"key": control}}]}
-
-    def _read_claims(self, names: List[str], budget_prefix: str,
-                     deadline: Optional[float]) -> Tuple[Dict[str, Claim], List[str], set]:
-        """One read of the cooldown keys of names and of the budget's slots: the claims lost to a
-        running cooldown, the names free to claim, the slots taken."""
-        reads = [{"request_range": {"key": _b64(self._key(name))}} for name in names]
-        reads.append({"request_range": {"key": _b64(budget_prefix), "range_end": _b64(_prefix_end(budget_prefix)),
-                                        "keys_only": True}})
-        answer = self._call("kv/txn", {"success": reads}, deadline)
-        responses = [r.get("response_range", {}) for r in answer.get("responses", [])]
-        results: Dict[str, Claim] = {}
-        free: List[str] = []
-        with self._lock:
-            for name, response in zip(names, responses):
-                kvs = response.get("kvs") or []
-                self._see(name, kvs[0] if kvs else None)
-                if kvs:
-                    seen = self._seen[name]
-                    results[name] = Claim(False, max(1.0, seen[1] - (time.monotonic() - seen[2])), "cooldown")
-                else:
-                    free.append(name)
-            taken = {_unb64(kv["key"])[len(budget_prefix):] for kv in responses[-1].get("kvs") or []}
-            self._budget_used = len(taken)
-        return results, free, taken
+        reads = [{"request_range": {"key": control}}]
+        reads += [{"request_range": {"key": _b64(self._key(name))}} for name in winners]
+        if slots:
+            reads.append({"request_range": dict(slot_range, keys_only=True)})
+        return {"compare": compare, "success": writes, "failure": reads}
 
     @staticmethod
     def _expand(wanted: List[Tuple[str, float]], results: Mapping[str, Claim]) -> List[Claim]:
@@ -4157,28 +4273,6 @@ class EtcdClaims(Claims):
         with self._lock:
             return self._budget_used
 
-    def runs(self) -> Dict[str, Dict[str, Any]]:
-        """The latest run of each action, as the last poll (or this replica's write) saw it."""
-        with self._lock:
-            return dict(self._runs)
-
-    def put_run(self, alertname: str, record: Mapping[str, Any], new: bool) -> None:
-        """Share the latest run of an action: a new run replaces whatever was there; its verdict
-        only the record this replica wrote (a newer run's is never overwritten)."""
-        key = _b64(f"{self.prefix}run/{alertname}")
-        body: Dict[str, Any] = {"success": [{"request_put": {"key": key, "value": _b64(json.dumps(record))}}]}
-        with self._lock:
-            revision = self._run_revisions.get(alertname)
-        if not new:
-            if revision is None:
-                return
-            body["compare"] = [{"key": key, "target": "MOD", "mod_revision": revision}]
-        answer = self._call("kv/txn", body, None)
-        if answer.get("succeeded", True):
-            with self._lock:
-                self._run_revisions[alertname] = str(answer["header"]["revision"])
-                self._runs[alertname] = dict(record)
-
     # -- approvals: any replica takes the answer, exactly one runs it ----------------------------
 
     def put_approval(self, approval_id: int, record: Mapping[str, Any], seconds: float) -> None:
@@ -4224,6 +4318,7 @@ class EtcdClaims(Claims):
         """Poll what every replica shares: the runtime control state (its text and revision, 0:
         none yet), the timed overrides still alive (their ids), the cooldowns and the budget
         slots in use (kept for the status page)."""
+        self.run_records.share()
         cooldowns, budget, overrides = f"{self.prefix}cooldown/", f"{self.prefix}budget/", f"{self.prefix}override/"
         runs, approvals = f"{self.prefix}run/", f"{self.prefix}approval/"
         answer = self._call("kv/txn", {"success": [
@@ -4245,11 +4340,11 @@ class EtcdClaims(Claims):
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 shared_runs[_unb64(kv["key"])[len(runs):]] = dict(json.loads(_unb64(kv.get("value", ""))))
         found = {self._name_of(_unb64(kv["key"])[len(cooldowns):], kv): kv for kv in running.get("kvs") or []}
+        self.run_records.seen(shared_runs)
         with self._lock:
             for name in set(self._seen) | set(found):
                 self._see(name, found.get(name))
             self._budget_used = int(slots.get("count", 0))
-            self._runs = shared_runs
             self._approvals = shared_approvals
         live: FrozenSet[int] = frozenset(int(_unb64(kv["key"])[len(overrides):]) for kv in alive.get("kvs") or []
                                          if _unb64(kv["key"])[len(overrides):].isdigit())
@@ -5339,6 +5434,8 @@ class SharedControl(Control):
 
     def close(self) -> None:
         self._stop.set()
+        with contextlib.suppress(CoordinationUnavailable):  # the runs not shared yet go now, in one write
+            self.coordination.run_records.share(time.monotonic() + 1.0)
 
     def _adopt(self, raw: Optional[str], revision: int, live: FrozenSet[int], now: float) -> None:
         """Take the shared control state that etcd holds (another replica's change), and the timed
@@ -5609,10 +5706,9 @@ class Runs:
     "latest run: verdict" column show, never an older run's verdict.  With replicas it is shared
     through etcd (<prefix>run/<alertname>), so every replica's page tells the same story."""
 
-    def __init__(self, replica: str, shared: Optional["EtcdClaims"], log: Callable[..., None]):
+    def __init__(self, replica: str, shared: Optional["EtcdClaims"]):
         self.replica = replica
         self.shared = shared
-        self.log = log
         self._lock = threading.Lock()
         self._latest: Dict[str, Dict[str, Any]] = {}
 
@@ -5656,19 +5752,15 @@ class Runs:
         self._share(alertname, record, new=False)
 
     def _share(self, alertname: str, record: Mapping[str, Any], new: bool) -> None:
-        if self.shared is not None:
-            try:
-                self.shared.put_run(alertname, record, new)
-            except CoordinationUnavailable as exc:
-                self.log({"event": "warning", "message": f"the latest run of {alertname} is not shared: etcd "
-                          f"did not answer ({exc})"}, "warning")
+        if self.shared is not None:  # written with the next poll of the shared state (RunRecords.share)
+            self.shared.run_records.put(alertname, record, new)
 
     def latest(self) -> Dict[str, Dict[str, Any]]:
         """The latest run of each action that ran (shared: as etcd holds it, else this replica's)."""
         with self._lock:
             runs = dict(self._latest)
         if self.shared is not None:
-            runs.update(self.shared.runs())
+            runs.update(self.shared.run_records.latest())
         return runs
 
 
@@ -6465,7 +6557,7 @@ def housekeeping(app: "App", served: Callable[[], int], stop: threading.Event) -
     (musl, macOS, no ctypes) there is nothing to trim.
     """
     trim = heap_trimmer()
-    seen, trimmed = served(), -1
+    seen, trimmed, collected = served(), -1, 0
     while not stop.wait(0.05):
         now_served = served()
         if now_served != seen:  # still busy: wait for a quiet moment
@@ -6478,6 +6570,9 @@ def housekeeping(app: "App", served: Callable[[], int], stop: threading.Event) -
             if trim is not None:
                 app.feed.compact()
                 app.heals.compact()
+                if now_served - collected >= 1000:  # after a burst: its free lists go too (Server._work)
+                    gc.collect()
+                    collected = now_served
                 trim()
             trimmed = now_served
 
@@ -6549,7 +6644,7 @@ class App:
         self._closed = False
         parts = (config, self.journal, self.claims, self.counters, self.wake, clock, self.status)
         self.control: Control = SharedControl(*parts) if self.coordination else LocalControl(*parts)
-        self.runs = Runs(config.replica, self.coordination, self.log)
+        self.runs = Runs(config.replica, self.coordination)
         kept = self.store.load_heals()  # pending verdicts, and the notifier's cursors (NOTIFY_KEY)
         self.heals = HealTracker(config, self.journal, self.counters, self.wake,
                                  {key: body for key, body in kept.items() if not key.startswith(NOTIFY_KEY)},
@@ -8806,6 +8901,10 @@ class Server:
             del task, connection, request, answer, handler
             self.served += 1  # ended: a quiet moment counts from here, not from its start
             if large:  # a storm of alerts: its memory goes back now, not after the next quiet moment
+                # A full collection empties Python's free lists too (tuples, floats, dicts): what
+                # they kept of a storm sat scattered through the allocator's 1 MiB arenas, and
+                # kept them resident (2-4 MiB after the bench's storms).
+                gc.collect()
                 trim = heap_trimmer()
                 if trim is not None:
                     trim()
@@ -9293,16 +9392,19 @@ def bytecode_hand_over() -> None:
     source = os.path.abspath(__file__)
     try:
         cache = importlib.util.cache_from_source(source)
+    except NotImplementedError:  # no bytecode cache in this Python (sys.implementation.cache_tag)
+        return
+    try:
         with open(cache, "rb") as file:
             head = file.read(16)
         stat = os.stat(source)
         fresh = (head[:4] == importlib.util.MAGIC_NUMBER and head[4:8] == bytes(4)
                  and int.from_bytes(head[8:12], "little") == int(stat.st_mtime) & 0xFFFFFFFF
                  and int.from_bytes(head[12:16], "little") == stat.st_size & 0xFFFFFFFF)
-    except (OSError, NotImplementedError):
-        fresh, cache = False, ""
-    folder = os.path.dirname(cache) if cache else ""
-    writable = bool(cache) and not sys.dont_write_bytecode and (
+    except OSError:  # none yet, or not readable
+        fresh = False
+    folder = os.path.dirname(cache)
+    writable = not sys.dont_write_bytecode and (
         os.access(folder, os.W_OK) if os.path.isdir(folder) else os.access(os.path.dirname(folder), os.W_OK))
     if not (fresh or writable) or not sys.executable or not sys.path or sys.path[0] != os.path.dirname(source):
         return
