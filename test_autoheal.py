@@ -3751,8 +3751,12 @@ def test_an_approved_run_runs_once_and_a_denied_expired_or_switched_off_one_runs
         assert status == 200 and "approved by ops" in body["text"], body
         assert control(running, f"approve {waiting['id']}", by="ops")[0] == 409  # a second click: answered already
         wait_for(lambda: len(stamps(tmp_path / "risky.txt")) == 1)
-        runs = running.json("GET", "/history?kind=decision&result=executed")[1]["events"]
-        assert [event["approved_by"] for event in runs] == ["ops"]
+
+        def executed():  # recorded once the command has ended, a moment after its stamp
+            return running.json("GET", "/history?kind=decision&result=executed")[1]["events"]
+
+        wait_for(lambda: executed())
+        assert [event["approved_by"] for event in executed()] == ["ops"]
         # Denied: nothing runs.
         denied = running.post_alert(webhook(alert("Risky", instance="b")))[1]["results"][0]["approval_id"]
         assert control(running, f"deny {denied}", by="ops")[0] == 200
