@@ -9403,8 +9403,8 @@ def bytecode_hand_over() -> None:
 
     Why: CPython compiles a script in full to run it, and what the compiler frees stays
     scattered among what it made: 2-3 MiB resident for good, measured.  Loaded from bytecode,
-    the module is laid out densely.  The price is one more interpreter start (about 15 ms) on
-    top of the compile that already happened."""
+    the module is laid out densely.  The price is one more interpreter start and the module's
+    import from bytecode (30-50 ms in all) on top of the compile that already happened."""
     import importlib.util
 
     source = os.path.abspath(__file__)
@@ -9428,10 +9428,14 @@ def bytecode_hand_over() -> None:
         return
     import subprocess
 
-    code = (f"import sys; sys.path[0] = {sys.path[0]!r}; import autoheal; "
+    flags = getattr(subprocess, "_args_from_interpreter_flags", None)  # -O, -X ..., -W ...: as given
+    if flags is None:
+        return
+    # -c puts '' (the working folder) first on sys.path: this file's folder takes its place.
+    code = (f"import sys; sys.path[0:1 if sys.path[:1] == [''] else 0] = [{sys.path[0]!r}]; import autoheal; "
             "raise SystemExit(autoheal.main([]))")
     try:
-        os.execv(sys.executable, [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code])
+        os.execv(sys.executable, [sys.executable, *flags(), "-c", code])
     except OSError:
         return
 
