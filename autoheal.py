@@ -2913,6 +2913,8 @@ class SqliteStore(Store):
 
     def _select(self, columns: str, limit: int, since: Optional[float], after: Optional[int],
                 before: Optional[int], equal: Mapping[str, Optional[str]]) -> List[Tuple[Any, ...]]:
+        if not (self._totals[KEPT][0] or self._totals[ROUTINE][0]):  # nothing committed (a new file): no reader
+            return []
         return self._read(*history_sql(columns, limit, since, after, before, equal))
 
     def query(self, limit: int, since: Optional[float] = None, after: Optional[int] = None,
@@ -6607,6 +6609,9 @@ def cooldowns_now(claims: Claims, names: List[str], per_target: FrozenSet[str], 
             for name, remaining in zip(names, left)], cooling
 
 
+_NO_COOLDOWN: Dict[float, Dict[str, Any]] = {}  # cooldown_status's answer for an idle cooldown, by length
+
+
 def cooldown_status(name: str, remaining: float,
                     cooling: Mapping[str, Tuple[int, List[Tuple[float, float, str]], float]],
                     settings: Settings, per_target: bool) -> Dict[str, Any]:
@@ -6614,6 +6619,15 @@ def cooldown_status(name: str, remaining: float,
     at most TARGETS_SHOWN) and how many; per target, when the first of them may act again."""
     if name in cooling:
         total, shown, soonest = cooling[name]
+    elif remaining <= 0 and not per_target:  # most actions, most of the time: one shared answer each length
+        status = _NO_COOLDOWN.get(settings.cooldowns[name])
+        if status is None:
+            if len(_NO_COOLDOWN) > 10000:  # lengths changed at run time, again and again
+                _NO_COOLDOWN.clear()
+            status = _NO_COOLDOWN[settings.cooldowns[name]] = {
+                "cooldown_seconds": settings.cooldowns[name], "remaining_seconds": 0.0, "targets": [],
+                "targets_total": 0}
+        return status
     else:
         total, shown, soonest = (1, [(remaining, 0.0, name)], remaining) if remaining > 0 and not per_target else (
             0, [], 0.0)
