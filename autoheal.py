@@ -334,6 +334,7 @@ BUDGET_WINDOW_SEC = 3600  # the global action budget counts runs in a rolling ho
 COORDINATION_POLL_SEC = 0.25  # replicas: how often each reads the shared state in etcd
 CONTROL_CAS_ATTEMPTS = 5  # replicas: a change planned again when another replica's landed first
 MAX_UNDOABLE_CHANGES = 1000  # the control state keeps the last changes undo can take back, no more
+RUNS_PER_TXN = 64  # replicas: run records written in one etcd transaction (etcd takes 128 operations)
 LEASE_REUSE_SEC = 0.5  # replicas: a lease asked for this recently serves further claims of its length
 KEEPALIVE_SKIP_SEC = 1.0  # replicas: an action starting this soon after its lease was asked for needs no keepalive
 CHANGE_UIDS_KEPT = 100  # replicas: the unique ids of the latest changes, by which a retry finds its own
@@ -3921,38 +3922,73 @@ class RunRecords:
             self._unshared[alertname] = (dict(record), new or (waiting is not None and waiting[1]))
 
     def share(self, deadline: Optional[float] = None) -> None:
-        """Write the runs put since the last poll, in one transaction (then in a second without the
-        verdicts, when one of them was overtaken by a newer run elsewhere); kept for the next poll
-        when etcd does not answer (CoordinationUnavailable)."""
+        """Write the runs put since the last poll, RUNS_PER_TXN to a transaction (etcd takes 128
+        operations at most).  A verdict overtaken by a newer run elsewhere fails its
+        transaction's compare: that one is sent again without its verdicts.  What etcd did not
+        take waits for the next poll (CoordinationUnavailable), a newer record of the same
+        action replacing it."""
         with self._lock:
             waiting, self._unshared = self._unshared, {}
             revisions = dict(self._revisions)
+        names = list(waiting)
         try:
-            for attempt in range(2):
-                compare, writes = [], []
-                for name, (record, new) in waiting.items():
-                    key = _b64(f"{self._prefix}run/{name}")
-                    if not new:
-                        if revisions.get(name) is None or attempt:
-                            continue  # not this replica's record to update (any more)
-                        compare.append({"key": key, "target": "MOD", "mod_revision": revisions[name]})
-                    writes.append({"request_put": {"key": key, "value": _b64(json.dumps(record))}})
-                if not writes:
-                    return
-                answer = self._call("kv/txn", {"compare": compare, "success": writes}, deadline)
-                if answer.get("succeeded", True):
-                    with self._lock:
-                        for name, (record, new) in waiting.items():
-                            if new or not attempt:
+            while names:
+                batch, names = names[:RUNS_PER_TXN], names[RUNS_PER_TXN:]
+                for attempt in range(2):
+                    compare, writes, written = [], [], []
+                    for name in batch:
+                        record, new = waiting[name]
+                        key = _b64(f"{self._prefix}run/{name}")
+                        if not new:
+                            if revisions.get(name) is None or attempt:
+                                continue  # not this replica's record to update (any more)
+                            compare.append({"key": key, "target": "MOD", "mod_revision": revisions[name]})
+                        writes.append({"request_put": {"key": key, "value": _b64(json.dumps(record))}})
+                        written.append(name)
+                    if not writes:
+                        break
+                    answer = self._call("kv/txn", {"compare": compare, "success": writes}, deadline)
+                    if answer.get("succeeded"):  # etcd leaves it out when false
+                        with self._lock:
+                            for name in written:
                                 self._revisions[name] = str(answer["header"]["revision"])
-                                self._read[name] = dict(record)
-                    return
+                                self._read[name] = dict(waiting[name][0])
+                        break
+                for name in batch:
+                    del waiting[name]
         except CoordinationUnavailable:
             with self._lock:  # again with the next poll, unless a newer record of the same came meanwhile
                 for name, (record, new) in waiting.items():
                     later = self._unshared.get(name)
                     self._unshared[name] = (later[0], later[1] or new) if later else (record, new)
             raise
+
+
+class LeaseCache:
+    """The leases of cooldowns, one of each length asked for within LEASE_REUSE_SEC serving
+    again, so that webhooks a millisecond apart cost no grant each: their keys end at most that
+    much earlier than their own lease would have them end, as with a slow claim (the spare and
+    EtcdClaims.begin's keepalive see to it)."""
+
+    def __init__(self, call: Callable[[str, Mapping[str, Any], Optional[float]], Dict[str, Any]]):
+        self._call = call
+        self._lock = threading.Lock()
+        self._leases: Dict[int, Tuple[str, float]] = {}  # seconds: (lease, when it was asked for)
+
+    def __call__(self, seconds: int, deadline: Optional[float]) -> Tuple[str, float]:
+        """A lease of seconds, and when it was asked for (monotonic)."""
+        with self._lock:
+            cached = self._leases.get(seconds)
+            if cached is not None and time.monotonic() - cached[1] <= LEASE_REUSE_SEC:
+                return cached
+        asked = time.monotonic()  # the lease counts from after this: etcd grants it once asked
+        lease = (self._call("lease/grant", {"TTL": seconds}, deadline)["ID"], asked)
+        with self._lock:
+            self._leases[seconds] = lease
+            if len(self._leases) > 64:  # many lengths of cooldown: the oldest asked go
+                for stale in sorted(self._leases, key=lambda key: self._leases[key][1])[:32]:
+                    del self._leases[stale]
+        return lease
 
 
 class EtcdClaims(Claims):
@@ -3987,7 +4023,7 @@ class EtcdClaims(Claims):
         self._seen: Dict[str, Tuple[str, float, float]] = {}  # alertname: (mod_revision, cooldown, seen at)
         # The lease of each cooldown this replica claimed last, and when it was asked for (monotonic).
         self._leases: Dict[str, Tuple[str, float]] = {}
-        self._lease_cache: Dict[int, Tuple[str, float]] = {}  # a lease of each length asked for lately (_lease)
+        self._lease = LeaseCache(self._call)  # a lease of each length, asked for lately
         # A cooldown's lease outlives it by a second (etcd counts whole seconds) and by the longest a
         # keepalive may take (AUTOHEAL_ETCD_TIMEOUT_SEC): the command starts when its answer comes,
         # and the lease counts from when etcd took it.  So it is never shorter, at most this late.
@@ -4077,6 +4113,12 @@ class EtcdClaims(Claims):
             deadline = time.monotonic() + self.client.timeout
         while True:
             winners = [name for name in cooldown_of if name not in results]
+            if budget and taken is None and len(winners) > budget:
+                # More new claims than the whole budget: which of them cool already decides which
+                # get its slots, so the keys and the slots are read first (rare: a big storm).
+                answer = self._call("kv/txn", {"success": self._claim_reads(winners, True)}, deadline)
+                taken = self._refusals(winners, answer, results, fence)
+                continue
             slots: Dict[str, str] = {}
             if budget and winners:  # free slots picked at random, so that replicas at once rarely collide
                 known = taken or set()  # a sample this large holds enough free slots, if there are
@@ -4100,55 +4142,56 @@ class EtcdClaims(Claims):
             answer = self._call("kv/txn", self._claim_txn(winners, slots, cooldown_of, leases, slot_lease, fence, now),
                                 deadline)
             responses = [response.get("response_range") or {} for response in answer.get("responses") or []]
-            if answer.get("succeeded"):
-                revision = str(answer["header"]["revision"])
+            found = [] if answer.get("succeeded") else [
+                (response.get("kvs") or [None])[0] for response in responses[1:len(winners) + 1]]
+            # Made: now, or the first time, by a member whose answer was lost before the same
+            # transaction went to the next (it finds this replica's own keys: all of them, as a
+            # transaction is atomic).
+            if answer.get("succeeded") or any(self._claimed_here(kv, now) for kv in found):
+                revision = {name: str(kv["mod_revision"]) for name, kv in zip(winners, found) if kv}
                 with self._lock:
                     for name in winners:
                         seconds = int(math.ceil(cooldown_of[name])) + self.spare
                         if seconds in leases:
-                            self._seen[name] = (revision, float(cooldown_of[name]), time.monotonic())
+                            self._seen[name] = (revision.get(name, str(answer["header"]["revision"])),
+                                                float(cooldown_of[name]), time.monotonic())
                             self._leases[name] = leases[seconds]
                             if "/" in name:
                                 self._put_target(name, now)
                         self._started[name] = now
                         results[name] = Claim(True, cooldown_of[name])
-                    if slots:  # the slots in use before this transaction, and its own
+                    if slots and answer.get("succeeded"):  # the slots in use before this transaction, and its own
                         self._budget_used = int(responses[0].get("count", 0)) + len(slots)
                 return self._expand(wanted, results)
-            # The failure branch read the control state, each cooldown key compared, and the slots.
             known = (len(results), taken)
-            found = [(response.get("kvs") or [None])[0] for response in responses[1:len(winners) + 1]]
-            if any(self._claimed_here(kv, now) for kv in found):
-                # This very transaction, sent to a member whose answer was lost and then to the
-                # next: it was made the first time (all of it: a transaction is atomic).
-                with self._lock:
-                    for name, kv in zip(winners, found):
-                        seconds = int(math.ceil(cooldown_of[name])) + self.spare
-                        if kv is not None and seconds in leases:
-                            self._seen[name] = (str(kv.get("mod_revision")), float(cooldown_of[name]), time.monotonic())
-                            self._leases[name] = leases[seconds]
-                            if "/" in name:
-                                self._put_target(name, now)
-                        self._started[name] = now
-                        results[name] = Claim(True, cooldown_of[name])
-                return self._expand(wanted, results)
-            kvs = responses[0].get("kvs") or []
-            current = int(kvs[0]["mod_revision"]) if kvs else 0
-            if fence is not None and current != fence:
-                raise StaleSettings(f"the shared settings changed (revision {fence} -> {current})")
-            with self._lock:
-                for name, response in zip(winners, responses[1:]):
-                    kvs = response.get("kvs") or []
-                    self._see(name, kvs[0] if kvs else None)
-                    if kvs:  # another replica was first: its cooldown runs
-                        seen = self._seen[name]
-                        results[name] = Claim(False, max(1.0, seen[1] - (time.monotonic() - seen[2])), "cooldown")
-                if slots:
-                    slot_keys = responses[len(winners) + 1].get("kvs") or []
-                    taken = {_unb64(kv["key"])[len(budget_prefix):] for kv in slot_keys}
-                    self._budget_used = len(taken)
+            read = self._refusals(winners, answer, results, fence)
+            taken = taken if read is None else read
             if (len(results), taken) == known:  # nothing read explains the refusal: not tried forever
                 raise CoordinationUnavailable("etcd refused the claim's transaction for a reason it did not show")
+
+    def _refusals(self, winners: List[str], answer: Mapping[str, Any], results: Dict[str, Claim],
+                  fence: Optional[int]) -> Optional[set]:
+        """What a read of _claim_reads found (a claim's failure branch): StaleSettings when the
+        control state is not at the fence; a cooldown refusal in results for each key that
+        exists; the budget's slots taken (None when they were not read)."""
+        responses = [response.get("response_range") or {} for response in answer.get("responses") or []]
+        kvs = responses[0].get("kvs") or []
+        current = int(kvs[0]["mod_revision"]) if kvs else 0
+        if fence is not None and current != fence:
+            raise StaleSettings(f"the shared settings changed (revision {fence} -> {current})")
+        with self._lock:
+            for name, response in zip(winners, responses[1:len(winners) + 1]):
+                kvs = response.get("kvs") or []
+                self._see(name, kvs[0] if kvs else None)
+                if kvs:  # another replica was first: its cooldown runs
+                    seen = self._seen[name]
+                    results[name] = Claim(False, max(1.0, seen[1] - (time.monotonic() - seen[2])), "cooldown")
+            if len(responses) <= len(winners) + 1:
+                return None
+            prefix = f"{self.prefix}budget/"
+            taken = {_unb64(kv["key"])[len(prefix):] for kv in responses[len(winners) + 1].get("kvs") or []}
+            self._budget_used = len(taken)
+        return taken
 
     def _claimed_here(self, kv: Optional[Mapping[str, Any]], now: float) -> bool:
         """Whether a cooldown key read is this replica's claim made at now (_claim_txn's value)."""
@@ -4158,24 +4201,6 @@ class EtcdClaims(Claims):
             value = json.loads(_unb64(kv.get("value", "")))
             return value.get("replica") == self.replica and value.get("started") == now
         return False
-
-    def _lease(self, seconds: int, deadline: Optional[float]) -> Tuple[str, float]:
-        """A lease of seconds, and when it was asked for (monotonic).  One asked for within
-        LEASE_REUSE_SEC serves again, so that webhooks a millisecond apart cost no grant each:
-        their keys end at most that much earlier than their own lease would have them end, as
-        with a slow claim (the spare and begin's keepalive see to it)."""
-        with self._lock:
-            cached = self._lease_cache.get(seconds)
-            if cached is not None and time.monotonic() - cached[1] <= LEASE_REUSE_SEC:
-                return cached
-        asked = time.monotonic()  # the lease counts from after this: etcd grants it once asked
-        lease = (self._call("lease/grant", {"TTL": seconds}, deadline)["ID"], asked)
-        with self._lock:
-            self._lease_cache[seconds] = lease
-            if len(self._lease_cache) > 64:  # many lengths of cooldown: the oldest asked go
-                for stale in sorted(self._lease_cache, key=lambda key: self._lease_cache[key][1])[:32]:
-                    del self._lease_cache[stale]
-        return lease
 
     def _claim_txn(self, winners: List[str], slots: Mapping[str, str], cooldown_of: Mapping[str, float],
                    leases: Mapping[int, Tuple[str, float]], slot_lease: Optional[str], fence: Optional[int],
@@ -4202,11 +4227,17 @@ class EtcdClaims(Claims):
                 compare.append({"key": _b64(slots[name]), "target": "CREATE", "create_revision": "0"})
                 writes.append({"request_put": {"key": _b64(slots[name]), "value": _b64(self.replica),
                                                "lease": slot_lease}})
-        reads = [{"request_range": {"key": control}}]
+        return {"compare": compare, "success": writes, "failure": self._claim_reads(winners, bool(slots))}
+
+    def _claim_reads(self, winners: List[str], slots: bool) -> List[Dict[str, Any]]:
+        """The control state, each cooldown key of winners, and with slots the budget's slots."""
+        budget = f"{self.prefix}budget/"
+        reads = [{"request_range": {"key": _b64(f"{self.prefix}control")}}]
         reads += [{"request_range": {"key": _b64(self._key(name))}} for name in winners]
         if slots:
-            reads.append({"request_range": dict(slot_range, keys_only=True)})
-        return {"compare": compare, "success": writes, "failure": reads}
+            reads.append({"request_range": {"key": _b64(budget), "range_end": _b64(_prefix_end(budget)),
+                                            "keys_only": True}})
+        return reads
 
     @staticmethod
     def _expand(wanted: List[Tuple[str, float]], results: Mapping[str, Claim]) -> List[Claim]:
@@ -4338,7 +4369,8 @@ class EtcdClaims(Claims):
         """Poll what every replica shares: the runtime control state (its text and revision, 0:
         none yet), the timed overrides still alive (their ids), the cooldowns and the budget
         slots in use (kept for the status page)."""
-        self.run_records.share()
+        with contextlib.suppress(CoordinationUnavailable):  # kept for the next poll: the read goes on
+            self.run_records.share()
         cooldowns, budget, overrides = f"{self.prefix}cooldown/", f"{self.prefix}budget/", f"{self.prefix}override/"
         runs, approvals = f"{self.prefix}run/", f"{self.prefix}approval/"
         answer = self._call("kv/txn", {"success": [
@@ -5454,8 +5486,6 @@ class SharedControl(Control):
 
     def close(self) -> None:
         self._stop.set()
-        with contextlib.suppress(CoordinationUnavailable):  # the runs not shared yet go now, in one write
-            self.coordination.run_records.share(time.monotonic() + 1.0)
 
     def _adopt(self, raw: Optional[str], revision: int, live: FrozenSet[int], now: float) -> None:
         """Take the shared control state that etcd holds (another replica's change), and the timed
@@ -6787,6 +6817,9 @@ class App:
             self._closed = True
             self.wake.notify_all()
         self._timers.join(timeout=5)
+        if self.coordination is not None:  # the runs not shared yet (and their verdicts) go now
+            with contextlib.suppress(CoordinationUnavailable):
+                self.coordination.run_records.share(time.monotonic() + 1.0)
         self.docker.close_idle(0)
         self.store.close()
 
@@ -8357,9 +8390,11 @@ def simple_response(status: int, message: str) -> bytes:
 
 
 class _Pool:
-    """One pool of POOLS: worker threads started as work arrives, up to size, and kept.  A
-    server that has not been asked for much has started few of them (each thread's stack and
-    state count in an idle server's memory; 24 threads started for nothing, 0.4 MiB)."""
+    """One pool of POOLS: one worker thread from the start, more as work arrives, up to size,
+    and kept.  A server that has not been asked for much has started few of them (each
+    thread's stack and state count in an idle server's memory; 24 threads started for nothing,
+    0.4 MiB).  When no more thread can be started (a limit of the system's), the work waits for
+    the workers there are."""
 
     def __init__(self, name: str, size: int, work: Callable[["_Pool"], None]):
         self.name = name
@@ -8370,17 +8405,23 @@ class _Pool:
         self._lock = threading.Lock()
         self._backlog = 0  # tasks put, not taken yet
         self._idle = 0  # workers waiting for a task (or about to)
+        with self._lock:
+            self._start()  # the first: this one must start (a server that cannot start it does not serve)
 
     def put(self, task: Tuple["_Connection", bytes]) -> None:
         """Hand a task to a worker: a new one when every worker started is busy, up to size."""
         with self._lock:
             self._backlog += 1
             if self._backlog > self._idle and len(self.threads) < self.size:
-                thread = threading.Thread(target=self._work, args=(self,), name=f"{self.name}-{len(self.threads)}",
-                                          daemon=True)
-                self.threads.append(thread)
-                thread.start()
+                with contextlib.suppress(RuntimeError):  # "can't start new thread": the others take it
+                    self._start()
         self.tasks.put(task)
+
+    def _start(self) -> None:
+        thread = threading.Thread(target=self._work, args=(self,), name=f"{self.name}-{len(self.threads)}",
+                                  daemon=True)
+        thread.start()
+        self.threads.append(thread)
 
     def take(self) -> Optional[Tuple["_Connection", bytes]]:
         """A worker's next task (None: stop)."""
@@ -9424,6 +9465,9 @@ def bytecode_hand_over() -> None:
     import importlib.util
 
     source = os.path.abspath(__file__)
+    module = os.path.splitext(os.path.basename(source))[0]  # the file's name: autoheal, or a copy's
+    if __spec__ is not None or not module.isidentifier() or module in getattr(sys, "stdlib_module_names", ()):
+        return  # python -m autoheal runs from its bytecode already
     try:
         cache = importlib.util.cache_from_source(source)
     except NotImplementedError:  # no bytecode cache in this Python (sys.implementation.cache_tag)
@@ -9448,8 +9492,8 @@ def bytecode_hand_over() -> None:
     if flags is None:
         return
     # -c puts '' (the working folder) first on sys.path: this file's folder takes its place.
-    code = (f"import sys; sys.path[0:1 if sys.path[:1] == [''] else 0] = [{sys.path[0]!r}]; import autoheal; "
-            "raise SystemExit(autoheal.main([]))")
+    code = (f"import sys; sys.path[0:1 if sys.path[:1] == [''] else 0] = [{sys.path[0]!r}]; "
+            f"import {module} as autoheal; raise SystemExit(autoheal.main([]))")
     try:
         os.execv(sys.executable, [sys.executable, *flags(), "-c", code])
     except OSError:

@@ -167,10 +167,10 @@ class Running(Client):
 class AutohealProcess(Client):
     """autoheal.py as its own process (python3 autoheal.py), on a free port it reports at start."""
 
-    def __init__(self, env, cwd, script=HERE / "autoheal.py"):
+    def __init__(self, env, cwd, script=HERE / "autoheal.py", argv=None):
         self.lines = []
         self.process = subprocess.Popen(
-            [sys.executable, str(script)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            argv or [sys.executable, str(script)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env={"PATH": os.environ["PATH"], "AUTOHEAL_HOST": "127.0.0.1", "AUTOHEAL_PORT": "0", **env})
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -1086,17 +1086,25 @@ def test_started_as_a_script_the_server_goes_on_from_its_bytecode_in_the_same_pr
     folder = tmp_path / "copied"
     folder.mkdir()
     shutil.copy(HERE / "autoheal.py", folder / "autoheal.py")
+    shutil.copy(HERE / "autoheal.py", folder / "renamed.py")  # a copy under another name hands over too
     env = {"AUTOHEAL_STATE_FILE": ""}
-    for dont_write, handed_over in (("1", False), ("", True)):
-        running = AutohealProcess({**env, "PYTHONDONTWRITEBYTECODE": dont_write}, tmp_path, folder / "autoheal.py")
+    for name, dont_write, handed_over in (("autoheal", "1", False), ("renamed", "", True), ("autoheal", "", True)):
+        running = AutohealProcess({**env, "PYTHONDONTWRITEBYTECODE": dont_write}, tmp_path, folder / f"{name}.py")
         try:
             assert running.post_alert(WEBHOOK)[1]["results"][0]["result"] == "dry_run"
             command = (Path("/proc") / str(running.process.pid) / "cmdline").read_bytes().split(b"\0")
             assert (b"-c" in command) == handed_over, command
-            assert bool(list(folder.glob("__pycache__/autoheal.*.pyc"))) == handed_over
+            assert bool(list(folder.glob(f"__pycache__/{name}.*.pyc"))) == handed_over
         finally:
             assert running.stop() == 0
         assert [event.get("event") for event in running.events()][-1] == "stopped"
+    # python -m autoheal (the image's command) runs from its bytecode already: no second start.
+    running = AutohealProcess(env, folder, argv=[sys.executable, "-m", "autoheal"])
+    try:
+        assert running.post_alert(WEBHOOK)[1]["results"][0]["result"] == "dry_run"
+        assert b"-c" not in (Path("/proc") / str(running.process.pid) / "cmdline").read_bytes().split(b"\0")
+    finally:
+        assert running.stop() == 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
@@ -3033,14 +3041,14 @@ def test_a_slow_client_is_dropped_and_idle_keep_alive_closes():
 POOL_THREADS = sum(16 if size is None else size for size in autoheal.POOLS.values())  # default AUTOHEAL_WORKERS
 
 
-def test_an_idle_server_has_started_none_of_its_workers():
+def test_an_idle_server_has_started_one_worker_per_pool():
     before = threading.active_count()
     with serving() as running:
         assert running.request("GET", "/")[0] == 200
         started = threading.active_count() - before
-        # the selector, the state file's writer and checkpointer, timers, housekeeping, one quick
-        # worker for that GET /: not the pools' 24 workers
-        assert started < 10, started
+        # the selector, the state file's writer and checkpointer, timers, housekeeping, the round
+        # committer, one worker of each of the 4 pools: not the pools' 24 workers
+        assert started < 12, started
         answers = []
         slow = [threading.Thread(target=lambda: answers.append(running.request("GET", "/metrics")[0]))
                 for _ in range(6)]
@@ -6339,6 +6347,42 @@ def test_ten_alerts_at_100_ms_per_etcd_answer_are_all_judged_with_one_claim_tran
             status, body = a.post_alert(webhook(*(alert(name) for name in names)))
             assert status == 200 and [r["result"] for r in body["results"]] == ["cooldown_skip"] * 10, body
             assert claims_since(started) == 1
+
+
+@pytest.mark.etcd
+def test_a_webhook_with_more_new_claims_than_the_budget_gives_its_slots_to_the_ones_not_cooling(etcd):
+    """Issue 33's review: with the read folded into the claim, a webhook of more new alerts than
+    the budget must still learn which of them cool before it hands out the slots."""
+    prefix = f"/t{random.getrandbits(40)}/"
+    client = autoheal.EtcdClient(tuple(etcd.urls), 2.0)
+    other, this = autoheal.EtcdClaims(client, prefix, "other"), autoheal.EtcdClaims(client, prefix, "this")
+    now = time.time()
+    assert other.claim_all([("A", 300.0)], 0, now)[0].won  # A cools, claimed by another replica
+    claims = this.claim_all([("A", 300.0), ("B", 300.0), ("C", 300.0)], 2, now)
+    assert [(claim.won, claim.reason) for claim in claims] == [(False, "cooldown"), (True, None), (True, None)]
+    assert len([key for key in etcd.keys(prefix) if "/budget/" in key]) == 2
+    assert [(c.won, c.reason) for c in this.claim_all([("D", 300.0)], 2, now)] == [(False, "budget")]
+
+
+@pytest.mark.etcd
+def test_run_records_of_many_actions_are_shared_and_an_overtaken_verdict_loses_nothing_else(etcd):
+    """Issue 33's review: the latest runs go with the next poll, 64 to a transaction (etcd takes
+    128 operations at most), and a verdict another replica's newer run overtook fails its
+    compare without taking the new runs of its batch with it."""
+    prefix = f"/t{random.getrandbits(40)}/"
+    client = autoheal.EtcdClient(tuple(etcd.urls), 2.0)
+    mine, theirs = autoheal.RunRecords(prefix, client.call), autoheal.RunRecords(prefix, client.call)
+    for index in range(200):
+        mine.put(f"Action{index}", {"id": index, "replica": "a", "verdict": "pending"}, new=True)
+    mine.share()
+    assert len([key for key in etcd.keys(prefix) if "/run/" in key]) == 200
+    theirs.put("Action0", {"id": 1000, "replica": "b", "verdict": "pending"}, new=True)  # a newer run elsewhere
+    theirs.share()
+    mine.put("Action0", {"id": 0, "replica": "a", "verdict": "healed"}, new=False)  # overtaken
+    mine.put("Fresh", {"id": 7, "replica": "a", "verdict": "pending"}, new=True)
+    mine.share()
+    shared = {key.rsplit("/", 1)[1]: json.loads(value) for key, value in etcd.keys(prefix).items()}
+    assert shared["Action0"]["id"] == 1000 and shared["Fresh"]["id"] == 7
 
 
 # ---------------------------------------------------------------------------------------------
