@@ -3779,6 +3779,11 @@ def _prefix_end(prefix: str) -> str:
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
+def _prefix_range(prefix: str, **options: Any) -> Dict[str, Any]:
+    """A range request's body for every key starting with prefix (options: count_only, ...)."""
+    return {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), **options}
+
+
 class EtcdClient:
     """etcd's v3 JSON gateway over urllib's http.client: each call goes to the member that last
     answered, then to the others, all within one deadline (AUTOHEAL_ETCD_TIMEOUT_SEC), however
@@ -4019,6 +4024,7 @@ class EtcdClaims(Claims):
         self.client = client
         self.prefix = prefix
         self.replica = replica
+        self._budget = f"{prefix}budget/"  # the budget's slots: <prefix>budget/<n>
         self._budget_used = 0
         self._seen: Dict[str, Tuple[str, float, float]] = {}  # alertname: (mod_revision, cooldown, seen at)
         # The lease of each cooldown this replica claimed last, and when it was asked for (monotonic).
@@ -4107,7 +4113,6 @@ class EtcdClaims(Claims):
         for name, cooldown in wanted:
             cooldown_of.setdefault(name, cooldown)
         results: Dict[str, Claim] = {}
-        budget_prefix = f"{self.prefix}budget/"
         taken: Optional[set] = None  # the budget's slots known taken (None: not read yet)
         if deadline is None:
             deadline = time.monotonic() + self.client.timeout
@@ -4126,7 +4131,7 @@ class EtcdClaims(Claims):
                         if str(n) not in known]
                 for name in list(winners):
                     if free:
-                        slots[name] = f"{budget_prefix}{free.pop()}"
+                        slots[name] = f"{self._budget}{free.pop()}"
                     else:
                         winners.remove(name)
                         results[name] = Claim(False, 0.0, "budget")
@@ -4142,12 +4147,12 @@ class EtcdClaims(Claims):
             answer = self._call("kv/txn", self._claim_txn(winners, slots, cooldown_of, leases, slot_lease, fence, now),
                                 deadline)
             responses = [response.get("response_range") or {} for response in answer.get("responses") or []]
-            found = [] if answer.get("succeeded") else [
-                (response.get("kvs") or [None])[0] for response in responses[1:len(winners) + 1]]
+            made = bool(answer.get("succeeded"))  # etcd leaves it out when false
+            found = [] if made else [(response.get("kvs") or [None])[0] for response in responses[1:len(winners) + 1]]
             # Made: now, or the first time, by a member whose answer was lost before the same
             # transaction went to the next (it finds this replica's own keys: all of them, as a
             # transaction is atomic).
-            if answer.get("succeeded") or any(self._claimed_here(kv, now) for kv in found):
+            if made or any(self._claimed_here(kv, now) for kv in found):
                 revision = {name: str(kv["mod_revision"]) for name, kv in zip(winners, found) if kv}
                 with self._lock:
                     for name in winners:
@@ -4160,7 +4165,7 @@ class EtcdClaims(Claims):
                                 self._put_target(name, now)
                         self._started[name] = now
                         results[name] = Claim(True, cooldown_of[name])
-                    if slots and answer.get("succeeded"):  # the slots in use before this transaction, and its own
+                    if slots and made:  # the slots in use before this transaction, and its own
                         self._budget_used = int(responses[0].get("count", 0)) + len(slots)
                 return self._expand(wanted, results)
             known = (len(results), taken)
@@ -4188,8 +4193,7 @@ class EtcdClaims(Claims):
                     results[name] = Claim(False, max(1.0, seen[1] - (time.monotonic() - seen[2])), "cooldown")
             if len(responses) <= len(winners) + 1:
                 return None
-            prefix = f"{self.prefix}budget/"
-            taken = {_unb64(kv["key"])[len(prefix):] for kv in responses[len(winners) + 1].get("kvs") or []}
+            taken = {_unb64(kv["key"])[len(self._budget):] for kv in responses[len(winners) + 1].get("kvs") or []}
             self._budget_used = len(taken)
         return taken
 
@@ -4209,13 +4213,12 @@ class EtcdClaims(Claims):
         control state at the fence's revision; then the slots counted, and every key and slot
         written on its lease.  Failing, it reads the control state, each key and the slots."""
         control = _b64(f"{self.prefix}control")
-        budget = f"{self.prefix}budget/"
-        slot_range = {"key": _b64(budget), "range_end": _b64(_prefix_end(budget))}
         compare = [{"key": _b64(self._key(name)), "target": "CREATE", "create_revision": "0"} for name in winners]
         if fence is not None:  # the settings it was judged with are still the shared ones
             compare.append({"key": control, "target": "MOD", "mod_revision": str(fence)} if fence
                            else {"key": control, "target": "CREATE", "create_revision": "0"})
-        writes: List[Dict[str, Any]] = [{"request_range": dict(slot_range, count_only=True)}] if slots else []
+        in_use = {"request_range": _prefix_range(self._budget, count_only=True)}  # the slots, counted first
+        writes: List[Dict[str, Any]] = [in_use] if slots else []
         for name in winners:
             seconds = int(math.ceil(cooldown_of[name])) + self.spare
             value = json.dumps({"replica": self.replica, "started": now, "ttl": seconds, "cooldown": cooldown_of[name],
@@ -4231,12 +4234,10 @@ class EtcdClaims(Claims):
 
     def _claim_reads(self, winners: List[str], slots: bool) -> List[Dict[str, Any]]:
         """The control state, each cooldown key of winners, and with slots the budget's slots."""
-        budget = f"{self.prefix}budget/"
         reads = [{"request_range": {"key": _b64(f"{self.prefix}control")}}]
         reads += [{"request_range": {"key": _b64(self._key(name))}} for name in winners]
         if slots:
-            reads.append({"request_range": {"key": _b64(budget), "range_end": _b64(_prefix_end(budget)),
-                                            "keys_only": True}})
+            reads.append({"request_range": _prefix_range(self._budget, keys_only=True)})
         return reads
 
     @staticmethod
@@ -4296,7 +4297,7 @@ class EtcdClaims(Claims):
         another replica claimed that this one has not seen yet; some: theirs, 64 to a transaction."""
         if everything:
             prefix = f"{self.prefix}cooldown/{alertname}/"
-            self._call("kv/deleterange", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}, None)
+            self._call("kv/deleterange", _prefix_range(prefix), None)
         else:
             for start in range(0, len(keys), 64):
                 self._call("kv/txn", {"success": [{"request_delete_range": {"key": _b64(self._key(key))}}
@@ -4371,15 +4372,15 @@ class EtcdClaims(Claims):
         slots in use (kept for the status page)."""
         with contextlib.suppress(CoordinationUnavailable):  # kept for the next poll: the read goes on
             self.run_records.share()
-        cooldowns, budget, overrides = f"{self.prefix}cooldown/", f"{self.prefix}budget/", f"{self.prefix}override/"
+        cooldowns, overrides = f"{self.prefix}cooldown/", f"{self.prefix}override/"
         runs, approvals = f"{self.prefix}run/", f"{self.prefix}approval/"
         answer = self._call("kv/txn", {"success": [
             {"request_range": {"key": _b64(f"{self.prefix}control")}},
-            {"request_range": {"key": _b64(cooldowns), "range_end": _b64(_prefix_end(cooldowns))}},
-            {"request_range": {"key": _b64(budget), "range_end": _b64(_prefix_end(budget)), "count_only": True}},
-            {"request_range": {"key": _b64(overrides), "range_end": _b64(_prefix_end(overrides)), "keys_only": True}},
-            {"request_range": {"key": _b64(runs), "range_end": _b64(_prefix_end(runs))}},
-            {"request_range": {"key": _b64(approvals), "range_end": _b64(_prefix_end(approvals))}},
+            {"request_range": _prefix_range(cooldowns)},
+            {"request_range": _prefix_range(self._budget, count_only=True)},
+            {"request_range": _prefix_range(overrides, keys_only=True)},
+            {"request_range": _prefix_range(runs)},
+            {"request_range": _prefix_range(approvals)},
         ]}, None)
         control, running, slots, alive, latest, waiting = [r.get("response_range", {})
                                                            for r in answer.get("responses", [])]
