@@ -367,6 +367,9 @@ def _compact_encoder() -> Callable[[Any], str]:
 
 
 compact_json = _compact_encoder()
+# A string as JSON (ASCII, as compact_json writes it), straight from the C function where there is one.
+_json_string: Callable[[str], str] = (getattr(json.encoder, "c_encode_basestring_ascii", None)
+                                      or json.encoder.encode_basestring_ascii)
 
 # Link-preview robots fetch every URL posted in a chat to render a card.  They must never
 # create a silence.  Slack identifies itself as "Slackbot-LinkExpanding" (and "Slackbot" for
@@ -2123,7 +2126,8 @@ class Store(abc.ABC):
                folds: Optional[List[Tuple[Dict[str, Any], float]]] = None,
                control: Optional[Callable[[int], str]] = None,
                heals: Optional[Mapping[str, Optional[str]]] = None,
-               held: Optional[List[_Pending]] = None) -> List[Tuple[int, str]]:
+               held: Optional[List[_Pending]] = None,
+               texts: Optional[List[Optional[str]]] = None) -> List[Tuple[int, str]]:
         """Record events, cooldown starts and folded repeats ((event, when)); returns the events'
         (id, JSON text) once they are durable.  control, given the first event's id, returns the
         runtime control state to keep with them, in the same commit; heals are the pending heal
@@ -2132,15 +2136,16 @@ class Store(abc.ABC):
 
         Each event is serialised once, here, outside any lock: the same text goes to the
         database, the log and the /events listeners.  Its id is spliced in front under the order
-        lock.
+        lock.  texts: an event's JSON text where the caller made it already (decision_text), its
+        event then holding only what the rows and the notifier read (ts, kind, alertname, result).
         """
         encode = compact_json
         bodies = []
         room = MAX_EVENT_BYTES - len(self.tag) - 96  # the id, the replica and a fold's count are added
-        for event in events:
-            body = encode(event)
+        for index, event in enumerate(events):
+            body = texts[index] if texts is not None and texts[index] is not None else encode(event)
             if len(body) > room:
-                body = encode(bound_event(event, room))
+                body = encode(bound_event(json.loads(body), room))
             bodies.append(body)
         with self._order:
             first = self._next_id
@@ -4565,7 +4570,7 @@ class Decision:
     """What the gates decided for one alert; result "run" until the command ends."""
 
     __slots__ = ("alertname", "result", "reason", "action", "cooldown_remaining", "outcome", "event", "fold_into",
-                 "claim", "step", "key", "target", "detail", "approved_by")
+                 "claim", "step", "key", "target", "detail", "approved_by", "text")
 
     def __init__(self, alertname: str, result: str, reason: Optional[str] = None, action: Optional[Action] = None,
                  cooldown_remaining: float = 0.0, detail: Optional[Dict[str, str]] = None):
@@ -4580,6 +4585,7 @@ class Decision:
         self.cooldown_remaining = cooldown_remaining
         self.outcome: Optional[RunOutcome] = None
         self.event: Optional[Dict[str, Any]] = None  # a routine decision's event, built when first seen
+        self.text: Optional[str] = None  # its event's JSON text, when decision_event made it
         self.fold_into: Optional[Dict[str, Any]] = None  # the event a repeat folds into
         self.claim: Optional[Claim] = None  # the claim it won, if any
         self.step = 1  # escalation: 2, 3, ... for the further steps of an action
@@ -4630,6 +4636,41 @@ class Decision:
             event["output_tail"] = outcome.output_tail
             if outcome.error:
                 event["error"] = outcome.error
+        return event
+
+    def plain(self) -> bool:
+        """Whether its answer says only alertname, result, action, cooldown and reason: what the
+        thousands of a storm are, and what answer_text makes once for all that say the same."""
+        return (self.outcome is None and self.target is None and not self.detail and self.step == 1
+                and self.approved_by is None
+                and (self.action is not None if self.result != "skipped" else self.action is None and bool(self.reason)))
+
+    def answer_text(self, made: Dict[Tuple[Any, ...], str]) -> str:
+        """answer() as compact JSON text, a plain one's made once per webhook (made: by what it says)."""
+        if not self.plain():
+            return compact_json(self.answer())
+        action = self.action
+        key = (self.alertname, self.result, self.reason, action.display if action is not None else None,
+               math.ceil(self.cooldown_remaining))
+        text = made.get(key)
+        if text is None:
+            text = made[key] = compact_json(self.answer())
+        return text
+
+    def decision_event(self, alert: Mapping[str, Any], ts: float, made: Dict[Tuple[Any, ...], str]) -> Dict[str, Any]:
+        """Its "decision" event (event_of).  A plain one's JSON text (self.text) is made from its
+        answer's (answer_text) and the alert's labels, fingerprint and start, without the event as
+        a whole ever being encoded: its event keeps only what the rows and the notifier read."""
+        if not self.plain():
+            self.text = None
+            return self.event_of("decision", alert, ts, ts)
+        answer = self.answer_text(made)
+        self.text = (f'{{"ts":{ts!r},"kind":"decision",{answer[1:-1]},"labels":{compact_json(alert["labels"])},'
+                     f'"fingerprint":{_json_string(alert.get("fingerprint", ""))},'
+                     f'"starts_at":{_json_string(alert.get("startsAt", ""))}}}')
+        event = {"ts": ts, "kind": "decision", "alertname": self.alertname, "result": self.result}
+        if self.reason:
+            event["reason"] = self.reason
         return event
 
     def answer(self) -> Dict[str, Any]:
@@ -4692,20 +4733,23 @@ class Journal:
     def record(self, events: List[Dict[str, Any]], cooldowns: Optional[Mapping[str, float]] = None,
                folds: Optional[List[Tuple[Dict[str, Any], float]]] = None,
                control: Optional[Callable[[int], str]] = None,
-               heals: Optional[Mapping[str, Optional[str]]] = None, required: bool = False) -> None:
+               heals: Optional[Mapping[str, Optional[str]]] = None, required: bool = False,
+               made: Optional[List[Optional[str]]] = None) -> None:
         """Record events durably (waiting for the commit), then log them, one line each; a folded
         repeat only adds to the count of the event it folds into; control and heals as in
-        Store.record.  A thread that holds its records (hold) waits and logs later.  required:
-        a commit that fails raises StateUnavailable (else it is logged, and the events too)."""
+        Store.record, made as its texts.  A thread that holds its records (hold) waits and logs
+        later.  required: a commit that fails raises StateUnavailable (else it is logged, and the
+        events too)."""
         held = getattr(self._held, "records", None)
         pending: Optional[List[_Pending]] = None if held is None else []
         try:
-            texts = self.store.record(events, cooldowns, folds, control, heals, pending)
+            texts = self.store.record(events, cooldowns, folds, control, heals, pending, made)
         except sqlite3.Error as exc:
             self.log({"event": "error", "message": f"state file: {exc}"}, "error")
             if required:
                 raise StateUnavailable(str(exc)) from None
-            texts = [(event.get("id", 0), _COMPACT_JSON.encode(event)) for event in events]
+            texts = [(event.get("id", 0), made[index] if made and made[index] else _COMPACT_JSON.encode(event))
+                     for index, event in enumerate(events)]
         if held is not None:
             held.append((events, texts, pending))
         else:
@@ -6836,14 +6880,16 @@ class App:
 
     # -- the webhook ----------------------------------------------------------------------
 
-    def handle_webhook(self, alerts: List[Dict[str, Any]], settings: Optional[Settings] = None) -> List[Dict[str, Any]]:
-        """Judge each alert (judge), claim what passes (claims), run it; one answer per alert.
-        settings: those in force, when the caller looked already (the server, to know that
-        nothing will run)."""
+    def handle_webhook(self, alerts: List[Dict[str, Any]],
+                       settings: Optional[Settings] = None) -> Tuple[List[Decision], str]:
+        """Judge each alert (judge), claim what passes (claims), run it; the decisions, and the
+        answer's results (JSON text: one per alert).  settings: those in force, when the caller
+        looked already (the server, to know that nothing will run)."""
         now = self.clock()
         settings = settings or self.effective()
         decisions, cooldowns, settings = self._judge_all(alerts, settings, now)
-        self._record_decisions(alerts, decisions, cooldowns, settings, now)
+        made: Dict[Tuple[Any, ...], str] = {}  # the answers' texts by what they say (Decision.answer_text)
+        self._record_decisions(alerts, decisions, cooldowns, settings, now, made)
         self.count(decisions)
         waiting = [(alert, decision) for alert, decision in zip(alerts, decisions)
                    if decision.result == "awaiting_approval"]
@@ -6864,7 +6910,7 @@ class App:
                                 decision.target)
         if self.heals.following:
             self.heals.resolve(alerts, self.clock())
-        return [decision.answer() for decision in decisions]
+        return decisions, "[" + ",".join([decision.answer_text(made) for decision in decisions]) + "]"
 
     def _judge_all(self, alerts: List[Dict[str, Any]], settings: Settings,
                    now: float) -> Tuple[List[Decision], Dict[str, float], Settings]:
@@ -6922,34 +6968,39 @@ class App:
         self.counters.add_all(counts)
 
     def _record_decisions(self, alerts: List[Dict[str, Any]], decisions: List[Decision],
-                          cooldowns: Dict[str, float], settings: Settings, now: float) -> None:
-        """Record each decision (a routine repeat folds into its first); runs as "run" events."""
+                          cooldowns: Dict[str, float], settings: Settings, now: float,
+                          made: Dict[Tuple[Any, ...], str]) -> None:
+        """Record each decision (a routine repeat folds into its first); runs as "run" events.
+        made: the answers' texts (Decision.answer_text), which the events' texts are made from."""
+        ts = round(now, 6)
         routine = [(alert, decision) for alert, decision in zip(alerts, decisions) if decision.result in ROUTINE_RESULTS]
         if routine:
-            ts = round(now, 6)
             with self._lock:
                 for alert, decision in routine:
-                    self._fold_locked(alert, decision, now, settings, ts)
+                    self._fold_locked(alert, decision, now, settings, ts, made)
         # Recorded in chunks, so that the events of a storm of thousands of alerts are not all in
         # memory at once; every chunk is committed before the answer, cooldowns with the first.
         # A cooldown start that cannot be committed fails closed: nothing of it runs.
         for start in range(0, len(alerts), RECORD_CHUNK):
             events = []
+            texts: List[Optional[str]] = []
             folds = []
             for alert, decision in zip(alerts[start:start + RECORD_CHUNK], decisions[start:start + RECORD_CHUNK]):
                 if decision.fold_into is not None:
                     folds.append((decision.fold_into, now))
                 else:
                     if decision.event is None:  # a run's event too: its id names the run (heal verdicts)
-                        kind = "run" if decision.result == "run" else "decision"
-                        decision.event = decision.event_of(kind, alert, now)
+                        decision.event = (decision.event_of("run", alert, now) if decision.result == "run"
+                                          else decision.decision_event(alert, ts, made))
                     events.append(decision.event)
+                    texts.append(decision.text)
+                    decision.text = None
             if start or not cooldowns:
-                self.journal.record(events, None, folds)
+                self.journal.record(events, None, folds, made=texts)
                 _shrink_fold_targets(events)
                 continue
             try:
-                self.journal.record(events, cooldowns, folds, required=True)
+                self.journal.record(events, cooldowns, folds, required=True, made=texts)
                 self.claims.commit_done(list(cooldowns))
             except StateUnavailable:
                 self._fail_closed(decisions, now)
@@ -6968,10 +7019,10 @@ class App:
                 decision.cooldown_remaining = 0.0  # given back: no cooldown runs
 
     def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float, settings: Settings,
-                     ts: float) -> None:
+                     ts: float, made: Dict[Tuple[Any, ...], str]) -> None:
         """A routine decision repeating one of the same alert (alertname and fingerprint), result
         and reason within one cooldown window folds into that one's event (count, last_ts).  ts:
-        now as events say it (rounded once for a whole webhook)."""
+        now as events say it (rounded once for a whole webhook); made: as in _record_decisions."""
         window = decision.cooldown_remaining if decision.result == "cooldown_skip" else (
             settings.cooldowns.get(decision.alertname, self.config.default_cooldown_sec))
         key = None
@@ -6983,7 +7034,7 @@ class App:
                 decision.fold_into = entry[0]
                 self._folds.move_to_end(key)
                 return
-        decision.event = decision.event_of("decision", alert, now, ts)
+        decision.event = decision.decision_event(alert, ts, made)
         if key is not None and window > 0:
             self._folds[key] = [decision.event, now + window]
             if len(self._folds) > FOLD_KEYS_MAX:
@@ -8143,16 +8194,18 @@ class Handler:
 
     def route_alert(self, method: str, params: Mapping[str, str]) -> None:
         alerts = validate_webhook(parse_json_body(self._read_body()))
-        results = self.app.handle_webhook(alerts, self.settings)
+        decisions, results = self.app.handle_webhook(alerts, self.settings)
         # An alert that failed closed (etcd or the state file did not answer) is not lost:
         # Alertmanager delivers a webhook again after a 5xx, and the next delivery is judged anew.
-        failed = [r for r in results if r["result"] == "error" and r.get("reason") in FAIL_CLOSED_REASONS]
+        failed = [d for d in decisions if d.result == "error" and d.reason in FAIL_CLOSED_REASONS]
         if failed:
-            self._send_json(503, {"ok": False, "error": f"{len(failed)} alert(s) failed closed "
-                                                        f"({failed[0]['reason']}): nothing of them ran; "
-                                                        "Alertmanager delivers this webhook again", "results": results})
+            error = (f"{len(failed)} alert(s) failed closed ({failed[0].reason}): nothing of them ran; "
+                     "Alertmanager delivers this webhook again")
+            self._send(503, f'{{"ok":false,"error":{compact_json(error)},"results":{results}}}'.encode(),
+                       "application/json")
             return
-        self._send_json(200, {"ok": True, "results": results})
+        # The results' text is made from the decisions' (Decision.answer_text), never as a document.
+        self._send(200, f'{{"ok":true,"results":{results}}}'.encode(), "application/json")
 
     def route_ack(self, method: str, params: Mapping[str, str]) -> None:
         config = self.app.config
