@@ -4688,8 +4688,9 @@ class Decision:
 
     def answer_text(self, made: Dict[Tuple[Any, ...], str]) -> str:
         """answer() as compact JSON text, a plain one's made once per webhook (made: by what it says)."""
-        if not self.plain():
-            return compact_json(self.answer())
+        return self._plain_answer(made) if self.plain() else compact_json(self.answer())
+
+    def _plain_answer(self, made: Dict[Tuple[Any, ...], str]) -> str:
         action = self.action
         key = (self.alertname, self.result, self.reason, action.display if action is not None else None,
                math.ceil(self.cooldown_remaining))
@@ -4708,8 +4709,7 @@ class Decision:
         opening = made.get(ts)  # the events' opening, made once per webhook too (keyed by its time)
         if opening is None:
             opening = made[ts] = f'{{"ts":{ts!r},"kind":"decision",'  # type: ignore[index]
-        answer = self.answer_text(made)
-        self.text = (f'{opening}{answer[1:-1]},"labels":{compact_json(alert["labels"])},'
+        self.text = (f'{opening}{self._plain_answer(made)[1:-1]},"labels":{compact_json(alert["labels"])},'
                      f'"fingerprint":{_json_string(alert.get("fingerprint", ""))},'
                      f'"starts_at":{_json_string(alert.get("startsAt", ""))}}}')
         event = {"ts": ts, "kind": "decision", "alertname": self.alertname, "result": self.result}
