@@ -1133,7 +1133,8 @@ def parse_json_body(raw: bytes) -> Any:
         raise HttpError(400, "body nests too deeply (JSON beyond the parser's recursion limit)") from None
     except ValueError as exc:
         raise HttpError(400, f"body is not JSON: {exc}") from None
-    if _SURROGATE_ESCAPE.search(raw):  # rare: only then is every string looked at
+    # rare: only then is every string looked at (a body without any \u escape is not searched)
+    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw):
         where = lone_surrogate_in(document)
         if where is not None:
             raise HttpError(400, f"body holds a lone surrogate escape (\\ud800-\\udfff without its pair) in "
@@ -7087,7 +7088,7 @@ class App:
                     decision.text = None
             if start or not cooldowns:
                 self.journal.record(events, None, folds, made=texts)
-                _shrink_fold_targets(events)
+                _shrink_fold_targets(events if routine else [])  # only routine events are folded into
                 continue
             try:
                 self.journal.record(events, cooldowns, folds, required=True, made=texts)
@@ -7096,7 +7097,7 @@ class App:
                 self._fail_closed(decisions, now)
                 return
             finally:
-                _shrink_fold_targets(events)
+                _shrink_fold_targets(events if routine else [])
 
     def _fail_closed(self, decisions: List[Decision], now: float) -> None:
         """The cooldown starts of a webhook could not be committed: every decision that claimed
