@@ -14,6 +14,7 @@ import ast
 import base64
 import collections
 import contextlib
+import gc
 import http.client
 import io
 import json
@@ -2808,6 +2809,58 @@ def test_a_fast_listener_gets_every_event_of_a_storm(tmp_path):
         assert ids == sorted(ids) and len(set(ids)) == 4000  # every one, in order, none twice
         stream.close()
         sock.close()
+
+
+def test_a_storms_answers_and_events_say_all_that_one_alert_at_a_time_says(tmp_path):
+    """A storm's answers and events are made from shared texts (Decision.answer_text): each still
+    says all it said as a document, with awkward label values intact; and a large body pauses
+    Python's collector only while it is handled."""
+    path = actions_file(tmp_path, {"A": {"command": ["echo", "it's \"here\""], "cooldown_sec": 600},
+                                   "B": {"command": ["true"], "cooldown_sec": 0}})
+    odd = {"quote": 'say "hi"', "slash": "a\\b}", "accent": "café ☃", "separator": "x\u2028y", "ts": "1"}
+    dry = alert("A", **odd)
+    dry["fingerprint"] = 'f"1'
+    padding = "p" * 300  # past 1 MiB: the large request's path (LargeRequests)
+    skipped = [alert(f"Z{index}", pad=padding) for index in range(3000)]
+    payload = webhook(dry, alert("A", **odd), alert("B", status="resolved"), alert("B", opted_in=False),
+                      alert("B"), *skipped)
+    assert len(json.dumps(payload)) > 1 << 20
+    with serving({"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_ENABLED": "true", "AUTOHEAL_DRY_RUN": "true",
+                  "AUTOHEAL_MAX_ACTIONS_PER_HOUR": "0", "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"),
+                  "AUTOHEAL_MAX_BODY_BYTES": str(8 << 20)}) as running:
+        status, body = running.post_alert(payload)
+        assert status == 200 and body["ok"] is True
+        shown = """echo 'it'"'"'s "here"'"""
+        assert body["results"][:5] == [
+            {"alertname": "A", "result": "dry_run", "action": shown, "cooldown_remaining_seconds": 600,
+             "reason": "dry_run"},
+            {"alertname": "A", "result": "cooldown_skip", "action": shown, "cooldown_remaining_seconds": 600},
+            {"alertname": "B", "result": "skipped", "reason": "resolved"},
+            {"alertname": "B", "result": "skipped", "reason": "not_opted_in"},
+            {"alertname": "B", "result": "dry_run", "action": "true", "cooldown_remaining_seconds": 0,
+             "reason": "dry_run"}]
+        assert body["results"][5:] == [{"alertname": f"Z{index}", "result": "skipped", "reason": "not_allowlisted"}
+                                       for index in range(3000)]
+        assert gc.isenabled()  # the collector runs again once the storm is answered
+        events = []
+        for name in ("A", "B", "Z0"):  # oldest first
+            events += running.json("GET", f"/history?alertname={name}&kind=decision")[1]["events"][::-1]
+        assert len(events) == 6
+        for event in events:
+            assert isinstance(event.pop("id"), int) and isinstance(event.pop("ts"), float)
+        assert events[0] == {"kind": "decision", "alertname": "A", "result": "dry_run", "reason": "dry_run",
+                             "action": shown, "cooldown_remaining_seconds": 600, "labels": dry["labels"],
+                             "fingerprint": 'f"1', "starts_at": dry["startsAt"]}
+        assert events[1] == {"kind": "decision", "alertname": "A", "result": "cooldown_skip", "action": shown,
+                             "cooldown_remaining_seconds": 600, "labels": dry["labels"],
+                             "fingerprint": "666d2cad1d47bd80", "starts_at": dry["startsAt"]}
+        assert events[3]["reason"] == "not_opted_in" and "action" not in events[3]
+        assert events[4]["result"] == "dry_run" and events[4]["cooldown_remaining_seconds"] == 0
+        assert events[5] == {"kind": "decision", "alertname": "Z0", "result": "skipped", "reason": "not_allowlisted",
+                             "labels": skipped[0]["labels"], "fingerprint": "666d2cad1d47bd80",
+                             "starts_at": skipped[0]["startsAt"]}
+        logged = [json.loads(line) for line in running.log_lines() if '"kind":"decision"' in line]
+        assert [event["labels"] for event in logged[:2]] == [dry["labels"], dry["labels"]]
 
 
 @pytest.mark.parametrize("state", ["sqlite", "memory"])
