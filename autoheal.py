@@ -2146,7 +2146,10 @@ class Store(abc.ABC):
         for index, event in enumerate(events):
             body = texts[index] if texts is not None and texts[index] is not None else encode(event)
             if len(body) > room:
-                body = encode(bound_event(json.loads(body), room))
+                if texts is not None and texts[index] is not None:  # the whole event, to be cut as one
+                    event.update(json.loads(body))
+                    texts[index] = None  # the caller's made text no longer says it (Journal.record)
+                body = encode(bound_event(event, room))  # cut in place: the rows' columns are read from it
             bodies.append(body)
         with self._order:
             first = self._next_id
@@ -4757,6 +4760,15 @@ def _shrink_fold_targets(events: List[Dict[str, Any]]) -> None:
                 del event[key]
 
 
+def _uncommitted_text(event: Mapping[str, Any], made: Optional[str]) -> str:
+    """What the log says of an event whose commit failed: its id first (when it got one), then its
+    made text (Decision.decision_event; Store.record dropped it when it was too long, the event
+    itself then cut in its place) or the event itself."""
+    if made is None:
+        return _COMPACT_JSON.encode(event)
+    return f'{{"id":{event["id"]},' + made[1:] if "id" in event else made
+
+
 class Journal:
     """Logging and recording: one JSON log line per event, and events kept durably in the store
     (committed) before they are logged.  Every part that records (the webhook, control, heal
@@ -4793,7 +4805,7 @@ class Journal:
             self.log({"event": "error", "message": f"state file: {exc}"}, "error")
             if required:
                 raise StateUnavailable(str(exc)) from None
-            texts = [(event.get("id", 0), made[index] if made and made[index] else _COMPACT_JSON.encode(event))
+            texts = [(event.get("id", 0), _uncommitted_text(event, made[index] if made else None))
                      for index, event in enumerate(events)]
         if held is not None:
             held.append((events, texts, pending))
@@ -6699,23 +6711,40 @@ class LargeRequests:
     bench's storms) takes 6-8 ms.  It ran in the worker once its answer was handed over, holding
     the interpreter while the selector thread waited to send that answer; the selector thread
     runs it now, once the answer is sent (Server._after_answer), or housekeeping does.  gc is
-    the process's: so is this."""
+    the process's: so is this, and a pause lasts at most PAUSE_MAX_SEC however long large
+    requests keep coming or wait (on their actions, on etcd): then the collector runs again until
+    none is being handled (housekeeping calls expire)."""
+
+    PAUSE_MAX_SEC = 1.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._handled = 0  # large requests being handled now
+        self._since = 0.0  # when the first of them began
+        self._expired = False  # the pause outlasted PAUSE_MAX_SEC: the collector runs
         self.owed = False
 
     def begin(self) -> None:
         with self._lock:
+            if not self._handled:
+                self._since = time.monotonic()
             self._handled += 1
-            gc.disable()
+            if not self._expired:
+                gc.disable()
 
     def end(self) -> None:
         with self._lock:
             self._handled -= 1
             self.owed = True
             if not self._handled:
+                self._expired = False
+                gc.enable()
+
+    def expire(self) -> None:
+        """Let the collector run again if the pause has lasted PAUSE_MAX_SEC."""
+        with self._lock:
+            if self._handled and not self._expired and time.monotonic() - self._since > self.PAUSE_MAX_SEC:
+                self._expired = True
                 gc.enable()
 
     def collect_owed(self) -> bool:
@@ -6744,6 +6773,7 @@ def housekeeping(app: "App", served: Callable[[], int], stop: threading.Event) -
     trim = heap_trimmer()
     seen, trimmed, collected = served(), -1, 0
     while not stop.wait(0.05):
+        LARGE_REQUESTS.expire()
         now_served = served()
         if now_served != seen:  # still busy: wait for a quiet moment
             seen = now_served
@@ -9107,7 +9137,11 @@ class Server:
             answer: Any = None
             handler: Optional[Handler] = None
             try:
-                answer, handler = self._respond(connection, request)
+                try:
+                    answer, handler = self._respond(connection, request)
+                finally:
+                    if large:  # before the answer goes: the selector collects once it is sent (LargeRequests)
+                        LARGE_REQUESTS.end()
                 connection.closing = handler is None or handler.close_connection
                 if handler is not None and handler.stream is not None:
                     self.streams.start(connection.sock, handler.stream, answer)  # its thread sends it all
@@ -9119,8 +9153,6 @@ class Server:
             # An idle worker must not keep its last request alive (its handler holds it, and its
             # answer): a storm's is megabytes, and each of the pool's workers would keep one.
             del task, request, handler
-            if large:  # before the answer goes: the selector collects once it is sent (LargeRequests)
-                LARGE_REQUESTS.end()
             if answer is not None and not self.stopping:
                 self._returned.append((connection, answer))
                 self._wake()
