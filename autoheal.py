@@ -2137,8 +2137,8 @@ class Store(abc.ABC):
 
         Each event is serialised once, here, outside any lock: the same text goes to the
         database, the log and the /events listeners.  Its id is spliced in front under the order
-        lock.  texts: an event's JSON text where the caller made it already (decision_text), its
-        event then holding only what the rows and the notifier read (ts, kind, alertname, result).
+        lock.  texts: an event's JSON text where the caller made it already (Decision.decision_event),
+        its event then holding only what the rows and the notifier read (ts, kind, alertname, result).
         """
         encode = compact_json
         bodies = []
@@ -3558,6 +3558,8 @@ class Claim:
 
 
 CLAIM_REASONS = ("cooldown", "budget")
+# Why an alert fails closed: nothing of it ran, and its webhook is answered 503 (delivered again).
+FAIL_CLOSED_REASONS = ("coordination_unavailable", "state_unavailable")
 _WON: Dict[float, Claim] = {}  # a claim won, by its cooldown: one each (a storm's 5,000 win a few)
 
 
@@ -3567,8 +3569,6 @@ def _won(cooldown: float) -> Claim:
         _WON.clear()
     claim = _WON[cooldown] = Claim(True, cooldown)
     return claim
-# Why an alert fails closed: nothing of it ran, and its webhook is answered 503 (delivered again).
-FAIL_CLOSED_REASONS = ("coordination_unavailable", "state_unavailable")
 
 
 class Claims:
@@ -4686,15 +4686,18 @@ class Decision:
     def plain(self) -> bool:
         """Whether its answer says only alertname, result, action, cooldown and reason: what the
         thousands of a storm are, and what answer_text makes once for all that say the same."""
-        return (self.outcome is None and self.target is None and not self.detail and self.step == 1
-                and self.approved_by is None
-                and (self.action is not None if self.result != "skipped" else self.action is None and bool(self.reason)))
+        if self.result == "skipped":
+            shaped = self.action is None and bool(self.reason)
+        else:
+            shaped = self.action is not None
+        return (shaped and self.outcome is None and self.target is None and not self.detail and self.step == 1
+                and self.approved_by is None)
 
-    def answer_text(self, made: Dict[Tuple[Any, ...], str]) -> str:
+    def answer_text(self, made: Dict[Any, str]) -> str:
         """answer() as compact JSON text, a plain one's made once per webhook (made: by what it says)."""
         return self._plain_answer(made) if self.plain() else compact_json(self.answer())
 
-    def _plain_answer(self, made: Dict[Tuple[Any, ...], str]) -> str:
+    def _plain_answer(self, made: Dict[Any, str]) -> str:
         action = self.action
         key = (self.alertname, self.result, self.reason, action.display if action is not None else None,
                math.ceil(self.cooldown_remaining))
@@ -4703,7 +4706,7 @@ class Decision:
             text = made[key] = compact_json(self.answer())
         return text
 
-    def decision_event(self, alert: Mapping[str, Any], ts: float, made: Dict[Tuple[Any, ...], str]) -> Dict[str, Any]:
+    def decision_event(self, alert: Mapping[str, Any], ts: float, made: Dict[Any, str]) -> Dict[str, Any]:
         """Its "decision" event (event_of).  A plain one's JSON text (self.text) is made from its
         answer's (answer_text) and the alert's labels, fingerprint and start, without the event as
         a whole ever being encoded: its event keeps only what the rows and the notifier read."""
@@ -4712,7 +4715,7 @@ class Decision:
             return self.event_of("decision", alert, ts, ts)
         opening = made.get(ts)  # the events' opening, made once per webhook too (keyed by its time)
         if opening is None:
-            opening = made[ts] = f'{{"ts":{ts!r},"kind":"decision",'  # type: ignore[index]
+            opening = made[ts] = f'{{"ts":{ts!r},"kind":"decision",'
         self.text = (f'{opening}{self._plain_answer(made)[1:-1]},"labels":{compact_json(alert["labels"])},'
                      f'"fingerprint":{_json_string(alert.get("fingerprint", ""))},'
                      f'"starts_at":{_json_string(alert.get("startsAt", ""))}}}')
@@ -6747,13 +6750,17 @@ class LargeRequests:
                 self._expired = True
                 gc.enable()
 
-    def collect_owed(self) -> bool:
-        """The full collection owed, if any and no large request is being handled: whether one ran."""
+    def collect_owed(self, trim: bool = False) -> bool:
+        """The full collection owed, if any and no large request is being handled (trim: the heap
+        given back after it, as housekeeping does at quiet moments): whether one ran."""
         with self._lock:
             if not self.owed or self._handled:
                 return False
             self.owed = False
         gc.collect()
+        trimmer = heap_trimmer() if trim else None
+        if trimmer is not None:
+            trimmer()
         return True
 
 
@@ -7009,7 +7016,7 @@ class App:
         now = self.clock()
         settings = settings or self.effective()
         decisions, cooldowns, settings = self._judge_all(alerts, settings, now)
-        made: Dict[Tuple[Any, ...], str] = {}  # the answers' texts by what they say (Decision.answer_text)
+        made: Dict[Any, str] = {}  # the answers' texts by what they say, the events' opening by ts (Decision)
         self._record_decisions(alerts, decisions, cooldowns, settings, now, made)
         self.count(decisions)
         waiting = [(alert, decision) for alert, decision in zip(alerts, decisions)
@@ -7090,7 +7097,7 @@ class App:
 
     def _record_decisions(self, alerts: List[Dict[str, Any]], decisions: List[Decision],
                           cooldowns: Dict[str, float], settings: Settings, now: float,
-                          made: Dict[Tuple[Any, ...], str]) -> None:
+                          made: Dict[Any, str]) -> None:
         """Record each decision (a routine repeat folds into its first); runs as "run" events.
         made: the answers' texts (Decision.answer_text), which the events' texts are made from."""
         ts = round(now, 6)
@@ -7140,7 +7147,7 @@ class App:
                 decision.cooldown_remaining = 0.0  # given back: no cooldown runs
 
     def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float, settings: Settings,
-                     ts: float, made: Dict[Tuple[Any, ...], str]) -> None:
+                     ts: float, made: Dict[Any, str]) -> None:
         """A routine decision repeating one of the same alert (alertname and fingerprint), result
         and reason within one cooldown window folds into that one's event (count, last_ts).  ts:
         now as events say it (rounded once for a whole webhook); made: as in _record_decisions."""
@@ -8619,7 +8626,7 @@ class _Pool:
 
 class _Connection:
     __slots__ = ("sock", "address", "buffer", "deadline", "continued", "closing", "unsent", "unsent_bytes",
-                 "waiting", "parts", "parts_bytes", "wanted")
+                 "waiting", "parts", "parts_bytes", "wanted", "collect")
 
     def __init__(self, sock: socket.socket, address: Any, deadline: float):
         self.sock = sock
@@ -8634,6 +8641,7 @@ class _Connection:
         self.parts: List[bytes] = []  # what arrived of a large request (wanted: its whole length)
         self.parts_bytes = 0
         self.wanted = 0
+        self.collect = False  # its answer is a large request's: the collection it owes follows (LargeRequests)
 
 
 class EventStreams:
@@ -9044,10 +9052,9 @@ class Server:
         """An answer is all sent: read the next request, or close gracefully.  After a storm's
         answer, the full collection it owes (LargeRequests): its memory goes back now, not at the
         next quiet moment, and not before the answer went (the collector holds the interpreter)."""
-        if LARGE_REQUESTS.owed and LARGE_REQUESTS.collect_owed():
-            trim = heap_trimmer()
-            if trim is not None:
-                trim()
+        if connection.collect:
+            connection.collect = False
+            LARGE_REQUESTS.collect_owed(trim=True)
         if connection.closing or self.stopping:
             self._linger(connection, now)
             return
@@ -9142,6 +9149,7 @@ class Server:
                 finally:
                     if large:  # before the answer goes: the selector collects once it is sent (LargeRequests)
                         LARGE_REQUESTS.end()
+                        connection.collect = True
                 connection.closing = handler is None or handler.close_connection
                 if handler is not None and handler.stream is not None:
                     self.streams.start(connection.sock, handler.stream, answer)  # its thread sends it all

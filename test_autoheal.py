@@ -1399,7 +1399,8 @@ def test_an_alertname_too_long_for_an_event_is_cut_in_the_state_files_columns_to
         for index in range(20):  # not allow-listed: a plain skip, recorded with its whole alertname
             assert running.post_alert(webhook(alert(f"{index:04d}" + "N" * 200_000)))[0] == 200
         connection = sqlite3.connect(tmp_path / "s.db")
-        longest, total = connection.execute("SELECT MAX(length(alertname)), SUM(length(alertname)) FROM events").fetchone()
+        longest, total = connection.execute(
+            "SELECT MAX(length(alertname)), SUM(length(alertname)) FROM events").fetchone()
         connection.close()
         assert longest < 2048 and total < 20 * 2048  # uncut: 4 MB of alertnames
         newest = running.json("GET", "/history?limit=1")[1]["events"][0]
