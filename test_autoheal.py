@@ -1410,14 +1410,14 @@ def test_an_alertname_too_long_for_an_event_is_cut_in_the_state_files_columns_to
 def test_a_large_webhook_whose_action_runs_long_pauses_the_collector_a_second_at_most(tmp_path):
     # The collector is paused while a large request is handled (LargeRequests); the process's
     # other threads must not go without it for as long as a webhook's actions run.
-    path = actions_file(tmp_path, {"Slow": {"command": ["sleep", "3"], "cooldown_sec": 0}})
+    path = actions_file(tmp_path, {"Slow": {"command": ["sleep", "4"], "cooldown_sec": 0}})
     payload = webhook(alert("Slow"), *[alert(f"Pad{index}", pad="p" * 400) for index in range(2500)])
     assert len(json.dumps(payload)) > 1 << 20
     with serving({**REAL, "AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_MAX_BODY_BYTES": str(8 << 20)}) as running:
         answers = []
         poster = threading.Thread(target=lambda: answers.append(running.post_alert(payload)))
         poster.start()
-        time.sleep(2)  # the action is still running
+        time.sleep(2.5)  # more than the pause's second, and the action is still running
         assert poster.is_alive() and gc.isenabled()
         poster.join(30)
         status, body = answers[0]
