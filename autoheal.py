@@ -2128,7 +2128,7 @@ class Store(abc.ABC):
                control: Optional[Callable[[int], str]] = None,
                heals: Optional[Mapping[str, Optional[str]]] = None,
                held: Optional[List[_Pending]] = None,
-               texts: Optional[List[Optional[str]]] = None) -> List[Tuple[int, str]]:
+               made: Optional[List[Optional[str]]] = None) -> List[Tuple[int, str]]:
         """Record events, cooldown starts and folded repeats ((event, when)); returns the events'
         (id, JSON text) once they are durable.  control, given the first event's id, returns the
         runtime control state to keep with them, in the same commit; heals are the pending heal
@@ -2137,18 +2137,19 @@ class Store(abc.ABC):
 
         Each event is serialised once, here, outside any lock: the same text goes to the
         database, the log and the /events listeners.  Its id is spliced in front under the order
-        lock.  texts: an event's JSON text where the caller made it already (Decision.decision_event),
+        lock.  made: an event's JSON text where the caller made it already (Decision.decision_event),
         its event then holding only what the rows and the notifier read (ts, kind, alertname, result).
         """
         encode = compact_json
         bodies = []
         room = MAX_EVENT_BYTES - len(self.tag) - 96  # the id, the replica and a fold's count are added
         for index, event in enumerate(events):
-            body = texts[index] if texts is not None and texts[index] is not None else encode(event)
+            given = made[index] if made is not None else None
+            body = encode(event) if given is None else given
             if len(body) > room:
-                if texts is not None and texts[index] is not None:  # the whole event, to be cut as one
-                    event.update(json.loads(body))
-                    texts[index] = None  # the caller's made text no longer says it (Journal.record)
+                if given is not None:  # the whole event, to be cut as one
+                    event.update(json.loads(given))
+                    made[index] = None  # the caller's made text no longer says it (Journal.record)
                 body = encode(bound_event(event, room))  # cut in place: the rows' columns are read from it
             bodies.append(body)
         with self._order:
