@@ -1297,6 +1297,48 @@ def test_a_history_at_its_bound_under_load_loses_only_its_oldest_events(tmp_path
         store.close()
 
 
+def test_pruning_a_class_takes_its_own_oldest_events_past_the_other_class_between_them(tmp_path):
+    """The history has no index on the retention class (each index cost a storm its own insert of
+    every event): a class is pruned by id from its oldest event, past the other class's events in
+    between, and only its own oldest go; each class's oldest time follows, after a restart too."""
+    path = str(tmp_path / "s.db")
+
+    def open_store():
+        return autoheal.SqliteStore(path, 100, 1 << 30, lambda committed: None, lambda *args, **kwargs: None)
+
+    def record(store, result, count, ts):
+        return [event_id for event_id, _text in store.record(
+            [autoheal.make_event("decision", ts, alertname=f"A{n}", result=result) for n in range(count)])]
+
+    def stored(result):
+        with sqlite3.connect(path) as db:
+            return [row[0] for row in db.execute("SELECT id FROM events WHERE result = ? ORDER BY id", (result,))]
+
+    store = open_store()
+    try:
+        routine = record(store, "skipped", 60, 1000.0)  # the oldest events of the file: routine ones
+        kept = record(store, "dry_run", 60, 2000.0)
+        routine += record(store, "skipped", 30, 3000.0)  # routine ones between kept ones
+        kept += record(store, "dry_run", 60, 4000.0)  # 120 kept: the 20 oldest go
+        assert stored("dry_run") == kept[20:] and stored("skipped") == routine
+        assert store.oldest() == {"kept": 2000.0, "routine": 1000.0}
+        kept += record(store, "dry_run", 50, 5000.0)  # 50 more go: the 40 of 2000 and 10 of 4000
+        assert stored("dry_run") == kept[70:] and stored("skipped") == routine
+        assert store.oldest() == {"kept": 4000.0, "routine": 1000.0}
+    finally:
+        store.close()
+    (tmp_path / "s.db.clean").unlink(missing_ok=True)  # a start that counts the file again, as after a crash
+    store = open_store()
+    try:
+        assert store.oldest() == {"kept": 4000.0, "routine": 1000.0}
+        routine += record(store, "skipped", 20, 6000.0)  # 110 routine: the 10 oldest go, no kept one
+        kept += record(store, "dry_run", 10, 7000.0)  # and 10 kept, past the routine ones of 3000
+        assert stored("skipped") == routine[10:] and stored("dry_run") == kept[80:]
+        assert store.oldest() == {"kept": 4000.0, "routine": 1000.0}
+    finally:
+        store.close()
+
+
 def test_the_history_bound_holds_across_a_clean_restart_that_skipped_the_full_read(tmp_path):
     """A start after a clean stop takes the history's totals from the stop's mark instead of
     counting the file: the bound must hold as if it had counted."""
