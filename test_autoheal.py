@@ -4575,6 +4575,23 @@ def test_cross_site_requests_cannot_change_anything(alertmanager):
         assert status == 200 and body["expired"] is True  # the page's own undo button still works
 
 
+@pytest.mark.parametrize("text, refused", [
+    ('{"a":"\\ud800"}', True),
+    ('{"k":"{}:{alertname=\\"X\\"}","a":"\\udfff"}', True),  # past a groupKey's escaped quotes
+    ('{"a":"' + '\\n' * 40 + '","b":"x\\udbff"}', True),  # past more escapes than are looked at one by one
+    ('{"a":"\\ud83d\\ude00"}', False),  # a pair: one character (U+1F600)
+    ('{"a":"\\\\ud800"}', False),  # an escaped backslash, then the letters ud800
+    ('{"a":"' + '\\t' * 40 + '\\u00e9"}', False),
+])
+def test_a_lone_surrogate_escape_is_a_400_wherever_it_is_in_the_body(text, refused):
+    if refused:
+        with pytest.raises(autoheal.HttpError) as caught:
+            autoheal.parse_json_body(text.encode())
+        assert caught.value.status == 400 and "lone surrogate" in caught.value.message
+    else:
+        assert autoheal.parse_json_body(text.encode()) == json.loads(text)
+
+
 @pytest.mark.alertmanager
 def test_a_lone_surrogate_is_a_400_and_the_state_writer_goes_on(tmp_path, alertmanager):
     env = {"AUTOHEAL_STATE_FILE": str(tmp_path / "s.db"), "ALERTMANAGER_URL": alertmanager.url}
