@@ -4632,7 +4632,7 @@ class Decision:
     """What the gates decided for one alert; result "run" until the command ends."""
 
     __slots__ = ("alertname", "result", "reason", "action", "cooldown_remaining", "outcome", "event", "fold_into",
-                 "claim", "step", "key", "target", "detail", "approved_by", "text")
+                 "claim", "step", "key", "target", "detail", "approved_by", "text", "said")
 
     def __init__(self, alertname: str, result: str, reason: Optional[str] = None, action: Optional[Action] = None,
                  cooldown_remaining: float = 0.0, detail: Optional[Dict[str, str]] = None):
@@ -4648,6 +4648,9 @@ class Decision:
         self.outcome: Optional[RunOutcome] = None
         self.event: Optional[Dict[str, Any]] = None  # a routine decision's event, built when first seen
         self.text: Optional[str] = None  # its event's JSON text, when decision_event made it
+        # Its answer's text as decision_event made it (a plain one's): whatever changes what a
+        # decision says after that (_fail_closed, Approvals.open) sets it back to None.
+        self.said: Optional[str] = None
         self.fold_into: Optional[Dict[str, Any]] = None  # the event a repeat folds into
         self.claim: Optional[Claim] = None  # the claim it won, if any
         self.step = 1  # escalation: 2, 3, ... for the further steps of an action
@@ -4712,6 +4715,8 @@ class Decision:
 
     def answer_text(self, made: Dict[Any, str]) -> str:
         """answer() as compact JSON text, a plain one's made once per webhook (made: by what it says)."""
+        if self.said is not None:
+            return self.said
         return self._plain_answer(made) if self.plain() else compact_json(self.answer())
 
     def _plain_answer(self, made: Dict[Any, str]) -> str:
@@ -4728,12 +4733,13 @@ class Decision:
         answer's (answer_text) and the alert's labels, fingerprint and start, without the event as
         a whole ever being encoded: its event keeps only what the rows and the notifier read."""
         if not self.plain():
-            self.text = None
+            self.text = self.said = None
             return self.event_of("decision", alert, ts, ts)
         opening = made.get(ts)  # the events' opening, made once per webhook too (keyed by its time)
         if opening is None:
             opening = made[ts] = f'{{"ts":{ts!r},"kind":"decision",'
-        self.text = (f'{opening}{self._plain_answer(made)[1:-1]},"labels":{compact_json(alert["labels"])},'
+        self.said = said = self._plain_answer(made)
+        self.text = (f'{opening}{said[1:-1]},"labels":{compact_json(alert["labels"])},'
                      f'"fingerprint":{_json_string(alert.get("fingerprint", ""))},'
                      f'"starts_at":{_json_string(alert.get("startsAt", ""))}}}')
         event = {"ts": ts, "kind": "decision", "alertname": self.alertname, "result": self.result}
@@ -6371,7 +6377,7 @@ class Approvals:
                 self.app.log({"event": "warning", "message": f"approval #{event['id']} is not shared: etcd did not "
                               f"take it ({exc}); only this replica can answer it"}, "warning")
         for (_alert, decision), event in zip(waiting, events):
-            decision.detail = {"approval_id": event["id"]}
+            decision.detail, decision.said = {"approval_id": event["id"]}, None
         with self.app.wake:
             self.app.wake.notify_all()
 
@@ -7162,7 +7168,7 @@ class App:
             if decision.claim is not None:
                 self.claims.release(decision.key, decision.claim, now)
                 decision.result, decision.reason = "error", "state_unavailable"
-                decision.claim = decision.event = None
+                decision.claim = decision.event = decision.said = None
                 decision.cooldown_remaining = 0.0  # given back: no cooldown runs
 
     def _fold_locked(self, alert: Mapping[str, Any], decision: Decision, now: float, settings: Settings,

@@ -1488,6 +1488,28 @@ def test_a_cooldown_start_that_cannot_be_committed_runs_nothing_and_the_next_del
         assert running.post_alert(webhook(alert("Act")))[1]["results"][0]["result"] == "cooldown_skip"
 
 
+def test_a_large_dry_run_webhook_whose_cooldown_starts_cannot_be_committed_says_so_for_each_alert(tmp_path):
+    """A webhook over 64 KiB is judged by a worker, whose commit waits on the file's lock; when it
+    fails, every decision that claimed a cooldown answers error, state_unavailable (a 503 that
+    Alertmanager delivers again), never the dry_run it would have been."""
+    names = [f"Big{index}" for index in range(3)]
+    path = actions_file(tmp_path, {name: {"command": ["true"], "cooldown_sec": 60} for name in names})
+    with serving({"AUTOHEAL_ACTIONS_FILE": path, "AUTOHEAL_STATE_FILE": str(tmp_path / "s.db")}) as running:
+        large = webhook(*(alert(name) for name in names), alert("NotAllowed"))
+        large["alerts"][-1]["annotations"]["summary"] = "x" * 70_000  # past what the server answers itself
+        other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            status, body = running.post_alert(large)  # after SQLite's 5 s busy timeout
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert status == 503 and "failed closed" in body["error"]
+        assert [(r["result"], r["reason"]) for r in body["results"]] == [
+            ("error", "state_unavailable")] * 3 + [("skipped", "not_allowlisted")]
+        assert results(running.post_alert(large)) == ["dry_run"] * 3 + ["skipped"]  # the next delivery
+
+
 def test_a_commit_waiting_on_a_locked_state_file_holds_up_neither_the_health_check_nor_the_scrape(tmp_path):
     # Issue 28: the selector thread committed the rounds of dry-run webhooks it answered itself:
     # with the write lock held elsewhere, GET / took 4.7 s.  Now a thread of its own commits them.
@@ -3868,6 +3890,15 @@ def test_notify_test_sends_one_message_to_each_channel_and_says_what_each_answer
 def approval_env(tmp_path, **extra):
     actions = {"Risky": dict(stamping(tmp_path / "risky.txt", 300), approve=True, cooldown_by=["instance"])}
     return {**ADMIN, **REAL, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, actions), **extra}
+
+
+def test_an_action_of_one_target_awaiting_approval_answers_its_approval_id(tmp_path):
+    actions = {"Risky": dict(stamping(tmp_path / "risky.txt", 300), approve=True)}  # no cooldown_by
+    with serving({**ADMIN, **REAL, "AUTOHEAL_ACTIONS_FILE": actions_file(tmp_path, actions)}) as running:
+        [answer] = running.post_alert(webhook(alert("Risky")))[1]["results"]
+        assert answer["result"] == "awaiting_approval"
+        [waiting] = running.json("GET", "/")[1]["approvals"]
+        assert answer["approval_id"] == waiting["id"]
 
 
 def test_an_approved_run_runs_once_and_a_denied_expired_or_switched_off_one_runs_nothing(tmp_path):
