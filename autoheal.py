@@ -2670,8 +2670,8 @@ class SqliteStore(Store):
             self._find_oldest(connection, cls)
 
     def _find_oldest(self, connection: sqlite3.Connection, cls: int, after: int = 0) -> None:
-        """The id and time of a class's oldest event, none of it at or before after: read by id
-        from there (no index on the class), past the other class's events in between once."""
+        """Keep the id and time of the class's oldest event past the id after (none of it is older),
+        read by id from there: with no index on the class, the other class's events between are read once."""
         row = connection.execute("SELECT id, ts FROM events WHERE cls = ? AND id > ? ORDER BY id LIMIT 1",
                                  (cls, after)).fetchone()
         self._oldest[cls] = (row[0], row[1]) if row else (None, None)
