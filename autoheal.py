@@ -2730,9 +2730,7 @@ class SqliteStore(Store):
         with self._lock:  # only the newest runs matter: whether budget of them fall within the hour
             rows = self._connection.execute(
                 "SELECT ts FROM events WHERE ts >= ? AND (kind = 'run' OR (kind = 'decision' AND result = 'dry_run'))"
-                " ORDER BY id DESC LIMIT ?",
-                (since, budget),
-            ).fetchall()
+                " ORDER BY id DESC LIMIT ?", (since, budget)).fetchall()
         return sorted(row[0] for row in rows)
 
     # -- recording ------------------------------------------------------------------------
@@ -2936,8 +2934,10 @@ class SqliteStore(Store):
         first = self._oldest[cls][0] or 1  # none of the class is older: read by id from there
         last = first - 1
         while totals[0] > count_goal or totals[1] > bytes_goal:
-            chunk = connection.execute("SELECT id, size FROM events WHERE cls = ? AND id > ? ORDER BY id LIMIT 1000",
-                                       (cls, last)).fetchall()
+            # As many as the bounds want (1-1,000): the other class's events between are read only once.
+            over = max(totals[0] - count_goal, (totals[1] - bytes_goal) * totals[0] // max(1, totals[1]))
+            chunk = connection.execute("SELECT id, size FROM events WHERE cls = ? AND id > ? ORDER BY id LIMIT ?",
+                                       (cls, last, min(1000, max(1, over)))).fetchall()
             if not chunk:
                 break
             for event_id, size in chunk:
