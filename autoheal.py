@@ -2727,11 +2727,11 @@ class SqliteStore(Store):
     def load_budget_times(self, since: float, budget: int) -> List[float]:
         if not budget:
             return []
-        with self._lock:  # only the newest runs matter: whether budget of them fall within the hour
+        with self._lock:  # the newest runs by time (not by id: a stepped clock), read through once at start
             rows = self._connection.execute(
                 "SELECT ts FROM events WHERE ts >= ? AND (kind = 'run' OR (kind = 'decision' AND result = 'dry_run'))"
-                " ORDER BY id DESC LIMIT ?", (since, budget)).fetchall()
-        return sorted(row[0] for row in rows)
+                " ORDER BY ts DESC LIMIT ?", (since, budget)).fetchall()
+        return [row[0] for row in reversed(rows)]
 
     # -- recording ------------------------------------------------------------------------
 
@@ -2888,8 +2888,8 @@ class SqliteStore(Store):
                     totals = self._totals[row[6]]
                     totals[0] += 1
                     totals[1] += row[7]
-                    if self._oldest[row[6]][0] is None:
-                        self._oldest[row[6]] = (row[0], row[1])
+                    if self._oldest[row[6]][0] is None or row[0] < self._oldest[row[6]][0]:  # a replaced file's
+                        self._oldest[row[6]] = (row[0], row[1])  # ids may be higher than ours (_check_identity)
                 for cls in (KEPT, ROUTINE):
                     self._prune(connection, cls)
             self._cooldowns.update(cooldowns)
@@ -8677,7 +8677,9 @@ class _Connection:
         self.parts_bytes = 0
         self.wanted = 0
         self.collect = False  # its answer is a large request's: the collection it owes follows (LargeRequests)
-        self.leftovers: Any = None  # what that answer was made from (Handler.leftovers): freed once it is sent
+        # What that answer was made from (Handler.leftovers): freed once it is sent, or once the
+        # connection is dropped (_close; the loop that dropped it may hold it until its next turn).
+        self.leftovers: Any = None
 
 
 class EventStreams:
@@ -9149,7 +9151,7 @@ class Server:
     def _close(self, connection: _Connection) -> None:
         self._drop_input(connection)
         self._unsent -= connection.unsent_bytes
-        connection.unsent, connection.unsent_bytes = [], 0
+        connection.unsent, connection.unsent_bytes, connection.leftovers = [], 0, None
         fileno = connection.sock.fileno()
         if self._connections.get(fileno) is connection:
             del self._connections[fileno]

@@ -1339,6 +1339,52 @@ def test_pruning_a_class_takes_its_own_oldest_events_past_the_other_class_betwee
         store.close()
 
 
+def test_the_history_bound_holds_when_the_state_file_is_replaced_by_one_with_later_ids(tmp_path):
+    """Ids count on from the wall clock of a file's first start: a file put in place of the open
+    one (another autoheal's, started later) holds higher ids than those this process gives next.
+    Its pruning must still start at the lowest id of each class, so the bound holds at once."""
+    path, other = str(tmp_path / "s.db"), str(tmp_path / "other.db")
+
+    def open_store(where):
+        return autoheal.SqliteStore(where, 5, 1 << 30, lambda committed: None, lambda *args, **kwargs: None)
+
+    def routine(ts):
+        return autoheal.make_event("decision", ts, alertname="R", result="skipped")
+
+    store = open_store(path)
+    try:
+        store.record([routine(1.0)])
+        time.sleep(0.01)
+        later = open_store(other)
+        later.record([routine(float(ts)) for ts in range(100, 105)])
+        later.close()
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
+        os.replace(other, path)  # under the open store, which reopens it at its next commit
+        store.record([routine(float(ts)) for ts in range(200, 220)])
+        for ts in range(220, 230):
+            store.record([routine(float(ts))])
+            with sqlite3.connect(path) as db:
+                assert db.execute("SELECT COUNT(*) FROM events WHERE result = 'skipped'").fetchone()[0] == 5
+        assert store.oldest()["routine"] is not None
+    finally:
+        store.close()
+
+
+def test_the_budget_read_at_start_takes_the_newest_runs_by_time_not_by_id(tmp_path):
+    """Ids follow the order of recording, times the clock when each decision was taken (webhooks
+    side by side, a clock stepped back): the budget's window is the newest by time."""
+    store = autoheal.SqliteStore(str(tmp_path / "s.db"), 100, 1 << 30, lambda committed: None,
+                                 lambda *args, **kwargs: None)
+    try:
+        for ts in (1300.0, 1100.0, 1200.0):  # recorded in this order
+            store.record([autoheal.make_event("decision", ts, alertname="X", result="dry_run")])
+        assert store.load_budget_times(1000.0, 2) == [1200.0, 1300.0]
+    finally:
+        store.close()
+
+
 def test_the_history_bound_holds_across_a_clean_restart_that_skipped_the_full_read(tmp_path):
     """A start after a clean stop takes the history's totals from the stop's mark instead of
     counting the file: the bound must hold as if it had counted."""
@@ -3372,6 +3418,26 @@ def test_unread_answers_hold_at_most_the_bound_of_unsent_output_and_past_it_conn
             sock.close()
     finally:
         running.stop()
+
+
+def test_a_storm_whose_answer_is_never_read_is_freed_once_its_connection_is_dropped():
+    """A storm's alerts and decisions wait on its connection until its answer is sent (then they
+    are freed, after the answer).  A client that never reads a 6 MB answer is dropped at the
+    request timeout, and they must go then, not stay held while the server idles."""
+    alerts = [dict(alert("Storm" + "n" * 300 + str(index)), fingerprint=f"{index:016x}") for index in range(16000)]
+    body = json.dumps(webhook(*alerts)).encode()
+    head = b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    with serving({"AUTOHEAL_REQUEST_TIMEOUT_SEC": "1", "AUTOHEAL_MAX_BODY_BYTES": str(16 << 20)}) as running:
+        sock = non_reader(running.port, head % len(body) + body)
+        try:
+            dropped = 'autoheal_connections_dropped_total{reason="unread_answer"}'
+            wait_for(lambda: (running.metric(dropped) or 0) >= 1, timeout=30)
+            time.sleep(0.3)  # the server idles: nothing else comes to close or answer
+            gc.collect()
+            held = [c for c in gc.get_objects() if isinstance(c, autoheal._Connection) and c.leftovers is not None]
+            assert held == []
+        finally:
+            sock.close()
 
 
 def test_a_webhook_that_breaks_the_selector_thread_is_a_500_and_the_server_goes_on(tmp_path, monkeypatch):
