@@ -8661,7 +8661,7 @@ class _Pool:
 
 class _Connection:
     __slots__ = ("sock", "address", "buffer", "deadline", "continued", "closing", "unsent", "unsent_bytes",
-                 "waiting", "parts", "parts_bytes", "wanted", "collect", "leftovers")
+                 "waiting", "parts", "parts_bytes", "wanted", "leftovers")
 
     def __init__(self, sock: socket.socket, address: Any, deadline: float):
         self.sock = sock
@@ -8676,9 +8676,9 @@ class _Connection:
         self.parts: List[bytes] = []  # what arrived of a large request (wanted: its whole length)
         self.parts_bytes = 0
         self.wanted = 0
-        self.collect = False  # its answer is a large request's: the collection it owes follows (LargeRequests)
-        # What that answer was made from (Handler.leftovers): freed once it is sent, or once the
-        # connection is dropped (_close; the loop that dropped it may hold it until its next turn).
+        # Not None: its answer is a large request's, made from these (Handler.leftovers, or ()).  Once
+        # it is sent they are freed and the collection the request owes runs (LargeRequests); once
+        # the connection is dropped they are freed (_close: the loop that dropped it may hold it).
         self.leftovers: Any = None
 
 
@@ -9091,8 +9091,8 @@ class Server:
         answer, what it was made from is freed and the full collection it owes runs (LargeRequests):
         its memory goes back now, not at the next quiet moment, and not before the answer went
         (freeing and the collector hold the interpreter)."""
-        if connection.collect:
-            connection.collect, connection.leftovers = False, None
+        if connection.leftovers is not None:
+            connection.leftovers = None
             LARGE_REQUESTS.collect_owed(trim=True)
         if connection.closing or self.stopping:
             self._linger(connection, now)
@@ -9188,7 +9188,7 @@ class Server:
                 finally:
                     if large:  # before the answer goes: the selector collects and frees once it is sent
                         LARGE_REQUESTS.end()
-                        connection.collect, connection.leftovers = True, handler and handler.leftovers
+                        connection.leftovers = (handler and handler.leftovers) or ()
                 connection.closing = handler is None or handler.close_connection
                 if handler is not None and handler.stream is not None:
                     self.streams.start(connection.sock, handler.stream, answer)  # its thread sends it all
