@@ -6761,8 +6761,10 @@ class LargeRequests:
     of a storm sat scattered through the allocator's 1 MiB arenas, 2-4 MiB resident after the
     bench's storms) takes 6-8 ms.  It ran in the worker once its answer was handed over, holding
     the interpreter while the selector thread waited to send that answer; the selector thread
-    runs it now, once the answer is sent (Server._after_answer), or housekeeping does.  gc is
-    the process's: so is this, and a pause lasts at most PAUSE_MAX_SEC however long large
+    runs it now, once the answer is sent (Server._after_answer), or housekeeping does.  Until
+    then the collector stays paused: let go at the end of the request, its first collection,
+    of the young objects (all of the storm's), took 2 ms in the worker before the answer went.
+    gc is the process's: so is this, and a pause lasts at most PAUSE_MAX_SEC however long large
     requests keep coming or wait (on their actions, on etcd): then the collector runs again until
     none is being handled (housekeeping calls expire)."""
 
@@ -6771,41 +6773,61 @@ class LargeRequests:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._handled = 0  # large requests being handled now
-        self._since = 0.0  # when the first of them began
+        self._answering = 0  # large requests handled whose answers are not sent yet (answered)
+        self._paused: Optional[float] = None  # since when the collector is paused (None: it runs)
         self._expired = False  # the pause outlasted PAUSE_MAX_SEC: the collector runs
         self.owed = False
 
+    @property
+    def handling(self) -> bool:
+        """Whether a large request is being handled or answered now (no quiet moment for
+        housekeeping: its collection, run between the end of a storm and its answer, held the
+        answer 6 ms)."""
+        return self._handled > 0 or self._answering > 0
+
     def begin(self) -> None:
         with self._lock:
-            if not self._handled:
-                self._since = time.monotonic()
             self._handled += 1
-            if not self._expired:
+            if not self._expired and self._paused is None:
+                self._paused = time.monotonic()
                 gc.disable()
 
     def end(self) -> None:
+        """A large request is handled, its answer made: the collector stays paused until the
+        collection it owes (collect_owed), which is owed once the answer is sent (answered)."""
         with self._lock:
             self._handled -= 1
-            self.owed = True
+            self._answering += 1
             if not self._handled:
                 self._expired = False
-                gc.enable()
+
+    def answered(self) -> None:
+        """The answer of a large request is sent, or will never be (its connection dropped)."""
+        with self._lock:
+            self._answering -= 1
+            self.owed = True
 
     def expire(self) -> None:
         """Let the collector run again if the pause has lasted PAUSE_MAX_SEC."""
         with self._lock:
-            if self._handled and not self._expired and time.monotonic() - self._since > self.PAUSE_MAX_SEC:
-                self._expired = True
+            if self._paused is not None and time.monotonic() - self._paused > self.PAUSE_MAX_SEC:
+                self._paused = None
+                self._expired = self._handled > 0
                 gc.enable()
 
     def collect_owed(self, trim: bool = False) -> bool:
         """The full collection owed, if any and no large request is being handled (trim: the heap
-        given back after it, as housekeeping does at quiet moments): whether one ran."""
+        given back after it, as housekeeping does at quiet moments), and the collector running
+        again: whether one ran."""
         with self._lock:
             if not self.owed or self._handled:
                 return False
             self.owed = False
         gc.collect()
+        with self._lock:
+            if not self._handled and self._paused is not None:
+                self._paused = None
+                gc.enable()
         trimmer = heap_trimmer() if trim else None
         if trimmer is not None:
             trimmer()
@@ -6816,9 +6838,11 @@ LARGE_REQUESTS = LargeRequests()
 
 
 def housekeeping(app: "App", served: Callable[[], int], stop: threading.Event) -> None:
-    """Once requests are done (served() has not moved for 0.05 s): the housekeeping that no
-    request should wait for (the history's pruning near its bounds, SqliteStore.tidy), and
-    giving the heap that requests freed back to the system.
+    """Once requests are done (served() has not moved for 0.05 s, and no large request is being
+    handled: a storm takes longer than that, and trimming the heap or pruning in the middle of
+    one made it later): the housekeeping that no request should wait for (the history's
+    pruning near its bounds, SqliteStore.tidy), and giving the heap that requests freed back to
+    the system.
 
     glibc keeps freed memory for reuse; after compiling this module at start, a storm of
     thousands of alerts or a scrape of 1,000 alertnames, most of it would stay resident for
@@ -6830,7 +6854,7 @@ def housekeeping(app: "App", served: Callable[[], int], stop: threading.Event) -
     while not stop.wait(0.05):
         LARGE_REQUESTS.expire()
         now_served = served()
-        if now_served != seen:  # still busy: wait for a quiet moment
+        if now_served != seen or LARGE_REQUESTS.handling:  # still busy: wait for a quiet moment
             seen = now_served
         elif now_served != trimmed:
             app.store.tidy()
@@ -8693,10 +8717,24 @@ class _Connection:
         self.parts: List[bytes] = []  # what arrived of a large request (wanted: its whole length)
         self.parts_bytes = 0
         self.wanted = 0
-        # Not None: its answer is a large request's, made from these (Handler.leftovers, or ()).  Once
+        # Not None: its answer is a large request's, made from these (its body and handler).  Once
         # it is sent they are freed and the collection the request owes runs (LargeRequests); once
         # the connection is dropped they are freed (_close: the loop that dropped it may hold it).
         self.leftovers: Any = None
+
+    @property
+    def client(self) -> str:
+        """Its client's address, as requests name it."""
+        return str(self.address[0]) if isinstance(self.address, tuple) else ""
+
+    def let_go(self) -> bool:
+        """Free what a large request's answer was made from, its answer sent or never to be (the
+        connection dropped, or not the selector's to send): whether there was any."""
+        if self.leftovers is None:
+            return False
+        self.leftovers = None
+        LARGE_REQUESTS.answered()
+        return True
 
 
 class EventStreams:
@@ -9108,8 +9146,7 @@ class Server:
         answer, what it was made from is freed and the full collection it owes runs (LargeRequests):
         its memory goes back now, not at the next quiet moment, and not before the answer went
         (freeing and the collector hold the interpreter)."""
-        if connection.leftovers is not None:
-            connection.leftovers = None
+        if connection.let_go():
             LARGE_REQUESTS.collect_owed(trim=True)
         if connection.closing or self.stopping:
             self._linger(connection, now)
@@ -9136,7 +9173,7 @@ class Server:
         answer before the client reads it; so the answer is sent, the sending side shut, and the
         rest of the input read and dropped for a moment (as web servers' lingering close does).
         """
-        self._rejected(connection.buffer, error, self._client(connection))
+        self._rejected(connection.buffer, error, connection.client)
         try:
             connection.sock.send(simple_response(error.status, error.message))
         except OSError:
@@ -9168,7 +9205,8 @@ class Server:
     def _close(self, connection: _Connection) -> None:
         self._drop_input(connection)
         self._unsent -= connection.unsent_bytes
-        connection.unsent, connection.unsent_bytes, connection.leftovers = [], 0, None
+        connection.let_go()  # a large request's answer that will never go
+        connection.unsent, connection.unsent_bytes = [], 0
         fileno = connection.sock.fileno()
         if self._connections.get(fileno) is connection:
             del self._connections[fileno]
@@ -9205,7 +9243,7 @@ class Server:
                 finally:
                     if large:  # before the answer goes: the selector collects and frees once it is sent
                         LARGE_REQUESTS.end()
-                        connection.leftovers = (handler and handler.leftovers) or ()
+                        connection.leftovers = (request, handler)  # its body, alerts and decisions
                 connection.closing = handler is None or handler.close_connection
                 if handler is not None and handler.stream is not None:
                     self.streams.start(connection.sock, handler.stream, answer)  # its thread sends it all
@@ -9217,6 +9255,8 @@ class Server:
             # An idle worker must not keep its last request alive (its handler holds it, and its
             # answer): a storm's is megabytes, and each of the pool's workers would keep one.
             del task, request, handler
+            if answer is None or self.stopping:  # its answer is not the selector's to send (a stream)
+                connection.let_go()
             if answer is not None and not self.stopping:
                 self._returned.append((connection, answer))
                 self._wake()
@@ -9237,15 +9277,11 @@ class Server:
         target = words[1].decode("latin-1") if len(words) > 1 else ""
         self.app.rejected(words[0][:20].decode("latin-1"), route_path(target), error.status, error.message, client)
 
-    @staticmethod
-    def _client(connection: _Connection) -> str:
-        return str(connection.address[0]) if isinstance(connection.address, tuple) else ""
-
     def _respond(self, connection: _Connection, raw: bytes,
                  settings: Optional[Settings] = None) -> Tuple[Union[bytes, List[bytes]], Optional["Handler"]]:
         """The answer to one whole request, and its handler (None: the request did not parse)."""
         self.served += 1  # for App.housekeeping; a lost increment under a race only delays a trim
-        client = self._client(connection)
+        client = connection.client
         try:
             request = parse_request(raw, client)
         except HttpError as exc:
