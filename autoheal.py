@@ -7083,8 +7083,9 @@ class App:
     def handle_webhook(self, alerts: List[Dict[str, Any]],
                        settings: Optional[Settings] = None) -> Tuple[List[Decision], str]:
         """Judge each alert (judge), claim what passes (claims), run it; the decisions, and the
-        answer's results (JSON text: one per alert).  settings: those in force, when the caller
-        looked already (the server, to know that nothing will run)."""
+        answer's results (JSON text: one per alert, comma-separated, the brackets left to the
+        answer).  settings: those in force, when the caller looked already (the server, to know
+        that nothing will run)."""
         now = self.clock()
         settings = settings or self.effective()
         decisions, cooldowns, settings = self._judge_all(alerts, settings, now)
@@ -7110,7 +7111,7 @@ class App:
                                 decision.target)
         if self.heals.following:
             self.heals.resolve(alerts, self.clock())
-        return decisions, "[" + ",".join([decision.answer_text(made) for decision in decisions]) + "]"
+        return decisions, ",".join([decision.answer_text(made) for decision in decisions])
 
     def _judge_all(self, alerts: List[Dict[str, Any]], settings: Settings,
                    now: float) -> Tuple[List[Decision], Dict[str, float], Settings]:
@@ -8405,11 +8406,12 @@ class Handler:
         if failed:
             error = (f"{len(failed)} alert(s) failed closed ({failed[0].reason}): nothing of them ran; "
                      "Alertmanager delivers this webhook again")
-            self._send(503, f'{{"ok":false,"error":{compact_json(error)},"results":{results}}}'.encode(),
-                       "application/json")
+            self._send(503, [f'{{"ok":false,"error":{compact_json(error)},"results":['.encode(), results.encode(),
+                             b"]}"], "application/json")
             return
-        # The results' text is made from the decisions' (Decision.answer_text), never as a document.
-        self._send(200, f'{{"ok":true,"results":{results}}}'.encode(), "application/json")
+        # The results' text is made from the decisions' (Decision.answer_text), never as a document,
+        # and sent as it is encoded: a storm's 600 kB is copied once, not five times (fresh pages each).
+        self._send(200, [b'{"ok":true,"results":[', results.encode(), b"]}"], "application/json")
 
     def route_ack(self, method: str, params: Mapping[str, str]) -> None:
         config = self.app.config
