@@ -3155,19 +3155,38 @@ def validate_webhook(payload: Any) -> List[Dict[str, Any]]:
     alerts = payload["alerts"]
     if not isinstance(alerts, list):
         raise HttpError(400, "'alerts' must be a list")
-    if not _all_alerts_sound(alerts):
-        for index, alert in enumerate(alerts):  # the first alert at fault, said as a 400
-            if not _all_alerts_sound([alert]):
-                _refuse_alert(alert, f"alerts[{index}]")
+    # A few alerts are looked at one by one (1.1 us for one, where the passes in C take 4.5); a
+    # storm all at once, the one at fault found only when there is one.
+    if len(alerts) >= 32 and _all_alerts_sound(alerts):
+        return alerts
+    for index, alert in enumerate(alerts):
+        if not _alert_sound(alert):
+            _refuse_alert(alert, f"alerts[{index}]")  # what is wrong with it, said as a 400
     return alerts
 
 
+def _alert_sound(alert: Any) -> bool:
+    """Whether an alert is an object with a status of "firing" or "resolved", labels (an object of
+    strings, alertname not empty), annotations if any (an object of strings), and fingerprint,
+    startsAt, endsAt and generatorURL strings if there (str.join refuses anything but strings)."""
+    if type(alert) is dict and alert.get("status") in ("firing", "resolved"):
+        labels, annotations = alert.get("labels"), alert.get("annotations", _NO_ANNOTATIONS)
+        if type(labels) is dict and type(annotations) is dict and labels.get("alertname"):
+            try:
+                "".join(labels.values())
+                "".join(annotations.values())
+                "".join([alert.get("fingerprint", ""), alert.get("startsAt", ""), alert.get("endsAt", ""),
+                         alert.get("generatorURL", "")])
+                return True
+            except TypeError:
+                pass
+    return False
+
+
 def _all_alerts_sound(alerts: List[Any]) -> bool:
-    """Whether every alert is an object with a status of "firing" or "resolved", labels (an object
-    of strings, alertname not empty), annotations if any (an object of strings), and fingerprint,
-    startsAt, endsAt and generatorURL strings if there.  Each check is one pass in C through all of
-    them (map, set, all, str.join, which refuses anything but strings): 12 instead of 70 million
-    instructions a storm of 5,000, where a loop looked at each alert in turn."""
+    """Whether every alert is sound (_alert_sound), each check one pass in C through all of them
+    (map, set, all, str.join): 12 instead of 70 million instructions a storm of 5,000, where a
+    loop made a list of each alert's values to join them."""
     join, field = "".join, itertools.repeat
     try:
         if set(map(type, alerts)) - {dict}:
@@ -8409,9 +8428,10 @@ class Handler:
             self._send(503, [f'{{"ok":false,"error":{compact_json(error)},"results":['.encode(), results.encode(),
                              b"]}"], "application/json")
             return
-        # The results' text is made from the decisions' (Decision.answer_text), never as a document,
-        # and sent as it is encoded: a storm's 600 kB is copied once, not five times (fresh pages each).
-        self._send(200, [b'{"ok":true,"results":[', results.encode(), b"]}"], "application/json")
+        # The results' text is made from the decisions' (Decision.answer_text), never as a document.
+        # A storm's is sent as it is encoded: its 600 kB copied once, not five times (fresh pages each).
+        self._send(200, [b'{"ok":true,"results":[', results.encode(), b"]}"] if len(results) > 65536
+                   else f'{{"ok":true,"results":[{results}]}}'.encode(), "application/json")
 
     def route_ack(self, method: str, params: Mapping[str, str]) -> None:
         config = self.app.config

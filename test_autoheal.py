@@ -1750,9 +1750,9 @@ def test_malformed_webhooks_get_400_saying_what_is_wrong(body, expected):
 
 
 def test_a_bad_alert_among_good_ones_is_named_by_its_index_whatever_its_fault():
-    """The alerts are checked all at once (one pass in C for each rule), then the first at fault
-    is found: each fault below, in the fourth of seven alerts, is that alert's 400, not a 200 or
-    a 500 later on."""
+    """A storm's alerts are checked all at once (one pass in C for each rule), then the first at
+    fault is found; a few, one by one: each fault below, in the fourth of seven alerts or of a
+    hundred, is that alert's 400, not a 200 or a 500 later on."""
     faults = [
         ({"status": ["firing"]}, "alerts[3].status must be"),  # a status that cannot be hashed
         ({"status": None}, "alerts[3].status must be"),
@@ -1768,14 +1768,15 @@ def test_a_bad_alert_among_good_ones_is_named_by_its_index_whatever_its_fault():
         ({"generatorURL": False}, "alerts[3].generatorURL must be a string"),
     ]
     with serving() as running:
-        for change, expected in faults:
-            alerts = [alert(f"Good{index}") for index in range(7)]
-            alerts[3].update(change)
-            alerts[5]["fingerprint"] = 5  # a later fault: the first one is named
-            status, headers, raw = running.request("POST", "/alert", json.dumps({"alerts": alerts}).encode())
-            assert status == 400 and expected in json.loads(raw)["error"], (change, raw)
-        assert running.post_alert({"alerts": [alert(f"Good{index}") for index in range(7)]})[0] == 200
-        assert running.metric("autoheal_alerts_received_total") == 7  # only the sound webhook was judged
+        for count in (7, 100):  # a few are looked at one by one, many all at once
+            for change, expected in faults:
+                alerts = [alert(f"Good{index}") for index in range(count)]
+                alerts[3].update(change)
+                alerts[5]["fingerprint"] = 5  # a later fault: the first one is named
+                status, headers, raw = running.request("POST", "/alert", json.dumps({"alerts": alerts}).encode())
+                assert status == 400 and expected in json.loads(raw)["error"], (count, change, raw)
+            assert running.post_alert({"alerts": [alert(f"Good{index}") for index in range(count)]})[0] == 200
+        assert running.metric("autoheal_alerts_received_total") == 107  # only the sound webhooks were judged
 
 
 def test_a_bad_alert_anywhere_means_nothing_is_executed(tmp_path):
