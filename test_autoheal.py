@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -3286,6 +3287,69 @@ def test_an_idle_server_has_started_one_worker_per_pool():
             thread.join()
         assert answers == [200] * 6
         assert threading.active_count() - before <= started + POOL_THREADS
+
+
+def read_answers(sock, count, timeout=20):
+    """The status and body of count HTTP answers read from a raw socket (Content-Length framed)."""
+    sock.settimeout(timeout)
+    stream = sock.makefile("rb")
+    answers = []
+    for _ in range(count):
+        status = int(stream.readline().split()[1])
+        length = 0
+        while (line := stream.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            length = int(value) if name.lower() == b"content-length" else length
+        answers.append((status, stream.read(length)))
+    return answers
+
+
+def test_a_large_body_is_read_whole_however_it_arrives_and_the_request_behind_it_is_answered_next():
+    """A body past 64 KiB is read into one buffer of its announced length (_Connection.read_into):
+    in pieces of any size, never past its end, the pipelined request behind it left for the next
+    read."""
+    alerts = [dict(alert(f"Big{index}", pad="p" * 300), fingerprint=f"{index:016x}") for index in range(400)]
+    body = json.dumps(webhook(*alerts)).encode()
+    assert len(body) > 150_000
+    data = (b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with serving() as running:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+            sock.sendall(data[:100])  # the head and the body's first bytes
+            at, size = 100, 1
+            while at < len(data):  # then pieces of 1 byte to 64 KiB, the next request in the last
+                time.sleep(0.002 if size < 1000 else 0)
+                sock.sendall(data[at:at + size])
+                at, size = at + size, min(size * 7, 65536)
+            (first, answer), (second, status_page) = read_answers(sock, 2)
+        assert first == 200 and [result["alertname"] for result in json.loads(answer)["results"]] == [
+            f"Big{index}" for index in range(400)]
+        assert second == 200 and json.loads(status_page)["status"] == "ok"
+
+
+def test_clients_that_announce_large_bodies_and_send_none_are_held_to_the_bound_on_unfinished_input():
+    """A large body's buffer counts in full from its head on: announcing 1 MiB and sending one byte
+    holds as much of the bound (16 MiB here) as sending it all.  The connections past the bound are
+    dropped, everything else is served meanwhile, and once they go a large webhook is read again."""
+    head = b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n"
+    fit = (16 << 20) // (len(head) + (1 << 20))
+    with serving({"AUTOHEAL_MAX_BODY_BYTES": str(1 << 20)}) as running:
+        idle = [socket.create_connection(("127.0.0.1", running.port), timeout=5) for _ in range(fit + 4)]
+        try:
+            for sock in idle:
+                sock.sendall(head + b"{")
+                time.sleep(0.01)
+            time.sleep(0.3)
+            readable, _, _ = select.select(idle, [], [], 0.5)
+            assert len(readable) == 4 and all(sock.recv(10) == b"" for sock in readable)  # dropped
+            assert running.request("GET", "/")[0] == 200
+            assert running.post_alert(webhook(alert("Small")))[0] == 200
+        finally:
+            for sock in idle:
+                sock.close()
+        alerts = [dict(alert(f"Big{index}", pad="p" * 300), fingerprint=f"{index:016x}") for index in range(1000)]
+        assert 500_000 < len(json.dumps(webhook(*alerts))) < 1 << 20
+        wait_for(lambda: running.post_alert(webhook(*alerts))[0] == 200, 5)
 
 
 def test_300_half_open_connections_do_not_hold_the_server():
