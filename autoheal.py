@@ -240,6 +240,7 @@ import gc
 import itertools
 import json
 import math
+import operator
 import queue
 import re
 import selectors
@@ -2562,6 +2563,10 @@ class _Busy(sqlite3.OperationalError):
     """Another program holds the state file's write lock (BEGIN IMMEDIATE was refused)."""
 
 
+_ROW_CLASS = operator.itemgetter(6)  # of a row of the events table as SqliteStore writes it
+_ROW_SIZE = operator.itemgetter(7)
+
+
 class SqliteStore(Store):
     """The history and the cooldowns in a SQLite file (WAL, group commit).
 
@@ -2888,12 +2893,7 @@ class SqliteStore(Store):
                     connection.executemany("UPDATE events SET count = count + ?, last_ts = ? WHERE id = ?",
                                            [(count, when, event_id) for event_id, (count, when) in folds.items()])
                 write_state(connection, cooldowns, control, heals)
-                for row in rows:
-                    totals = self._totals[row[6]]
-                    totals[0] += 1
-                    totals[1] += row[7]
-                    if self._oldest[row[6]][0] is None or row[0] < self._oldest[row[6]][0]:  # a replaced file's
-                        self._oldest[row[6]] = (row[0], row[1])  # ids may be higher than ours (_check_identity)
+                written = self._count(rows)
                 for cls in (KEPT, ROUTINE):
                     self._prune(connection, cls)
             self._cooldowns.update(cooldowns)
@@ -2907,12 +2907,30 @@ class SqliteStore(Store):
             if len(self._identity) < 2:
                 self._identity = file_identity(self.path)  # the WAL exists from the first commit on
             if self._checkpointer is not None:  # the size of the rows, and the index and cooldown pages
-                self._checkpointer.wrote(sum(row[7] for row in rows) + 8192, len(rows))
+                self._checkpointer.wrote(written + 8192, len(rows))
         self._on_commit(committed)
         for pending in batch:
             pending.done = True
             if pending.woken is not None:
                 pending.woken.set()
+
+    def _count(self, rows: List[Tuple[Any, ...]]) -> int:
+        """Count committed rows in their classes' totals and oldest events; their bytes.  Rows of
+        one class (a storm's 5,000) are counted in C, not one by one; a batch's rows are in id
+        order, so its first of a class is its oldest.  A replaced file's ids may be higher than
+        ours (_check_identity): a class's oldest is lowered, never raised."""
+        sizes = list(map(_ROW_SIZE, rows))
+        classes = set(map(_ROW_CLASS, rows))
+        groups = [(classes.pop(), rows, sum(sizes))] if len(classes) == 1 else [
+            (cls, [row for row in rows if row[6] == cls], sum(row[7] for row in rows if row[6] == cls))
+            for cls in classes]
+        for cls, mine, size in groups:
+            totals = self._totals[cls]
+            totals[0] += len(mine)
+            totals[1] += size
+            if self._oldest[cls][0] is None or mine[0][0] < self._oldest[cls][0]:
+                self._oldest[cls] = (mine[0][0], mine[0][1])
+        return sum(sizes)
 
     def _near_bounds(self, cls: int, early: bool = True) -> bool:
         """Whether a class is past its bounds (early: past nineteen twentieths of them)."""
