@@ -2159,17 +2159,20 @@ class Store(abc.ABC):
         its event then holding only what the rows and the notifier read (ts, kind, alertname, result).
         """
         encode = compact_json
-        bodies = []
         room = MAX_EVENT_BYTES - len(self.tag) - 96  # the id, the replica and a fold's count are added
-        for index, event in enumerate(events):
-            given = made[index] if made is not None else None
-            body = encode(event) if given is None else given
-            if len(body) > room:
-                if given is not None:  # the whole event, to be cut as one
-                    event.update(json.loads(given))
-                    made[index] = None  # the caller's made text no longer says it (Journal.record)
-                body = encode(bound_event(event, room))  # cut in place: the rows' columns are read from it
-            bodies.append(body)
+        if made is not None and events and None not in made and max(map(len, made)) <= room:
+            bodies: List[str] = made  # every text made already, none too long (a storm's: looked at in C)
+        else:
+            bodies = []
+            for index, event in enumerate(events):
+                given = made[index] if made is not None else None
+                body = encode(event) if given is None else given
+                if len(body) > room:
+                    if given is not None:  # the whole event, to be cut as one
+                        event.update(json.loads(given))
+                        made[index] = None  # the caller's made text no longer says it (Journal.record)
+                    body = encode(bound_event(event, room))  # cut in place: the rows' columns are read from it
+                bodies.append(body)
         with self._order:
             first = self._next_id
             self._next_id += len(events)
@@ -2567,6 +2570,25 @@ _ROW_CLASS = operator.itemgetter(6)  # of a row of the events table as SqliteSto
 _ROW_SIZE = operator.itemgetter(7)
 
 
+def count_rows(rows: List[Tuple[Any, ...]], totals: List[List[int]], oldest: List[Tuple[Any, Any]]) -> int:
+    """Count committed rows in their classes' totals ([rows, bytes] each) and oldest events ((id,
+    ts) each); their bytes.  Rows of one class (a storm's 5,000) are counted in C, not one by
+    one; a batch's rows are in id order, so its first of a class is its oldest.  A replaced
+    file's ids may be higher than ours (SqliteStore._check_identity): a class's oldest is
+    lowered, never raised."""
+    sizes = list(map(_ROW_SIZE, rows))
+    classes = set(map(_ROW_CLASS, rows))
+    groups = [(classes.pop(), rows, sum(sizes))] if len(classes) == 1 else [
+        (cls, [row for row in rows if row[6] == cls], sum(row[7] for row in rows if row[6] == cls))
+        for cls in classes]
+    for cls, mine, size in groups:
+        totals[cls][0] += len(mine)
+        totals[cls][1] += size
+        if oldest[cls][0] is None or mine[0][0] < oldest[cls][0]:
+            oldest[cls] = (mine[0][0], mine[0][1])
+    return sum(sizes)
+
+
 class SqliteStore(Store):
     """The history and the cooldowns in a SQLite file (WAL, group commit).
 
@@ -2893,7 +2915,7 @@ class SqliteStore(Store):
                     connection.executemany("UPDATE events SET count = count + ?, last_ts = ? WHERE id = ?",
                                            [(count, when, event_id) for event_id, (count, when) in folds.items()])
                 write_state(connection, cooldowns, control, heals)
-                written = self._count(rows)
+                written = count_rows(rows, self._totals, self._oldest)
                 for cls in (KEPT, ROUTINE):
                     self._prune(connection, cls)
             self._cooldowns.update(cooldowns)
@@ -2913,24 +2935,6 @@ class SqliteStore(Store):
             pending.done = True
             if pending.woken is not None:
                 pending.woken.set()
-
-    def _count(self, rows: List[Tuple[Any, ...]]) -> int:
-        """Count committed rows in their classes' totals and oldest events; their bytes.  Rows of
-        one class (a storm's 5,000) are counted in C, not one by one; a batch's rows are in id
-        order, so its first of a class is its oldest.  A replaced file's ids may be higher than
-        ours (_check_identity): a class's oldest is lowered, never raised."""
-        sizes = list(map(_ROW_SIZE, rows))
-        classes = set(map(_ROW_CLASS, rows))
-        groups = [(classes.pop(), rows, sum(sizes))] if len(classes) == 1 else [
-            (cls, [row for row in rows if row[6] == cls], sum(row[7] for row in rows if row[6] == cls))
-            for cls in classes]
-        for cls, mine, size in groups:
-            totals = self._totals[cls]
-            totals[0] += len(mine)
-            totals[1] += size
-            if self._oldest[cls][0] is None or mine[0][0] < self._oldest[cls][0]:
-                self._oldest[cls] = (mine[0][0], mine[0][1])
-        return sum(sizes)
 
     def _near_bounds(self, cls: int, early: bool = True) -> bool:
         """Whether a class is past its bounds (early: past nineteen twentieths of them)."""
