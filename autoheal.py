@@ -4587,7 +4587,7 @@ def judge(alert: Mapping[str, Any], settings: Settings, actions: Mapping[str, Ac
         return Decision(alertname, "skipped", "disabled")
     if action.fleet:
         return _fleet_decision(alertname, action, alert["labels"])
-    return Decision(alertname, "pending", action=action)
+    return Decision(alertname, "pending", None, action)
 
 
 def _fleet_decision(alertname: str, action: Action, labels: Mapping[str, Any]) -> "Decision":
