@@ -1123,8 +1123,9 @@ def parse_rfc3339(text: str) -> float:
 
 def parse_json_body(raw: bytes) -> Any:
     """Decode a request body as JSON, raising HttpError 400 with the reason.  A large request's
-    body (the bytearray it was read into) is emptied once decoded: its memory goes back before
-    the document is built, which takes it over (a storm's 1.9 MB: 470 pages not touched anew)."""
+    body (the bytearray it was read into) is emptied once decoded: a storm's 1.9 MB is not held
+    beside its text and its document while they are made and used (the request itself is kept
+    until the answer is sent, see Server._work)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -8037,7 +8038,7 @@ def parse_request(raw: bytes, client: str) -> Request:
 
     The request was framed by frame_request already (lengths and limits), so this only has to
     read it.  Header names are lower-cased; of a repeated field the first one counts.  A large
-    request comes as the bytearray it was read into (Server._read_into), and becomes its body.
+    request comes as the bytearray it was read into (_Connection.read_into), and becomes its body.
     """
     match = _HEAD_END.search(raw)
     head_end = match.end() if match else len(raw)
@@ -8778,8 +8779,9 @@ class _Connection:
         """Read the rest of a large request into one buffer of its whole length, what came already
         first (receive): not joined from 64 KiB pieces once whole.  1.9 MB arrived in 30 reads,
         each into memory the heap had given back after the last storm, then was copied whole
-        again (and twice more by partitioning the request line): 1,400 fresh pages in all, 500
-        now.  The bytes it adds to what the connection holds (Server._buffered)."""
+        again (and twice more by partitioning the request line): 1,400 fresh pages before the
+        request reached a worker, 500 now.  The bytes it adds to what the connection holds
+        (Server._buffered)."""
         into = self.into = bytearray(length)
         into[:len(buffer)] = buffer
         self.got, self.buffer = len(buffer), b""
@@ -9272,7 +9274,7 @@ class Server:
         self.rounds.deliver(self._send_answer, self._close, now)
 
     def _drop_input(self, connection: _Connection) -> None:
-        """Forget a connection's unread input (the pieces of a body arriving too)."""
+        """Forget a connection's unread input (a large body's buffer too, counted whole)."""
         self._buffered -= len(connection.buffer) + len(connection.into or b"")
         connection.buffer, connection.into, connection.got = b"", None, 0
 
