@@ -2577,17 +2577,15 @@ def count_rows(rows: List[Tuple[Any, ...]], totals: List[List[int]], oldest: Lis
     one; a batch's rows are in id order, so its first of a class is its oldest.  A replaced
     file's ids may be higher than ours (SqliteStore._check_identity): a class's oldest is
     lowered, never raised."""
-    sizes = list(map(_ROW_SIZE, rows))
+    written = sum(map(_ROW_SIZE, rows))
     classes = set(map(_ROW_CLASS, rows))
-    groups = [(classes.pop(), rows, sum(sizes))] if len(classes) == 1 else [
-        (cls, [row for row in rows if row[6] == cls], sum(row[7] for row in rows if row[6] == cls))
-        for cls in classes]
-    for cls, mine, size in groups:
+    for cls in classes:
+        mine = rows if len(classes) == 1 else [row for row in rows if row[6] == cls]
         totals[cls][0] += len(mine)
-        totals[cls][1] += size
+        totals[cls][1] += written if mine is rows else sum(map(_ROW_SIZE, mine))
         if oldest[cls][0] is None or mine[0][0] < oldest[cls][0]:
             oldest[cls] = (mine[0][0], mine[0][1])
-    return sum(sizes)
+    return written
 
 
 class SqliteStore(Store):
@@ -8456,13 +8454,16 @@ class Handler:
         if failed:
             error = (f"{len(failed)} alert(s) failed closed ({failed[0].reason}): nothing of them ran; "
                      "Alertmanager delivers this webhook again")
-            self._send(503, [f'{{"ok":false,"error":{compact_json(error)},"results":['.encode(), results.encode(),
-                             b"]}"], "application/json")
+            self._send_results(503, f'{{"ok":false,"error":{compact_json(error)},"results":['.encode(), results)
             return
-        # The results' text is made from the decisions' (Decision.answer_text), never as a document.
-        # A storm's is sent as it is encoded: its 600 kB copied once, not five times (fresh pages each).
-        self._send(200, [b'{"ok":true,"results":[', results.encode(), b"]}"] if len(results) > 65536
-                   else f'{{"ok":true,"results":[{results}]}}'.encode(), "application/json")
+        self._send_results(200, b'{"ok":true,"results":[', results)
+
+    def _send_results(self, status: int, opening: bytes, results: str) -> None:
+        """A webhook's answer: its results' text (made from the decisions', Decision.answer_text,
+        never as a document) between opening and its end.  A storm's is sent in parts as it is
+        encoded: its 600 kB copied once, not five times (fresh pages each)."""
+        parts = [opening, results.encode(), b"]}"]
+        self._send(status, parts if len(results) > 65536 else b"".join(parts), "application/json")
 
     def route_ack(self, method: str, params: Mapping[str, str]) -> None:
         config = self.app.config
